@@ -1,0 +1,16 @@
+//! vkx-common: the protocol core shared by the host and guest agents.
+//!
+//! - [`wire`]: frames and the strictly encoded messages of PROTOCOL.md;
+//!   the code that faces hostile bytes.
+//! - [`errors`]: the error registry and the mapping of local errors to
+//!   wire codes.
+//! - [`transcript`]: the transcript hash that binds evidence to a channel,
+//!   and key-confirmation tags.
+//!
+//! Nothing here does I/O or reads a clock.
+
+#![forbid(unsafe_code)]
+
+pub mod errors;
+pub mod transcript;
+pub mod wire;
