@@ -1,1 +1,161 @@
-fn main() {}
+//! `vkx-host`: the host agent and operator CLI.
+//!
+//! In this release it offers the operator tools that exist so far; the
+//! agent itself (`serve`) arrives with the sessions and transports.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::print_stdout)] // A command-line tool prints its results.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use vkx_common::errors::{code_for_decode_error, code_for_frame_error};
+use vkx_common::wire::{FrameDecoder, MAX_FRAME_PAYLOAD, Message, PROTOCOL_VERSION_1};
+
+/// Largest input `wire decode` reads: a capture of many frames, bounded so
+/// a wrong file name cannot exhaust memory.
+const MAX_DECODE_INPUT: u64 = 16 * 1024 * 1024;
+
+/// Most frames `wire decode --frames` prints before it stops.
+const MAX_DECODE_FRAMES: usize = 10_000;
+
+#[derive(Parser)]
+#[command(name = "vkx-host", version, about = "vkx host agent and operator CLI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the agent and protocol versions.
+    Version,
+    /// Wire-format tools.
+    #[command(subcommand)]
+    Wire(WireCommand),
+}
+
+#[derive(Subcommand)]
+enum WireCommand {
+    /// Decode captured protocol bytes with the agents' strict decoder and
+    /// print a log-safe summary of each message (key material and evidence
+    /// bytes are never printed). Exits 1 if anything is refused.
+    Decode {
+        /// The input is hex text (whitespace ignored), not binary.
+        #[arg(long)]
+        hex: bool,
+        /// The input is a stream of length-prefixed frames, not one
+        /// message.
+        #[arg(long)]
+        frames: bool,
+        /// File to read, or `-` for standard input.
+        input: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Version => {
+            println!(
+                "vkx-host {} (protocol versions {PROTOCOL_VERSION_1}..={PROTOCOL_VERSION_1})",
+                env!("CARGO_PKG_VERSION")
+            );
+            Ok(true)
+        }
+        Command::Wire(WireCommand::Decode { hex, frames, input }) => decode(&input, hex, frames),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("vkx-host: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read_input(path: &PathBuf, hex: bool) -> anyhow::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    let reader: Box<dyn Read> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?)
+    };
+    reader
+        .take(MAX_DECODE_INPUT + 1)
+        .read_to_end(&mut raw)
+        .context("read input")?;
+    if raw.len() as u64 > MAX_DECODE_INPUT {
+        bail!("input larger than {MAX_DECODE_INPUT} bytes");
+    }
+    if !hex {
+        return Ok(raw);
+    }
+    let text: String = String::from_utf8(raw)
+        .context("--hex input is not text")?
+        .split_whitespace()
+        .collect();
+    ::hex::decode(text).context("--hex input is not hex")
+}
+
+/// Prints one line per message; returns whether everything was accepted.
+fn decode(path: &PathBuf, hex: bool, frames: bool) -> anyhow::Result<bool> {
+    let bytes = read_input(path, hex)?;
+    if !frames {
+        return Ok(print_message(&bytes, None));
+    }
+    let mut d = FrameDecoder::new();
+    let mut rest = &bytes[..];
+    let mut ok = true;
+    for index in 0..MAX_DECODE_FRAMES {
+        match d.decode(&mut rest) {
+            Ok(Some(payload)) => ok &= print_message(payload, Some(index)),
+            Ok(None) => break,
+            Err(e) => {
+                println!("frame {index}: refused: {e} [{}]", e.kind());
+                print_wire_code(code_for_frame_error(&e));
+                return Ok(false);
+            }
+        }
+    }
+    if !rest.is_empty() {
+        println!("stopped after {MAX_DECODE_FRAMES} frames");
+        return Ok(false);
+    }
+    if let Err(e) = d.finish() {
+        println!("end of input: {e} [{}]", e.kind());
+        return Ok(false);
+    }
+    Ok(ok)
+}
+
+fn print_message(payload: &[u8], index: Option<usize>) -> bool {
+    let prefix = index.map_or(String::new(), |i| format!("frame {i}: "));
+    match Message::decode(payload) {
+        Ok(m) => {
+            println!("{prefix}{} ({} bytes)", m.summary(), payload.len());
+            true
+        }
+        Err(e) => {
+            println!(
+                "{prefix}refused: {e} [{}] ({} bytes{})",
+                e.kind(),
+                payload.len(),
+                if payload.len() > MAX_FRAME_PAYLOAD { ", over the frame limit" } else { "" }
+            );
+            print_wire_code(Some(code_for_decode_error(&e)));
+            false
+        }
+    }
+}
+
+fn print_wire_code(code: Option<vkx_common::errors::ErrorCode>) {
+    match code {
+        Some(c) => println!("  an agent answers: error {c}, then closes"),
+        None => println!("  an agent closes the connection"),
+    }
+}

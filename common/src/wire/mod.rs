@@ -15,6 +15,8 @@ mod codec;
 pub mod frame;
 mod message;
 pub mod scan;
+#[doc(hidden)]
+pub mod selfcheck;
 
 pub use frame::{FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD, encode_frame};
 pub use message::*;

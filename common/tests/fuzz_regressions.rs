@@ -1,0 +1,40 @@
+//! Replays every saved fuzz input (`fuzz/regressions/<target>/*`) through
+//! the same checks as the fuzz targets.
+
+use std::path::Path;
+
+use vkx_common::wire::selfcheck::{check_frame_stream, check_message};
+
+fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions").join(target);
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let p = e.unwrap().path();
+            (p.display().to_string(), std::fs::read(&p).unwrap())
+        })
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "no regression inputs for {target}");
+    out
+}
+
+#[test]
+fn message_decode_regressions() {
+    for (name, data) in inputs("message_decode") {
+        // None of the saved inputs is a valid message.
+        assert!(check_message(&data).is_none(), "{name} was accepted");
+    }
+}
+
+#[test]
+fn frame_decoder_regressions() {
+    for (_name, data) in inputs("frame_decoder") {
+        let Some((&n, rest)) = data.split_first() else {
+            continue;
+        };
+        let n = usize::from(n % 16).min(rest.len());
+        let (sizes, stream) = rest.split_at(n);
+        check_frame_stream(sizes, stream);
+    }
+}

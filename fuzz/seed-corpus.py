@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Writes the fuzz seed corpora from spec/vectors.
+
+message_decode: every positive message (cbor) and every message-layer
+negative input. frame_decoder: the same payloads framed, a stream of all
+positive messages back to back, and the frame-layer negative inputs; each
+prefixed with the target's chunk-size header (0 = no chunk sizes).
+Usage: seed-corpus.py OUT_DIR   (creates OUT_DIR/<target>/)
+"""
+import glob, json, os, struct, sys
+
+root = os.path.dirname(os.path.abspath(__file__))
+vectors = os.path.join(root, "..", "spec", "vectors")
+out = sys.argv[1]
+msg_dir = os.path.join(out, "message_decode")
+frame_dir = os.path.join(out, "frame_decoder")
+os.makedirs(msg_dir, exist_ok=True)
+os.makedirs(frame_dir, exist_ok=True)
+
+def frame(p):
+    return struct.pack(">I", len(p)) + p
+
+def write(d, name, data):
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+stream = b""
+for path in sorted(glob.glob(os.path.join(vectors, "messages", "*.json"))):
+    v = json.load(open(path))
+    name = os.path.basename(path)[:-5]
+    cbor = bytes.fromhex(v["cbor"])
+    write(msg_dir, "pos-" + name, cbor)
+    write(frame_dir, "pos-" + name, b"\x00" + frame(cbor))
+    stream += frame(cbor)
+write(frame_dir, "stream-all", b"\x00" + stream)
+write(frame_dir, "stream-all-chunks-1-7", b"\x02\x01\x07" + stream)
+for path in sorted(glob.glob(os.path.join(vectors, "negative", "*.json"))):
+    v = json.load(open(path))
+    name = os.path.basename(path)[:-5]
+    data = bytes.fromhex("".join(v["input"].split()))
+    if v["layer"] == "message":
+        write(msg_dir, "neg-" + name, data)
+        write(frame_dir, "neg-" + name, b"\x00" + frame(data))
+    else:
+        write(frame_dir, "neg-" + name, b"\x00" + data)
+print(f"{len(os.listdir(msg_dir))} message seeds, {len(os.listdir(frame_dir))} frame seeds in {out}")
