@@ -7,6 +7,7 @@
 //! (cbor-diag), so reading it is a check on our encoder, not a copy of it.
 //! The test suite then pins all three fields against each other.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
 #![allow(clippy::print_stdout)]
 
 use serde_json::{Map, Value};
@@ -15,9 +16,13 @@ use vkx_common::wire::Message;
 fn main() {
     for path in std::env::args().skip(1) {
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let v: Map<String, Value> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let name = v["message"].as_str().unwrap_or_else(|| panic!("{path}: no message"));
-        let msg = Message::from_json(name, v["decoded"].clone()).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let v: Map<String, Value> =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let name = v["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{path}: no message"));
+        let msg = Message::from_json(name, v["decoded"].clone())
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
         let bytes = msg.encode().unwrap_or_else(|e| panic!("{path}: {e}"));
         let diag = cbor_diag::parse_bytes(bytes.as_slice())
             .unwrap_or_else(|e| panic!("{path}: {e}"))

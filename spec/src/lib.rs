@@ -35,7 +35,11 @@ impl VectorFiles {
     pub fn load() -> Self {
         let mut files = BTreeSet::new();
         walk(&vectors_dir(), &mut files);
-        assert!(!files.is_empty(), "no vectors found in {}", vectors_dir().display());
+        assert!(
+            !files.is_empty(),
+            "no vectors found in {}",
+            vectors_dir().display()
+        );
         Self {
             files,
             opened: RefCell::new(BTreeSet::new()),
@@ -67,7 +71,10 @@ impl Drop for VectorFiles {
         }
         let opened = self.opened.borrow();
         let unused: Vec<&String> = self.files.iter().filter(|f| !opened.contains(*f)).collect();
-        assert!(unused.is_empty(), "vector files never used by a test: {unused:?}");
+        assert!(
+            unused.is_empty(),
+            "vector files never used by a test: {unused:?}"
+        );
     }
 }
 
@@ -75,7 +82,10 @@ fn walk(dir: &Path, out: &mut BTreeSet<String>) {
     let root = vectors_dir();
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .map(|e| e.unwrap_or_else(|e| panic!("read {}: {e}", dir.display())).path())
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+                .path()
+        })
         .collect();
     entries.sort();
     for path in entries {
@@ -164,7 +174,11 @@ impl Drop for Vector {
         }
         let used = self.used.borrow();
         let unused: Vec<&String> = self.fields.keys().filter(|k| !used.contains(*k)).collect();
-        assert!(unused.is_empty(), "{}: fields never used by the test: {unused:?}", self.name);
+        assert!(
+            unused.is_empty(),
+            "{}: fields never used by the test: {unused:?}",
+            self.name
+        );
     }
 }
 

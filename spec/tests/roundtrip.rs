@@ -10,6 +10,8 @@
 //! Inputs for the last two come from mutating valid encodings, which
 //! reaches far more interesting bytes than uniform noise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
+
 use std::collections::BTreeMap;
 
 use proptest::collection::{btree_map, btree_set, vec};
@@ -121,8 +123,12 @@ fn evidence() -> impl Strategy<Value = Message> {
         let per_bank: Vec<_> = algs
             .into_iter()
             .map(|alg| {
-                btree_map(0u8..24, vec(any::<u8>(), alg.digest_len()), 1..6)
-                    .prop_map(move |values| PcrBankValues { hash_alg: alg, values })
+                btree_map(0u8..24, vec(any::<u8>(), alg.digest_len()), 1..6).prop_map(
+                    move |values| PcrBankValues {
+                        hash_alg: alg,
+                        values,
+                    },
+                )
             })
             .collect();
         per_bank
@@ -134,44 +140,50 @@ fn evidence() -> impl Strategy<Value = Message> {
         proptest::option::of(vec(any::<u8>(), 1..600)),
         banks,
     )
-        .prop_map(|(tpm_attest, tpm_signature, ak_name, ak_cert, pcr_values)| {
-            Message::Evidence(Evidence {
-                tpm_attest,
-                tpm_signature,
-                ak_name,
-                ak_cert,
-                pcr_values,
-            })
-        })
+        .prop_map(
+            |(tpm_attest, tpm_signature, ak_name, ak_cert, pcr_values)| {
+                Message::Evidence(Evidence {
+                    tpm_attest,
+                    tpm_signature,
+                    ak_name,
+                    ak_cert,
+                    pcr_values,
+                })
+            },
+        )
 }
 
 fn key_release() -> impl Strategy<Value = Message> {
-    (vec(released_key(), 0..4), vec((name(MAX_KEY_NAME), error_code()), 0..4)).prop_filter_map(
-        "names must be distinct and non-empty",
-        |(released, refused)| {
-            let mut rel: BTreeMap<KeyName, ReleasedKey> = BTreeMap::new();
-            for k in released {
-                rel.insert(k.name.clone(), k);
-            }
-            let mut refs: BTreeMap<KeyName, ErrorCode> = BTreeMap::new();
-            for (n, c) in refused {
-                let n = KeyName::new(n).unwrap();
-                if !rel.contains_key(&n) {
-                    refs.insert(n, c);
-                }
-            }
-            if rel.is_empty() && refs.is_empty() {
-                return None;
-            }
-            Some(Message::KeyRelease(KeyRelease {
-                released: rel.into_values().collect(),
-                refused: refs
-                    .into_iter()
-                    .map(|(name, code)| KeyRefusal { name, code })
-                    .collect(),
-            }))
-        },
+    (
+        vec(released_key(), 0..4),
+        vec((name(MAX_KEY_NAME), error_code()), 0..4),
     )
+        .prop_filter_map(
+            "names must be distinct and non-empty",
+            |(released, refused)| {
+                let mut rel: BTreeMap<KeyName, ReleasedKey> = BTreeMap::new();
+                for k in released {
+                    rel.insert(k.name.clone(), k);
+                }
+                let mut refs: BTreeMap<KeyName, ErrorCode> = BTreeMap::new();
+                for (n, c) in refused {
+                    let n = KeyName::new(n).unwrap();
+                    if !rel.contains_key(&n) {
+                        refs.insert(n, c);
+                    }
+                }
+                if rel.is_empty() && refs.is_empty() {
+                    return None;
+                }
+                Some(Message::KeyRelease(KeyRelease {
+                    released: rel.into_values().collect(),
+                    refused: refs
+                        .into_iter()
+                        .map(|(name, code)| KeyRefusal { name, code })
+                        .collect(),
+                }))
+            },
+        )
 }
 
 fn any_message() -> impl Strategy<Value = Message> {
@@ -179,42 +191,61 @@ fn any_message() -> impl Strategy<Value = Message> {
         hello(),
         challenge(),
         evidence(),
-        (any::<[u8; 16]>(), MIN_REATTEST_AFTER_S..=MAX_REATTEST_AFTER_S).prop_map(|(session_id, r)| {
-            Message::AttestationResult(AttestationResult {
-                session_id,
-                reattest_after_s: r,
-            })
-        }),
-        key_names(1, MAX_KEYS_PER_REQUEST).prop_map(|names| Message::KeyRequest(KeyRequest { names })),
+        (
+            any::<[u8; 16]>(),
+            MIN_REATTEST_AFTER_S..=MAX_REATTEST_AFTER_S
+        )
+            .prop_map(|(session_id, r)| {
+                Message::AttestationResult(AttestationResult {
+                    session_id,
+                    reattest_after_s: r,
+                })
+            }),
+        key_names(1, MAX_KEYS_PER_REQUEST)
+            .prop_map(|names| Message::KeyRequest(KeyRequest { names })),
         key_release(),
-        (name(MAX_PURPOSE), MIN_DERIVE_LEN..=MAX_DERIVE_LEN, any::<[u8; 16]>()).prop_map(
-            |(p, length, confirm_tag)| Message::DeriveRequest(DeriveRequest {
-                purpose: Purpose::new(p).unwrap(),
-                length,
-                confirm_tag,
-            })
-        ),
+        (
+            name(MAX_PURPOSE),
+            MIN_DERIVE_LEN..=MAX_DERIVE_LEN,
+            any::<[u8; 16]>()
+        )
+            .prop_map(
+                |(p, length, confirm_tag)| Message::DeriveRequest(DeriveRequest {
+                    purpose: Purpose::new(p).unwrap(),
+                    length,
+                    confirm_tag,
+                })
+            ),
         (name(MAX_PURPOSE), any::<[u8; 16]>()).prop_map(|(p, confirm_tag)| {
             Message::DeriveConfirm(DeriveConfirm {
                 purpose: Purpose::new(p).unwrap(),
                 confirm_tag,
             })
         }),
-        (any::<u64>(), released_key()).prop_map(|(update_id, key)| Message::KeyUpdate(KeyUpdate { update_id, key })),
-        (any::<u64>(), name(MAX_KEY_NAME), 1u32.., proptest::option::of(error_code())).prop_map(
-            |(update_id, n, version, error)| Message::KeyUpdateAck(KeyUpdateAck {
-                update_id,
-                name: KeyName::new(n).unwrap(),
-                version,
-                error,
-            })
-        ),
+        (any::<u64>(), released_key())
+            .prop_map(|(update_id, key)| Message::KeyUpdate(KeyUpdate { update_id, key })),
+        (
+            any::<u64>(),
+            name(MAX_KEY_NAME),
+            1u32..,
+            proptest::option::of(error_code())
+        )
+            .prop_map(|(update_id, n, version, error)| Message::KeyUpdateAck(
+                KeyUpdateAck {
+                    update_id,
+                    name: KeyName::new(n).unwrap(),
+                    version,
+                    error,
+                }
+            )),
         any::<u64>().prop_map(|sequence| Message::Ping(Ping { sequence })),
         any::<u64>().prop_map(|sequence| Message::Pong(Pong { sequence })),
         (
             error_code(),
             retry_after(),
-            proptest::option::of(proptest::string::string_regex("[A-Za-z0-9._:+ -]{1,128}").unwrap()),
+            proptest::option::of(
+                proptest::string::string_regex("[A-Za-z0-9._:+ -]{1,128}").unwrap()
+            ),
             (1u16.., 0u16..3)
         )
             .prop_map(|(code, retry_after_ms, detail, (min, span))| {
@@ -236,7 +267,10 @@ fn any_message() -> impl Strategy<Value = Message> {
                 GoodbyeReason::Reattest,
                 GoodbyeReason::Idle,
             ][usize::from(r)];
-            Message::Goodbye(Goodbye { reason, retry_after_ms })
+            Message::Goodbye(Goodbye {
+                reason,
+                retry_after_ms,
+            })
         }),
         features().prop_map(|features| Message::FeatureUpdate(FeatureUpdate { features })),
     ]
@@ -293,12 +327,12 @@ proptest! {
         }
         let full = Message::decode(&bytes);
         prop_assert_ne!(full.as_ref().err(), Some(&DecodeError::NonCanonical));
-        if scan(&bytes).is_ok() {
-            if let Ok(decoded) = Message::decode_scanned(&bytes) {
-                let again = decoded.encode().unwrap();
-                prop_assert_eq!(again.as_slice(), bytes.as_slice());
-                prop_assert_eq!(full.as_ref().ok(), Some(&decoded));
-            }
+        if scan(&bytes).is_ok()
+            && let Ok(decoded) = Message::decode_scanned(&bytes)
+        {
+            let again = decoded.encode().unwrap();
+            prop_assert_eq!(again.as_slice(), bytes.as_slice());
+            prop_assert_eq!(full.as_ref().ok(), Some(&decoded));
         }
         if full.is_ok() {
             let value: Result<ciborium::Value, _> = ciborium::from_reader(bytes.as_slice());

@@ -7,6 +7,8 @@
 //! cbor-diag, and the bytes against the CDDL (cddl crate) and a second CBOR
 //! implementation (ciborium).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
+
 use vkx_common::transcript::{ConfirmRole, confirm_tag, transcript_hash};
 use vkx_common::wire::{FrameDecoder, Message, MessageType};
 use vkx_spec::{CDDL, Vector, VectorFiles};
@@ -30,12 +32,20 @@ fn every_vector_file_is_checked() {
     let mut covered: Vec<&str> = Vec::new();
     for f in &positives {
         let v = vkx_spec_peek_message(f);
-        covered.push(MessageType::from_name(&v).map(MessageType::name).unwrap_or("?"));
+        covered.push(
+            MessageType::from_name(&v)
+                .map(MessageType::name)
+                .unwrap_or("?"),
+        );
     }
     for t in MessageType::ALL {
         assert!(covered.contains(&t.name()), "no positive vector for {t}");
     }
-    assert!(negatives.len() >= 11, "only {} negative vectors", negatives.len());
+    assert!(
+        negatives.len() >= 11,
+        "only {} negative vectors",
+        negatives.len()
+    );
     // `files` checks on drop that no vector file was left unread.
 }
 
@@ -49,7 +59,10 @@ fn vkx_spec_peek_message(rel: &str) -> String {
 
 fn check_positive(v: &Vector) {
     let name = v.name().to_owned();
-    assert!(!v.str("description").is_empty(), "{name}: empty description");
+    assert!(
+        !v.str("description").is_empty(),
+        "{name}: empty description"
+    );
     let message = v.str("message");
     let cbor = v.hex("cbor");
     let expected = Message::from_json(message, v.value("decoded").clone())
@@ -57,8 +70,16 @@ fn check_positive(v: &Vector) {
 
     let decoded = Message::decode(&cbor).unwrap_or_else(|e| panic!("{name}: decode failed: {e}"));
     assert_eq!(decoded, expected, "{name}: decoded value");
-    assert_eq!(decoded.message_type().name(), message, "{name}: message type");
-    assert_eq!(expected.encode().unwrap().as_slice(), cbor.as_slice(), "{name}: encoding");
+    assert_eq!(
+        decoded.message_type().name(),
+        message,
+        "{name}: message type"
+    );
+    assert_eq!(
+        expected.encode().unwrap().as_slice(),
+        cbor.as_slice(),
+        "{name}: encoding"
+    );
 
     let diag = cbor_diag::parse_diag(v.str("diag"))
         .unwrap_or_else(|e| panic!("{name}: diag does not parse: {e}"));
@@ -76,7 +97,10 @@ fn check_positive(v: &Vector) {
 
 fn check_negative(v: &Vector) {
     let name = v.name().to_owned();
-    assert!(!v.str("description").is_empty(), "{name}: empty description");
+    assert!(
+        !v.str("description").is_empty(),
+        "{name}: empty description"
+    );
     let input = v.hex("input");
     let want = v.str("error");
     let got = match v.str("layer") {
@@ -116,7 +140,10 @@ fn check_transcript(v: &Vector) {
     let hello = v.hex("hello");
     let challenge = v.hex("challenge");
     assert!(matches!(Message::decode(&hello), Ok(Message::Hello(_))));
-    assert!(matches!(Message::decode(&challenge), Ok(Message::Challenge(_))));
+    assert!(matches!(
+        Message::decode(&challenge),
+        Ok(Message::Challenge(_))
+    ));
     assert_eq!(
         transcript_hash(&exporter, &hello, &challenge).to_vec(),
         v.hex("transcript_hash")
@@ -127,6 +154,12 @@ fn check_confirm_tags(v: &Vector) {
     assert!(!v.str("description").is_empty());
     let key = v.hex("derived_key");
     let purpose = v.str("purpose");
-    assert_eq!(confirm_tag(&key, ConfirmRole::Guest, purpose).to_vec(), v.hex("guest_tag"));
-    assert_eq!(confirm_tag(&key, ConfirmRole::Host, purpose).to_vec(), v.hex("host_tag"));
+    assert_eq!(
+        confirm_tag(&key, ConfirmRole::Guest, purpose).to_vec(),
+        v.hex("guest_tag")
+    );
+    assert_eq!(
+        confirm_tag(&key, ConfirmRole::Host, purpose).to_vec(),
+        v.hex("host_tag")
+    );
 }

@@ -22,7 +22,9 @@ pub(crate) struct Reader<'b> {
 
 impl<'b> Reader<'b> {
     pub(crate) fn new(input: &'b [u8]) -> Self {
-        Self { d: Decoder::new(input) }
+        Self {
+            d: Decoder::new(input),
+        }
     }
 
     pub(crate) fn uint(&mut self, field: &'static str) -> Result<u64, DecodeError> {
@@ -32,6 +34,11 @@ impl<'b> Reader<'b> {
             }
             _ => Err(DecodeError::WrongType { field }),
         }
+    }
+
+    /// Whether the next item is a map (without consuming it).
+    pub(crate) fn at_map(&mut self) -> bool {
+        matches!(self.d.datatype(), Ok(Type::Map))
     }
 
     /// An unsigned integer within `min..=max`.
@@ -61,7 +68,10 @@ impl<'b> Reader<'b> {
             Ok(Type::Bytes) => {}
             _ => return Err(DecodeError::WrongType { field }),
         }
-        let b = self.d.bytes().map_err(|_| DecodeError::WrongType { field })?;
+        let b = self
+            .d
+            .bytes()
+            .map_err(|_| DecodeError::WrongType { field })?;
         check_len(field, b.len(), min, max)?;
         Ok(b)
     }

@@ -16,9 +16,10 @@ use zeroize::Zeroizing;
 /// Bytes of the length prefix.
 pub const FRAME_HEADER_LEN: usize = 4;
 
-/// Largest payload: 64 KiB. The largest v1 message (evidence with four full
-/// SHA-512 banks and a 4 KiB certificate) is under 12 KiB; 64 KiB leaves
-/// room for later versions and bounds each connection's buffer.
+/// Largest payload: 64 KiB. The largest v1 message at its limits is a
+/// key-release of 16 keys of 1 KiB (17,639 bytes; evidence at its limits is
+/// under 13 KiB); 64 KiB leaves room for later versions and bounds each
+/// connection's buffer.
 pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
 
 /// Why the frame layer refused the stream.
@@ -230,11 +231,16 @@ mod tests {
         let stream = frame(&vec![1u8; MAX_FRAME_PAYLOAD]);
         let mut d = FrameDecoder::new();
         let mut input = &stream[..];
-        assert_eq!(d.decode(&mut input).unwrap().map(<[u8]>::len), Some(MAX_FRAME_PAYLOAD));
+        assert_eq!(
+            d.decode(&mut input).unwrap().map(<[u8]>::len),
+            Some(MAX_FRAME_PAYLOAD)
+        );
         let mut out = Vec::new();
         assert_eq!(
             encode_frame(&vec![1u8; MAX_FRAME_PAYLOAD + 1], &mut out),
-            Err(FrameError::TooLarge { len: MAX_FRAME_PAYLOAD as u64 + 1 })
+            Err(FrameError::TooLarge {
+                len: MAX_FRAME_PAYLOAD as u64 + 1
+            })
         );
         assert!(out.is_empty());
     }

@@ -34,7 +34,7 @@ pub const MAX_AGENT_VERSION: usize = 32;
 pub const MAX_VM_ID: usize = 64;
 /// Key names as configured by operators.
 pub const MAX_KEY_NAME: usize = 64;
-/// Derivation purposes, e.g. "disk-unlock/v1".
+/// Derivation purposes, e.g. "disk-unlock:v1".
 pub const MAX_PURPOSE: usize = 64;
 /// Error details are for logs: one short line.
 pub const MAX_ERROR_DETAIL: usize = 128;
@@ -295,7 +295,7 @@ impl HashAlg {
 /// The rollout state of one feature for one VM (§12).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum FeatureState {
     Enabled,
     /// Switched off by the kill switch.
@@ -340,7 +340,7 @@ pub type Features = BTreeMap<u16, FeatureState>;
 /// Why a side closes the session in an orderly way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum GoodbyeReason {
     Normal,
     Shutdown,
@@ -394,7 +394,12 @@ fn read_u16(r: &mut Reader<'_>, field: &'static str, min: u16) -> Result<u16, De
     })
 }
 
-fn read_u32(r: &mut Reader<'_>, field: &'static str, min: u32, max: u32) -> Result<u32, DecodeError> {
+fn read_u32(
+    r: &mut Reader<'_>,
+    field: &'static str,
+    min: u32,
+    max: u32,
+) -> Result<u32, DecodeError> {
     let v = r.uint_in(field, u64::from(min), u64::from(max))?;
     u32::try_from(v).map_err(|_| DecodeError::InvalidValue {
         field,
@@ -442,7 +447,9 @@ mod hex_opt {
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
         Option::<String>::deserialize(d)?
             .map(|s| hex::decode(s).map_err(serde::de::Error::custom))
             .transpose()
@@ -455,11 +462,16 @@ mod hex_map {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(m: &BTreeMap<u8, Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(
+        m: &BTreeMap<u8, Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_map(m.iter().map(|(k, v)| (k, hex::encode(v))))
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u8, Vec<u8>>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<u8, Vec<u8>>, D::Error> {
         BTreeMap::<u8, String>::deserialize(d)?
             .into_iter()
             .map(|(k, v)| Ok((k, hex::decode(v).map_err(serde::de::Error::custom)?)))
@@ -559,7 +571,10 @@ impl MessageType {
     }
 
     pub fn from_code(code: u64) -> Option<Self> {
-        Self::ALL.iter().copied().find(|t| u64::from(t.code()) == code)
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| u64::from(t.code()) == code)
     }
 
     /// The CDDL rule name, e.g. `key-request`.
@@ -714,6 +729,11 @@ impl Message {
         let mut r = Reader::new(input);
         r.array("message", 2, 2)?;
         let code = r.uint("message type")?;
+        if !r.at_map() {
+            return Err(DecodeError::WrongType {
+                field: "message body",
+            });
+        }
         let t = MessageType::from_code(code)
             .ok_or(DecodeError::UnknownMessage { message_type: code })?;
         Self::read_body(t, &mut r)
@@ -750,7 +770,10 @@ fn entries(required: usize, optional: &[bool]) -> usize {
 /// guest → host, first message of every connection (§6.1). Frozen layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct Hello {
     pub min_version: u16,
     pub max_version: u16,
@@ -761,7 +784,6 @@ pub struct Hello {
 }
 
 impl Body for Hello {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "hello")?;
         let min_version = read_u16(f.required(0, "min-version")?, "min-version", 1)?;
@@ -815,7 +837,10 @@ impl Body for Hello {
 /// The PCRs of one bank that the quote must cover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct PcrBankSelection {
     pub hash_alg: HashAlg,
     /// PCR indices 0..=23, strictly ascending.
@@ -857,7 +882,11 @@ impl PcrBankSelection {
 
     fn validate(&self) -> Result<(), DecodeError> {
         check_len("pcrs", self.pcrs.len(), 1, MAX_PCRS_PER_BANK)?;
-        if self.pcrs.iter().any(|p| usize::from(*p) >= MAX_PCRS_PER_BANK) {
+        if self
+            .pcrs
+            .iter()
+            .any(|p| usize::from(*p) >= MAX_PCRS_PER_BANK)
+        {
             return Err(DecodeError::InvalidValue {
                 field: "pcr-index",
                 rule: "out of range",
@@ -911,20 +940,25 @@ fn validate_banks<T>(
 /// host → guest (§6.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct Challenge {
     pub version: u16,
     #[cfg_attr(feature = "serde", serde(with = "hex_bytes"))]
     pub host_nonce: [u8; NONCE_LEN],
     pub vm_id: VmId,
-    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub cid: Option<u32>,
     pub pcr_selection: Vec<PcrBankSelection>,
     pub features: Features,
 }
 
 impl Body for Challenge {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "challenge")?;
         let version = read_u16(f.required(0, "version")?, "version", 1)?;
@@ -980,13 +1014,13 @@ impl Body for Challenge {
                 rule: "out of range",
             });
         }
-        if let Some(cid) = self.cid {
-            if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&cid) {
-                return Err(DecodeError::InvalidValue {
-                    field: "cid",
-                    rule: "out of range",
-                });
-            }
+        if let Some(cid) = self.cid
+            && !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&cid)
+        {
+            return Err(DecodeError::InvalidValue {
+                field: "cid",
+                rule: "out of range",
+            });
         }
         validate_banks(&self.pcr_selection, "pcr-selection", |b| b.hash_alg)?;
         for bank in &self.pcr_selection {
@@ -1001,11 +1035,15 @@ impl Body for Challenge {
 /// The values of the selected PCRs of one bank.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct PcrBankValues {
     pub hash_alg: HashAlg,
     /// PCR index → digest, each exactly the bank's digest size.
     #[cfg_attr(feature = "serde", serde(with = "hex_map"))]
+    #[cfg_attr(feature = "serde", serde(rename = "pcr-digests"))]
     pub values: BTreeMap<u8, Vec<u8>>,
 }
 
@@ -1057,7 +1095,10 @@ impl PcrBankValues {
 /// guest → host (§6.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct Evidence {
     /// TPMS_ATTEST as marshalled by the TPM.
     #[cfg_attr(feature = "serde", serde(with = "hex_bytes"))]
@@ -1078,7 +1119,6 @@ pub struct Evidence {
 }
 
 impl Body for Evidence {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "evidence")?;
         let tpm_attest = f
@@ -1134,7 +1174,12 @@ impl Body for Evidence {
 
     fn validate(&self) -> Result<(), DecodeError> {
         check_len("tpm-attest", self.tpm_attest.len(), 1, MAX_TPM_ATTEST)?;
-        check_len("tpm-signature", self.tpm_signature.len(), 1, MAX_TPM_SIGNATURE)?;
+        check_len(
+            "tpm-signature",
+            self.tpm_signature.len(),
+            1,
+            MAX_TPM_SIGNATURE,
+        )?;
         check_len("ak-name", self.ak_name.len(), MIN_AK_NAME, MAX_AK_NAME)?;
         if let Some(cert) = &self.ak_cert {
             check_len("ak-cert", cert.len(), 1, MAX_AK_CERT)?;
@@ -1165,16 +1210,19 @@ impl Body for Evidence {
 /// host → guest: the evidence was accepted (§6.4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct AttestationResult {
     #[cfg_attr(feature = "serde", serde(with = "hex_bytes"))]
     pub session_id: [u8; SESSION_ID_LEN],
     /// Seconds until the guest must attest again.
+    #[cfg_attr(feature = "serde", serde(rename = "reattest-after"))]
     pub reattest_after_s: u32,
 }
 
 impl Body for AttestationResult {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "attestation-result")?;
         let session_id = f.required(0, "session-id")?.byte_array("session-id")?;
@@ -1215,9 +1263,13 @@ impl Body for AttestationResult {
 /// guest → host (§6.5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct KeyRequest {
     /// Strictly ascending, 1..=16 names.
+    #[cfg_attr(feature = "serde", serde(rename = "key-names"))]
     pub names: Vec<KeyName>,
 }
 
@@ -1231,7 +1283,6 @@ fn read_key_names(r: &mut Reader<'_>) -> Result<Vec<KeyName>, DecodeError> {
 }
 
 impl Body for KeyRequest {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "key-request")?;
         let names = read_key_names(f.required(0, "key-names")?)?;
@@ -1260,10 +1311,16 @@ impl Body for KeyRequest {
 /// A key as released or pushed by the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct ReleasedKey {
+    #[cfg_attr(feature = "serde", serde(rename = "key-name"))]
     pub name: KeyName,
+    #[cfg_attr(feature = "serde", serde(rename = "key-version"))]
     pub version: u32,
+    #[cfg_attr(feature = "serde", serde(rename = "key-material"))]
     pub material: KeyMaterial,
 }
 
@@ -1302,7 +1359,12 @@ impl ReleasedKey {
                 rule: "out of range",
             });
         }
-        check_len("key-material", self.material.expose().len(), 1, MAX_KEY_MATERIAL)
+        check_len(
+            "key-material",
+            self.material.expose().len(),
+            1,
+            MAX_KEY_MATERIAL,
+        )
     }
 
     fn capacity_hint(&self) -> usize {
@@ -1313,9 +1375,14 @@ impl ReleasedKey {
 /// A key the host would not release, and why (a wire error code).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct KeyRefusal {
+    #[cfg_attr(feature = "serde", serde(rename = "key-name"))]
     pub name: KeyName,
+    #[cfg_attr(feature = "serde", serde(rename = "error-code"))]
     pub code: ErrorCode,
 }
 
@@ -1340,7 +1407,10 @@ impl KeyRefusal {
 /// host → guest: the answer to a key-request (§6.6).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct KeyRelease {
     /// Ascending by name.
     pub released: Vec<ReleasedKey>,
@@ -1349,7 +1419,6 @@ pub struct KeyRelease {
 }
 
 impl Body for KeyRelease {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "key-release")?;
         let r0 = f.required(0, "released")?;
@@ -1418,17 +1487,20 @@ impl Body for KeyRelease {
 /// guest → host: derive a shared key (§6.7, §9).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct DeriveRequest {
     pub purpose: Purpose,
     /// Bytes of key to derive, 16..=64.
+    #[cfg_attr(feature = "serde", serde(rename = "derive-length"))]
     pub length: u8,
     #[cfg_attr(feature = "serde", serde(with = "hex_bytes"))]
     pub confirm_tag: [u8; CONFIRM_TAG_LEN],
 }
 
 impl Body for DeriveRequest {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "derive-request")?;
         let purpose = Purpose::read(f.required(0, "purpose")?)?;
@@ -1471,7 +1543,10 @@ impl Body for DeriveRequest {
 /// host → guest: the host derived the same key (§6.8, §9).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct DeriveConfirm {
     pub purpose: Purpose,
     #[cfg_attr(feature = "serde", serde(with = "hex_bytes"))]
@@ -1479,7 +1554,6 @@ pub struct DeriveConfirm {
 }
 
 impl Body for DeriveConfirm {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "derive-confirm")?;
         let purpose = Purpose::read(f.required(0, "purpose")?)?;
@@ -1507,14 +1581,17 @@ impl Body for DeriveConfirm {
 /// host → guest: rotation push (§6.9).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct KeyUpdate {
     pub update_id: u64,
+    #[cfg_attr(feature = "serde", serde(rename = "released-key"))]
     pub key: ReleasedKey,
 }
 
 impl Body for KeyUpdate {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "key-update")?;
         let update_id = f.required(0, "update-id")?.uint("update-id")?;
@@ -1543,18 +1620,26 @@ impl Body for KeyUpdate {
 /// guest → host (§6.10).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct KeyUpdateAck {
     pub update_id: u64,
+    #[cfg_attr(feature = "serde", serde(rename = "key-name"))]
     pub name: KeyName,
+    #[cfg_attr(feature = "serde", serde(rename = "key-version"))]
     pub version: u32,
     /// Present when the guest could not install the key.
-    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    #[cfg_attr(feature = "serde", serde(rename = "error-code"))]
     pub error: Option<ErrorCode>,
 }
 
 impl Body for KeyUpdateAck {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "key-update-ack")?;
         let update_id = f.required(0, "update-id")?.uint("update-id")?;
@@ -1603,7 +1688,10 @@ impl Body for KeyUpdateAck {
 /// Either direction (§6.11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct Ping {
     pub sequence: u64,
 }
@@ -1611,7 +1699,10 @@ pub struct Ping {
 /// Either direction, echoing a ping's sequence (§6.12).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct Pong {
     pub sequence: u64,
 }
@@ -1645,7 +1736,10 @@ sequence_body!(Pong, "pong");
 /// A protocol version range `[min, max]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct VersionRange {
     pub min: u16,
     pub max: u16,
@@ -1655,15 +1749,30 @@ pub struct VersionRange {
 /// sender closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct ErrorMessage {
+    #[cfg_attr(feature = "serde", serde(rename = "error-code"))]
     pub code: ErrorCode,
-    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    #[cfg_attr(feature = "serde", serde(rename = "retry-after"))]
     pub retry_after_ms: Option<u32>,
-    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    #[cfg_attr(feature = "serde", serde(rename = "error-detail"))]
     pub detail: Option<ErrorDetail>,
     /// Only with `unsupported-version`: the sender's supported range.
-    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub supported: Option<VersionRange>,
 }
 
@@ -1679,7 +1788,6 @@ impl ErrorMessage {
 }
 
 impl Body for ErrorMessage {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "error")?;
         let code = read_error_code(f.required(0, "error-code")?)?;
@@ -1688,7 +1796,11 @@ impl Body for ErrorMessage {
             None => None,
         };
         let detail = match f.optional(2)? {
-            Some(r) => Some(ErrorDetail::new(r.text("error-detail", 1, MAX_ERROR_DETAIL)?)?),
+            Some(r) => Some(ErrorDetail::new(r.text(
+                "error-detail",
+                1,
+                MAX_ERROR_DETAIL,
+            )?)?),
             None => None,
         };
         let supported = match f.optional(3)? {
@@ -1775,15 +1887,22 @@ fn validate_retry_after(ms: Option<u32>) -> Result<(), DecodeError> {
 /// Either direction: orderly close (§6.14).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct Goodbye {
+    #[cfg_attr(feature = "serde", serde(rename = "goodbye-reason"))]
     pub reason: GoodbyeReason,
-    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    #[cfg_attr(feature = "serde", serde(rename = "retry-after"))]
     pub retry_after_ms: Option<u32>,
 }
 
 impl Body for Goodbye {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "goodbye")?;
         let reason = GoodbyeReason::read(f.required(0, "goodbye-reason")?)?;
@@ -1816,13 +1935,15 @@ impl Body for Goodbye {
 /// host → guest: the rollout state changed (§6.15, §12).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(
+    feature = "serde",
+    serde(deny_unknown_fields, rename_all = "kebab-case")
+)]
 pub struct FeatureUpdate {
     pub features: Features,
 }
 
 impl Body for FeatureUpdate {
-
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "feature-update")?;
         let features = read_features(f.required(0, "features")?)?;
@@ -1892,10 +2013,17 @@ impl fmt::Display for Summary<'_> {
                     m.tpm_attest.len(),
                     m.tpm_signature.len(),
                     m.ak_name.len(),
-                    m.ak_cert.as_ref().map_or("none".to_owned(), |c| format!("{}B", c.len()))
+                    m.ak_cert
+                        .as_ref()
+                        .map_or("none".to_owned(), |c| format!("{}B", c.len()))
                 )?;
                 for bank in &m.pcr_values {
-                    write!(f, " pcrs[{:?}]={:?}", bank.hash_alg, bank.values.keys().collect::<Vec<_>>())?;
+                    write!(
+                        f,
+                        " pcrs[{:?}]={:?}",
+                        bank.hash_alg,
+                        bank.values.keys().collect::<Vec<_>>()
+                    )?;
                 }
                 Ok(())
             }
@@ -1906,7 +2034,13 @@ impl fmt::Display for Summary<'_> {
             }
             Message::KeyRelease(m) => {
                 for k in &m.released {
-                    write!(f, " released={}@v{}({}B)", k.name, k.version, k.material.expose().len())?;
+                    write!(
+                        f,
+                        " released={}@v{}({}B)",
+                        k.name,
+                        k.version,
+                        k.material.expose().len()
+                    )?;
                 }
                 for k in &m.refused {
                     write!(f, " refused={}:{}", k.name, k.code.name())?;
@@ -1924,7 +2058,11 @@ impl fmt::Display for Summary<'_> {
                 m.key.material.expose().len()
             ),
             Message::KeyUpdateAck(m) => {
-                write!(f, " update-id={} key={}@v{}", m.update_id, m.name, m.version)?;
+                write!(
+                    f,
+                    " update-id={} key={}@v{}",
+                    m.update_id, m.name, m.version
+                )?;
                 match m.error {
                     Some(code) => write!(f, " error={code}"),
                     None => Ok(()),
@@ -1977,7 +2115,10 @@ mod tests {
         let s = m.summary().to_string();
         assert_eq!(s, "key-update update-id=1 key=disk@v2(32B)");
         let dbg = format!("{m:?}");
-        assert!(!dbg.to_lowercase().contains("ab, ab") && !dbg.contains("171"), "{dbg}");
+        assert!(
+            !dbg.to_lowercase().contains("ab, ab") && !dbg.contains("171"),
+            "{dbg}"
+        );
         assert!(dbg.contains("REDACTED"));
     }
 }
