@@ -86,20 +86,118 @@ use RetryClass::{AfterHint, Backoff, Permanent};
 /// The registry, in code order. PROTOCOL.md §8 and `spec/vkx.cddl` list the
 /// same rows; a test checks the CDDL against this table.
 pub const REGISTRY: [Registration; 14] = [
-    row(ErrorCode::Malformed, 1, "malformed", Sender::Both, Permanent, "message or frame violates the encoding rules"),
-    row(ErrorCode::UnknownMessage, 2, "unknown-message", Sender::Both, Permanent, "message type not defined in the negotiated version"),
-    row(ErrorCode::UnsupportedVersion, 3, "unsupported-version", Sender::Both, Permanent, "no protocol version in common"),
-    row(ErrorCode::UnexpectedMessage, 4, "unexpected-message", Sender::Both, Permanent, "message not valid in the current state"),
-    row(ErrorCode::FrameTooLarge, 5, "frame-too-large", Sender::Both, Permanent, "frame length prefix above the limit"),
-    row(ErrorCode::AttestationFailed, 6, "attestation-failed", Sender::Both, Permanent, "evidence not accepted (reason only in the local log)"),
-    row(ErrorCode::NotPermitted, 7, "not-permitted", Sender::Host, Permanent, "key or purpose unknown or not allowed by policy"),
-    row(ErrorCode::FeatureDisabled, 8, "feature-disabled", Sender::Host, AfterHint, "the feature is switched off (kill switch)"),
-    row(ErrorCode::FeatureNotEnabled, 9, "feature-not-enabled", Sender::Host, AfterHint, "the staged rollout has not reached this VM"),
-    row(ErrorCode::Busy, 10, "busy", Sender::Host, AfterHint, "admission control refused the connection"),
-    row(ErrorCode::RateLimited, 11, "rate-limited", Sender::Host, AfterHint, "the peer exceeded its rate"),
-    row(ErrorCode::Timeout, 12, "timeout", Sender::Both, Backoff, "a deadline expired waiting for the peer"),
-    row(ErrorCode::Internal, 13, "internal", Sender::Both, Backoff, "the sender failed locally"),
-    row(ErrorCode::ShuttingDown, 14, "shutting-down", Sender::Host, AfterHint, "the host agent is stopping"),
+    row(
+        ErrorCode::Malformed,
+        1,
+        "malformed",
+        Sender::Both,
+        Permanent,
+        "message or frame violates the encoding rules",
+    ),
+    row(
+        ErrorCode::UnknownMessage,
+        2,
+        "unknown-message",
+        Sender::Both,
+        Permanent,
+        "message type not defined in the negotiated version",
+    ),
+    row(
+        ErrorCode::UnsupportedVersion,
+        3,
+        "unsupported-version",
+        Sender::Both,
+        Permanent,
+        "no protocol version in common",
+    ),
+    row(
+        ErrorCode::UnexpectedMessage,
+        4,
+        "unexpected-message",
+        Sender::Both,
+        Permanent,
+        "message not valid in the current state",
+    ),
+    row(
+        ErrorCode::FrameTooLarge,
+        5,
+        "frame-too-large",
+        Sender::Both,
+        Permanent,
+        "frame length prefix above the limit",
+    ),
+    row(
+        ErrorCode::AttestationFailed,
+        6,
+        "attestation-failed",
+        Sender::Both,
+        Permanent,
+        "evidence not accepted (reason only in the local log)",
+    ),
+    row(
+        ErrorCode::NotPermitted,
+        7,
+        "not-permitted",
+        Sender::Host,
+        Permanent,
+        "key or purpose unknown or not allowed by policy",
+    ),
+    row(
+        ErrorCode::FeatureDisabled,
+        8,
+        "feature-disabled",
+        Sender::Host,
+        AfterHint,
+        "the feature is switched off (kill switch)",
+    ),
+    row(
+        ErrorCode::FeatureNotEnabled,
+        9,
+        "feature-not-enabled",
+        Sender::Host,
+        AfterHint,
+        "the staged rollout has not reached this VM",
+    ),
+    row(
+        ErrorCode::Busy,
+        10,
+        "busy",
+        Sender::Host,
+        AfterHint,
+        "admission control refused the connection",
+    ),
+    row(
+        ErrorCode::RateLimited,
+        11,
+        "rate-limited",
+        Sender::Host,
+        AfterHint,
+        "the peer exceeded its rate",
+    ),
+    row(
+        ErrorCode::Timeout,
+        12,
+        "timeout",
+        Sender::Both,
+        Backoff,
+        "a deadline expired waiting for the peer",
+    ),
+    row(
+        ErrorCode::Internal,
+        13,
+        "internal",
+        Sender::Both,
+        Backoff,
+        "the sender failed locally",
+    ),
+    row(
+        ErrorCode::ShuttingDown,
+        14,
+        "shutting-down",
+        Sender::Host,
+        AfterHint,
+        "the host agent is stopping",
+    ),
 ];
 
 impl ErrorCode {
@@ -213,6 +311,9 @@ mod tests {
             code_for_decode_error(&DecodeError::UnknownMessage { message_type: 99 }),
             ErrorCode::UnknownMessage
         );
-        assert_eq!(code_for_decode_error(&DecodeError::TrailingBytes), ErrorCode::Malformed);
+        assert_eq!(
+            code_for_decode_error(&DecodeError::TrailingBytes),
+            ErrorCode::Malformed
+        );
     }
 }

@@ -22,7 +22,10 @@ pub const TRANSCRIPT_HASH_LEN: usize = 32;
 /// purpose.
 pub const DERIVE_EXPORTER_LABEL: &[u8] = b"EXPORTER-vkx-v1-derive";
 
-const _: () = assert!(TRANSCRIPT_HASH_LEN <= 64, "TPM qualifying data is at most 64 bytes");
+const _: () = assert!(
+    TRANSCRIPT_HASH_LEN <= 64,
+    "TPM qualifying data is at most 64 bytes"
+);
 const _: () = assert!(NONCE_LEN == TRANSCRIPT_HASH_LEN);
 
 /// TH = SHA-256(label || 0x00 || exporter || u32be(|hello|) || hello ||
@@ -94,8 +97,14 @@ mod tests {
     fn transcript_separates_its_parts() {
         let x = [1u8; 32];
         // Moving a byte from hello to challenge must change the hash.
-        assert_ne!(transcript_hash(&x, b"ab", b"c"), transcript_hash(&x, b"a", b"bc"));
-        assert_ne!(transcript_hash(&x, b"a", b"b"), transcript_hash(&[2u8; 32], b"a", b"b"));
+        assert_ne!(
+            transcript_hash(&x, b"ab", b"c"),
+            transcript_hash(&x, b"a", b"bc")
+        );
+        assert_ne!(
+            transcript_hash(&x, b"a", b"b"),
+            transcript_hash(&[2u8; 32], b"a", b"b")
+        );
     }
 
     #[test]

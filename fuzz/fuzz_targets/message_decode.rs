@@ -13,6 +13,9 @@ fuzz_target!(|data: &[u8]| {
         let mut reader = data;
         let value: Result<ciborium::Value, _> = ciborium::from_reader(&mut reader);
         assert!(value.is_ok(), "ciborium rejects an accepted message");
-        assert!(reader.is_empty(), "ciborium sees trailing bytes in an accepted message");
+        assert!(
+            reader.is_empty(),
+            "ciborium sees trailing bytes in an accepted message"
+        );
     }
 });

@@ -145,7 +145,11 @@ fn print_message(payload: &[u8], index: Option<usize>) -> bool {
                 "{prefix}refused: {e} [{}] ({} bytes{})",
                 e.kind(),
                 payload.len(),
-                if payload.len() > MAX_FRAME_PAYLOAD { ", over the frame limit" } else { "" }
+                if payload.len() > MAX_FRAME_PAYLOAD {
+                    ", over the frame limit"
+                } else {
+                    ""
+                }
             );
             print_wire_code(Some(code_for_decode_error(&e)));
             false

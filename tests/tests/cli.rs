@@ -1,6 +1,8 @@
 //! The binaries as an operator runs them: `vkx-host wire decode` on the
 //! spec's vectors, as separate processes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
+
 use vkx_e2e::run;
 
 fn vector(rel: &str) -> serde_json::Value {
@@ -17,7 +19,11 @@ fn versions_are_reported() {
     for bin in ["vkx-host", "vkx-guest"] {
         let o = run(bin, &["version"], b"");
         assert!(o.status.success(), "{bin}: {o:?}");
-        assert!(stdout(&o).contains("protocol versions 1..=1"), "{bin}: {}", stdout(&o));
+        assert!(
+            stdout(&o).contains("protocol versions 1..=1"),
+            "{bin}: {}",
+            stdout(&o)
+        );
     }
 }
 
@@ -32,10 +38,19 @@ fn decode_prints_a_safe_summary_of_binary_frames() {
     let o = run("vkx-host", &["wire", "decode", "--frames", "-"], &stream);
     assert!(o.status.success(), "{o:?}");
     let out = stdout(&o);
-    assert!(out.contains("frame 0: hello versions=1..=1 agent=vkx-guest/0.1.0"), "{out}");
-    assert!(out.contains("frame 1: key-update update-id=7 key=disk@v4(32B)"), "{out}");
+    assert!(
+        out.contains("frame 0: hello versions=1..=1 agent=vkx-guest/0.1.0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("frame 1: key-update update-id=7 key=disk@v4(32B)"),
+        "{out}"
+    );
     // The key material of the key-update vector is 0x7c repeated.
-    assert!(!out.contains("7c7c") && !out.contains("|||"), "key material printed: {out}");
+    assert!(
+        !out.contains("7c7c") && !out.contains("|||"),
+        "key material printed: {out}"
+    );
 }
 
 #[test]
@@ -44,7 +59,8 @@ fn decode_refuses_every_negative_message_vector_with_its_kind() {
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let frames = v["layer"] == "frame";
         let mut args = vec!["wire", "decode", "--hex"];
         if frames {
@@ -54,7 +70,12 @@ fn decode_refuses_every_negative_message_vector_with_its_kind() {
         let o = run("vkx-host", &args, v["input"].as_str().unwrap().as_bytes());
         assert_eq!(o.status.code(), Some(1), "{}: {o:?}", path.display());
         let kind = v["error"].as_str().unwrap();
-        assert!(stdout(&o).contains(&format!("[{kind}]")), "{}: {}", path.display(), stdout(&o));
+        assert!(
+            stdout(&o).contains(&format!("[{kind}]")),
+            "{}: {}",
+            path.display(),
+            stdout(&o)
+        );
         checked += 1;
     }
     assert!(checked >= 11);
@@ -64,7 +85,11 @@ fn decode_refuses_every_negative_message_vector_with_its_kind() {
 fn unknown_message_is_reported_as_permanent_wire_error() {
     let o = run("vkx-host", &["wire", "decode", "--hex", "-"], b"821863a0");
     assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("error unknown-message (2)"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("error unknown-message (2)"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]

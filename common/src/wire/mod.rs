@@ -18,7 +18,7 @@ pub mod scan;
 #[doc(hidden)]
 pub mod selfcheck;
 
-pub use frame::{FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD, encode_frame};
+pub use frame::{FRAME_HEADER_LEN, FrameDecoder, FrameError, MAX_FRAME_PAYLOAD, encode_frame};
 pub use message::*;
 
 /// Why a message was refused. Every variant is the peer's fault (malformed
@@ -65,9 +65,17 @@ pub enum DecodeError {
     #[error("{context}: unknown key")]
     UnknownKey { context: &'static str },
     #[error("{field}: {len} entries or bytes, limit {min}..={max}")]
-    BadLength { field: &'static str, len: usize, min: usize, max: usize },
+    BadLength {
+        field: &'static str,
+        len: usize,
+        min: usize,
+        max: usize,
+    },
     #[error("{field}: {rule}")]
-    InvalidValue { field: &'static str, rule: &'static str },
+    InvalidValue {
+        field: &'static str,
+        rule: &'static str,
+    },
 
     /// The input passed gates 1 and 2 but is not the encoding of its own
     /// value. Unreachable unless this implementation has a bug.

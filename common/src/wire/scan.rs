@@ -163,9 +163,7 @@ fn read_head(input: &[u8], pos: &mut usize) -> Result<(u8, u64), DecodeError> {
         27 => (8, 0x1_0000_0000),
         AI_INDEFINITE => {
             return Err(match major {
-                MAJOR_BYTES | MAJOR_TEXT | MAJOR_ARRAY | MAJOR_MAP => {
-                    DecodeError::IndefiniteLength
-                }
+                MAJOR_BYTES | MAJOR_TEXT | MAJOR_ARRAY | MAJOR_MAP => DecodeError::IndefiniteLength,
                 _ => DecodeError::UnsupportedType,
             });
         }

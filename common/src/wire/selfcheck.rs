@@ -27,7 +27,11 @@ pub fn check_message(data: &[u8]) -> Option<Message> {
     };
     if let Some(m) = &gated {
         let again = m.encode().expect("an accepted message re-encodes");
-        assert_eq!(again.as_slice(), data, "accepted input is not its own encoding");
+        assert_eq!(
+            again.as_slice(),
+            data,
+            "accepted input is not its own encoding"
+        );
     }
     assert_eq!(full.as_ref().ok(), gated.as_ref(), "gates disagree");
     full.ok()
@@ -62,7 +66,10 @@ pub fn check_frame_stream(chunk_sizes: &[u8], data: &[u8]) {
                     check_message(&payload);
                 }
                 Ok(None) => {
-                    assert!(chunk.is_empty(), "decoder left input while waiting for more");
+                    assert!(
+                        chunk.is_empty(),
+                        "decoder left input while waiting for more"
+                    );
                     break;
                 }
                 Err(e) => {
@@ -73,7 +80,11 @@ pub fn check_frame_stream(chunk_sizes: &[u8], data: &[u8]) {
             assert!(d.buffered() <= FRAME_HEADER_LEN + MAX_FRAME_PAYLOAD);
         }
         if let Some(e) = failed {
-            assert_eq!(d.decode(&mut &b"\0"[..]), Err(e), "decoder recovered after an error");
+            assert_eq!(
+                d.decode(&mut &b"\0"[..]),
+                Err(e),
+                "decoder recovered after an error"
+            );
             assert_eq!(d.finish(), Err(e));
             return;
         }

@@ -1,0 +1,96 @@
+# vkx: the two set-up commands for a fresh Debian machine (as root) are
+#   make demo   and   make test
+# Both install what they need first. See README.md.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+# Debian packages the build and tests need. Empty until the TPM work
+# (swtpm, tpm2-tools, libtss2-dev) arrives; the mechanism is in place.
+APT_PACKAGES ?=
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := message_decode frame_decoder
+
+.PHONY: all test lint demo bench deps rust-components fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+
+all: test
+
+## deps: install missing Debian packages (apt-get) and Rust components.
+deps: rust-components
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+rust-components:
+	@for c in rustfmt clippy; do \
+	  rustup component list --installed 2>/dev/null | grep -q "^$$c" || rustup component add $$c; \
+	done
+
+## test: the whole test suite (unit, property, vector, CLI end-to-end).
+test: deps
+	$(CARGO) build --workspace --bins --locked
+	$(CARGO) test --workspace --locked
+	# The fuzz targets are a separate workspace: make sure they still build.
+	$(CARGO) check --manifest-path fuzz/Cargo.toml --locked --quiet
+	@echo "make test: all passed"
+
+## lint: formatting and clippy with warnings as errors, on everything.
+lint: rust-components
+	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml
+
+## demo: the end-to-end demo arrives with the agents (issue #5); until
+## then this shows what exists: the strict decoder on the spec's vectors.
+demo: deps
+	@$(CARGO) build --bins --locked --quiet
+	@echo "== vkx demo (foundation release) =="
+	@echo "The full demo (vTPM, attestation, key release) arrives with the agents."
+	@echo "What exists now: protocol v1 (spec/PROTOCOL.md) and its strict decoder."
+	@./target/debug/vkx-host version
+	@echo; echo "-- every positive test vector, decoded by vkx-host (log-safe summaries):"
+	@for f in spec/vectors/messages/*.json; do \
+	  printf '%-28s ' "$$(basename $$f .json)"; \
+	  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["cbor"])' $$f \
+	    | ./target/debug/vkx-host wire decode --hex -; \
+	done
+	@echo; echo "-- hostile inputs are refused, each with its reason and the wire error an agent sends:"
+	@for f in spec/vectors/negative/{duplicate-key,unknown-message,nesting-too-deep,frame-too-large}.json; do \
+	  echo "$$(basename $$f .json):"; \
+	  python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(v["input"])' $$f \
+	    | ./target/debug/vkx-host wire decode --hex $$(grep -q '"frame"' $$f && echo --frames) - || true; \
+	done
+
+## bench: performance figures (criterion); prints the numbers.
+bench:
+	$(CARGO) bench -p vkx-common --bench codec -- --noplot
+
+fuzz-tools: rust-components
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2
+
+## fuzz-corpus: seed corpora generated from spec/vectors.
+fuzz-corpus:
+	python3 fuzz/seed-corpus.py fuzz/corpus
+
+## fuzz-smoke: each fuzz target for FUZZ_SECONDS (default 30 s).
+fuzz-smoke: fuzz-tools fuzz-corpus
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t corpus/$$t regressions/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -print_final_stats=1 2>&1 \
+	    | grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|Done|==)|ERROR|panicked' ; \
+	done
+
+## fuzz: the same, 5 minutes per target.
+fuzz:
+	$(MAKE) fuzz-smoke FUZZ_SECONDS=300
+
+clean:
+	$(CARGO) clean
+	rm -rf fuzz/target fuzz/corpus fuzz/artifacts
