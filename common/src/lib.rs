@@ -6,11 +6,13 @@
 //!   wire codes.
 //! - [`transcript`]: the transcript hash that binds evidence to a channel,
 //!   and key-confirmation tags.
+//! - [`tpm`]: TPM 2.0 structure parsers and quote verification (pure Rust).
 //!
 //! Nothing here does I/O or reads a clock.
 
 #![forbid(unsafe_code)]
 
 pub mod errors;
+pub mod tpm;
 pub mod transcript;
 pub mod wire;

@@ -1,0 +1,29 @@
+//! TPM 2.0 structures and quote verification, in pure Rust.
+//!
+//! The host verifies guest evidence here without libtss2: the code that
+//! faces guest bytes stays small, bounded and fuzzable. Parsers accept the
+//! TPM 2.0 marshalling (Part 2 of the TPM 2.0 library specification) of
+//! exactly the structures a quote needs and reject trailing bytes.
+//!
+//! Constants shared by provisioning (host), evidence (guest) and
+//! verification live in this module so all three agree.
+
+/// Persistent handle of the vkx attestation key (AK) in a provisioned vTPM.
+/// In the owner-assigned persistent range (0x81000000-0x817FFFFF), away
+/// from the TCG-reserved EK handles 0x81010001/0x81010002.
+pub const AK_PERSISTENT_HANDLE: u32 = 0x8100_0A4B;
+
+/// Persistent handle of the ECC P-256 endorsement key (TCG EK Credential
+/// Profile 2.3, "ECC NIST P256" EK handle).
+pub const EK_ECC_PERSISTENT_HANDLE: u32 = 0x8101_0002;
+
+/// Persistent handle of the RSA-2048 endorsement key (TCG EK Credential
+/// Profile 2.3).
+pub const EK_RSA_PERSISTENT_HANDLE: u32 = 0x8101_0001;
+
+/// NV index holding the DER AK certificate issued at provisioning. In the
+/// owner-defined NV range (0x01000000-0x013FFFFF).
+pub const AK_CERT_NV_INDEX: u32 = 0x0100_0A4B;
+
+/// Largest AK certificate stored in NV; equals the wire limit.
+pub const MAX_AK_CERT_NV: usize = crate::wire::MAX_AK_CERT;
