@@ -6,6 +6,8 @@
 //!   wire codes.
 //! - [`transcript`]: the transcript hash that binds evidence to a channel,
 //!   and key-confirmation tags.
+//! - [`policy`]: the host's attestation and key policy (TOML), evaluated
+//!   purely.
 //! - [`tpm`]: TPM 2.0 structure parsers and quote verification (pure Rust).
 //!
 //! Nothing here does I/O or reads a clock.
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod errors;
+pub mod policy;
 pub mod tpm;
 pub mod transcript;
 pub mod wire;

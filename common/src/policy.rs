@@ -1,0 +1,484 @@
+//! The host's attestation and key policy: which measured boot states are
+//! acceptable for which VM, and which keys and derivation purposes a VM
+//! may have once attested.
+//!
+//! The policy is a TOML file written by node operators. It is validated
+//! completely at load (unknown fields, malformed digests, dangling image
+//! references, duplicates and limits are refused with an error that names
+//! the place), so a running host only ever holds a policy that makes
+//! sense. Evaluation is a pure function of (policy, VM identity, verified
+//! PCR values): the host logs the [`Refusal`] reasons locally; the guest
+//! only ever learns "attestation-failed" or "not-permitted".
+//!
+//! ```toml
+//! [[image]]
+//! name = "debian-12-2026.11"
+//! keys = ["disk"]
+//! derive = ["disk-unlock:v1"]
+//!
+//! [[image.pcr]]
+//! bank = "sha256"
+//! index = 7
+//! # several values: the fleet is half-way through an OS update
+//! allowed = ["<64 hex>", "<64 hex>"]
+//!
+//! [[vm]]
+//! id = "vm-17"
+//! image = "debian-12-2026.11"
+//! keys = ["vm-17-config"]      # in addition to the image's keys
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::wire::{HashAlg, KeyName, PcrBankSelection, PcrBankValues, Purpose, VmId};
+
+/// Largest policy file read: far above any real policy, small enough that
+/// a wrong path cannot exhaust memory.
+pub const MAX_POLICY_FILE: u64 = 4 * 1024 * 1024;
+/// Images in one policy.
+pub const MAX_IMAGES: usize = 1024;
+/// VMs in one policy: a node serves ~1,000; leave room for re-placement.
+pub const MAX_VMS: usize = 16 * 1024;
+/// Allowed values per PCR: enough for several staged updates at once.
+pub const MAX_ALLOWED_VALUES: usize = 16;
+/// Keys or purposes granted by one image or VM entry.
+pub const MAX_GRANTS: usize = 64;
+
+/// Why a policy file was refused. The message names the place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    #[error("read policy {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("policy {path} is larger than {MAX_POLICY_FILE} bytes")]
+    TooLarge { path: String },
+    #[error("policy is not valid TOML for vkx: {0}")]
+    Syntax(String),
+    #[error("policy: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid(msg.into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    image: Vec<ImageFile>,
+    #[serde(default)]
+    vm: Vec<VmFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageFile {
+    name: String,
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    derive: Vec<String>,
+    #[serde(default)]
+    pcr: Vec<PcrFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmFile {
+    id: String,
+    image: String,
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    derive: Vec<String>,
+    /// Per-VM reference values; they replace the image's for the same PCR.
+    #[serde(default)]
+    pcr: Vec<PcrFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PcrFile {
+    bank: String,
+    index: u8,
+    allowed: Vec<String>,
+}
+
+/// A PCR: (bank, index).
+pub type PcrId = (HashAlg, u8);
+
+/// The effective policy of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPolicy {
+    pub vm_id: VmId,
+    pub image: String,
+    /// Allowed digests per PCR; every listed PCR must match one of them.
+    pub pcrs: BTreeMap<PcrId, BTreeSet<Vec<u8>>>,
+    pub keys: BTreeSet<KeyName>,
+    pub derive: BTreeSet<Purpose>,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    vms: BTreeMap<VmId, VmPolicy>,
+}
+
+/// Why evidence did not satisfy the policy. Logged on the host only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    #[error("VM {0} is not in the policy")]
+    UnknownVm(VmId),
+    #[error("PCR {bank:?}:{index} was not reported")]
+    PcrMissing { bank: HashAlg, index: u8 },
+    #[error("PCR {bank:?}:{index} has digest {digest_prefix}… which no rule allows")]
+    PcrMismatch {
+        bank: HashAlg,
+        index: u8,
+        /// First 8 bytes in hex: enough to find it in an event log.
+        digest_prefix: String,
+    },
+}
+
+fn parse_bank(s: &str, at: &str) -> Result<HashAlg, PolicyError> {
+    match s {
+        "sha1" => Ok(HashAlg::Sha1),
+        "sha256" => Ok(HashAlg::Sha256),
+        "sha384" => Ok(HashAlg::Sha384),
+        "sha512" => Ok(HashAlg::Sha512),
+        _ => Err(invalid(format!(
+            "{at}: bank {s:?} is not sha1, sha256, sha384 or sha512"
+        ))),
+    }
+}
+
+fn parse_pcrs(
+    rules: &[PcrFile],
+    at: &str,
+) -> Result<BTreeMap<PcrId, BTreeSet<Vec<u8>>>, PolicyError> {
+    let mut out = BTreeMap::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let here = format!("{at} pcr #{}", i + 1);
+        let bank = parse_bank(&rule.bank, &here)?;
+        if rule.index > 23 {
+            return Err(invalid(format!("{here}: index {} is not 0..23", rule.index)));
+        }
+        if rule.allowed.is_empty() || rule.allowed.len() > MAX_ALLOWED_VALUES {
+            return Err(invalid(format!(
+                "{here}: needs 1..={MAX_ALLOWED_VALUES} allowed values, has {}",
+                rule.allowed.len()
+            )));
+        }
+        let mut allowed = BTreeSet::new();
+        for v in &rule.allowed {
+            let digest = decode_hex(v)
+                .ok_or_else(|| invalid(format!("{here}: {v:?} is not hex")))?;
+            if digest.len() != bank.digest_len() {
+                return Err(invalid(format!(
+                    "{here}: a {:?} digest has {} bytes, {v:?} has {}",
+                    bank,
+                    bank.digest_len(),
+                    digest.len()
+                )));
+            }
+            allowed.insert(digest);
+        }
+        if out.insert((bank, rule.index), allowed).is_some() {
+            return Err(invalid(format!(
+                "{here}: {}:{} is listed twice",
+                rule.bank, rule.index
+            )));
+        }
+    }
+    Ok(out)
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn parse_grants<T: Ord>(
+    items: &[String],
+    at: &str,
+    what: &str,
+    make: impl Fn(String) -> Result<T, crate::wire::DecodeError>,
+) -> Result<BTreeSet<T>, PolicyError> {
+    if items.len() > MAX_GRANTS {
+        return Err(invalid(format!("{at}: more than {MAX_GRANTS} {what}")));
+    }
+    let mut out = BTreeSet::new();
+    for item in items {
+        let v = make(item.clone()).map_err(|e| invalid(format!("{at}: {what} {item:?}: {e}")))?;
+        if !out.insert(v) {
+            return Err(invalid(format!("{at}: {what} {item:?} listed twice")));
+        }
+    }
+    Ok(out)
+}
+
+impl Policy {
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        use std::io::Read;
+        let shown = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|source| PolicyError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut text = String::new();
+        file.take(MAX_POLICY_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(|source| PolicyError::Read {
+                path: shown.clone(),
+                source,
+            })?;
+        if text.len() as u64 > MAX_POLICY_FILE {
+            return Err(PolicyError::TooLarge { path: shown });
+        }
+        Self::from_toml(&text)
+    }
+
+    /// Validates a policy given as TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile =
+            toml::from_str(text).map_err(|e| PolicyError::Syntax(e.to_string()))?;
+        if file.image.len() > MAX_IMAGES {
+            return Err(invalid(format!("more than {MAX_IMAGES} images")));
+        }
+        if file.vm.len() > MAX_VMS {
+            return Err(invalid(format!("more than {MAX_VMS} VMs")));
+        }
+        let mut images = BTreeMap::new();
+        for img in &file.image {
+            let at = format!("image {:?}", img.name);
+            if img.name.is_empty() || img.name.len() > 64 {
+                return Err(invalid(format!("{at}: name must have 1..64 characters")));
+            }
+            let pcrs = parse_pcrs(&img.pcr, &at)?;
+            let keys = parse_grants(&img.keys, &at, "key", KeyName::new)?;
+            let derive = parse_grants(&img.derive, &at, "purpose", Purpose::new)?;
+            if images.insert(img.name.clone(), (pcrs, keys, derive)).is_some() {
+                return Err(invalid(format!("{at} is defined twice")));
+            }
+        }
+        let mut vms = BTreeMap::new();
+        for vm in &file.vm {
+            let at = format!("vm {:?}", vm.id);
+            let vm_id = VmId::new(vm.id.clone()).map_err(|e| invalid(format!("{at}: {e}")))?;
+            let (image_pcrs, image_keys, image_derive) = images
+                .get(&vm.image)
+                .ok_or_else(|| invalid(format!("{at}: image {:?} is not defined", vm.image)))?;
+            let mut pcrs = image_pcrs.clone();
+            pcrs.extend(parse_pcrs(&vm.pcr, &at)?);
+            if pcrs.is_empty() {
+                return Err(invalid(format!(
+                    "{at}: no PCR rules (from image or VM): such a VM would be trusted \
+                     whatever it booted"
+                )));
+            }
+            if pcrs.keys().map(|(bank, _)| bank).collect::<BTreeSet<_>>().len()
+                > crate::wire::MAX_PCR_BANKS
+            {
+                return Err(invalid(format!("{at}: more PCR banks than a quote can hold")));
+            }
+            let mut keys = image_keys.clone();
+            keys.extend(parse_grants(&vm.keys, &at, "key", KeyName::new)?);
+            let mut derive = image_derive.clone();
+            derive.extend(parse_grants(&vm.derive, &at, "purpose", Purpose::new)?);
+            let entry = VmPolicy {
+                vm_id: vm_id.clone(),
+                image: vm.image.clone(),
+                pcrs,
+                keys,
+                derive,
+            };
+            if vms.insert(vm_id, entry).is_some() {
+                return Err(invalid(format!("{at} is listed twice")));
+            }
+        }
+        Ok(Self { vms })
+    }
+
+    pub fn vm(&self, vm_id: &VmId) -> Option<&VmPolicy> {
+        self.vms.get(vm_id)
+    }
+
+    pub fn vm_count(&self) -> usize {
+        self.vms.len()
+    }
+
+    /// The PCRs to ask a VM to quote: every PCR its policy constrains.
+    pub fn selection(&self, vm_id: &VmId) -> Option<Vec<PcrBankSelection>> {
+        let vm = self.vms.get(vm_id)?;
+        let mut banks: BTreeMap<HashAlg, Vec<u8>> = BTreeMap::new();
+        for (bank, index) in vm.pcrs.keys() {
+            banks.entry(*bank).or_default().push(*index);
+        }
+        Some(
+            banks
+                .into_iter()
+                .map(|(hash_alg, pcrs)| PcrBankSelection { hash_alg, pcrs })
+                .collect(),
+        )
+    }
+
+    /// Checks verified PCR values against the VM's policy. Returns the
+    /// VM's grants when every constrained PCR holds an allowed value.
+    pub fn evaluate(
+        &self,
+        vm_id: &VmId,
+        values: &[PcrBankValues],
+    ) -> Result<&VmPolicy, Refusal> {
+        let vm = self
+            .vms
+            .get(vm_id)
+            .ok_or_else(|| Refusal::UnknownVm(vm_id.clone()))?;
+        for ((bank, index), allowed) in &vm.pcrs {
+            let digest = values
+                .iter()
+                .find(|b| b.hash_alg == *bank)
+                .and_then(|b| b.values.get(index))
+                .ok_or(Refusal::PcrMissing {
+                    bank: *bank,
+                    index: *index,
+                })?;
+            if !allowed.contains(digest) {
+                return Err(Refusal::PcrMismatch {
+                    bank: *bank,
+                    index: *index,
+                    digest_prefix: digest.iter().take(8).map(|b| format!("{b:02x}")).collect(),
+                });
+            }
+        }
+        Ok(vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const C: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+
+    fn policy() -> String {
+        format!(
+            r#"
+[[image]]
+name = "deb12"
+keys = ["disk"]
+derive = ["disk-unlock:v1"]
+[[image.pcr]]
+bank = "sha256"
+index = 0
+allowed = ["{A}"]
+[[image.pcr]]
+bank = "sha256"
+index = 7
+allowed = ["{A}", "{B}"]
+
+[[vm]]
+id = "vm-1"
+image = "deb12"
+keys = ["vm-1-config"]
+
+[[vm]]
+id = "vm-2"
+image = "deb12"
+[[vm.pcr]]
+bank = "sha256"
+index = 7
+allowed = ["{C}"]
+"#
+        )
+    }
+
+    fn values(p0: &str, p7: &str) -> Vec<PcrBankValues> {
+        vec![PcrBankValues {
+            hash_alg: HashAlg::Sha256,
+            values: [(0u8, hex_bytes(p0)), (7u8, hex_bytes(p7))].into(),
+        }]
+    }
+
+    fn hex_bytes(s: &str) -> Vec<u8> {
+        decode_hex(s).unwrap()
+    }
+
+    fn vm(id: &str) -> VmId {
+        VmId::new(id).unwrap()
+    }
+
+    #[test]
+    fn staged_update_values_and_per_vm_override() {
+        let p = Policy::from_toml(&policy()).unwrap();
+        assert_eq!(p.vm_count(), 2);
+        let g = p.evaluate(&vm("vm-1"), &values(A, A)).unwrap();
+        assert!(g.keys.contains(&KeyName::new("disk").unwrap()));
+        assert!(g.keys.contains(&KeyName::new("vm-1-config").unwrap()));
+        assert!(p.evaluate(&vm("vm-1"), &values(A, B)).is_ok());
+        assert!(matches!(
+            p.evaluate(&vm("vm-1"), &values(A, C)),
+            Err(Refusal::PcrMismatch { index: 7, .. })
+        ));
+        // vm-2 replaces the image's PCR 7 rule.
+        assert!(p.evaluate(&vm("vm-2"), &values(A, C)).is_ok());
+        assert!(p.evaluate(&vm("vm-2"), &values(A, A)).is_err());
+        assert_eq!(
+            p.evaluate(&vm("vm-3"), &values(A, A)),
+            Err(Refusal::UnknownVm(vm("vm-3")))
+        );
+        let missing = vec![PcrBankValues {
+            hash_alg: HashAlg::Sha256,
+            values: [(0u8, hex_bytes(A))].into(),
+        }];
+        assert_eq!(
+            p.evaluate(&vm("vm-1"), &missing),
+            Err(Refusal::PcrMissing {
+                bank: HashAlg::Sha256,
+                index: 7
+            })
+        );
+        assert_eq!(
+            p.selection(&vm("vm-1")).unwrap(),
+            vec![PcrBankSelection {
+                hash_alg: HashAlg::Sha256,
+                pcrs: vec![0, 7]
+            }]
+        );
+    }
+
+    #[test]
+    fn invalid_policies_are_refused_with_the_place_named() {
+        let cases = [
+            (policy().replace("keys = [\"disk\"]", "keyz = [\"disk\"]"), "unknown field"),
+            (policy().replace("index = 7", "index = 24"), "index 24"),
+            (policy().replace(&format!("[\"{A}\", \"{B}\"]"), "[\"abcd\"]"), "has 2"),
+            (policy().replace(&format!("[\"{A}\", \"{B}\"]"), "[\"xyz\"]"), "not hex"),
+            (policy().replace("image = \"deb12\"\nkeys", "image = \"deb13\"\nkeys"), "not defined"),
+            (policy().replace("id = \"vm-2\"", "id = \"vm-1\""), "listed twice"),
+            (policy().replace("bank = \"sha256\"\nindex = 0", "bank = \"md5\"\nindex = 0"), "md5"),
+            (policy().replace("keys = [\"vm-1-config\"]", "keys = [\"bad name\"]"), "bad name"),
+            (policy().replace("index = 0", "index = 7"), "listed twice"),
+            ("[[image]]\nname = \"x\"\n[[vm]]\nid = \"v\"\nimage = \"x\"\n".to_owned(), "no PCR rules"),
+        ];
+        for (text, want) in cases {
+            let err = Policy::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "want {want:?} in {err}");
+        }
+    }
+}
