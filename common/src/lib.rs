@@ -8,6 +8,7 @@
 //!   and key-confirmation tags.
 //! - [`policy`]: the host's attestation and key policy (TOML), evaluated
 //!   purely.
+//! - [`retry`]: the guest's bounded, jittered retry policy (§13).
 //! - [`tpm`]: TPM 2.0 structure parsers and quote verification (pure Rust).
 //!
 //! Nothing here does I/O or reads a clock.
@@ -16,6 +17,7 @@
 
 pub mod errors;
 pub mod policy;
+pub mod retry;
 pub mod tpm;
 pub mod transcript;
 pub mod wire;
