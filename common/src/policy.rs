@@ -169,7 +169,10 @@ fn parse_pcrs(
         let here = format!("{at} pcr #{}", i + 1);
         let bank = parse_bank(&rule.bank, &here)?;
         if rule.index > 23 {
-            return Err(invalid(format!("{here}: index {} is not 0..23", rule.index)));
+            return Err(invalid(format!(
+                "{here}: index {} is not 0..23",
+                rule.index
+            )));
         }
         if rule.allowed.is_empty() || rule.allowed.len() > MAX_ALLOWED_VALUES {
             return Err(invalid(format!(
@@ -179,8 +182,8 @@ fn parse_pcrs(
         }
         let mut allowed = BTreeSet::new();
         for v in &rule.allowed {
-            let digest = decode_hex(v)
-                .ok_or_else(|| invalid(format!("{here}: {v:?} is not hex")))?;
+            let digest =
+                decode_hex(v).ok_or_else(|| invalid(format!("{here}: {v:?} is not hex")))?;
             if digest.len() != bank.digest_len() {
                 return Err(invalid(format!(
                     "{here}: a {:?} digest has {} bytes, {v:?} has {}",
@@ -202,7 +205,7 @@ fn parse_pcrs(
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -271,7 +274,10 @@ impl Policy {
             let pcrs = parse_pcrs(&img.pcr, &at)?;
             let keys = parse_grants(&img.keys, &at, "key", KeyName::new)?;
             let derive = parse_grants(&img.derive, &at, "purpose", Purpose::new)?;
-            if images.insert(img.name.clone(), (pcrs, keys, derive)).is_some() {
+            if images
+                .insert(img.name.clone(), (pcrs, keys, derive))
+                .is_some()
+            {
                 return Err(invalid(format!("{at} is defined twice")));
             }
         }
@@ -290,10 +296,16 @@ impl Policy {
                      whatever it booted"
                 )));
             }
-            if pcrs.keys().map(|(bank, _)| bank).collect::<BTreeSet<_>>().len()
+            if pcrs
+                .keys()
+                .map(|(bank, _)| bank)
+                .collect::<BTreeSet<_>>()
+                .len()
                 > crate::wire::MAX_PCR_BANKS
             {
-                return Err(invalid(format!("{at}: more PCR banks than a quote can hold")));
+                return Err(invalid(format!(
+                    "{at}: more PCR banks than a quote can hold"
+                )));
             }
             let mut keys = image_keys.clone();
             keys.extend(parse_grants(&vm.keys, &at, "key", KeyName::new)?);
@@ -338,11 +350,7 @@ impl Policy {
 
     /// Checks verified PCR values against the VM's policy. Returns the
     /// VM's grants when every constrained PCR holds an allowed value.
-    pub fn evaluate(
-        &self,
-        vm_id: &VmId,
-        values: &[PcrBankValues],
-    ) -> Result<&VmPolicy, Refusal> {
+    pub fn evaluate(&self, vm_id: &VmId, values: &[PcrBankValues]) -> Result<&VmPolicy, Refusal> {
         let vm = self
             .vms
             .get(vm_id)
@@ -465,16 +473,40 @@ allowed = ["{C}"]
     #[test]
     fn invalid_policies_are_refused_with_the_place_named() {
         let cases = [
-            (policy().replace("keys = [\"disk\"]", "keyz = [\"disk\"]"), "unknown field"),
+            (
+                policy().replace("keys = [\"disk\"]", "keyz = [\"disk\"]"),
+                "unknown field",
+            ),
             (policy().replace("index = 7", "index = 24"), "index 24"),
-            (policy().replace(&format!("[\"{A}\", \"{B}\"]"), "[\"abcd\"]"), "has 2"),
-            (policy().replace(&format!("[\"{A}\", \"{B}\"]"), "[\"xyz\"]"), "not hex"),
-            (policy().replace("image = \"deb12\"\nkeys", "image = \"deb13\"\nkeys"), "not defined"),
-            (policy().replace("id = \"vm-2\"", "id = \"vm-1\""), "listed twice"),
-            (policy().replace("bank = \"sha256\"\nindex = 0", "bank = \"md5\"\nindex = 0"), "md5"),
-            (policy().replace("keys = [\"vm-1-config\"]", "keys = [\"bad name\"]"), "bad name"),
+            (
+                policy().replace(&format!("[\"{A}\", \"{B}\"]"), "[\"abcd\"]"),
+                "has 2",
+            ),
+            (
+                policy().replace(&format!("[\"{A}\", \"{B}\"]"), "[\"xyz\"]"),
+                "not hex",
+            ),
+            (
+                policy().replace("image = \"deb12\"\nkeys", "image = \"deb13\"\nkeys"),
+                "not defined",
+            ),
+            (
+                policy().replace("id = \"vm-2\"", "id = \"vm-1\""),
+                "listed twice",
+            ),
+            (
+                policy().replace("bank = \"sha256\"\nindex = 0", "bank = \"md5\"\nindex = 0"),
+                "md5",
+            ),
+            (
+                policy().replace("keys = [\"vm-1-config\"]", "keys = [\"bad name\"]"),
+                "bad name",
+            ),
             (policy().replace("index = 0", "index = 7"), "listed twice"),
-            ("[[image]]\nname = \"x\"\n[[vm]]\nid = \"v\"\nimage = \"x\"\n".to_owned(), "no PCR rules"),
+            (
+                "[[image]]\nname = \"x\"\n[[vm]]\nid = \"v\"\nimage = \"x\"\n".to_owned(),
+                "no PCR rules",
+            ),
         ];
         for (text, want) in cases {
             let err = Policy::from_toml(&text).unwrap_err().to_string();

@@ -89,7 +89,10 @@ impl RetryConfig {
     pub fn max_attempts_per_window(&self) -> u64 {
         // Re-probes are at least one interval apart, and a window is
         // half-open, so it holds ceil(window / interval) of them.
-        let reprobes = self.window.as_nanos().div_ceil(self.reprobe_interval.as_nanos());
+        let reprobes = self
+            .window
+            .as_nanos()
+            .div_ceil(self.reprobe_interval.as_nanos());
         u64::from(self.budget).saturating_add(u64::try_from(reprobes).unwrap_or(u64::MAX))
     }
 }
@@ -337,10 +340,14 @@ mod tests {
         assert!(next <= t0 + Duration::from_millis(2750));
         // Missing hint: the default; huge hint: capped.
         p.attempt(next);
-        let n2 = p.failed(next, code(ErrorCode::FeatureDisabled, None)).instant();
+        let n2 = p
+            .failed(next, code(ErrorCode::FeatureDisabled, None))
+            .instant();
         assert!(n2 >= next + DEFAULT_RETRY_AFTER);
         p.attempt(n2);
-        let n3 = p.failed(n2, code(ErrorCode::ShuttingDown, Some(u64::MAX / 4))).instant();
+        let n3 = p
+            .failed(n2, code(ErrorCode::ShuttingDown, Some(u64::MAX / 4)))
+            .instant();
         assert!(n3 <= n2 + MAX_RETRY_AFTER + MAX_RETRY_AFTER / 10);
     }
 
@@ -355,11 +362,17 @@ mod tests {
             let Next::At(at) = next else { break };
             let d = at - t;
             let ceiling = (BACKOFF_BASE * 2u32.pow(n.min(20))).min(BACKOFF_CAP);
-            assert!(d >= BACKOFF_FLOOR && d <= ceiling.max(BACKOFF_FLOOR), "n={n} d={d:?}");
+            assert!(
+                d >= BACKOFF_FLOOR && d <= ceiling.max(BACKOFF_FLOOR),
+                "n={n} d={d:?}"
+            );
             max_seen = max_seen.max(d);
             t = at;
         }
-        assert!(max_seen > Duration::from_secs(30), "jitter never reached high: {max_seen:?}");
+        assert!(
+            max_seen > Duration::from_secs(30),
+            "jitter never reached high: {max_seen:?}"
+        );
         p.succeeded();
         assert_eq!(p.consecutive_failures(), 0);
         assert_eq!(p.next_attempt(t), Next::At(t));
@@ -377,7 +390,10 @@ mod tests {
                 attempts += 1;
                 p.failed(t, Failure::Transport);
             }
-            t = p.next_attempt(t).instant().max(t + Duration::from_millis(1));
+            t = p
+                .next_attempt(t)
+                .instant()
+                .max(t + Duration::from_millis(1));
         }
         assert!(attempts <= RetryConfig::default().max_attempts_per_window());
         assert!(attempts >= 10, "{attempts}");
@@ -392,7 +408,8 @@ mod tests {
     }
 
     fn step() -> impl Strategy<Value = Step> {
-        let codes = (1u16..=20).prop_map(|v| ErrorCode::from_value(v).unwrap_or(ErrorCode::Internal));
+        let codes =
+            (1u16..=20).prop_map(|v| ErrorCode::from_value(v).unwrap_or(ErrorCode::Internal));
         prop_oneof![
             4 => Just(Step::Fail(Failure::Transport)),
             3 => (codes, proptest::option::of(0u64..200_000))
@@ -417,15 +434,12 @@ mod tests {
             let mut t = t0;
             let mut starts: Vec<Instant> = Vec::new();
             for s in steps {
-                match s {
-                    Step::Early(ms) => {
-                        let early = t + Duration::from_millis(ms);
-                        if early < p.next_attempt(t).instant() {
-                            prop_assert!(!p.attempt(early), "attempt allowed before its time");
-                        }
-                        continue;
+                if let Step::Early(ms) = s {
+                    let early = t + Duration::from_millis(ms);
+                    if early < p.next_attempt(t).instant() {
+                        prop_assert!(!p.attempt(early), "attempt allowed before its time");
                     }
-                    _ => {}
+                    continue;
                 }
                 t = p.next_attempt(t).instant().max(t);
                 if !p.attempt(t) {
