@@ -8,15 +8,19 @@
 //!   and key-confirmation tags.
 //! - [`policy`]: the host's attestation and key policy (TOML), evaluated
 //!   purely.
+//! - [`ratelimit`]: rate-limited logging macros that report what they
+//!   suppressed.
 //! - [`retry`]: the guest's bounded, jittered retry policy (§13).
 //! - [`tpm`]: TPM 2.0 structure parsers and quote verification (pure Rust).
 //!
-//! Nothing here does I/O or reads a clock.
+//! Nothing here does I/O; only the logging macros read the clock (the
+//! limiter underneath takes time as an argument).
 
 #![forbid(unsafe_code)]
 
 pub mod errors;
 pub mod policy;
+pub mod ratelimit;
 pub mod retry;
 pub mod tpm;
 pub mod transcript;
