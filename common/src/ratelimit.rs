@@ -93,9 +93,9 @@ impl Bucket {
             self.tokens = self.capacity;
             self.last_refill = Some(now);
         } else if earned > 0 {
-            // earned < missing <= u32::MAX: the cast is exact. Keep the
-            // remainder so a slow drip still earns tokens.
-            let earned = earned as u32;
+            // earned < missing, so it fits. Keep the remainder so a slow
+            // drip still earns tokens.
+            let earned = u32::try_from(earned).unwrap_or(missing);
             self.tokens += earned;
             self.last_refill = Some(last + self.period * earned);
         }
