@@ -11,6 +11,7 @@
 //! - [`ratelimit`]: rate-limited logging macros that report what they
 //!   suppressed.
 //! - [`retry`]: the guest's bounded, jittered retry policy (§13).
+//! - [`session`]: the guest and host session state machines (sans-I/O).
 //! - [`tpm`]: TPM 2.0 structure parsers and quote verification (pure Rust).
 //!
 //! Nothing here does I/O; only the logging macros read the clock (the
@@ -22,6 +23,7 @@ pub mod errors;
 pub mod policy;
 pub mod ratelimit;
 pub mod retry;
+pub mod session;
 pub mod tpm;
 pub mod transcript;
 pub mod wire;

@@ -1,0 +1,640 @@
+//! The host side of a session (PROTOCOL.md §11.5, §11.6, §11.7).
+//!
+//! Starts right after the TLS handshake with what the host knows before the
+//! guest says anything: the peer's identity as the transport reported it
+//! (never as the guest claims it), the PCR selection and the feature state
+//! for that VM, and fresh random values. Verification, policy and key
+//! lookups are the driver's: the session emits [`HostEvent`]s and takes the
+//! answers back, so it stays pure and fuzzable.
+//!
+//! Every guest byte is hostile: each payload is strictly decoded and
+//! checked against the state; every wait has a deadline, the handshake as a
+//! whole has [`HANDSHAKE_DEADLINE`], and pushes are bounded by
+//! [`MAX_UNACKED_UPDATES`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{CloseReason, Output, after, negotiate, violation};
+use crate::errors::ErrorCode;
+use crate::retry::Failure;
+use crate::transcript::{TRANSCRIPT_EXPORTER_LEN, TRANSCRIPT_HASH_LEN, transcript_hash};
+use crate::wire::{
+    AttestationResult, CONFIRM_TAG_LEN, Challenge, DeriveConfirm, ErrorMessage, Evidence,
+    FeatureState, FeatureUpdate, Features, GoodbyeReason, KeyName, KeyRelease, KeyUpdate,
+    MAX_RETRY_AFTER_MS, Message, NONCE_LEN, PcrBankSelection, Pong, Purpose, ReleasedKey,
+    SESSION_ID_LEN, VersionRange, VmId, feature,
+};
+
+/// §11.1 host timers.
+pub const AWAIT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+pub const AWAIT_EVIDENCE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(45);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const KEY_UPDATE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Outstanding key-update pushes per session.
+pub const MAX_UNACKED_UPDATES: usize = 8;
+
+/// Host-wide settings.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub versions: VersionRange,
+    /// Seconds until a guest must attest again.
+    pub reattest_after_s: u32,
+    /// `retry-after` sent with feature-disabled / feature-not-enabled.
+    pub feature_retry_after: Duration,
+}
+
+/// What the host knows about one connection before the guest speaks.
+#[derive(Debug, Clone)]
+pub struct PeerContext {
+    /// The VM the transport says this is; `None` if the host cannot map the
+    /// peer (it is then refused after `hello`, opaquely).
+    pub vm_id: Option<VmId>,
+    pub cid: Option<u32>,
+    pub selection: Vec<PcrBankSelection>,
+    pub features: Features,
+    /// When the transport accepted the connection.
+    pub accepted_at: Instant,
+}
+
+/// Fresh random values for one session, drawn by the driver.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionRandom {
+    pub host_nonce: [u8; NONCE_LEN],
+    pub session_id: [u8; SESSION_ID_LEN],
+}
+
+/// Things the driver must act on.
+#[derive(Debug)]
+pub enum HostEvent {
+    /// Verify `evidence` against the transcript, the registry and policy;
+    /// then call [`Host::on_verdict`].
+    Verify {
+        vm_id: VmId,
+        transcript_hash: [u8; TRANSCRIPT_HASH_LEN],
+        selection: Vec<PcrBankSelection>,
+        evidence: Evidence,
+    },
+    Attested {
+        vm_id: VmId,
+        session_id: [u8; SESSION_ID_LEN],
+    },
+    /// Decide each key by policy; then call [`Established::answer_keys`].
+    KeyRequest { vm_id: VmId, names: Vec<KeyName> },
+    /// Check the purpose and the guest's tag; then call
+    /// [`Established::answer_derive`].
+    DeriveRequest {
+        vm_id: VmId,
+        purpose: Purpose,
+        length: u8,
+        guest_tag: [u8; CONFIRM_TAG_LEN],
+    },
+    /// A pushed key was acknowledged (installed unless `error` is set).
+    UpdateAcked {
+        vm_id: VmId,
+        update_id: u64,
+        name: KeyName,
+        version: u32,
+        error: Option<ErrorCode>,
+    },
+}
+
+/// The driver's verdict on evidence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted,
+    /// Any verification or policy failure: the guest learns only
+    /// "attestation-failed"; the driver logs the reason.
+    Rejected,
+    /// The host could not decide (registry unavailable, ...).
+    LocalFailure,
+}
+
+/// The driver's answer to a [`HostEvent::DeriveRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeriveAnswer {
+    Confirm([u8; CONFIRM_TAG_LEN]),
+    NotPermitted,
+    /// The guest's tag did not verify.
+    TagMismatch,
+}
+
+/// Why a push was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushRefused {
+    #[error("key rotation is not enabled for this VM")]
+    FeatureNotEnabled,
+    #[error("{MAX_UNACKED_UPDATES} updates are already outstanding")]
+    TooManyOutstanding,
+    #[error("the key is not valid on the wire")]
+    Invalid,
+}
+
+type Out = Output<HostEvent>;
+
+/// The host session, one variant per state.
+#[derive(Debug)]
+pub enum Host {
+    AwaitHello(AwaitHello),
+    AwaitEvidence(AwaitEvidence),
+    Verifying(Verifying),
+    Established(Established),
+    Closed,
+}
+
+#[derive(Debug)]
+pub struct AwaitHello {
+    config: Arc<HostConfig>,
+    peer: PeerContext,
+    exporter: [u8; TRANSCRIPT_EXPORTER_LEN],
+    random: SessionRandom,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+pub struct AwaitEvidence {
+    config: Arc<HostConfig>,
+    vm_id: VmId,
+    features: Features,
+    selection: Vec<PcrBankSelection>,
+    transcript_hash: [u8; TRANSCRIPT_HASH_LEN],
+    session_id: [u8; SESSION_ID_LEN],
+    handshake_deadline: Instant,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+pub struct Verifying {
+    config: Arc<HostConfig>,
+    vm_id: VmId,
+    features: Features,
+    session_id: [u8; SESSION_ID_LEN],
+    handshake_deadline: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    Keys,
+    Derive(Purpose),
+}
+
+#[derive(Debug)]
+pub struct Established {
+    config: Arc<HostConfig>,
+    vm_id: VmId,
+    session_id: [u8; SESSION_ID_LEN],
+    features: Features,
+    pending: Option<Pending>,
+    updates: BTreeMap<u64, Instant>,
+    next_update_id: u64,
+    last_received: Instant,
+    reattest_at: Instant,
+}
+
+impl Host {
+    /// A session on a fresh TLS connection; waits for `hello`.
+    pub fn start(
+        config: Arc<HostConfig>,
+        peer: PeerContext,
+        exporter: [u8; TRANSCRIPT_EXPORTER_LEN],
+        random: SessionRandom,
+        now: Instant,
+    ) -> Self {
+        let deadline =
+            after(now, AWAIT_HELLO_TIMEOUT).min(after(peer.accepted_at, HANDSHAKE_DEADLINE));
+        Self::AwaitHello(AwaitHello {
+            config,
+            peer,
+            exporter,
+            random,
+            deadline,
+        })
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        match self {
+            Self::AwaitHello(s) => Some(s.deadline),
+            Self::AwaitEvidence(s) => Some(s.deadline),
+            Self::Verifying(s) => Some(s.handshake_deadline),
+            Self::Established(s) => Some(s.deadline()),
+            Self::Closed => None,
+        }
+    }
+
+    pub fn vm_id(&self) -> Option<&VmId> {
+        match self {
+            Self::AwaitHello(s) => s.peer.vm_id.as_ref(),
+            Self::AwaitEvidence(s) => Some(&s.vm_id),
+            Self::Verifying(s) => Some(&s.vm_id),
+            Self::Established(s) => Some(&s.vm_id),
+            Self::Closed => None,
+        }
+    }
+
+    /// One frame payload from the guest.
+    pub fn on_payload(self, payload: &[u8], now: Instant) -> (Self, Out) {
+        let mut out = Out::default();
+        if matches!(self, Self::Closed) {
+            return (self, out);
+        }
+        let msg = match Message::decode(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                out.fail(violation(&e), CloseReason::Failed(Failure::Permanent));
+                return (Self::Closed, out);
+            }
+        };
+        match &msg {
+            // Never answer an error or a goodbye (§8.3): close.
+            Message::Error(e) => {
+                out.close(CloseReason::Failed(Failure::Code {
+                    code: e.code,
+                    retry_after: None,
+                }));
+                return (Self::Closed, out);
+            }
+            Message::Goodbye(_) => {
+                out.close(CloseReason::Orderly { retry_after: None });
+                return (Self::Closed, out);
+            }
+            _ => {}
+        }
+        let next = match self {
+            Self::AwaitHello(s) => s.on_message(msg, payload, &mut out, now),
+            Self::AwaitEvidence(s) => s.on_message(msg, &mut out),
+            Self::Established(mut s) => {
+                s.last_received = now;
+                if s.on_message(msg, &mut out, now) {
+                    Self::Established(s)
+                } else {
+                    Self::Closed
+                }
+            }
+            Self::Verifying(_) | Self::Closed => {
+                unexpected(&mut out);
+                Self::Closed
+            }
+        };
+        (next, out)
+    }
+
+    /// The driver's verdict on the evidence of [`HostEvent::Verify`].
+    pub fn on_verdict(self, verdict: Verdict, now: Instant) -> (Self, Out) {
+        let mut out = Out::default();
+        let Self::Verifying(s) = self else {
+            return (self, out);
+        };
+        match verdict {
+            Verdict::Accepted => {
+                out.send(AttestationResult {
+                    session_id: s.session_id,
+                    reattest_after_s: s.config.reattest_after_s,
+                });
+                out.event(HostEvent::Attested {
+                    vm_id: s.vm_id.clone(),
+                    session_id: s.session_id,
+                });
+                let reattest = Duration::from_secs(s.config.reattest_after_s.into());
+                let next = Established {
+                    config: s.config,
+                    vm_id: s.vm_id,
+                    session_id: s.session_id,
+                    features: s.features,
+                    pending: None,
+                    updates: BTreeMap::new(),
+                    next_update_id: 1,
+                    last_received: now,
+                    reattest_at: after(now, reattest),
+                };
+                (Self::Established(next), out)
+            }
+            Verdict::Rejected => {
+                out.fail(
+                    ErrorCode::AttestationFailed,
+                    CloseReason::Failed(Failure::Permanent),
+                );
+                (Self::Closed, out)
+            }
+            Verdict::LocalFailure => {
+                out.fail(
+                    ErrorCode::Internal,
+                    CloseReason::Failed(Failure::Code {
+                        code: ErrorCode::Internal,
+                        retry_after: None,
+                    }),
+                );
+                (Self::Closed, out)
+            }
+        }
+    }
+
+    /// Call at [`Host::deadline`] (earlier calls do nothing).
+    pub fn on_timeout(self, now: Instant) -> (Self, Out) {
+        let mut out = Out::default();
+        if self.deadline().is_none_or(|d| now < d) {
+            return (self, out);
+        }
+        let timeout = CloseReason::Failed(Failure::Code {
+            code: ErrorCode::Timeout,
+            retry_after: None,
+        });
+        match self {
+            Self::AwaitHello(_) | Self::AwaitEvidence(_) | Self::Verifying(_) => {
+                out.fail(ErrorCode::Timeout, timeout);
+                (Self::Closed, out)
+            }
+            Self::Established(s) => {
+                if s.updates.values().any(|d| now >= *d) {
+                    out.fail(ErrorCode::Timeout, timeout);
+                } else if now >= s.reattest_at {
+                    out.goodbye(GoodbyeReason::Reattest, None);
+                    out.close(CloseReason::Orderly { retry_after: None });
+                } else {
+                    out.goodbye(GoodbyeReason::Idle, None);
+                    out.close(CloseReason::Orderly { retry_after: None });
+                }
+                (Self::Closed, out)
+            }
+            Self::Closed => (Self::Closed, out),
+        }
+    }
+
+    /// End of stream or a transport/TLS failure.
+    pub fn on_transport_closed(self) -> (Self, Out) {
+        let mut out = Out::default();
+        if !matches!(self, Self::Closed) {
+            out.close(CloseReason::Failed(Failure::Transport));
+        }
+        (Self::Closed, out)
+    }
+
+    /// The host agent is stopping: tell the guest when to come back.
+    pub fn shutdown(self, retry_after: Duration) -> (Self, Out) {
+        let mut out = Out::default();
+        let ms = u32::try_from(retry_after.as_millis())
+            .unwrap_or(MAX_RETRY_AFTER_MS)
+            .clamp(1, MAX_RETRY_AFTER_MS);
+        match self {
+            Self::Closed => return (Self::Closed, out),
+            Self::Established(_) => out.goodbye(GoodbyeReason::Shutdown, Some(ms)),
+            _ => out.send(ErrorMessage {
+                retry_after_ms: Some(ms),
+                ..ErrorMessage::new(ErrorCode::ShuttingDown)
+            }),
+        }
+        out.close(CloseReason::Orderly { retry_after: None });
+        (Self::Closed, out)
+    }
+}
+
+fn unexpected(out: &mut Out) {
+    out.fail(
+        ErrorCode::UnexpectedMessage,
+        CloseReason::Failed(Failure::Permanent),
+    );
+}
+
+impl AwaitHello {
+    fn on_message(self, msg: Message, payload: &[u8], out: &mut Out, now: Instant) -> Host {
+        let Message::Hello(h) = msg else {
+            unexpected(out);
+            return Host::Closed;
+        };
+        // Identity before version (§2.6): an unmapped peer learns nothing.
+        let Some(vm_id) = self.peer.vm_id else {
+            out.fail(
+                ErrorCode::AttestationFailed,
+                CloseReason::Failed(Failure::Permanent),
+            );
+            return Host::Closed;
+        };
+        let theirs = VersionRange {
+            min: h.min_version,
+            max: h.max_version,
+        };
+        let Some(version) = negotiate(self.config.versions, theirs) else {
+            out.send(ErrorMessage {
+                supported: Some(self.config.versions),
+                ..ErrorMessage::new(ErrorCode::UnsupportedVersion)
+            });
+            out.close(CloseReason::Failed(Failure::Permanent));
+            return Host::Closed;
+        };
+        let challenge = Message::Challenge(Challenge {
+            version,
+            host_nonce: self.random.host_nonce,
+            vm_id: vm_id.clone(),
+            cid: self.peer.cid,
+            pcr_selection: self.peer.selection.clone(),
+            features: self.peer.features.clone(),
+        });
+        let Ok(bytes) = challenge.encode() else {
+            // A policy that yields an unencodable challenge is a local bug.
+            out.fail(ErrorCode::Internal, CloseReason::Failed(Failure::Permanent));
+            return Host::Closed;
+        };
+        let th = transcript_hash(&self.exporter, payload, &bytes);
+        out.send.push(bytes);
+        let handshake_deadline = after(self.peer.accepted_at, HANDSHAKE_DEADLINE);
+        Host::AwaitEvidence(AwaitEvidence {
+            config: self.config,
+            vm_id,
+            features: self.peer.features,
+            selection: self.peer.selection,
+            transcript_hash: th,
+            session_id: self.random.session_id,
+            handshake_deadline,
+            deadline: after(now, AWAIT_EVIDENCE_TIMEOUT).min(handshake_deadline),
+        })
+    }
+}
+
+impl AwaitEvidence {
+    fn on_message(self, msg: Message, out: &mut Out) -> Host {
+        let Message::Evidence(evidence) = msg else {
+            unexpected(out);
+            return Host::Closed;
+        };
+        out.event(HostEvent::Verify {
+            vm_id: self.vm_id.clone(),
+            transcript_hash: self.transcript_hash,
+            selection: self.selection,
+            evidence,
+        });
+        Host::Verifying(Verifying {
+            config: self.config,
+            vm_id: self.vm_id,
+            features: self.features,
+            session_id: self.session_id,
+            handshake_deadline: self.handshake_deadline,
+        })
+    }
+}
+
+impl Established {
+    pub fn vm_id(&self) -> &VmId {
+        &self.vm_id
+    }
+
+    pub fn session_id(&self) -> [u8; SESSION_ID_LEN] {
+        self.session_id
+    }
+
+    fn deadline(&self) -> Instant {
+        let mut d = self
+            .reattest_at
+            .min(after(self.last_received, IDLE_TIMEOUT));
+        if let Some(u) = self.updates.values().min() {
+            d = d.min(*u);
+        }
+        d
+    }
+
+    fn refuse_feature(&self, id: u16, out: &mut Out) -> bool {
+        let code = match self.features.get(&id) {
+            Some(FeatureState::Enabled) => return false,
+            Some(FeatureState::NotYet) => ErrorCode::FeatureNotEnabled,
+            Some(FeatureState::Disabled) | None => ErrorCode::FeatureDisabled,
+        };
+        let ms = u32::try_from(self.config.feature_retry_after.as_millis())
+            .unwrap_or(MAX_RETRY_AFTER_MS)
+            .clamp(1, MAX_RETRY_AFTER_MS);
+        out.send(ErrorMessage {
+            retry_after_ms: Some(ms),
+            ..ErrorMessage::new(code)
+        });
+        true
+    }
+
+    /// Returns false when the session must close.
+    fn on_message(&mut self, msg: Message, out: &mut Out, _now: Instant) -> bool {
+        match msg {
+            Message::KeyRequest(r) => {
+                if self.pending.is_some() {
+                    unexpected(out);
+                    return false;
+                }
+                if !self.refuse_feature(feature::KEY_RELEASE, out) {
+                    self.pending = Some(Pending::Keys);
+                    out.event(HostEvent::KeyRequest {
+                        vm_id: self.vm_id.clone(),
+                        names: r.names,
+                    });
+                }
+                true
+            }
+            Message::DeriveRequest(r) => {
+                if self.pending.is_some() {
+                    unexpected(out);
+                    return false;
+                }
+                if !self.refuse_feature(feature::KEY_DERIVATION, out) {
+                    self.pending = Some(Pending::Derive(r.purpose.clone()));
+                    out.event(HostEvent::DeriveRequest {
+                        vm_id: self.vm_id.clone(),
+                        purpose: r.purpose,
+                        length: r.length,
+                        guest_tag: r.confirm_tag,
+                    });
+                }
+                true
+            }
+            Message::KeyUpdateAck(a) => {
+                if self.updates.remove(&a.update_id).is_none() {
+                    unexpected(out);
+                    return false;
+                }
+                out.event(HostEvent::UpdateAcked {
+                    vm_id: self.vm_id.clone(),
+                    update_id: a.update_id,
+                    name: a.name,
+                    version: a.version,
+                    error: a.error,
+                });
+                true
+            }
+            Message::Ping(p) => {
+                out.send(Pong {
+                    sequence: p.sequence,
+                });
+                true
+            }
+            _ => {
+                unexpected(out);
+                false
+            }
+        }
+    }
+
+    /// The driver's answer to [`HostEvent::KeyRequest`].
+    pub fn answer_keys(&mut self, release: KeyRelease) -> Out {
+        let mut out = Out::default();
+        if self.pending == Some(Pending::Keys) {
+            self.pending = None;
+            out.send(release);
+        }
+        out
+    }
+
+    /// The driver's answer to [`HostEvent::DeriveRequest`]. Returns false
+    /// when the session must close.
+    pub fn answer_derive(&mut self, answer: DeriveAnswer) -> (bool, Out) {
+        let mut out = Out::default();
+        let Some(Pending::Derive(purpose)) = self.pending.take() else {
+            return (true, out);
+        };
+        match answer {
+            DeriveAnswer::Confirm(tag) => {
+                out.send(DeriveConfirm {
+                    purpose,
+                    confirm_tag: tag,
+                });
+                (true, out)
+            }
+            DeriveAnswer::NotPermitted => {
+                out.send(ErrorMessage::new(ErrorCode::NotPermitted));
+                (true, out)
+            }
+            DeriveAnswer::TagMismatch => {
+                out.fail(
+                    ErrorCode::AttestationFailed,
+                    CloseReason::Failed(Failure::Permanent),
+                );
+                (false, out)
+            }
+        }
+    }
+
+    /// Pushes a rotated key (§6.11), bounded by [`MAX_UNACKED_UPDATES`].
+    pub fn push_key_update(&mut self, key: ReleasedKey, now: Instant) -> Result<Out, PushRefused> {
+        if self.features.get(&feature::KEY_ROTATION) != Some(&FeatureState::Enabled) {
+            return Err(PushRefused::FeatureNotEnabled);
+        }
+        if self.updates.len() >= MAX_UNACKED_UPDATES {
+            return Err(PushRefused::TooManyOutstanding);
+        }
+        let update_id = self.next_update_id;
+        let bytes = Message::KeyUpdate(KeyUpdate { update_id, key })
+            .encode()
+            .map_err(|_| PushRefused::Invalid)?;
+        self.next_update_id += 1;
+        self.updates
+            .insert(update_id, after(now, KEY_UPDATE_ACK_TIMEOUT));
+        let mut out = Out::default();
+        out.send.push(bytes);
+        Ok(out)
+    }
+
+    /// The VM's feature map changed (kill switch, rollout step).
+    pub fn update_features(&mut self, features: Features) -> Out {
+        let mut out = Out::default();
+        if features != self.features {
+            self.features = features.clone();
+            out.send(FeatureUpdate { features });
+        }
+        out
+    }
+}

@@ -1,0 +1,122 @@
+//! The protocol sessions of PROTOCOL.md §11 as plain state machines.
+//!
+//! A session starts once the TLS handshake is done (the driver owns the
+//! transport and TLS, and passes the exporter value in). It is fed decoded
+//! frame payloads, timer expiries and the results of local work (a TPM
+//! quote, a verification verdict, a key lookup) together with the current
+//! time, and answers with an [`Output`]: payloads to send, events for the
+//! driver, and whether to close. It never does I/O, never reads a clock and
+//! never draws random numbers: nonces and ids are passed in.
+//!
+//! Each protocol state is its own type holding only what that state needs;
+//! a transition consumes the state. Out-of-order or unknown messages are
+//! answered with the registry's error and a close, never a panic.
+
+pub mod guest;
+pub mod host;
+
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use crate::errors::{ErrorCode, code_for_decode_error};
+use crate::retry::Failure;
+use crate::wire::{DecodeError, ErrorMessage, Goodbye, GoodbyeReason, Message, VersionRange};
+
+/// Why a session closed, in the terms the retry policy needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Orderly end with no failure (goodbye received or sent, re-attestation,
+    /// one-shot work finished). `retry_after` is the peer's hint, if any.
+    Orderly { retry_after: Option<Duration> },
+    /// The session failed; the retry policy classifies it.
+    Failed(Failure),
+}
+
+/// What a session asks its driver to do after one input.
+#[derive(Debug)]
+pub struct Output<E> {
+    /// Frame payloads to send, in order.
+    pub send: Vec<Zeroizing<Vec<u8>>>,
+    /// Things the driver must act on.
+    pub events: Vec<E>,
+    /// Close the connection after sending `send`.
+    pub close: Option<CloseReason>,
+}
+
+impl<E> Default for Output<E> {
+    fn default() -> Self {
+        Self {
+            send: Vec::new(),
+            events: Vec::new(),
+            close: None,
+        }
+    }
+}
+
+impl<E> Output<E> {
+    pub(crate) fn send(&mut self, m: impl Into<Message>) {
+        match m.into().encode() {
+            Ok(bytes) => self.send.push(bytes),
+            // A message this side builds always encodes; if it ever did not,
+            // closing is the only safe answer.
+            Err(_) => {
+                self.close
+                    .get_or_insert(CloseReason::Failed(Failure::Permanent));
+            }
+        }
+    }
+
+    pub(crate) fn event(&mut self, e: E) {
+        self.events.push(e);
+    }
+
+    pub(crate) fn close(&mut self, reason: CloseReason) {
+        self.close.get_or_insert(reason);
+    }
+
+    /// Sends an error and closes with the local view of the failure.
+    pub(crate) fn fail(&mut self, code: ErrorCode, reason: CloseReason) {
+        self.send(ErrorMessage::new(code));
+        self.close(reason);
+    }
+
+    pub(crate) fn goodbye(&mut self, reason: GoodbyeReason, retry_after_ms: Option<u32>) {
+        self.send(Goodbye {
+            reason,
+            retry_after_ms,
+        });
+    }
+}
+
+/// The answer to a payload that broke the encoding rules (§5.5): the code
+/// to send. Never echoes the bytes.
+pub(crate) fn violation(e: &DecodeError) -> ErrorCode {
+    code_for_decode_error(e)
+}
+
+/// Picks the highest version in both ranges (§10.2).
+pub fn negotiate(ours: VersionRange, theirs: VersionRange) -> Option<u16> {
+    let hi = ours.max.min(theirs.max);
+    let lo = ours.min.max(theirs.min);
+    (lo <= hi).then_some(hi)
+}
+
+/// A deadline `d` after `now`, saturating.
+pub(crate) fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_picks_the_highest_common_version() {
+        let r = |min, max| VersionRange { min, max };
+        assert_eq!(negotiate(r(1, 1), r(1, 3)), Some(1));
+        assert_eq!(negotiate(r(1, 4), r(2, 3)), Some(3));
+        assert_eq!(negotiate(r(2, 2), r(1, 1)), None);
+        assert_eq!(negotiate(r(1, 1), r(2, 9)), None);
+    }
+}

@@ -1,0 +1,613 @@
+//! A deterministic in-memory pair: a guest and a host session wired
+//! together with virtual time, the way the async drivers will wire them to
+//! a TLS stream. Local work (quote, verification, key lookup) is done by
+//! the harness; faults are injected by the tests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vkx_common::errors::{ErrorCode, RetryClass};
+use vkx_common::retry::Failure;
+use vkx_common::session::guest::{self, Guest, GuestConfig, GuestEvent, RequestRefused};
+use vkx_common::session::host::{
+    self, DeriveAnswer, Host, HostConfig, HostEvent, PeerContext, PushRefused, SessionRandom,
+    Verdict,
+};
+use vkx_common::session::{CloseReason, Output};
+use vkx_common::wire::*;
+
+/// Upper bound on harness steps: every step delivers a payload or ends.
+const MAX_STEPS: usize = 1000;
+
+struct Pair {
+    now: Instant,
+    guest: Guest,
+    host: Host,
+    to_host: VecDeque<Vec<u8>>,
+    to_guest: VecDeque<Vec<u8>>,
+    guest_events: Vec<GuestEvent>,
+    host_events: Vec<HostEvent>,
+    guest_closed: Option<CloseReason>,
+    host_closed: Option<CloseReason>,
+    /// What the harness answers for verification.
+    verdict: Verdict,
+    quote_th: Option<[u8; 32]>,
+    verify_th: Option<[u8; 32]>,
+}
+
+fn features(release: FeatureState) -> Features {
+    [
+        (feature::KEY_RELEASE, release),
+        (feature::KEY_DERIVATION, FeatureState::Enabled),
+        (feature::KEY_ROTATION, FeatureState::Enabled),
+    ]
+    .into()
+}
+
+fn selection() -> Vec<PcrBankSelection> {
+    vec![PcrBankSelection {
+        hash_alg: HashAlg::Sha256,
+        pcrs: vec![0, 7],
+    }]
+}
+
+fn guest_config(min: u16, max: u16) -> Arc<GuestConfig> {
+    Arc::new(GuestConfig {
+        versions: VersionRange { min, max },
+        agent_name: AgentName::new("vkx-guest").unwrap(),
+        agent_version: AgentVersion::new("0.1.0").unwrap(),
+    })
+}
+
+fn host_config() -> Arc<HostConfig> {
+    Arc::new(HostConfig {
+        versions: VersionRange { min: 1, max: 1 },
+        reattest_after_s: 3600,
+        feature_retry_after: Duration::from_secs(300),
+    })
+}
+
+impl Pair {
+    fn new(guest_versions: (u16, u16), vm_id: Option<&str>, release: FeatureState) -> Self {
+        let now = Instant::now();
+        let exporter = [7u8; 32];
+        let host = Host::start(
+            host_config(),
+            PeerContext {
+                vm_id: vm_id.map(|v| VmId::new(v).unwrap()),
+                cid: Some(42),
+                selection: selection(),
+                features: features(release),
+                accepted_at: now,
+            },
+            exporter,
+            SessionRandom {
+                host_nonce: [1; 32],
+                session_id: [2; 16],
+            },
+            now,
+        );
+        let (guest, out) = Guest::start(
+            guest_config(guest_versions.0, guest_versions.1),
+            exporter,
+            [3; 32],
+            now,
+        );
+        let mut p = Pair {
+            now,
+            guest,
+            host,
+            to_host: VecDeque::new(),
+            to_guest: VecDeque::new(),
+            guest_events: Vec::new(),
+            host_events: Vec::new(),
+            guest_closed: None,
+            host_closed: None,
+            verdict: Verdict::Accepted,
+            quote_th: None,
+            verify_th: None,
+        };
+        p.take_guest(out);
+        p
+    }
+
+    fn take_guest(&mut self, out: Output<GuestEvent>) {
+        self.to_host.extend(out.send.iter().map(|b| b.to_vec()));
+        self.guest_events.extend(out.events);
+        if let Some(c) = out.close {
+            self.guest_closed.get_or_insert(c);
+        }
+    }
+
+    fn take_host(&mut self, out: Output<HostEvent>) {
+        self.to_guest.extend(out.send.iter().map(|b| b.to_vec()));
+        self.host_events.extend(out.events);
+        if let Some(c) = out.close {
+            self.host_closed.get_or_insert(c);
+        }
+    }
+
+    /// Delivers messages and does local work until both sides are quiet.
+    fn run(&mut self) {
+        for _ in 0..MAX_STEPS {
+            if let Some(p) = self.to_host.pop_front() {
+                let host = std::mem::replace(&mut self.host, Host::Closed);
+                let (h, out) = host.on_payload(&p, self.now);
+                self.host = h;
+                self.take_host(out);
+            } else if let Some(p) = self.to_guest.pop_front() {
+                let guest = std::mem::replace(&mut self.guest, Guest::Closed);
+                let (g, out) = guest.on_payload(&p, self.now);
+                self.guest = g;
+                self.take_guest(out);
+            } else if !self.do_local_work() {
+                return;
+            }
+        }
+        panic!("pair did not settle in {MAX_STEPS} steps");
+    }
+
+    /// Answers one pending local request; false if none.
+    fn do_local_work(&mut self) -> bool {
+        if let Some(i) = self
+            .guest_events
+            .iter()
+            .position(|e| matches!(e, GuestEvent::QuoteNeeded { .. }))
+        {
+            let GuestEvent::QuoteNeeded {
+                qualifying_data, ..
+            } = self.guest_events.remove(i)
+            else {
+                unreachable!()
+            };
+            self.quote_th = Some(qualifying_data);
+            let evidence = Evidence {
+                tpm_attest: qualifying_data.to_vec(),
+                tpm_signature: vec![0x18],
+                ak_name: vec![0, 0x0b],
+                ak_cert: None,
+                pcr_values: vec![PcrBankValues {
+                    hash_alg: HashAlg::Sha256,
+                    values: [(0u8, vec![0; 32]), (7u8, vec![1; 32])].into(),
+                }],
+            };
+            let guest = std::mem::replace(&mut self.guest, Guest::Closed);
+            let (g, out) = guest.on_quote(Some(evidence), self.now);
+            self.guest = g;
+            self.take_guest(out);
+            return true;
+        }
+        if let Some(i) = self
+            .host_events
+            .iter()
+            .position(|e| matches!(e, HostEvent::Verify { .. }))
+        {
+            let HostEvent::Verify {
+                transcript_hash,
+                evidence,
+                ..
+            } = self.host_events.remove(i)
+            else {
+                unreachable!()
+            };
+            self.verify_th = Some(transcript_hash);
+            // The real verifier checks the quote's qualifying data; the
+            // fake evidence carries it in tpm_attest.
+            let verdict = if evidence.tpm_attest == transcript_hash {
+                self.verdict
+            } else {
+                Verdict::Rejected
+            };
+            let host = std::mem::replace(&mut self.host, Host::Closed);
+            let (h, out) = host.on_verdict(verdict, self.now);
+            self.host = h;
+            self.take_host(out);
+            return true;
+        }
+        if let Some(i) = self
+            .host_events
+            .iter()
+            .position(|e| matches!(e, HostEvent::KeyRequest { .. }))
+        {
+            let HostEvent::KeyRequest { names, .. } = self.host_events.remove(i) else {
+                unreachable!()
+            };
+            let release = KeyRelease {
+                released: names
+                    .iter()
+                    .filter(|n| n.as_str() != "secret")
+                    .map(|n| ReleasedKey {
+                        name: n.clone(),
+                        version: 1,
+                        material: KeyMaterial::new(vec![9; 32]),
+                    })
+                    .collect(),
+                refused: names
+                    .iter()
+                    .filter(|n| n.as_str() == "secret")
+                    .map(|n| KeyRefusal {
+                        name: n.clone(),
+                        code: ErrorCode::NotPermitted,
+                    })
+                    .collect(),
+            };
+            let Host::Established(s) = &mut self.host else {
+                panic!("key request outside Established")
+            };
+            let out = s.answer_keys(release);
+            self.take_host(out);
+            return true;
+        }
+        false
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        let guest = std::mem::replace(&mut self.guest, Guest::Closed);
+        let (g, out) = guest.on_timeout(self.now);
+        self.guest = g;
+        self.take_guest(out);
+        let host = std::mem::replace(&mut self.host, Host::Closed);
+        let (h, out) = host.on_timeout(self.now);
+        self.host = h;
+        self.take_host(out);
+        self.run();
+    }
+
+    fn established(&self) -> bool {
+        self.guest.is_established() && matches!(self.host, Host::Established(_))
+    }
+}
+
+fn guest_failure(p: &Pair) -> Failure {
+    match &p.guest_closed {
+        Some(CloseReason::Failed(f)) => *f,
+        other => panic!("guest did not fail: {other:?}"),
+    }
+}
+
+#[test]
+fn handshake_reaches_established_with_one_transcript() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    assert!(p.established(), "guest {:?} host {:?}", p.guest, p.host);
+    assert_eq!(p.quote_th, p.verify_th);
+    assert!(
+        p.guest_events
+            .iter()
+            .any(|e| matches!(e, GuestEvent::Attested { .. }))
+    );
+    assert!(
+        p.host_events
+            .iter()
+            .any(|e| matches!(e, HostEvent::Attested { .. }))
+    );
+}
+
+#[test]
+fn different_exporters_give_different_transcripts_and_rejection() {
+    // A relay: the guest's channel is not the host's.
+    let now = Instant::now();
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    let (g, out) = Guest::start(guest_config(1, 1), [8u8; 32], [3; 32], now);
+    p.guest = g;
+    p.to_host.clear();
+    p.take_guest(out);
+    p.run();
+    assert_ne!(p.quote_th, p.verify_th);
+    assert!(!p.established());
+    assert_eq!(
+        guest_failure(&p),
+        Failure::Code {
+            code: ErrorCode::AttestationFailed,
+            retry_after: None
+        }
+    );
+}
+
+#[test]
+fn unsupported_version_is_permanent_on_both_sides() {
+    let mut p = Pair::new((2, 3), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    let f = guest_failure(&p);
+    assert_eq!(
+        f,
+        Failure::Code {
+            code: ErrorCode::UnsupportedVersion,
+            retry_after: None
+        }
+    );
+    let Failure::Code { code, .. } = f else {
+        unreachable!()
+    };
+    assert_eq!(code.class(), RetryClass::Permanent);
+    assert_eq!(p.host_closed, Some(CloseReason::Failed(Failure::Permanent)));
+}
+
+#[test]
+fn unmapped_peer_learns_only_attestation_failed() {
+    let mut p = Pair::new((1, 1), None, FeatureState::Enabled);
+    p.run();
+    assert_eq!(
+        guest_failure(&p),
+        Failure::Code {
+            code: ErrorCode::AttestationFailed,
+            retry_after: None
+        }
+    );
+}
+
+#[test]
+fn unknown_and_unexpected_messages_are_typed_permanent_errors() {
+    // Unknown type 99 to the host.
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.to_host.clear();
+    p.to_host.push_back(hex::decode("821863a0").unwrap());
+    p.run();
+    assert_eq!(p.host_closed, Some(CloseReason::Failed(Failure::Permanent)));
+    assert_eq!(
+        guest_failure(&p),
+        Failure::Code {
+            code: ErrorCode::UnknownMessage,
+            retry_after: None
+        }
+    );
+
+    // A ping before hello: known, but unexpected.
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.to_host.clear();
+    p.to_host.push_back(
+        Message::Ping(Ping { sequence: 1 })
+            .encode()
+            .unwrap()
+            .to_vec(),
+    );
+    p.run();
+    assert_eq!(
+        guest_failure(&p),
+        Failure::Code {
+            code: ErrorCode::UnexpectedMessage,
+            retry_after: None
+        }
+    );
+}
+
+#[test]
+fn a_silent_host_times_the_guest_out() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.to_host.clear(); // hello lost
+    p.advance(guest::AWAIT_CHALLENGE_TIMEOUT);
+    assert_eq!(
+        guest_failure(&p),
+        Failure::Code {
+            code: ErrorCode::Timeout,
+            retry_after: None
+        }
+    );
+}
+
+#[test]
+fn keepalive_keeps_an_idle_session_alive_until_reattestation() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    for _ in 0..29 {
+        p.advance(Duration::from_secs(120));
+        assert!(p.established());
+    }
+    // 3600 s after attestation the guest re-attests (orderly).
+    p.advance(Duration::from_secs(120));
+    assert_eq!(
+        p.guest_closed,
+        Some(CloseReason::Orderly { retry_after: None })
+    );
+}
+
+#[test]
+fn host_closes_idle_sessions() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    // The guest's keepalive is lost on the way.
+    p.now += host::IDLE_TIMEOUT;
+    let host = std::mem::replace(&mut p.host, Host::Closed);
+    let (h, out) = host.on_timeout(p.now);
+    p.host = h;
+    p.take_host(out);
+    p.run();
+    assert_eq!(
+        p.host_closed,
+        Some(CloseReason::Orderly { retry_after: None })
+    );
+    assert_eq!(
+        p.guest_closed,
+        Some(CloseReason::Orderly { retry_after: None })
+    );
+}
+
+#[test]
+fn keys_are_released_and_refused_per_key() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    let names = vec![
+        KeyName::new("disk").unwrap(),
+        KeyName::new("secret").unwrap(),
+    ];
+    let Guest::Established(s) = &mut p.guest else {
+        panic!()
+    };
+    let out = s.request_keys(names.clone(), p.now).unwrap();
+    // One request at a time.
+    assert_eq!(
+        s.request_keys(names, p.now).unwrap_err(),
+        RequestRefused::Busy
+    );
+    p.take_guest(out);
+    p.run();
+    let keys = p
+        .guest_events
+        .iter()
+        .find_map(|e| match e {
+            GuestEvent::Keys(k) => Some(k),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(keys.released.len(), 1);
+    assert_eq!(keys.refused[0].code, ErrorCode::NotPermitted);
+    assert!(p.established());
+}
+
+#[test]
+fn kill_switch_holds_requests_without_ending_the_session() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    // The host flips the kill switch; the guest learns it.
+    let Host::Established(h) = &mut p.host else {
+        panic!()
+    };
+    let out = h.update_features(features(FeatureState::Disabled));
+    p.take_host(out);
+    p.run();
+    let Guest::Established(s) = &mut p.guest else {
+        panic!()
+    };
+    assert_eq!(
+        s.request_keys(vec![KeyName::new("disk").unwrap()], p.now)
+            .unwrap_err(),
+        RequestRefused::FeatureNotEnabled
+    );
+
+    // A guest that raced the flip is told to wait, and holds off.
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    let Guest::Established(s) = &mut p.guest else {
+        panic!()
+    };
+    let out = s
+        .request_keys(vec![KeyName::new("disk").unwrap()], p.now)
+        .unwrap();
+    let Host::Established(h) = &mut p.host else {
+        panic!()
+    };
+    let _ = h.update_features(features(FeatureState::Disabled)); // lost in flight
+    p.take_guest(out);
+    p.run();
+    assert!(p.established());
+    let until = p
+        .guest_events
+        .iter()
+        .find_map(|e| match e {
+            GuestEvent::FeatureHeld { until, .. } => Some(*until),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(until, p.now + Duration::from_secs(300));
+}
+
+#[test]
+fn key_updates_are_acked_and_bounded() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    let key = |v| ReleasedKey {
+        name: KeyName::new("disk").unwrap(),
+        version: v,
+        material: KeyMaterial::new(vec![v as u8; 32]),
+    };
+    let Host::Established(h) = &mut p.host else {
+        panic!()
+    };
+    for v in 1..=host::MAX_UNACKED_UPDATES as u32 {
+        let out = h.push_key_update(key(v), p.now).unwrap();
+        p.to_guest.extend(out.send.iter().map(|b| b.to_vec()));
+    }
+    assert_eq!(
+        h.push_key_update(key(99), p.now).unwrap_err(),
+        PushRefused::TooManyOutstanding
+    );
+    p.run();
+    // The guest installs each and acks.
+    let updates: Vec<(u64, ReleasedKey)> = p
+        .guest_events
+        .drain(..)
+        .filter_map(|e| match e {
+            GuestEvent::KeyUpdate { update_id, key } => Some((update_id, key)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates.len(), host::MAX_UNACKED_UPDATES);
+    for (id, k) in &updates {
+        let Guest::Established(s) = &mut p.guest else {
+            panic!()
+        };
+        let out = s.ack_update(*id, k, true, p.now);
+        p.take_guest(out);
+    }
+    p.run();
+    let acked = p
+        .host_events
+        .iter()
+        .filter(|e| matches!(e, HostEvent::UpdateAcked { error: None, .. }))
+        .count();
+    assert_eq!(acked, host::MAX_UNACKED_UPDATES);
+    let Host::Established(h) = &mut p.host else {
+        panic!()
+    };
+    assert!(h.push_key_update(key(100), p.now).is_ok());
+}
+
+#[test]
+fn derive_confirmation_mismatch_is_opaque_and_permanent() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    let Guest::Established(s) = &mut p.guest else {
+        panic!()
+    };
+    let purpose = Purpose::new("disk-unlock:v1").unwrap();
+    let out = s
+        .request_derive(purpose, 32, [1; 16], [2; 16], p.now)
+        .unwrap();
+    p.take_guest(out);
+    p.run();
+    assert!(
+        p.host_events
+            .iter()
+            .any(|e| matches!(e, HostEvent::DeriveRequest { .. }))
+    );
+    // The host computed a different tag than the guest expects.
+    let Host::Established(h) = &mut p.host else {
+        panic!()
+    };
+    let (open, out) = h.answer_derive(DeriveAnswer::Confirm([3; 16]));
+    assert!(open);
+    p.take_host(out);
+    p.run();
+    assert_eq!(
+        p.guest_closed,
+        Some(CloseReason::Failed(Failure::Permanent))
+    );
+    assert_eq!(
+        p.host_closed,
+        Some(CloseReason::Failed(Failure::Code {
+            code: ErrorCode::AttestationFailed,
+            retry_after: None
+        }))
+    );
+}
+
+#[test]
+fn host_shutdown_tells_the_guest_when_to_return() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    let host = std::mem::replace(&mut p.host, Host::Closed);
+    let (h, out) = host.shutdown(Duration::from_secs(30));
+    p.host = h;
+    p.take_host(out);
+    p.run();
+    assert_eq!(
+        p.guest_closed,
+        Some(CloseReason::Orderly {
+            retry_after: Some(Duration::from_secs(30))
+        })
+    );
+}
