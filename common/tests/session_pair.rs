@@ -3,7 +3,7 @@
 //! a TLS stream. Local work (quote, verification, key lookup) is done by
 //! the harness; faults are injected by the tests.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)] // Test code.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
