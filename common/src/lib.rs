@@ -13,6 +13,8 @@
 //! - [`retry`]: the guest's bounded, jittered retry policy (§13).
 //! - [`session`]: the guest and host session state machines (sans-I/O).
 //! - [`tpm`]: TPM 2.0 structure parsers and quote verification (pure Rust).
+//! - `tss` (feature `tss`): tss-esapi error classification and bounded
+//!   retry, for the agents that talk to a TPM.
 //!
 //! Nothing here does I/O; only the logging macros read the clock (the
 //! limiter underneath takes time as an argument).
@@ -25,5 +27,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod session;
 pub mod tpm;
+#[cfg(feature = "tss")]
+pub mod tss;
 pub mod transcript;
 pub mod wire;

@@ -14,6 +14,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use vkx_common::errors::{code_for_decode_error, code_for_frame_error};
 use vkx_common::wire::{FrameDecoder, MAX_FRAME_PAYLOAD, Message, PROTOCOL_VERSION_1};
+use vkx_host::registry::EkAlg;
+use vkx_host::vtpm::{self, ProvisionAction};
 
 /// Largest input `wire decode` reads: a capture of many frames, bounded so
 /// a wrong file name cannot exhaust memory.
@@ -36,6 +38,48 @@ enum Command {
     /// Wire-format tools.
     #[command(subcommand)]
     Wire(WireCommand),
+    /// vTPM provisioning: the node CA, and each VM's EK, AK and AK
+    /// certificate before the VM first boots.
+    #[command(subcommand)]
+    Vtpm(VtpmCommand),
+}
+
+#[derive(Subcommand)]
+enum VtpmCommand {
+    /// Create the node's vTPM CA (ECDSA P-256 key, self-signed CA
+    /// certificate) in DIR. Refuses to overwrite an existing CA.
+    CaInit {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Provision a VM's vTPM: EK and AK persistent, AK certificate in NV,
+    /// registry entry. Idempotent; refuses a vTPM or vm-id that belongs to
+    /// another VM.
+    Provision {
+        /// TCTI of the vTPM, e.g. `swtpm:host=127.0.0.1,port=2321` or
+        /// `device:/dev/tpmrm0`.
+        #[arg(long)]
+        tcti: String,
+        #[arg(long)]
+        vm_id: String,
+        /// The registry directory (one JSON file per VM).
+        #[arg(long)]
+        registry: PathBuf,
+        /// The directory made by `vtpm ca-init`.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Endorsement key algorithm; the AK uses the same.
+        #[arg(long, value_enum, default_value_t = EkArg::Ecc)]
+        ek: EkArg,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EkArg {
+    /// ECC NIST P-256 (AK: ECDSA-SHA256).
+    Ecc,
+    /// RSA 2048 (AK: RSASSA-SHA256).
+    Rsa,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +111,7 @@ fn main() -> ExitCode {
             Ok(true)
         }
         Command::Wire(WireCommand::Decode { hex, frames, input }) => decode(&input, hex, frames),
+        Command::Vtpm(cmd) => vtpm(cmd),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -76,6 +121,51 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn vtpm(cmd: VtpmCommand) -> anyhow::Result<bool> {
+    match cmd {
+        VtpmCommand::CaInit { dir } => {
+            vtpm::ca_init(&dir)?;
+            println!(
+                "vTPM CA created in {}: {} (keep private), {}",
+                dir.display(),
+                vtpm::CA_KEY_FILE,
+                vtpm::CA_CERT_PEM_FILE
+            );
+        }
+        VtpmCommand::Provision {
+            tcti,
+            vm_id,
+            registry,
+            ca_dir,
+            ek,
+        } => {
+            let ek = match ek {
+                EkArg::Ecc => EkAlg::Ecc,
+                EkArg::Rsa => EkAlg::Rsa,
+            };
+            let out = vtpm::provision(&tcti, &vm_id, &registry, &ca_dir, ek)?;
+            let action = match out.action {
+                ProvisionAction::Created => "provisioned",
+                ProvisionAction::AlreadyProvisioned => "already provisioned (verified)",
+                ProvisionAction::CertificateRewritten => {
+                    "already provisioned; AK certificate rewritten"
+                }
+            };
+            println!(
+                "vm {vm_id}: {action}; ek {} at {:#010x}, ak name {} at {:#010x}, ak cert in nv {:#010x} (ek derive {:.1} ms, ak derive {:.1} ms)",
+                ek.as_str(),
+                vtpm::ek_persistent_handle(ek),
+                ::hex::encode(&out.ak_name),
+                vkx_common::tpm::AK_PERSISTENT_HANDLE,
+                vkx_common::tpm::AK_CERT_NV_INDEX,
+                out.ek_create.as_secs_f64() * 1e3,
+                out.ak_create.as_secs_f64() * 1e3,
+            );
+        }
+    }
+    Ok(true)
 }
 
 fn read_input(path: &PathBuf, hex: bool) -> anyhow::Result<Vec<u8>> {

@@ -5,6 +5,8 @@
 // Test support: a panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod swtpm;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 

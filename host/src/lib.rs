@@ -1,0 +1,12 @@
+//! `vkx-host` as a library: the pieces of the host agent that the binary
+//! and the end-to-end tests share.
+//!
+//! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
+//!   certificate digest).
+//! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
+//!   certificate in NV). TPM calls block: call them from a blocking thread.
+
+#![forbid(unsafe_code)]
+
+pub mod registry;
+pub mod vtpm;
