@@ -3,7 +3,11 @@
 //! a TLS stream. Local work (quote, verification, key lookup) is done by
 //! the harness; faults are injected by the tests.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation)] // Test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)] // Test code.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
