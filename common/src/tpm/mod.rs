@@ -27,3 +27,18 @@ pub const AK_CERT_NV_INDEX: u32 = 0x0100_0A4B;
 
 /// Largest AK certificate stored in NV; equals the wire limit.
 pub const MAX_AK_CERT_NV: usize = crate::wire::MAX_AK_CERT;
+
+pub mod alg;
+pub mod attest;
+pub mod marshal;
+pub mod public;
+#[doc(hidden)]
+pub mod selfcheck;
+pub mod signature;
+pub mod verify;
+
+pub use attest::{Attest, ClockInfo, PcrSelection};
+pub use marshal::TpmParseError;
+pub use public::{KeyScheme, Public, PublicKey, SymmetricDef};
+pub use signature::Signature;
+pub use verify::{QuoteExpectations, VerifiedQuote, VerifyError, verify_quote};
