@@ -6,6 +6,7 @@
 //!   wire codes.
 //! - [`transcript`]: the transcript hash that binds evidence to a channel,
 //!   and key-confirmation tags.
+//! - [`pcrs`]: PCR selections and values in tpm2-tools' text and file forms.
 //! - [`policy`]: the host's attestation and key policy (TOML), evaluated
 //!   purely.
 //! - [`ratelimit`]: rate-limited logging macros that report what they
@@ -22,12 +23,13 @@
 #![forbid(unsafe_code)]
 
 pub mod errors;
+pub mod pcrs;
 pub mod policy;
 pub mod ratelimit;
 pub mod retry;
 pub mod session;
 pub mod tpm;
+pub mod transcript;
 #[cfg(feature = "tss")]
 pub mod tss;
-pub mod transcript;
 pub mod wire;

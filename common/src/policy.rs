@@ -149,15 +149,11 @@ pub enum Refusal {
 }
 
 fn parse_bank(s: &str, at: &str) -> Result<HashAlg, PolicyError> {
-    match s {
-        "sha1" => Ok(HashAlg::Sha1),
-        "sha256" => Ok(HashAlg::Sha256),
-        "sha384" => Ok(HashAlg::Sha384),
-        "sha512" => Ok(HashAlg::Sha512),
-        _ => Err(invalid(format!(
+    HashAlg::from_name(s).ok_or_else(|| {
+        invalid(format!(
             "{at}: bank {s:?} is not sha1, sha256, sha384 or sha512"
-        ))),
-    }
+        ))
+    })
 }
 
 fn parse_pcrs(

@@ -479,32 +479,11 @@ fn read_ak_cert(ctx: &mut Context) -> Result<Option<Vec<u8>>, TpmError> {
 /// dropped).
 pub fn parse_pcr_selection(text: &str) -> Result<PcrBankSelection, TpmError> {
     let invalid = |reason: String| TpmError::InvalidSelection { reason };
-    let (bank, list) = text.split_once(':').ok_or_else(|| {
-        invalid(format!(
-            "{text:?}: expected BANK:INDEX,... e.g. sha256:0,1,7"
-        ))
-    })?;
-    let hash_alg = match bank.to_ascii_lowercase().as_str() {
-        "sha1" => HashAlg::Sha1,
-        "sha256" => HashAlg::Sha256,
-        "sha384" => HashAlg::Sha384,
-        "sha512" => HashAlg::Sha512,
-        other => return Err(invalid(format!("unknown PCR bank {other:?}"))),
-    };
-    let mut pcrs = Vec::new();
-    for item in list.split(',').take(MAX_PCRS_PER_BANK + 1) {
-        let index: u8 = item
-            .trim()
-            .parse()
-            .map_err(|_| invalid(format!("{item:?} is not a PCR index")))?;
-        if usize::from(index) >= MAX_PCRS_PER_BANK {
-            return Err(invalid(format!("PCR {index} is out of range 0..=23")));
-        }
-        pcrs.push(index);
+    let mut banks = vkx_common::pcrs::parse_pcr_list(text).map_err(invalid)?;
+    match banks.len() {
+        1 => Ok(banks.remove(0)),
+        _ => Err(invalid(format!("{text:?}: one bank per --pcrs"))),
     }
-    pcrs.sort_unstable();
-    pcrs.dedup();
-    Ok(PcrBankSelection { hash_alg, pcrs })
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! `vkx-host` as a library: the pieces of the host agent that the binary
 //! and the end-to-end tests share.
 //!
+//! - [`attestation`]: the decision on a guest's evidence: registry AK,
+//!   quote verification, policy.
+//! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
 //!   certificate digest).
 //! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
@@ -8,5 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attestation;
+pub mod evidence;
 pub mod registry;
 pub mod vtpm;

@@ -42,6 +42,59 @@ enum Command {
     /// certificate before the VM first boots.
     #[command(subcommand)]
     Vtpm(VtpmCommand),
+    /// Evidence tools: check a quote given as files with the host's own
+    /// verifier (for debugging real quotes in the field).
+    #[command(subcommand)]
+    Evidence(EvidenceCommand),
+}
+
+#[derive(Subcommand)]
+enum EvidenceCommand {
+    /// Print the decoded fields of a quote, its signature and an AK.
+    Inspect {
+        /// TPMS_ATTEST (`tpm2_quote -m`).
+        #[arg(long)]
+        attest: PathBuf,
+        /// TPMT_SIGNATURE (`tpm2_quote -s`).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        /// AK public as TPM2B_PUBLIC (`tpm2_createak -u`).
+        #[arg(long)]
+        ak_public: Option<PathBuf>,
+    },
+    /// Verify a quote: signature by the AK, qualifying data, PCR selection
+    /// and digest; optionally the VM's policy. Exits 0 when verified, 1
+    /// when refused (the reason is printed), 2 on unusable input.
+    Verify {
+        /// TPMS_ATTEST (`tpm2_quote -m`).
+        #[arg(long)]
+        attest: PathBuf,
+        /// TPMT_SIGNATURE (`tpm2_quote -s`).
+        #[arg(long)]
+        signature: PathBuf,
+        /// AK public as TPM2B_PUBLIC. Alternatively --registry and --vm-id.
+        #[arg(long, conflicts_with = "registry")]
+        ak_public: Option<PathBuf>,
+        /// Use the AK recorded for --vm-id in this registry.
+        #[arg(long, requires = "vm_id")]
+        registry: Option<PathBuf>,
+        /// The VM (for --registry and --policy).
+        #[arg(long)]
+        vm_id: Option<String>,
+        /// PCR values: the digests concatenated in --pcr-list order
+        /// (`tpm2_quote -o`, `tpm2_pcrread -o`).
+        #[arg(long)]
+        pcrs: PathBuf,
+        /// The PCR selection, e.g. `sha256:0,1,7+sha1:0`.
+        #[arg(long)]
+        pcr_list: String,
+        /// The expected qualifying data (nonce / transcript hash), hex.
+        #[arg(long)]
+        nonce: String,
+        /// Also check the PCR values against this policy for --vm-id.
+        #[arg(long, requires = "vm_id")]
+        policy: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +165,7 @@ fn main() -> ExitCode {
         }
         Command::Wire(WireCommand::Decode { hex, frames, input }) => decode(&input, hex, frames),
         Command::Vtpm(cmd) => vtpm(cmd),
+        Command::Evidence(cmd) => evidence(cmd),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -251,5 +305,88 @@ fn print_wire_code(code: Option<vkx_common::errors::ErrorCode>) {
     match code {
         Some(c) => println!("  an agent answers: error {c}, then closes"),
         None => println!("  an agent closes the connection"),
+    }
+}
+
+fn evidence(cmd: EvidenceCommand) -> anyhow::Result<bool> {
+    use vkx_host::evidence::{VerifyInputs, describe, parse_ak, read_bounded, verify};
+    let read = |p: &PathBuf| read_bounded(p).map_err(anyhow::Error::msg);
+    match cmd {
+        EvidenceCommand::Inspect {
+            attest,
+            signature,
+            ak_public,
+        } => {
+            let attest = read(&attest)?;
+            let signature = signature.as_ref().map(read).transpose()?;
+            let ak = match &ak_public {
+                Some(p) => Some(parse_ak(&read(p)?).map_err(anyhow::Error::msg)?),
+                None => None,
+            };
+            print!("{}", describe(&attest, signature.as_deref(), ak.as_ref()));
+            Ok(true)
+        }
+        EvidenceCommand::Verify {
+            attest,
+            signature,
+            ak_public,
+            registry,
+            vm_id,
+            pcrs,
+            pcr_list,
+            nonce,
+            policy,
+        } => {
+            let vm_id = vm_id
+                .map(|v| {
+                    vkx_common::wire::VmId::new(v).map_err(|e| anyhow::anyhow!("--vm-id: {e}"))
+                })
+                .transpose()?;
+            let ak = match (&ak_public, &registry, &vm_id) {
+                (Some(p), _, _) => parse_ak(&read(p)?).map_err(anyhow::Error::msg)?,
+                (None, Some(dir), Some(vm)) => {
+                    let reg = vkx_host::registry::Registry::open(dir)?;
+                    vkx_host::attestation::registered_ak(&reg, vm)?
+                }
+                _ => bail!("give --ak-public FILE, or --registry DIR with --vm-id ID"),
+            };
+            let policy = policy
+                .map(|p| vkx_common::policy::Policy::load(&p))
+                .transpose()?;
+            let attest = read(&attest)?;
+            let signature = read(&signature)?;
+            let values = read(&pcrs)?;
+            let nonce = ::hex::decode(nonce.trim()).context("--nonce is not hex")?;
+            print!("{}", describe(&attest, Some(&signature), Some(&ak)));
+            let inputs = VerifyInputs {
+                attest: &attest,
+                signature: &signature,
+                ak: &ak,
+                pcr_list: &pcr_list,
+                pcr_values: &values,
+                nonce: &nonce,
+                policy: policy.as_ref().zip(vm_id.as_ref()),
+            };
+            match verify(&inputs) {
+                Ok((quote, _)) => {
+                    println!(
+                        "VERIFIED: quote by AK {} (reset count {}, restart count {}){}",
+                        ::hex::encode(&quote.ak_name),
+                        quote.clock_info.reset_count,
+                        quote.clock_info.restart_count,
+                        if inputs.policy.is_some() {
+                            ", policy satisfied"
+                        } else {
+                            ""
+                        }
+                    );
+                    Ok(true)
+                }
+                Err(reason) => {
+                    println!("REFUSED: {reason}");
+                    Ok(false)
+                }
+            }
+        }
     }
 }

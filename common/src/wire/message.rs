@@ -274,6 +274,23 @@ impl HashAlg {
         }
     }
 
+    /// The bank's name as tpm2-tools and the policy file write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sha1 => "sha1",
+            Self::Sha256 => "sha256",
+            Self::Sha384 => "sha384",
+            Self::Sha512 => "sha512",
+        }
+    }
+
+    /// The bank for a name (case-insensitive), e.g. `sha256`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Sha1, Self::Sha256, Self::Sha384, Self::Sha512]
+            .into_iter()
+            .find(|a| a.name().eq_ignore_ascii_case(name))
+    }
+
     pub fn digest_len(self) -> usize {
         match self {
             Self::Sha1 => 20,
