@@ -5,11 +5,12 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
-# Debian packages the build and tests need. Empty until the TPM work
-# (swtpm, tpm2-tools, libtss2-dev) arrives; the mechanism is in place.
-APT_PACKAGES ?=
+# Debian packages the build and tests need: the TSS libraries tss-esapi
+# links against, swtpm as every test's TPM, tpm2-tools as the independent
+# cross-check, spin for the protocol model.
+APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm2-tools spin
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := message_decode frame_decoder
+FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
 .PHONY: all test lint demo bench deps rust-components fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
@@ -28,12 +29,15 @@ rust-components:
 	  rustup component list --installed 2>/dev/null | grep -q "^$$c" || rustup component add $$c; \
 	done
 
-## test: the whole test suite (unit, property, vector, CLI end-to-end).
+## test: the whole test suite (unit, property, vector, swtpm end-to-end,
+## model check).
 test: deps
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 	# The fuzz targets are a separate workspace: make sure they still build.
 	$(CARGO) check --manifest-path fuzz/Cargo.toml --locked --quiet
+	# The protocol model, and proof that it catches seeded bugs.
+	bash spec/model/check.sh
 	@echo "make test: all passed"
 
 ## lint: formatting and clippy with warnings as errors, on everything.
@@ -69,8 +73,9 @@ demo: deps
 	done
 
 ## bench: performance figures (criterion); prints the numbers.
-bench:
+bench: deps
 	$(CARGO) bench -p vkx-common --bench codec -- --noplot
+	$(CARGO) bench -p vkx-common --bench verify -- --noplot
 
 fuzz-tools: rust-components
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2
