@@ -51,26 +51,11 @@ fmt:
 	$(CARGO) fmt --all
 	$(CARGO) fmt --manifest-path fuzz/Cargo.toml
 
-## demo: the end-to-end demo arrives with the agents (issue #5); until
-## then this shows what exists: the strict decoder on the spec's vectors.
+## demo: the main job end to end on this machine: swtpm as a VM's vTPM,
+## provisioning, the guest's quote, the host's verdict (scripts/demo.sh).
 demo: deps
-	@$(CARGO) build --bins --locked --quiet
-	@echo "== vkx demo (foundation release) =="
-	@echo "The full demo (vTPM, attestation, key release) arrives with the agents."
-	@echo "What exists now: protocol v1 (spec/PROTOCOL.md) and its strict decoder."
-	@./target/debug/vkx-host version
-	@echo; echo "-- every positive test vector, decoded by vkx-host (log-safe summaries):"
-	@for f in spec/vectors/messages/*.json; do \
-	  printf '%-28s ' "$$(basename $$f .json)"; \
-	  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["cbor"])' $$f \
-	    | ./target/debug/vkx-host wire decode --hex -; \
-	done
-	@echo; echo "-- hostile inputs are refused, each with its reason and the wire error an agent sends:"
-	@for f in spec/vectors/negative/{duplicate-key,unknown-message,nesting-too-deep,frame-too-large}.json; do \
-	  echo "$$(basename $$f .json):"; \
-	  python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(v["input"])' $$f \
-	    | ./target/debug/vkx-host wire decode --hex $$(grep -q '"frame"' $$f && echo --frames) - || true; \
-	done
+	$(CARGO) build --bins --locked --quiet
+	bash scripts/demo.sh
 
 ## bench: performance figures (criterion); prints the numbers.
 bench: deps

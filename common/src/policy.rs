@@ -137,9 +137,9 @@ pub struct Policy {
 pub enum Refusal {
     #[error("VM {0} is not in the policy")]
     UnknownVm(VmId),
-    #[error("PCR {bank:?}:{index} was not reported")]
+    #[error("PCR {}:{index} was not reported", .bank.name())]
     PcrMissing { bank: HashAlg, index: u8 },
-    #[error("PCR {bank:?}:{index} has digest {digest_prefix}… which no rule allows")]
+    #[error("PCR {}:{index} has digest {digest_prefix}… which no rule allows", .bank.name())]
     PcrMismatch {
         bank: HashAlg,
         index: u8,
