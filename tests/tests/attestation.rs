@@ -16,56 +16,20 @@ use std::process::Output;
 use vkx_common::policy::{Policy, Refusal};
 use vkx_common::tpm::VerifyError;
 use vkx_common::wire::{Evidence, HashAlg, PcrBankSelection, VmId};
+use vkx_e2e::node::Node;
 use vkx_e2e::run;
 use vkx_e2e::swtpm::Swtpm;
 use vkx_host::attestation::{Rejection, verify_evidence};
 use vkx_host::registry::Registry;
 
-struct Node {
-    dir: tempfile::TempDir,
+/// Provisions `vm` into `node`'s registry, asserting success.
+fn provision(node: &Node, tpm: &Swtpm, vm: &str) {
+    let o = node.provision(tpm, vm, "ecc");
+    assert!(o.status.success(), "provision {vm}: {o:?}");
 }
 
-impl Node {
-    fn new() -> Self {
-        let node = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let o = run(
-            "vkx-host",
-            &["vtpm", "ca-init", "--dir", &node.path("ca")],
-            b"",
-        );
-        assert!(o.status.success(), "{o:?}");
-        node
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn provision(&self, tpm: &Swtpm, vm: &str) {
-        let o = run(
-            "vkx-host",
-            &[
-                "vtpm",
-                "provision",
-                "--tcti",
-                &tpm.tcti(),
-                "--vm-id",
-                vm,
-                "--registry",
-                &self.path("registry"),
-                "--ca-dir",
-                &self.path("ca"),
-            ],
-            b"",
-        );
-        assert!(o.status.success(), "provision {vm}: {o:?}");
-    }
-
-    fn registry(&self) -> Registry {
-        Registry::open(Path::new(&self.path("registry"))).unwrap()
-    }
+fn registry(node: &Node) -> Registry {
+    Registry::open(Path::new(&node.registry())).unwrap()
 }
 
 fn selection() -> Vec<PcrBankSelection> {
@@ -108,12 +72,12 @@ fn extend_pcr16(tpm: &Swtpm) {
 fn provisioned_guest_is_accepted_and_every_failure_has_its_reason() {
     let node = Node::new();
     let tpm = Swtpm::start();
-    node.provision(&tpm, "vm-a");
+    provision(&node, &tpm, "vm-a");
     let vm = VmId::new("vm-a").unwrap();
     let th = [0x5a; 32];
     let ev = evidence(&tpm, &th);
     let policy = policy_for("vm-a", &ev);
-    let registry = node.registry();
+    let registry = registry(&node);
 
     // Accepted, with the grants and the TPM clock recorded.
     let ok = verify_evidence(&registry, &policy, &vm, &th, &selection(), &ev).unwrap();
@@ -199,7 +163,7 @@ fn provisioned_guest_is_accepted_and_every_failure_has_its_reason() {
 fn a_pcr_changed_after_provisioning_fails_policy() {
     let node = Node::new();
     let tpm = Swtpm::start();
-    node.provision(&tpm, "vm-a");
+    provision(&node, &tpm, "vm-a");
     let vm = VmId::new("vm-a").unwrap();
     let th = [1; 32];
     let before = evidence(&tpm, &th);
@@ -208,7 +172,7 @@ fn a_pcr_changed_after_provisioning_fails_policy() {
     let after = evidence(&tpm, &th);
     // The quote itself is genuine; the boot state is not the approved one.
     let err =
-        verify_evidence(&node.registry(), &policy, &vm, &th, &selection(), &after).unwrap_err();
+        verify_evidence(&registry(&node), &policy, &vm, &th, &selection(), &after).unwrap_err();
     assert!(
         matches!(
             err,
@@ -222,22 +186,22 @@ fn a_pcr_changed_after_provisioning_fails_policy() {
 fn a_quote_from_another_vtpm_is_refused() {
     let node = Node::new();
     let (a, b) = (Swtpm::start(), Swtpm::start());
-    node.provision(&a, "vm-a");
-    node.provision(&b, "vm-b");
+    provision(&node, &a, "vm-a");
+    provision(&node, &b, "vm-b");
     let th = [2; 32];
     let from_b = evidence(&b, &th);
     let policy = policy_for("vm-a", &from_b);
     // vm-b's vTPM answering for vm-a's connection: its AK is not vm-a's.
     let vm_a = VmId::new("vm-a").unwrap();
     let err =
-        verify_evidence(&node.registry(), &policy, &vm_a, &th, &selection(), &from_b).unwrap_err();
+        verify_evidence(&registry(&node), &policy, &vm_a, &th, &selection(), &from_b).unwrap_err();
     assert!(matches!(err, Rejection::AkNameMismatch { .. }), "{err}");
     // Even if it claims vm-a's AK name, the signature gives it away.
     let a_ak = evidence(&a, &th).ak_name;
     let mut forged = from_b.clone();
     forged.ak_name = a_ak;
     let err =
-        verify_evidence(&node.registry(), &policy, &vm_a, &th, &selection(), &forged).unwrap_err();
+        verify_evidence(&registry(&node), &policy, &vm_a, &th, &selection(), &forged).unwrap_err();
     assert!(
         matches!(err, Rejection::Quote(VerifyError::BadSignature)),
         "{err}"
@@ -258,8 +222,9 @@ fn stdout(o: &Output) -> String {
 fn the_cli_verifies_guest_evidence_with_registry_and_policy() {
     let node = Node::new();
     let tpm = Swtpm::start();
-    node.provision(&tpm, "vm-a");
-    let out = node.dir.path().join("ev");
+    provision(&node, &tpm, "vm-a");
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("ev");
     let nonce = "11".repeat(32);
     let o = run(
         "vkx-guest",
@@ -286,7 +251,7 @@ fn the_cli_verifies_guest_evidence_with_registry_and_policy() {
     }
     std::fs::write(out.join("pcrs.bin"), &values).unwrap();
     let ev = evidence(&tpm, &[0; 32]);
-    let policy = node.dir.path().join("policy.toml");
+    let policy = work.path().join("policy.toml");
     let mut text =
         "[[image]]\nname = \"img\"\n\n[[vm]]\nid = \"vm-a\"\nimage = \"img\"\n".to_owned();
     for (index, digest) in &ev.pcr_values[0].values {
@@ -299,7 +264,7 @@ fn the_cli_verifies_guest_evidence_with_registry_and_policy() {
 
     let f = |n: &str| out.join(n).display().to_string();
     let (attest, sig, pcrs_bin) = (f("attest.bin"), f("signature.bin"), f("pcrs.bin"));
-    let registry = node.path("registry");
+    let registry = node.registry();
     let policy = policy.display().to_string();
     let base = |nonce: &str| {
         vec![

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use vkx_common::tpm::{AK_CERT_NV_INDEX, AK_PERSISTENT_HANDLE};
 use vkx_common::wire::{HashAlg, PcrBankSelection};
+use vkx_e2e::node::Node;
 use vkx_e2e::run;
 use vkx_e2e::swtpm::Swtpm;
 
@@ -25,56 +26,6 @@ fn stdout(o: &Output) -> String {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A node: CA and registry directories.
-struct Node {
-    dir: tempfile::TempDir,
-}
-
-impl Node {
-    fn new() -> Self {
-        let node = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let o = run("vkx-host", &["vtpm", "ca-init", "--dir", &node.ca()], b"");
-        assert!(o.status.success(), "ca-init: {}", stderr(&o));
-        node
-    }
-
-    fn ca(&self) -> String {
-        self.dir.path().join("ca").display().to_string()
-    }
-
-    fn registry(&self) -> String {
-        self.dir.path().join("registry").display().to_string()
-    }
-
-    fn provision(&self, tpm: &Swtpm, vm_id: &str, ek: &str) -> Output {
-        run(
-            "vkx-host",
-            &[
-                "vtpm",
-                "provision",
-                "--tcti",
-                &tpm.tcti(),
-                "--vm-id",
-                vm_id,
-                "--registry",
-                &self.registry(),
-                "--ca-dir",
-                &self.ca(),
-                "--ek",
-                ek,
-            ],
-            b"",
-        )
-    }
-
-    fn entry(&self, vm_id: &str) -> serde_json::Value {
-        let path = Path::new(&self.registry()).join(format!("{vm_id}.json"));
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-    }
 }
 
 fn tool(name: &str, args: &[&str]) -> Output {
