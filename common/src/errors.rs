@@ -84,7 +84,7 @@ const fn row(
 use RetryClass::{AfterHint, Backoff, Permanent};
 
 /// The registry, in code order. PROTOCOL.md §8 and `spec/vkx.cddl` list the
-/// same rows; a test checks the CDDL against this table.
+/// same rows; `spec/tests/registry.rs` checks the CDDL against this table.
 pub const REGISTRY: [Registration; 14] = [
     row(
         ErrorCode::Malformed,

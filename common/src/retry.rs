@@ -33,6 +33,8 @@ pub const REPROBE_INTERVAL: Duration = Duration::from_secs(30 * 60);
 pub const REPROBE_JITTER: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Jitter added to an honoured `retry-after`: up to hint / this (10 %).
+pub const RETRY_AFTER_JITTER_DIVISOR: u32 = 10;
 /// Largest budget a configuration may set: it bounds the policy's memory.
 pub const MAX_RETRY_BUDGET: u32 = 1000;
 
@@ -241,7 +243,7 @@ impl RetryPolicy {
                         .unwrap_or(self.config.default_retry_after)
                         .min(self.config.max_retry_after)
                         .max(self.config.floor);
-                    let spread = self.jitter.upto(hint / 10);
+                    let spread = self.jitter.upto(hint / RETRY_AFTER_JITTER_DIVISOR);
                     self.limit(now, Next::At(now + hint + spread))
                 }
                 RetryClass::Backoff => {

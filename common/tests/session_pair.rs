@@ -171,7 +171,7 @@ impl Pair {
             let evidence = Evidence {
                 tpm_attest: qualifying_data.to_vec(),
                 tpm_signature: vec![0x18],
-                ak_name: vec![0, 0x0b],
+                ak_name: [vec![0, 0x0b], vec![0x44; 32]].concat(),
                 ak_cert: None,
                 pcr_values: vec![PcrBankValues {
                     hash_alg: HashAlg::Sha256,
@@ -613,5 +613,50 @@ fn host_shutdown_tells_the_guest_when_to_return() {
         Some(CloseReason::Orderly {
             retry_after: Some(Duration::from_secs(30))
         })
+    );
+}
+
+#[test]
+fn a_malformed_error_is_never_answered() {
+    // A busy error that also carries a supported-version range: it fails to
+    // decode, but it is an error, so neither side answers it (§8.3).
+    let bad_error = hex::decode("820da2000a03820101").unwrap();
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    p.to_guest.push_back(bad_error.clone());
+    p.run();
+    assert_eq!(
+        p.guest_closed,
+        Some(CloseReason::Failed(Failure::Permanent))
+    );
+    assert!(
+        p.host_closed.is_none(),
+        "the host got an answer: {:?}",
+        p.host_closed
+    );
+
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.to_host.clear();
+    p.to_host.push_back(bad_error);
+    p.run();
+    assert_eq!(p.host_closed, Some(CloseReason::Failed(Failure::Permanent)));
+    assert!(
+        p.guest_closed.is_none(),
+        "the guest got an answer: {:?}",
+        p.guest_closed
+    );
+
+    // Any other malformed message is answered with malformed.
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.to_host.clear();
+    p.to_host
+        .push_back(hex::decode("820ba20001 0002".replace(' ', "")).unwrap());
+    p.run();
+    assert_eq!(
+        guest_failure(&p),
+        Failure::Code {
+            code: ErrorCode::Malformed,
+            retry_after: None
+        }
     );
 }

@@ -11,10 +11,23 @@ pub mod swtpm;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-/// Path of a workspace binary, built by `make test` (or `cargo build
-/// --workspace --bins`) before the tests run. Fails loudly if it is not
-/// there: a test that silently skips is worse than none.
+/// Path of a workspace binary, freshly built. `cargo test` does not
+/// rebuild another package's binaries, so the first call runs `cargo build
+/// --bins` for the agents (quick when nothing changed); a stale binary
+/// would make the tests check old code. Fails loudly if the build fails.
 pub fn bin(name: &str) -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bins", "-p", "vkx-host", "-p", "vkx-guest"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the agents");
+        assert!(status.success(), "cargo build --bins failed");
+    });
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
@@ -26,7 +39,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = target.join(profile).join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run `make test`, or `cargo build --workspace --bins` first",
+        "{} is missing after the build",
         path.display()
     );
     path

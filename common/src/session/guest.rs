@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{CloseReason, Output, after, violation};
+use super::{CloseReason, ERROR_TYPE, Output, after, violation};
 use crate::errors::{ErrorCode, RetryClass};
 use crate::retry::Failure;
 use crate::transcript::{TRANSCRIPT_EXPORTER_LEN, transcript_hash};
@@ -208,6 +208,11 @@ impl Guest {
         }
         let msg = match Message::decode(payload) {
             Ok(m) => m,
+            // An `error` that fails to decode is never answered (§8.3).
+            Err(_) if Message::envelope_type(payload) == Some(ERROR_TYPE) => {
+                out.close(CloseReason::Failed(Failure::Permanent));
+                return (Self::Closed, out);
+            }
             Err(e) => {
                 out.fail(violation(&e), CloseReason::Failed(Failure::Permanent));
                 return (Self::Closed, out);

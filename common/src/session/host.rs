@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{CloseReason, Output, after, negotiate, violation};
+use super::{CloseReason, ERROR_TYPE, Output, after, negotiate, violation};
 use crate::errors::ErrorCode;
 use crate::retry::Failure;
 use crate::transcript::{TRANSCRIPT_EXPORTER_LEN, TRANSCRIPT_HASH_LEN, transcript_hash};
@@ -242,6 +242,11 @@ impl Host {
         }
         let msg = match Message::decode(payload) {
             Ok(m) => m,
+            // An `error` that fails to decode is never answered (§8.3).
+            Err(_) if Message::envelope_type(payload) == Some(ERROR_TYPE) => {
+                out.close(CloseReason::Failed(Failure::Permanent));
+                return (Self::Closed, out);
+            }
             Err(e) => {
                 out.fail(violation(&e), CloseReason::Failed(Failure::Permanent));
                 return (Self::Closed, out);

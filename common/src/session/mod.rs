@@ -23,6 +23,28 @@ use crate::errors::{ErrorCode, code_for_decode_error};
 use crate::retry::Failure;
 use crate::wire::{DecodeError, ErrorMessage, Goodbye, GoodbyeReason, Message, VersionRange};
 
+/// The `error` message type: never answered, even when malformed.
+pub(crate) const ERROR_TYPE: u64 = 13;
+
+/// §2 transport constants, shared by the agents' drivers.
+pub mod transport {
+    use std::time::Duration;
+
+    /// Default vsock port of the host agent (configurable, >= 1024).
+    pub const VKX_PORT: u32 = 7861;
+    /// Longest hybrid-vsock `OK <n>\n` reply, LF included.
+    pub const HYBRID_CONNECT_REPLY_MAX: usize = 32;
+    /// Wait for the hybrid-vsock `OK` reply.
+    pub const HYBRID_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Guest: opening the transport connection.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Both sides: the TLS handshake.
+    pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Guest: most delay before using a re-enabled feature (§12.3), drawn
+    /// uniformly so a fleet does not stampede.
+    pub const FEATURE_REENABLE_JITTER: Duration = Duration::from_secs(10);
+}
+
 /// Why a session closed, in the terms the retry policy needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {

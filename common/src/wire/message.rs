@@ -54,9 +54,8 @@ pub const MAX_TPM_SIGNATURE: usize = 1024;
 pub const MAX_AK_CERT: usize = 4096;
 /// TPM name: 2-byte nameAlg plus a digest of at most 64 bytes (SHA-512).
 pub const MAX_AK_NAME: usize = 66;
-/// The shortest TPM name is a bare handle (4 bytes); an AK's is
-/// nameAlg || digest, at least 22 bytes (SHA-1). Allow the handle form.
-pub const MIN_AK_NAME: usize = 2;
+/// An AK's TPM name is nameAlg || digest: at least 22 bytes (SHA-1).
+pub const MIN_AK_NAME: usize = 22;
 /// PCR banks: SHA-1, SHA-256, SHA-384, SHA-512.
 pub const MAX_PCR_BANKS: usize = 4;
 /// PCRs per bank in a PC-client TPM.
@@ -67,8 +66,10 @@ pub const MAX_FEATURES: usize = 64;
 pub const MIN_DERIVE_LEN: u8 = 16;
 /// Longest derived key: 512 bits.
 pub const MAX_DERIVE_LEN: u8 = 64;
-/// Re-attestation interval bounds: 1 minute to 7 days.
-pub const MIN_REATTEST_AFTER_S: u32 = 60;
+/// Re-attestation interval bounds: 5 minutes to 7 days. Every
+/// re-attestation is a connection attempt under the guest's retry budget
+/// (30 per hour, §13.3), so shorter intervals would exhaust it.
+pub const MIN_REATTEST_AFTER_S: u32 = 300;
 pub const MAX_REATTEST_AFTER_S: u32 = 604_800;
 /// Longest retry-after hint: 24 hours, in milliseconds.
 pub const MAX_RETRY_AFTER_MS: u32 = 86_400_000;
@@ -389,6 +390,16 @@ impl GoodbyeReason {
             }),
         }
     }
+}
+
+fn validate_error_code(code: ErrorCode) -> Result<(), DecodeError> {
+    if code.value() == 0 {
+        return Err(DecodeError::InvalidValue {
+            field: "error-code",
+            rule: "out of range",
+        });
+    }
+    Ok(())
 }
 
 fn read_error_code(r: &mut Reader<'_>) -> Result<ErrorCode, DecodeError> {
@@ -756,6 +767,19 @@ impl Message {
         Self::read_body(t, &mut r)
     }
 
+    /// The message type of a payload whose envelope is intact (§5.5 steps
+    /// 1-2), whether or not its body is valid: the sessions use it so that
+    /// a malformed `error` is never answered (§8.3).
+    pub fn envelope_type(input: &[u8]) -> Option<u64> {
+        if input.len() > MAX_FRAME_PAYLOAD || scan::scan(input).is_err() {
+            return None;
+        }
+        let mut r = Reader::new(input);
+        r.array("message", 2, 2).ok()?;
+        let code = r.uint("message type").ok()?;
+        r.at_map().then_some(code)
+    }
+
     /// Encodes the message. Fails if the value breaks a wire rule (a local
     /// bug: the same check refuses such a value when it is received).
     /// The buffer is zeroized on drop: some messages carry key material.
@@ -784,7 +808,7 @@ fn entries(required: usize, optional: &[bool]) -> usize {
 
 // ------------------------------------------------------------------ hello
 
-/// guest → host, first message of every connection (§6.1). Frozen layout.
+/// guest → host, first message of every connection (§6.3). Frozen layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -954,7 +978,7 @@ fn validate_banks<T>(
     strictly_ascending(&algs, field)
 }
 
-/// host → guest (§6.2).
+/// host → guest (§6.4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1109,7 +1133,7 @@ impl PcrBankValues {
     }
 }
 
-/// guest → host (§6.3).
+/// guest → host (§6.5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1224,7 +1248,7 @@ impl Body for Evidence {
 
 // ---------------------------------------------------- attestation result
 
-/// host → guest: the evidence was accepted (§6.4).
+/// host → guest: the evidence was accepted (§6.6).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1277,7 +1301,7 @@ impl Body for AttestationResult {
 
 // ------------------------------------------------------------------- keys
 
-/// guest → host (§6.5).
+/// guest → host (§6.7).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1421,7 +1445,7 @@ impl KeyRefusal {
     }
 }
 
-/// host → guest: the answer to a key-request (§6.6).
+/// host → guest: the answer to a key-request (§6.8).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1478,6 +1502,9 @@ impl Body for KeyRelease {
         for k in &self.released {
             k.validate()?;
         }
+        for k in &self.refused {
+            validate_error_code(k.code)?;
+        }
         let released: Vec<&KeyName> = self.released.iter().map(|k| &k.name).collect();
         let refused: Vec<&KeyName> = self.refused.iter().map(|k| &k.name).collect();
         strictly_ascending(&released, "released")?;
@@ -1501,7 +1528,7 @@ impl Body for KeyRelease {
     }
 }
 
-/// guest → host: derive a shared key (§6.7, §9).
+/// guest → host: derive a shared key (§6.9, §9).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1557,7 +1584,7 @@ impl Body for DeriveRequest {
     }
 }
 
-/// host → guest: the host derived the same key (§6.8, §9).
+/// host → guest: the host derived the same key (§6.10, §9).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1595,7 +1622,7 @@ impl Body for DeriveConfirm {
     }
 }
 
-/// host → guest: rotation push (§6.9).
+/// host → guest: rotation push (§6.11).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1634,7 +1661,7 @@ impl Body for KeyUpdate {
     }
 }
 
-/// guest → host (§6.10).
+/// guest → host (§6.12).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1690,6 +1717,9 @@ impl Body for KeyUpdateAck {
     }
 
     fn validate(&self) -> Result<(), DecodeError> {
+        if let Some(code) = self.error {
+            validate_error_code(code)?;
+        }
         if self.version == 0 {
             return Err(DecodeError::InvalidValue {
                 field: "key-version",
@@ -1702,7 +1732,7 @@ impl Body for KeyUpdateAck {
 
 // ---------------------------------------------------------------- control
 
-/// Either direction (§6.11).
+/// Either direction (§6.13).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1713,7 +1743,7 @@ pub struct Ping {
     pub sequence: u64,
 }
 
-/// Either direction, echoing a ping's sequence (§6.12).
+/// Either direction, echoing a ping's sequence (§6.13).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1762,7 +1792,7 @@ pub struct VersionRange {
     pub max: u16,
 }
 
-/// Either direction (§6.13). After an error of a permanent class the
+/// Either direction (§6.14). After an error of a permanent class the
 /// sender closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -1866,12 +1896,7 @@ impl Body for ErrorMessage {
     }
 
     fn validate(&self) -> Result<(), DecodeError> {
-        if self.code.value() == 0 {
-            return Err(DecodeError::InvalidValue {
-                field: "error-code",
-                rule: "out of range",
-            });
-        }
+        validate_error_code(self.code)?;
         validate_retry_after(self.retry_after_ms)?;
         if let Some(v) = self.supported {
             if self.code != ErrorCode::UnsupportedVersion {
@@ -1901,7 +1926,7 @@ fn validate_retry_after(ms: Option<u32>) -> Result<(), DecodeError> {
     }
 }
 
-/// Either direction: orderly close (§6.14).
+/// Either direction: orderly close (§6.15).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
@@ -1949,7 +1974,7 @@ impl Body for Goodbye {
     }
 }
 
-/// host → guest: the rollout state changed (§6.15, §12).
+/// host → guest: the rollout state changed (§6.16, §12).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(

@@ -6,7 +6,8 @@
 //! encoding (shortest heads, definite lengths, map keys strictly ascending in
 //! bytewise order, which also excludes duplicates), only the major types v1
 //! uses (unsigned integers, byte and UTF-8 text strings, arrays, maps), map
-//! keys that are scalars, at most [`MAX_NESTING`] nested containers and at
+//! keys that are unsigned integers or text strings, at most
+//! [`MAX_NESTING`] nested containers and at
 //! most [`MAX_CONTAINER_ITEMS`] entries per container.
 //!
 //! It trusts nothing: every length is checked against the bytes that remain
