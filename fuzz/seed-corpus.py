@@ -2,7 +2,7 @@
 """Writes the fuzz seed corpora from spec/vectors.
 
 message_decode: every positive message (cbor) and every message-layer
-negative input. frame_decoder: the same payloads framed, a stream of all
+negative input; tpm_parse: the TPM structures of common/tests/fixtures/tpm. frame_decoder: the same payloads framed, a stream of all
 positive messages back to back, and the frame-layer negative inputs; each
 prefixed with the target's chunk-size header (0 = no chunk sizes).
 Usage: seed-corpus.py OUT_DIR   (creates OUT_DIR/<target>/)
@@ -43,4 +43,16 @@ for path in sorted(glob.glob(os.path.join(vectors, "negative", "*.json"))):
         write(frame_dir, "neg-" + name, b"\x00" + frame(data))
     else:
         write(frame_dir, "neg-" + name, b"\x00" + data)
-print(f"{len(os.listdir(msg_dir))} message seeds, {len(os.listdir(frame_dir))} frame seeds in {out}")
+# tpm_parse: every TPM structure of the fixtures (made by swtpm).
+tpm_dir = os.path.join(out, "tpm_parse")
+os.makedirs(tpm_dir, exist_ok=True)
+fixtures = os.path.join(root, "..", "common", "tests", "fixtures", "tpm")
+for case in sorted(os.listdir(fixtures)):
+    for f in ("attest.bin", "sig.bin", "ak.pub", "other-ak.pub"):
+        path = os.path.join(fixtures, case, f)
+        if os.path.exists(path):
+            write(tpm_dir, f"{case}-{f}", open(path, "rb").read())
+# host_session: the target builds its own messages; start from nothing.
+os.makedirs(os.path.join(out, "host_session"), exist_ok=True)
+print(f"{len(os.listdir(msg_dir))} message seeds, {len(os.listdir(frame_dir))} frame seeds, "
+      f"{len(os.listdir(tpm_dir))} TPM seeds in {out}")

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use vkx_common::tpm::selfcheck::check_parsers;
 use vkx_common::wire::selfcheck::{check_frame_stream, check_message};
 
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
@@ -40,5 +41,12 @@ fn frame_decoder_regressions() {
         let n = usize::from(n % 16).min(rest.len());
         let (sizes, stream) = rest.split_at(n);
         check_frame_stream(sizes, stream);
+    }
+}
+
+#[test]
+fn tpm_parse_regressions() {
+    for (_name, data) in inputs("tpm_parse") {
+        check_parsers(&data);
     }
 }
