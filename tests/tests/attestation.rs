@@ -365,3 +365,91 @@ fn the_cli_accepts_tpm2_tools_quotes_and_refuses_a_wrong_nonce() {
         stdout(&o)
     );
 }
+
+/// Runs a tpm2-tools command in `dir`.
+fn tpm2(dir: &Path, tool: &str, args: &[&str]) {
+    let o = std::process::Command::new(tool)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} (tpm2-tools) not runnable: {e}; run `make test`"));
+    assert!(
+        o.status.success(),
+        "{tool}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn the_cli_verifies_a_quote_made_live_by_tpm2_tools() {
+    // An independent producer: EK, AK and quote by tpm2-tools on swtpm.
+    let tpm = Swtpm::start();
+    let tcti = tpm.tcti();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let nonce = "c3".repeat(32);
+    // swtpm has no resource manager: flush transient objects between tools.
+    let flush = || tpm2(dir, "tpm2_flushcontext", &["-T", &tcti, "-t"]);
+    tpm2(
+        dir,
+        "tpm2_createek",
+        &["-T", &tcti, "-c", "ek.ctx", "-G", "ecc", "-u", "ek.pub"],
+    );
+    flush();
+    tpm2(
+        dir,
+        "tpm2_createak",
+        &[
+            "-T", &tcti, "-C", "ek.ctx", "-c", "ak.ctx", "-G", "ecc", "-g", "sha256", "-s",
+            "ecdsa", "-u", "ak.pub",
+        ],
+    );
+    flush();
+    tpm2(
+        dir,
+        "tpm2_quote",
+        &[
+            "-T",
+            &tcti,
+            "-c",
+            "ak.ctx",
+            "-l",
+            "sha256:0,1,7",
+            "-q",
+            &nonce,
+            "-g",
+            "sha256",
+            "-m",
+            "attest.bin",
+            "-s",
+            "sig.bin",
+            "-o",
+            "pcrs.bin",
+            "-F",
+            "values",
+        ],
+    );
+    let f = |n: &str| dir.join(n).display().to_string();
+    let verify = |nonce: &str| {
+        verify_cli(&[
+            "--attest",
+            &f("attest.bin"),
+            "--signature",
+            &f("sig.bin"),
+            "--ak-public",
+            &f("ak.pub"),
+            "--pcrs",
+            &f("pcrs.bin"),
+            "--pcr-list",
+            "sha256:0,1,7",
+            "--nonce",
+            nonce,
+        ])
+    };
+    let o = verify(&nonce);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).contains("VERIFIED"));
+    let o = verify(&"c4".repeat(32));
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("REFUSED: extraData"), "{}", stdout(&o));
+}
