@@ -12,7 +12,7 @@ use vkx_common::tpm::{Public, QuoteExpectations, TpmParseError, VerifiedQuote, V
 use vkx_common::transcript::TRANSCRIPT_HASH_LEN;
 use vkx_common::wire::{Evidence, PcrBankSelection, VmId};
 
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{QuoteObservation, Registry, RegistryError};
 
 /// Evidence the host accepted, with what the VM may have.
 #[derive(Debug, Clone)]
@@ -99,4 +99,130 @@ pub fn verify_evidence(
     )?;
     let grants = policy.evaluate(vm_id, &evidence.pcr_values)?.clone();
     Ok(Accepted { grants, quote })
+}
+
+/// A quote whose TPM clock state is older than the last accepted one for
+/// the same VM: the VM was restored from a snapshot, or cloned (§15.8).
+/// The host re-attests such a VM and flags it for the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rewind {
+    #[error("TPM reset count went back from {was} to {now}")]
+    ResetCount { was: u32, now: u32 },
+    #[error("TPM restart count went back from {was} to {now} without a reset")]
+    RestartCount { was: u32, now: u32 },
+    #[error("TPM clock went back from {was} ms to {now} ms without a reset")]
+    Clock { was: u64, now: u64 },
+}
+
+/// Compares a new quote's clock state with the last accepted one.
+pub fn detect_rewind(last: &QuoteObservation, quote: &VerifiedQuote) -> Option<Rewind> {
+    let c = quote.clock_info;
+    if c.reset_count < last.reset_count {
+        return Some(Rewind::ResetCount {
+            was: last.reset_count,
+            now: c.reset_count,
+        });
+    }
+    if c.reset_count > last.reset_count {
+        return None;
+    }
+    if c.restart_count < last.restart_count {
+        return Some(Rewind::RestartCount {
+            was: last.restart_count,
+            now: c.restart_count,
+        });
+    }
+    // The clock may legitimately lag after an unorderly shutdown; the TPM
+    // says so by clearing `safe`.
+    if c.safe && c.restart_count == last.restart_count && c.clock < last.clock {
+        return Some(Rewind::Clock {
+            was: last.clock,
+            now: c.clock,
+        });
+    }
+    None
+}
+
+/// Records an accepted quote's clock state for `vm_id` (atomic registry
+/// write) and reports a rewind against the previous one, if any.
+pub fn record_quote(
+    registry: &Registry,
+    vm_id: &VmId,
+    quote: &VerifiedQuote,
+    now_unix: u64,
+) -> Result<Option<Rewind>, Rejection> {
+    let entry = registry
+        .by_vm_id(vm_id.as_str())?
+        .ok_or_else(|| Rejection::NotProvisioned(vm_id.clone()))?;
+    let rewind = entry
+        .last_quote
+        .as_ref()
+        .and_then(|last| detect_rewind(last, quote));
+    let c = quote.clock_info;
+    let updated = crate::registry::RegistryEntry {
+        last_quote: Some(QuoteObservation {
+            clock: c.clock,
+            reset_count: c.reset_count,
+            restart_count: c.restart_count,
+            firmware_version: quote.firmware_version,
+            at_unix: now_unix,
+        }),
+        ..entry
+    };
+    registry.replace(&updated)?;
+    Ok(rewind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vkx_common::tpm::ClockInfo;
+
+    fn quote(reset_count: u32, restart_count: u32, clock: u64, safe: bool) -> VerifiedQuote {
+        VerifiedQuote {
+            clock_info: ClockInfo {
+                clock,
+                reset_count,
+                restart_count,
+                safe,
+            },
+            firmware_version: 7,
+            ak_name: vec![0, 11],
+        }
+    }
+
+    #[test]
+    fn rewinds_reveal_restores_and_clones() {
+        let last = QuoteObservation {
+            clock: 10_000,
+            reset_count: 5,
+            restart_count: 2,
+            firmware_version: 7,
+            at_unix: 0,
+        };
+        // Time moves on, the VM reboots or resumes: fine.
+        assert_eq!(detect_rewind(&last, &quote(5, 2, 10_500, true)), None);
+        assert_eq!(detect_rewind(&last, &quote(6, 0, 1_000, true)), None);
+        assert_eq!(detect_rewind(&last, &quote(5, 3, 9_000, true)), None);
+        // An unorderly shutdown may lose clock updates; the TPM says so.
+        assert_eq!(detect_rewind(&last, &quote(5, 2, 9_000, false)), None);
+        // A snapshot restore: same counts, older clock. A clone of an older
+        // snapshot: fewer resets or restarts.
+        assert_eq!(
+            detect_rewind(&last, &quote(5, 2, 9_000, true)),
+            Some(Rewind::Clock {
+                was: 10_000,
+                now: 9_000
+            })
+        );
+        assert_eq!(
+            detect_rewind(&last, &quote(4, 9, 99_000, true)),
+            Some(Rewind::ResetCount { was: 5, now: 4 })
+        );
+        assert_eq!(
+            detect_rewind(&last, &quote(5, 1, 99_000, true)),
+            Some(Rewind::RestartCount { was: 2, now: 1 })
+        );
+    }
 }

@@ -71,6 +71,21 @@ pub struct RegistryEntry {
     pub ak_cert_sha256: String,
     /// When the entry was first written (seconds since the Unix epoch).
     pub created_unix: u64,
+    /// The TPM clock state of the last accepted quote: a later quote whose
+    /// state is older reveals a snapshot restore or a clone (§15.8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_quote: Option<QuoteObservation>,
+}
+
+/// What the host remembers of a VM's last accepted quote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuoteObservation {
+    pub clock: u64,
+    pub reset_count: u32,
+    pub restart_count: u32,
+    pub firmware_version: u64,
+    pub at_unix: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -360,6 +375,7 @@ mod tests {
             ak_name: ak_name.into(),
             ak_cert_sha256: "cc".repeat(32),
             created_unix: 1,
+            last_quote: None,
         }
     }
 

@@ -593,6 +593,7 @@ fn provision_with_keys(
         created_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        last_quote: None,
     };
     registry.insert(&entry)?;
     Ok(ProvisionAction::Created)

@@ -19,7 +19,7 @@ use vkx_common::wire::{Evidence, HashAlg, PcrBankSelection, VmId};
 use vkx_e2e::node::Node;
 use vkx_e2e::run;
 use vkx_e2e::swtpm::Swtpm;
-use vkx_host::attestation::{Rejection, verify_evidence};
+use vkx_host::attestation::{Rejection, Rewind, record_quote, verify_evidence};
 use vkx_host::registry::Registry;
 
 /// Provisions `vm` into `node`'s registry, asserting success.
@@ -83,6 +83,31 @@ fn provisioned_guest_is_accepted_and_every_failure_has_its_reason() {
     let ok = verify_evidence(&registry, &policy, &vm, &th, &selection(), &ev).unwrap();
     assert!(ok.grants.keys.iter().any(|k| k.as_str() == "disk"));
     assert!(ok.quote.clock_info.reset_count >= 1);
+    assert_eq!(record_quote(&registry, &vm, &ok.quote, 1).unwrap(), None);
+    let seen = registry
+        .by_vm_id("vm-a")
+        .unwrap()
+        .unwrap()
+        .last_quote
+        .unwrap();
+    assert_eq!(seen.reset_count, ok.quote.clock_info.reset_count);
+    // A later quote of the same running vTPM is no rewind.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let later = verify_evidence(
+        &registry,
+        &policy,
+        &vm,
+        &th,
+        &selection(),
+        &evidence(&tpm, &th),
+    )
+    .unwrap();
+    assert_eq!(record_quote(&registry, &vm, &later.quote, 2).unwrap(), None);
+    // Replaying the first (older) quote's state is one.
+    assert!(matches!(
+        record_quote(&registry, &vm, &ok.quote, 3).unwrap(),
+        Some(Rewind::Clock { .. })
+    ));
 
     // Replayed: the same quote for another handshake's transcript.
     let err = verify_evidence(&registry, &policy, &vm, &[0x5b; 32], &selection(), &ev).unwrap_err();
