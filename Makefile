@@ -72,6 +72,7 @@ fuzz-corpus:
 ## fuzz-smoke: each fuzz target for FUZZ_SECONDS (default 30 s).
 fuzz-smoke: fuzz-tools fuzz-corpus
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  echo "== $$t ($(FUZZ_SECONDS) s)"; \
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t corpus/$$t regressions/$$t -- \
 	    -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -print_final_stats=1 2>&1 \
 	    | grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|Done|==)|ERROR|panicked' ; \
