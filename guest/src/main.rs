@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use vkx_common::wire::{HashAlg, NONCE_LEN, PROTOCOL_VERSION_1};
+use vkx_common::wire::{NONCE_LEN, PROTOCOL_VERSION_1};
 use vkx_guest::tpm::{self, QuoteBundle};
 
 #[derive(Parser)]
@@ -102,7 +102,7 @@ fn evidence(tcti: Option<String>, nonce: &str, pcrs: &[String], out: &Path) -> a
             .map(|(i, d)| (i.to_string(), hex::encode(d)))
             .collect();
         banks.insert(
-            bank_name(bank.hash_alg).into(),
+            bank.hash_alg.name().into(),
             serde_json::to_value(values)?,
         );
     }
@@ -124,13 +124,4 @@ fn evidence(tcti: Option<String>, nonce: &str, pcrs: &[String], out: &Path) -> a
             .map_or("absent".to_string(), |c| format!("{} B", c.len())),
     );
     Ok(())
-}
-
-fn bank_name(alg: HashAlg) -> &'static str {
-    match alg {
-        HashAlg::Sha1 => "sha1",
-        HashAlg::Sha256 => "sha256",
-        HashAlg::Sha384 => "sha384",
-        HashAlg::Sha512 => "sha512",
-    }
 }
