@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{CloseReason, ERROR_TYPE, Output, after, violation};
+use super::{CloseReason, Output, after, decode_or_close};
 use crate::errors::{ErrorCode, RetryClass};
 use crate::retry::Failure;
 use crate::transcript::{TRANSCRIPT_EXPORTER_LEN, transcript_hash};
@@ -206,17 +206,8 @@ impl Guest {
         if matches!(self, Self::Closed) {
             return (self, out);
         }
-        let msg = match Message::decode(payload) {
-            Ok(m) => m,
-            // An `error` that fails to decode is never answered (§8.3).
-            Err(_) if Message::envelope_type(payload) == Some(ERROR_TYPE) => {
-                out.close(CloseReason::Failed(Failure::Permanent));
-                return (Self::Closed, out);
-            }
-            Err(e) => {
-                out.fail(violation(&e), CloseReason::Failed(Failure::Permanent));
-                return (Self::Closed, out);
-            }
+        let Some(msg) = decode_or_close(payload, &mut out) else {
+            return (Self::Closed, out);
         };
         // Events common to every state (§11.4).
         match &msg {

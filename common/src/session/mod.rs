@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 
 use crate::errors::{ErrorCode, code_for_decode_error};
 use crate::retry::Failure;
-use crate::wire::{DecodeError, ErrorMessage, Goodbye, GoodbyeReason, Message, VersionRange};
+use crate::wire::{ErrorMessage, Goodbye, GoodbyeReason, Message, VersionRange};
 
 /// The `error` message type: never answered, even when malformed.
 pub(crate) const ERROR_TYPE: u64 = 13;
@@ -111,10 +111,25 @@ impl<E> Output<E> {
     }
 }
 
-/// The answer to a payload that broke the encoding rules (§5.5): the code
-/// to send. Never echoes the bytes.
-pub(crate) fn violation(e: &DecodeError) -> ErrorCode {
-    code_for_decode_error(e)
+/// Decodes a received payload, or records in `out` how the session ends:
+/// a payload that breaks the encoding rules is answered with its code
+/// (§5.5) and never echoed; an `error` that fails to decode is not
+/// answered at all (§8.3).
+pub(crate) fn decode_or_close<E>(payload: &[u8], out: &mut Output<E>) -> Option<Message> {
+    match Message::decode(payload) {
+        Ok(m) => Some(m),
+        Err(_) if Message::envelope_type(payload) == Some(ERROR_TYPE) => {
+            out.close(CloseReason::Failed(Failure::Permanent));
+            None
+        }
+        Err(e) => {
+            out.fail(
+                code_for_decode_error(&e),
+                CloseReason::Failed(Failure::Permanent),
+            );
+            None
+        }
+    }
 }
 
 /// Picks the highest version in both ranges (§10.2).
