@@ -101,10 +101,7 @@ fn evidence(tcti: Option<String>, nonce: &str, pcrs: &[String], out: &Path) -> a
             .iter()
             .map(|(i, d)| (i.to_string(), hex::encode(d)))
             .collect();
-        banks.insert(
-            bank.hash_alg.name().into(),
-            serde_json::to_value(values)?,
-        );
+        banks.insert(bank.hash_alg.name().into(), serde_json::to_value(values)?);
     }
     let mut json = serde_json::to_vec_pretty(&banks)?;
     json.push(b'\n');
