@@ -13,6 +13,8 @@
 //!   suppressed.
 //! - [`retry`]: the guest's bounded, jittered retry policy (§13).
 //! - [`session`]: the guest and host session state machines (sans-I/O).
+//! - [`tls`]: the TLS 1.3 configurations of §4 (rustls, ring) and the
+//!   exporter values.
 //! - [`tpm`]: TPM 2.0 structure parsers and quote verification (pure Rust).
 //! - `tss` (feature `tss`): tss-esapi error classification and bounded
 //!   retry, for the agents that talk to a TPM.
@@ -28,6 +30,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod retry;
 pub mod session;
+pub mod tls;
 pub mod tpm;
 pub mod transcript;
 #[cfg(feature = "tss")]

@@ -1,0 +1,258 @@
+//! The secure channel of PROTOCOL.md §4 as rustls configurations: TLS 1.3
+//! only, ring as the only crypto provider, ALPN `vkx`, no session
+//! resumption, no tickets, no early data; the guest authenticates the host
+//! by a pinned SHA-256 of its SubjectPublicKeyInfo. The guest has no
+//! client certificate: it proves itself with the attestation above TLS.
+//!
+//! Also the exporter values that bind everything above TLS to this
+//! connection (§4.5, §9.1).
+//!
+//! Nothing here does I/O: the drivers run the handshakes.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, Error as TlsError, ServerConfig, SignatureScheme,
+};
+
+use crate::transcript::{TRANSCRIPT_EXPORTER_LABEL, TRANSCRIPT_EXPORTER_LEN};
+
+/// The ALPN protocol id (§4.2): a peer that does not speak vkx fails the
+/// handshake with `no_application_protocol`, permanently.
+pub const ALPN_VKX: &[u8] = b"vkx";
+/// The server name the guest sends and the host's certificate carries.
+pub const HOST_SERVER_NAME: &str = "vkx-host";
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] TlsError),
+    #[error("the host certificate cannot be parsed: {0}")]
+    Certificate(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The SHA-256 of a certificate's SubjectPublicKeyInfo: what a guest pins.
+pub fn spki_sha256(cert: &CertificateDer<'_>) -> Result<[u8; 32], TlsConfigError> {
+    let (rest, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| TlsConfigError::Certificate(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(TlsConfigError::Certificate("trailing bytes".to_owned()));
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    Ok(out)
+}
+
+/// The host's configuration: its node certificate and key.
+pub fn server_config(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    config.alpn_protocols = vec![ALPN_VKX.to_vec()];
+    // Every connection gets a full handshake and fresh exporter values.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.max_early_data_size = 0;
+    Ok(Arc::new(config))
+}
+
+/// The guest's configuration: trust exactly the host key with this
+/// SubjectPublicKeyInfo SHA-256.
+pub fn client_config(host_key_sha256: [u8; 32]) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedHostKey {
+        spki_sha256: host_key_sha256,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_VKX.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    config.enable_early_data = false;
+    Ok(Arc::new(config))
+}
+
+/// The server name for [`client_config`] connections.
+pub fn host_server_name() -> ServerName<'static> {
+    ServerName::DnsName(
+        rustls::pki_types::DnsName::try_from(HOST_SERVER_NAME)
+            .unwrap_or_else(|_| unreachable!("a literal valid DNS name"))
+            .to_owned(),
+    )
+}
+
+/// Accepts the host's certificate if its key is the pinned one. Validity
+/// dates and names are not checked: the pin is the trust anchor, and a VM
+/// at early boot may not know the time.
+#[derive(Debug)]
+struct PinnedHostKey {
+    spki_sha256: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedHostKey {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let got = spki_sha256(end_entity)
+            .map_err(|_| TlsError::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        let same = got
+            .iter()
+            .zip(&self.spki_sha256)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        if same {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(TlsError::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        // TLS 1.2 is never negotiated (§4.1).
+        Err(TlsError::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The transcript's exporter value (§4.5) of an established connection.
+pub fn transcript_exporter<D>(
+    conn: &rustls::ConnectionCommon<D>,
+) -> Result<[u8; TRANSCRIPT_EXPORTER_LEN], TlsError> {
+    let mut out = [0u8; TRANSCRIPT_EXPORTER_LEN];
+    conn.export_keying_material(&mut out, TRANSCRIPT_EXPORTER_LABEL, None)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::{ClientConnection, ServerConnection};
+
+    fn node_cert() -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec![HOST_SERVER_NAME.to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (
+            cert.der().clone(),
+            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+    }
+
+    /// Runs a handshake in memory; returns both connections.
+    fn handshake(
+        client: Arc<ClientConfig>,
+        server: Arc<ServerConfig>,
+    ) -> Result<(ClientConnection, ServerConnection), TlsError> {
+        let mut c = ClientConnection::new(client, host_server_name())?;
+        let mut s = ServerConnection::new(server)?;
+        // A TLS 1.3 handshake needs a handful of flights.
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                s.read_tls(&mut &buf[..]).unwrap();
+                s.process_new_packets()?;
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                c.read_tls(&mut &buf[..]).unwrap();
+                c.process_new_packets()?;
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok((c, s));
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    #[test]
+    fn pinned_host_key_gives_both_sides_the_same_exporter() {
+        let (cert, key) = node_cert();
+        let pin = spki_sha256(&cert).unwrap();
+        let (c, s) = handshake(client_config(pin).unwrap(), server_config(cert, key).unwrap()).unwrap();
+        assert_eq!(c.alpn_protocol(), Some(ALPN_VKX));
+        assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(transcript_exporter(&c).unwrap(), transcript_exporter(&s).unwrap());
+    }
+
+    #[test]
+    fn each_connection_has_its_own_exporter() {
+        let (cert, key) = node_cert();
+        let pin = spki_sha256(&cert).unwrap();
+        let server = server_config(cert, key).unwrap();
+        let (c1, _) = handshake(client_config(pin).unwrap(), server.clone()).unwrap();
+        let (c2, _) = handshake(client_config(pin).unwrap(), server).unwrap();
+        assert_ne!(transcript_exporter(&c1).unwrap(), transcript_exporter(&c2).unwrap());
+    }
+
+    #[test]
+    fn another_host_key_is_refused() {
+        let (cert, key) = node_cert();
+        let (other, _) = node_cert();
+        let wrong_pin = spki_sha256(&other).unwrap();
+        let err = handshake(client_config(wrong_pin).unwrap(), server_config(cert, key).unwrap())
+            .unwrap_err();
+        assert!(matches!(err, TlsError::InvalidCertificate(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_peer_without_vkx_alpn_is_refused() {
+        let (cert, key) = node_cert();
+        let pin = spki_sha256(&cert).unwrap();
+        let mut client = (*client_config(pin).unwrap()).clone();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let err = handshake(Arc::new(client), server_config(cert, key).unwrap()).unwrap_err();
+        assert!(matches!(err, TlsError::NoApplicationProtocol), "{err:?}");
+    }
+}
