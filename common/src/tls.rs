@@ -220,10 +220,17 @@ mod tests {
     fn pinned_host_key_gives_both_sides_the_same_exporter() {
         let (cert, key) = node_cert();
         let pin = spki_sha256(&cert).unwrap();
-        let (c, s) = handshake(client_config(pin).unwrap(), server_config(cert, key).unwrap()).unwrap();
+        let (c, s) = handshake(
+            client_config(pin).unwrap(),
+            server_config(cert, key).unwrap(),
+        )
+        .unwrap();
         assert_eq!(c.alpn_protocol(), Some(ALPN_VKX));
         assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
-        assert_eq!(transcript_exporter(&c).unwrap(), transcript_exporter(&s).unwrap());
+        assert_eq!(
+            transcript_exporter(&c).unwrap(),
+            transcript_exporter(&s).unwrap()
+        );
     }
 
     #[test]
@@ -233,7 +240,10 @@ mod tests {
         let server = server_config(cert, key).unwrap();
         let (c1, _) = handshake(client_config(pin).unwrap(), server.clone()).unwrap();
         let (c2, _) = handshake(client_config(pin).unwrap(), server).unwrap();
-        assert_ne!(transcript_exporter(&c1).unwrap(), transcript_exporter(&c2).unwrap());
+        assert_ne!(
+            transcript_exporter(&c1).unwrap(),
+            transcript_exporter(&c2).unwrap()
+        );
     }
 
     #[test]
@@ -241,8 +251,11 @@ mod tests {
         let (cert, key) = node_cert();
         let (other, _) = node_cert();
         let wrong_pin = spki_sha256(&other).unwrap();
-        let err = handshake(client_config(wrong_pin).unwrap(), server_config(cert, key).unwrap())
-            .unwrap_err();
+        let err = handshake(
+            client_config(wrong_pin).unwrap(),
+            server_config(cert, key).unwrap(),
+        )
+        .unwrap_err();
         assert!(matches!(err, TlsError::InvalidCertificate(_)), "{err:?}");
     }
 

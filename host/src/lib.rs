@@ -4,6 +4,8 @@
 //! - [`attestation`]: the decision on a guest's evidence: registry AK,
 //!   quote verification, policy.
 //! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
+//! - [`node`]: the node identity (`vkx-host init`): TLS key guests pin,
+//!   vTPM CA.
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
 //!   certificate digest).
 //! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
@@ -13,5 +15,6 @@
 
 pub mod attestation;
 pub mod evidence;
+pub mod node;
 pub mod registry;
 pub mod vtpm;

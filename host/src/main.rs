@@ -35,6 +35,13 @@ struct Cli {
 enum Command {
     /// Print the agent and protocol versions.
     Version,
+    /// Create this node's identity in DIR: the TLS key guests pin
+    /// (printed as its SPKI SHA-256) and the vTPM CA (DIR/ca). Refuses to
+    /// replace an existing identity.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Wire-format tools.
     #[command(subcommand)]
     Wire(WireCommand),
@@ -164,6 +171,16 @@ fn main() -> ExitCode {
             Ok(true)
         }
         Command::Wire(WireCommand::Decode { hex, frames, input }) => decode(&input, hex, frames),
+        Command::Init { dir } => vkx_host::node::init(&dir)
+            .map(|id| {
+                println!("node identity created in {}", dir.display());
+                println!(
+                    "host key pin (SPKI SHA-256, for guest configs): {}",
+                    ::hex::encode(id.host_key_sha256)
+                );
+                true
+            })
+            .map_err(anyhow::Error::from),
         Command::Vtpm(cmd) => vtpm(cmd),
         Command::Evidence(cmd) => evidence(cmd),
     };

@@ -219,7 +219,7 @@ fn ca_name() -> DistinguishedName {
 
 /// Valid from 1 January of last year (no clock-skew surprises at new year)
 /// for `years` years.
-fn set_validity(p: &mut CertificateParams, years: i32) {
+pub(crate) fn set_validity(p: &mut CertificateParams, years: i32) {
     // Average Gregorian year: exact enough for a date that is then moved
     // back a whole year.
     const SECS_PER_YEAR: u64 = 31_556_952;
@@ -231,7 +231,7 @@ fn set_validity(p: &mut CertificateParams, years: i32) {
     p.not_after = rcgen::date_time_ymd(year + years, 1, 1);
 }
 
-fn random_serial() -> Result<SerialNumber, String> {
+pub(crate) fn random_serial() -> Result<SerialNumber, String> {
     let mut serial = [0u8; SERIAL_LEN];
     ring::rand::SystemRandom::new()
         .fill(&mut serial)

@@ -101,3 +101,20 @@ fn oversized_input_and_bad_hex_are_usage_errors() {
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("input larger than"));
 }
+
+#[test]
+fn init_prints_the_host_key_pin_and_never_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("node").display().to_string();
+    let o = run("vkx-host", &["init", "--dir", &node], b"");
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    let pin = out
+        .lines()
+        .find_map(|l| l.strip_prefix("host key pin (SPKI SHA-256, for guest configs): "))
+        .expect("pin line");
+    assert_eq!(hex::decode(pin).unwrap().len(), 32);
+    let again = run("vkx-host", &["init", "--dir", &node], b"");
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to replace"));
+}
