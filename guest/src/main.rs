@@ -26,6 +26,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print the agent and protocol versions.
+    /// Attest once against the host and exit: 0 attested, 2 permanent
+    /// failure (do not retry), 3 retryable failure.
+    Once {
+        #[arg(long)]
+        config: PathBuf,
+    },
     Version,
     /// Debugging: quote the vTPM with the provisioned AK and write the
     /// evidence as files that tpm2-tools can check: attest.bin
@@ -48,7 +54,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let command = Cli::parse().command;
+    if let Command::Once { config } = &command {
+        return once(config);
+    }
+    let result = match command {
         Command::Version => {
             println!(
                 "vkx-guest {} (protocol versions {PROTOCOL_VERSION_1}..={PROTOCOL_VERSION_1})",
@@ -56,6 +66,7 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
+        Command::Once { .. } => Ok(()),
         Command::Evidence {
             tcti,
             nonce,
@@ -121,4 +132,42 @@ fn evidence(tcti: Option<String>, nonce: &str, pcrs: &[String], out: &Path) -> a
             .map_or("absent".to_string(), |c| format!("{} B", c.len())),
     );
     Ok(())
+}
+
+fn once(config: &std::path::Path) -> ExitCode {
+    let config = match vkx_guest::once::OnceConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vkx-guest: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vkx-guest: start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let outcome = rt.block_on(vkx_guest::once::once(config));
+    match &outcome {
+        vkx_guest::once::Outcome::Attested {
+            session_id,
+            reattest_after,
+        } => println!(
+            "attested: session {}, re-attest within {} s",
+            hex::encode(session_id),
+            reattest_after.as_secs()
+        ),
+        vkx_guest::once::Outcome::Permanent(why) => {
+            eprintln!("vkx-guest: permanent failure, not retrying: {why}")
+        }
+        vkx_guest::once::Outcome::Retryable(why) => {
+            eprintln!("vkx-guest: failed, retry later: {why}")
+        }
+    }
+    ExitCode::from(outcome.exit_code())
 }

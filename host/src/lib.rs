@@ -8,6 +8,7 @@
 //!   vTPM CA.
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
 //!   certificate digest).
+//! - [`serve`]: the host agent's async driver (`vkx-host serve`).
 //! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
 //!   certificate in NV). TPM calls block: call them from a blocking thread.
 
@@ -17,4 +18,5 @@ pub mod attestation;
 pub mod evidence;
 pub mod node;
 pub mod registry;
+pub mod serve;
 pub mod vtpm;

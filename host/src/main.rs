@@ -42,6 +42,12 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Run the host agent with the given configuration (host.toml) until
+    /// SIGTERM or SIGINT.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Wire-format tools.
     #[command(subcommand)]
     Wire(WireCommand),
@@ -182,6 +188,7 @@ fn main() -> ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Vtpm(cmd) => vtpm(cmd),
+        Command::Serve { config } => serve(&config),
         Command::Evidence(cmd) => evidence(cmd),
     };
     match result {
@@ -406,4 +413,28 @@ fn evidence(cmd: EvidenceCommand) -> anyhow::Result<bool> {
             }
         }
     }
+}
+
+fn serve(config: &std::path::Path) -> anyhow::Result<bool> {
+    let config = vkx_host::serve::ServeConfig::load(config)?;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(vkx_host::serve::serve(config, async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }))?;
+    Ok(true)
 }

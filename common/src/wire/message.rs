@@ -137,6 +137,12 @@ macro_rules! wire_name {
             }
         }
 
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl From<$name> for String {
             fn from(n: $name) -> String {
                 n.0

@@ -1,0 +1,451 @@
+//! `vkx-host serve`: the host agent's async driver. A thin shell around
+//! [`vkx_common::session::host::Host`]: it accepts connections, runs TLS,
+//! feeds the session frames and timer expiries, and answers its events
+//! with the registry, the quote verifier and the policy.
+//!
+//! Bounded by construction: at most `max_connections` connections hold an
+//! owned semaphore permit (more are closed at once); every connection has
+//! the TLS handshake deadline and then the session's own deadlines; each
+//! buffers at most one frame. Shutdown is a future: on it, listeners stop
+//! accepting and every live session says goodbye within
+//! [`SHUTDOWN_GRACE`].
+//!
+//! In this release the transport is the plain Unix socket of
+//! PROTOCOL.md §2.4 (one socket per VM: the socket is the identity); the
+//! key store arrives with key release, so until then every key request is
+//! refused with `not-permitted`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::{Instant as TokioInstant, timeout_at};
+use vkx_common::policy::Policy;
+use vkx_common::session::host::{
+    DeriveAnswer, Host, HostConfig, HostEvent, PeerContext, SessionRandom, Verdict,
+};
+use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
+use vkx_common::session::{CloseReason, Output};
+use vkx_common::wire::{
+    FeatureState, Features, FrameDecoder, KeyRefusal, KeyRelease, PROTOCOL_VERSION_1, VersionRange,
+    VmId, encode_frame, feature,
+};
+use vkx_common::{errors::ErrorCode, rl_info, rl_warn};
+
+use crate::attestation::{record_quote, verify_evidence};
+use crate::registry::Registry;
+
+/// Default connection limit: one per VM of a large node, with headroom.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
+/// How long live sessions get to say goodbye at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// `retry-after` told to guests at shutdown and on feature refusals.
+pub const SHUTDOWN_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// Most Unix listeners one host serves (one per VM in development).
+pub const MAX_LISTENERS: usize = 4096;
+
+/// `host.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The directory `vkx-host init` made.
+    pub node_dir: PathBuf,
+    pub registry: PathBuf,
+    pub policy: PathBuf,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_reattest")]
+    pub reattest_after_s: u32,
+    /// Development transport: one socket per VM (PROTOCOL.md §2.4).
+    #[serde(default)]
+    pub unix_listener: Vec<UnixListenerConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixListenerConfig {
+    pub path: PathBuf,
+    pub vm_id: String,
+}
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_reattest() -> u32 {
+    3600
+}
+
+impl ServeConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
+        let c: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        anyhow::ensure!(
+            !c.unix_listener.is_empty(),
+            "{}: no listener configured",
+            path.display()
+        );
+        anyhow::ensure!(
+            c.unix_listener.len() <= MAX_LISTENERS,
+            "more than {MAX_LISTENERS} listeners"
+        );
+        anyhow::ensure!(
+            (1..=65_536).contains(&c.max_connections),
+            "max_connections must be 1..=65536"
+        );
+        Ok(c)
+    }
+}
+
+struct Shared {
+    tls: tokio_rustls::TlsAcceptor,
+    registry: Registry,
+    policy: Policy,
+    config: Arc<HostConfig>,
+    rng: SystemRandom,
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (cert, key) = crate::node::load(&config.node_dir)?;
+    let tls = vkx_common::tls::server_config(cert, key)?;
+    let shared = Arc::new(Shared {
+        tls: tokio_rustls::TlsAcceptor::from(tls),
+        registry: Registry::open(&config.registry)?,
+        policy: Policy::load(&config.policy)?,
+        config: Arc::new(HostConfig {
+            versions: VersionRange {
+                min: PROTOCOL_VERSION_1,
+                max: PROTOCOL_VERSION_1,
+            },
+            reattest_after_s: config.reattest_after_s,
+            feature_retry_after: SHUTDOWN_RETRY_AFTER,
+        }),
+        rng: SystemRandom::new(),
+    });
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in &config.unix_listener {
+        let vm_id = VmId::new(l.vm_id.clone())
+            .map_err(|e| anyhow::anyhow!("listener {}: vm_id: {e}", l.path.display()))?;
+        let _ = std::fs::remove_file(&l.path);
+        let listener = UnixListener::bind(&l.path)
+            .map_err(|e| anyhow::anyhow!("listen on {}: {e}", l.path.display()))?;
+        tasks.spawn(accept_loop(
+            listener,
+            vm_id,
+            shared.clone(),
+            permits.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    rl_info!(
+        "vkx-host serving {} listener(s)",
+        config.unix_listener.len()
+    );
+    shutdown.await;
+    rl_info!("shutting down: no new connections, goodbye to live sessions");
+    let _ = stop_tx.send(true);
+    let deadline = TokioInstant::now() + SHUTDOWN_GRACE;
+    while let Ok(Some(_)) = timeout_at(deadline, tasks.join_next()).await {}
+    tasks.abort_all();
+    for l in &config.unix_listener {
+        let _ = std::fs::remove_file(&l.path);
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    vm_id: VmId,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                // Admission: over the limit, close at once (the guest
+                // backs off as from any transport failure, §11.6).
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    rl_warn!(peer: vm_id, "connection refused: connection limit reached");
+                    continue;
+                };
+                let (vm, shared, stop) = (vm_id.clone(), shared.clone(), stop.clone());
+                conns.spawn(async move {
+                    connection(stream, vm, shared, stop).await;
+                    drop(permit);
+                });
+            }
+            // Reap finished connections so the set stays small.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+fn features() -> Features {
+    [
+        (feature::KEY_RELEASE, FeatureState::Enabled),
+        (feature::KEY_DERIVATION, FeatureState::Enabled),
+        (feature::KEY_ROTATION, FeatureState::Enabled),
+    ]
+    .into()
+}
+
+async fn connection(
+    stream: UnixStream,
+    vm_id: VmId,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let accepted_at = std::time::Instant::now();
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            rl_warn!(peer: vm_id, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            rl_warn!(peer: vm_id, "TLS handshake timed out");
+            return;
+        }
+    };
+    let exporter = match vkx_common::tls::transcript_exporter(tls.get_ref().1) {
+        Ok(x) => x,
+        Err(e) => {
+            rl_warn!(peer: vm_id, error = %e, "TLS exporter failed");
+            return;
+        }
+    };
+    let mut random = SessionRandom {
+        host_nonce: [0; 32],
+        session_id: [0; 16],
+    };
+    if shared.rng.fill(&mut random.host_nonce).is_err()
+        || shared.rng.fill(&mut random.session_id).is_err()
+    {
+        rl_warn!(peer: vm_id, "no randomness: closing");
+        return;
+    }
+    // A VM the policy does not know is served as unmapped: refused after
+    // hello, opaquely.
+    let selection = shared.policy.selection(&vm_id);
+    let peer = PeerContext {
+        vm_id: selection.as_ref().map(|_| vm_id.clone()),
+        cid: None,
+        selection: selection.unwrap_or_default(),
+        features: features(),
+        accepted_at,
+    };
+    let mut host = Host::start(
+        shared.config.clone(),
+        peer,
+        exporter,
+        random,
+        std::time::Instant::now(),
+    );
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let mut frames = FrameDecoder::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    // Each iteration consumes input, a timer expiry or the stop signal;
+    // the session's deadlines bound how long it can wait.
+    while let Some(deadline) = host.deadline() {
+        let wake = TokioInstant::from_std(deadline);
+        let out;
+        tokio::select! {
+            _ = stop.changed() => {
+                let (h, o) = host.shutdown(SHUTDOWN_RETRY_AFTER);
+                host = h;
+                out = o;
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                let (h, o) = host.on_timeout(std::time::Instant::now());
+                host = h;
+                out = o;
+            }
+            n = rd.read(&mut buf) => {
+                let now = std::time::Instant::now();
+                match n {
+                    Ok(0) | Err(_) => {
+                        if let Err(e) = frames.finish() {
+                            rl_warn!(peer: vm_id, error = %e, "stream ended inside a frame");
+                        }
+                        let (h, o) = host.on_transport_closed();
+                        host = h;
+                        out = o;
+                    }
+                    Ok(n) => {
+                        let mut input = &buf[..n];
+                        let mut acc = Output::default();
+                        // Every frame consumes at least one byte.
+                        loop {
+                            match frames.decode(&mut input) {
+                                Ok(Some(payload)) => {
+                                    let (h, o) = host.on_payload(payload, now);
+                                    host = h;
+                                    merge(&mut acc, o);
+                                    if acc.close.is_some() { break; }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    rl_warn!(peer: vm_id, error = %e, "frame refused");
+                                    if let Some(code) = vkx_common::errors::code_for_frame_error(&e) {
+                                        acc.send.push(error_payload(code));
+                                    }
+                                    acc.close = Some(CloseReason::Failed(vkx_common::retry::Failure::Permanent));
+                                    host = Host::Closed;
+                                    break;
+                                }
+                            }
+                        }
+                        out = acc;
+                    }
+                }
+            }
+        }
+        let closing = out.close.clone();
+        let mut pending = out;
+        // Local work the session asked for, answered at once: each event
+        // yields at most one follow-up output, so this is bounded.
+        for _ in 0..8 {
+            let events = std::mem::take(&mut pending.events);
+            if events.is_empty() {
+                break;
+            }
+            for ev in events {
+                let (h, o) = handle_event(host, ev, &vm_id, &shared);
+                host = h;
+                merge(&mut pending, o);
+            }
+        }
+        for payload in &pending.send {
+            let mut frame = Vec::with_capacity(payload.len() + 4);
+            if encode_frame(payload, &mut frame).is_err() || wr.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.flush().await;
+        if let Some(reason) = closing.or(pending.close) {
+            if let CloseReason::Failed(f) = reason {
+                rl_info!(peer: vm_id, reason = ?f, "session closed");
+            }
+            let _ = wr.shutdown().await;
+            break;
+        }
+    }
+}
+
+fn error_payload(code: ErrorCode) -> zeroize::Zeroizing<Vec<u8>> {
+    vkx_common::wire::Message::Error(vkx_common::wire::ErrorMessage::new(code))
+        .encode()
+        .unwrap_or_default()
+}
+
+fn merge<E>(into: &mut Output<E>, from: Output<E>) {
+    into.send.extend(from.send);
+    into.events.extend(from.events);
+    if into.close.is_none() {
+        into.close = from.close;
+    }
+}
+
+fn handle_event(
+    host: Host,
+    ev: HostEvent,
+    vm_id: &VmId,
+    shared: &Shared,
+) -> (Host, Output<HostEvent>) {
+    let now = std::time::Instant::now();
+    match ev {
+        HostEvent::Verify {
+            vm_id: vm,
+            transcript_hash,
+            selection,
+            evidence,
+        } => {
+            let verdict = match verify_evidence(
+                &shared.registry,
+                &shared.policy,
+                &vm,
+                &transcript_hash,
+                &selection,
+                &evidence,
+            ) {
+                Ok(accepted) => {
+                    let unix = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    match record_quote(&shared.registry, &vm, &accepted.quote, unix) {
+                        Ok(Some(rewind)) => {
+                            rl_warn!(peer: vm, rewind = %rewind, "TPM state rewound: snapshot restore or clone")
+                        }
+                        Ok(None) => {}
+                        Err(e) => rl_warn!(peer: vm, error = %e, "could not record the quote"),
+                    }
+                    rl_info!(peer: vm, "attested");
+                    Verdict::Accepted
+                }
+                Err(e) if e.is_local() => {
+                    rl_warn!(peer: vm, error = %e, "verification failed locally");
+                    Verdict::LocalFailure
+                }
+                Err(e) => {
+                    // The reason stays here; the guest learns only
+                    // attestation-failed.
+                    rl_warn!(peer: vm, reason = %e, "attestation refused");
+                    Verdict::Rejected
+                }
+            };
+            host.on_verdict(verdict, now)
+        }
+        HostEvent::KeyRequest { names, .. } => {
+            let mut host = host;
+            let mut out = Output::default();
+            if let Host::Established(s) = &mut host {
+                out = s.answer_keys(KeyRelease {
+                    released: Vec::new(),
+                    refused: names
+                        .into_iter()
+                        .map(|name| KeyRefusal {
+                            name,
+                            code: ErrorCode::NotPermitted,
+                        })
+                        .collect(),
+                });
+            }
+            (host, out)
+        }
+        HostEvent::DeriveRequest { .. } => {
+            let mut host = host;
+            let mut out = Output::default();
+            let mut open = true;
+            if let Host::Established(s) = &mut host {
+                let (o, oo) = s.answer_derive(DeriveAnswer::NotPermitted);
+                open = o;
+                out = oo;
+            }
+            (if open { host } else { Host::Closed }, out)
+        }
+        HostEvent::Attested { .. } | HostEvent::UpdateAcked { .. } => {
+            let _ = vm_id;
+            (host, Output::default())
+        }
+    }
+}

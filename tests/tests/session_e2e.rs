@@ -1,0 +1,224 @@
+//! The agents end to end as processes: `vkx-host serve` and `vkx-guest
+//! once` over a Unix socket, TLS with the pinned host key, swtpm as the
+//! guest's vTPM, the host's registry and policy deciding.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vkx_e2e::swtpm::Swtpm;
+use vkx_e2e::{bin, run};
+
+/// Longest wait for the host's socket to appear.
+const STARTUP_LIMIT: Duration = Duration::from_secs(20);
+
+struct HostProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl HostProcess {
+    fn start(config: &Path, socket: &Path, log: PathBuf) -> Self {
+        let child = Command::new(bin("vkx-host"))
+            .args(["serve", "--config", &config.display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < STARTUP_LIMIT,
+                "host did not listen: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "host did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_provisioned_guest_attests_and_a_tampered_one_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let w = |n: &str| work.path().join(n);
+    let tpm = Swtpm::start();
+
+    let o = run(
+        "vkx-host",
+        &["init", "--dir", &w("node").display().to_string()],
+        b"",
+    );
+    assert!(o.status.success(), "{o:?}");
+    let pin = stdout(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("host key pin (SPKI SHA-256, for guest configs): "))
+        .unwrap()
+        .to_owned();
+    let o = run(
+        "vkx-host",
+        &[
+            "vtpm",
+            "provision",
+            "--tcti",
+            &tpm.tcti(),
+            "--vm-id",
+            "vm-1",
+            "--registry",
+            &w("registry").display().to_string(),
+            "--ca-dir",
+            &w("node/ca").display().to_string(),
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "{o:?}");
+
+    // The operator's reference values: this VM's PCRs 0 and 7 as they are.
+    let o = run(
+        "vkx-guest",
+        &[
+            "evidence",
+            "--tcti",
+            &tpm.tcti(),
+            "--nonce",
+            &"00".repeat(32),
+            "--pcrs",
+            "sha256:0,7",
+            "--out-dir",
+            &w("ref").display().to_string(),
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "{o:?}");
+    let pcrs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w("ref/pcrs.json")).unwrap()).unwrap();
+    let mut policy =
+        "[[image]]\nname = \"img\"\nkeys = [\"disk\"]\n\n[[vm]]\nid = \"vm-1\"\nimage = \"img\"\n"
+            .to_owned();
+    for i in ["0", "7"] {
+        policy += &format!(
+            "\n[[vm.pcr]]\nbank = \"sha256\"\nindex = {i}\nallowed = [\"{}\"]\n",
+            pcrs["sha256"][i].as_str().unwrap()
+        );
+    }
+    std::fs::write(w("policy.toml"), policy).unwrap();
+    let socket = w("vm-1.sock");
+    std::fs::write(
+        w("host.toml"),
+        format!(
+            "node_dir = \"{}\"\nregistry = \"{}\"\npolicy = \"{}\"\n\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"vm-1\"\n",
+            w("node").display(),
+            w("registry").display(),
+            w("policy.toml").display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let guest_config = |pin: &str| {
+        let path = w(&format!("guest-{}.toml", &pin[..8]));
+        std::fs::write(
+            &path,
+            format!(
+                "host_socket = \"{}\"\nhost_key_sha256 = \"{pin}\"\ntcti = \"{}\"\n",
+                socket.display(),
+                tpm.tcti()
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let host = HostProcess::start(&w("host.toml"), &socket, w("host.log"));
+
+    // 1. Attested.
+    let o = run("vkx-guest", &["once", "--config", &guest_config(&pin)], b"");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "guest: {}\nhost: {}",
+        stderr(&o),
+        host.log()
+    );
+    assert!(stdout(&o).contains("attested: session"), "{}", stdout(&o));
+    assert!(host.log().contains("attested"), "{}", host.log());
+
+    // 2. The wrong host key: permanent, no retry.
+    let o = run(
+        "vkx-guest",
+        &["once", "--config", &guest_config(&"ab".repeat(32))],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("TLS handshake"), "{}", stderr(&o));
+
+    // 3. A changed boot: the guest learns only attestation-failed; the
+    //    reason is in the host's log.
+    let o = Command::new("tpm2_pcrextend")
+        .args(["-T", &tpm.tcti(), &format!("7:sha256={}", "ee".repeat(32))])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let o = run("vkx-guest", &["once", "--config", &guest_config(&pin)], b"");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("attestation-failed (6)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains("PCR"),
+        "the reason leaked to the guest: {}",
+        stderr(&o)
+    );
+    let log = host.log();
+    assert!(
+        log.contains("attestation refused") && log.contains("sha256:7"),
+        "{log}"
+    );
+
+    // 4. SIGTERM: the host stops cleanly and removes its socket.
+    let status = host.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists());
+
+    // 5. No host: retryable.
+    let o = run("vkx-guest", &["once", "--config", &guest_config(&pin)], b"");
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+}
