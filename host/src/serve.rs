@@ -10,8 +10,9 @@
 //! accepting and every live session says goodbye within
 //! [`SHUTDOWN_GRACE`].
 //!
-//! In this release the transport is the plain Unix socket of
-//! PROTOCOL.md §2.4 (one socket per VM: the socket is the identity); the
+//! Transports in this release: hybrid vsock (the VMM's `<path>_<port>`
+//! socket, PROTOCOL.md §2.3.1) and the plain Unix socket of §2.4; in both,
+//! which socket a connection arrives on is the VM's identity. The
 //! key store arrives with key release, so until then every key request is
 //! refused with `not-permitted`.
 
@@ -66,6 +67,34 @@ pub struct ServeConfig {
     /// Development transport: one socket per VM (PROTOCOL.md §2.4).
     #[serde(default)]
     pub unix_listener: Vec<UnixListenerConfig>,
+    /// Hybrid vsock (Firecracker, Cloud Hypervisor, vhost-device-vsock):
+    /// the guest's connections to host port P arrive on `<path>_<P>`
+    /// (PROTOCOL.md §2.3.1); the socket is the VM's identity.
+    #[serde(default)]
+    pub hybrid_vsock: Vec<HybridVsockConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HybridVsockConfig {
+    /// The VM's vsock Unix socket as the VMM names it (without `_<port>`).
+    pub path: PathBuf,
+    pub vm_id: String,
+    #[serde(default = "default_port")]
+    pub port: u32,
+}
+
+fn default_port() -> u32 {
+    vkx_common::session::transport::VKX_PORT
+}
+
+impl HybridVsockConfig {
+    /// The socket the host listens on: `<path>_<port>`.
+    pub fn listen_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!("_{}", self.port));
+        PathBuf::from(p)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,12 +167,23 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    for l in &config.unix_listener {
-        let vm_id = VmId::new(l.vm_id.clone())
-            .map_err(|e| anyhow::anyhow!("listener {}: vm_id: {e}", l.path.display()))?;
-        let _ = std::fs::remove_file(&l.path);
-        let listener = UnixListener::bind(&l.path)
-            .map_err(|e| anyhow::anyhow!("listen on {}: {e}", l.path.display()))?;
+    let sockets: Vec<(PathBuf, &str)> = config
+        .unix_listener
+        .iter()
+        .map(|l| (l.path.clone(), l.vm_id.as_str()))
+        .chain(
+            config
+                .hybrid_vsock
+                .iter()
+                .map(|h| (h.listen_path(), h.vm_id.as_str())),
+        )
+        .collect();
+    for (path, vm) in &sockets {
+        let vm_id = VmId::new(*vm)
+            .map_err(|e| anyhow::anyhow!("listener {}: vm_id: {e}", path.display()))?;
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)
+            .map_err(|e| anyhow::anyhow!("listen on {}: {e}", path.display()))?;
         tasks.spawn(accept_loop(
             listener,
             vm_id,
@@ -162,8 +202,8 @@ pub async fn serve(
     let deadline = TokioInstant::now() + SHUTDOWN_GRACE;
     while let Ok(Some(_)) = timeout_at(deadline, tasks.join_next()).await {}
     tasks.abort_all();
-    for l in &config.unix_listener {
-        let _ = std::fs::remove_file(&l.path);
+    for (path, _) in &sockets {
+        let _ = std::fs::remove_file(path);
     }
     Ok(())
 }

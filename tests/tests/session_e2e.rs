@@ -144,11 +144,12 @@ fn a_provisioned_guest_attests_and_a_tampered_one_is_refused() {
     std::fs::write(
         w("host.toml"),
         format!(
-            "node_dir = \"{}\"\nregistry = \"{}\"\npolicy = \"{}\"\n\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"vm-1\"\n",
+            "node_dir = \"{}\"\nregistry = \"{}\"\npolicy = \"{}\"\n\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"vm-1\"\n\n[[hybrid_vsock]]\npath = \"{}\"\nvm_id = \"vm-1\"\n",
             w("node").display(),
             w("registry").display(),
             w("policy.toml").display(),
-            socket.display()
+            socket.display(),
+            w("vm-1.vsock").display()
         ),
     )
     .unwrap();
@@ -178,6 +179,31 @@ fn a_provisioned_guest_attests_and_a_tampered_one_is_refused() {
     );
     assert!(stdout(&o).contains("attested: session"), "{}", stdout(&o));
     assert!(host.log().contains("attested"), "{}", host.log());
+
+    // 1b. The same over hybrid vsock: the VMM delivers the guest's
+    //     connection to host port 7861 on `<path>_7861` (§2.3.1).
+    let hybrid = w("guest-hybrid.toml");
+    std::fs::write(
+        &hybrid,
+        format!(
+            "host_socket = \"{}\"\nhost_key_sha256 = \"{pin}\"\ntcti = \"{}\"\n",
+            w("vm-1.vsock_7861").display(),
+            tpm.tcti()
+        ),
+    )
+    .unwrap();
+    let o = run(
+        "vkx-guest",
+        &["once", "--config", &hybrid.display().to_string()],
+        b"",
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "guest: {}\nhost: {}",
+        stderr(&o),
+        host.log()
+    );
 
     // 2. The wrong host key: permanent, no retry.
     let o = run(
