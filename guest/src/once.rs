@@ -204,7 +204,7 @@ pub async fn once(config: OnceConfig) -> Outcome {
                     };
                     let (g, o) = guest.on_quote(evidence, std::time::Instant::now());
                     guest = g;
-                    pending = merge(pending, o);
+                    pending.absorb(o);
                 }
                 GuestEvent::Attested {
                     session_id,
@@ -255,7 +255,7 @@ pub async fn once(config: OnceConfig) -> Outcome {
                                 Ok(Some(payload)) => {
                                     let (g, o) = guest.on_payload(payload, now);
                                     guest = g;
-                                    pending = merge(pending, o);
+                                    pending.absorb(o);
                                     if pending.close.is_some() { break; }
                                 }
                                 Ok(None) => break,
@@ -267,13 +267,4 @@ pub async fn once(config: OnceConfig) -> Outcome {
             }
         }
     }
-}
-
-fn merge<E>(mut into: Output<E>, from: Output<E>) -> Output<E> {
-    into.send.extend(from.send);
-    into.events.extend(from.events);
-    if into.close.is_none() {
-        into.close = from.close;
-    }
-    into
 }

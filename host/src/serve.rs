@@ -340,7 +340,7 @@ async fn connection(
                                 Ok(Some(payload)) => {
                                     let (h, o) = host.on_payload(payload, now);
                                     host = h;
-                                    merge(&mut acc, o);
+                                    acc.absorb(o);
                                     if acc.close.is_some() { break; }
                                 }
                                 Ok(None) => break,
@@ -372,7 +372,7 @@ async fn connection(
             for ev in events {
                 let (h, o) = handle_event(host, ev, &vm_id, &shared);
                 host = h;
-                merge(&mut pending, o);
+                pending.absorb(o);
             }
         }
         for payload in &pending.send {
@@ -396,14 +396,6 @@ fn error_payload(code: ErrorCode) -> zeroize::Zeroizing<Vec<u8>> {
     vkx_common::wire::Message::Error(vkx_common::wire::ErrorMessage::new(code))
         .encode()
         .unwrap_or_default()
-}
-
-fn merge<E>(into: &mut Output<E>, from: Output<E>) {
-    into.send.extend(from.send);
-    into.events.extend(from.events);
-    if into.close.is_none() {
-        into.close = from.close;
-    }
 }
 
 fn handle_event(

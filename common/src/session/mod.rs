@@ -77,6 +77,15 @@ impl<E> Default for Output<E> {
 }
 
 impl<E> Output<E> {
+    /// Appends what `later` asks for; the first close reason wins.
+    pub fn absorb(&mut self, later: Output<E>) {
+        self.send.extend(later.send);
+        self.events.extend(later.events);
+        if self.close.is_none() {
+            self.close = later.close;
+        }
+    }
+
     pub(crate) fn send(&mut self, m: impl Into<Message>) {
         match m.into().encode() {
             Ok(bytes) => self.send.push(bytes),
