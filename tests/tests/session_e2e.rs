@@ -68,6 +68,42 @@ impl Drop for HostProcess {
     }
 }
 
+/// A raw client: TLS with the pinned key, then the given frames; returns
+/// the messages the host sends back until it closes.
+fn raw_exchange(socket: &Path, pin: &str, frames: &[Vec<u8>]) -> Vec<vkx_common::wire::Message> {
+    use std::io::{Read, Write};
+    let pin: [u8; 32] = hex::decode(pin).unwrap().try_into().unwrap();
+    let config = vkx_common::tls::client_config(pin).unwrap();
+    let conn = rustls::ClientConnection::new(config, vkx_common::tls::host_server_name()).unwrap();
+    let sock = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    for payload in frames {
+        let mut frame = Vec::new();
+        vkx_common::wire::encode_frame(payload, &mut frame).unwrap();
+        tls.write_all(&frame).unwrap();
+    }
+    tls.flush().unwrap();
+    let mut bytes = Vec::new();
+    // Ends at the host's close (EOF or reset); bounded by the read timeout.
+    let _ = tls.read_to_end(&mut bytes);
+    let mut d = vkx_common::wire::FrameDecoder::new();
+    let mut input = &bytes[..];
+    let mut out = Vec::new();
+    while let Ok(Some(p)) = d.decode(&mut input) {
+        out.push(vkx_common::wire::Message::decode(p).unwrap());
+    }
+    out
+}
+
+fn only_error(msgs: &[vkx_common::wire::Message]) -> vkx_common::errors::ErrorCode {
+    match msgs {
+        [vkx_common::wire::Message::Error(e)] => e.code,
+        other => panic!("expected one error, got {other:?}"),
+    }
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -202,6 +238,41 @@ fn a_provisioned_guest_attests_and_a_tampered_one_is_refused() {
         Some(0),
         "guest: {}\nhost: {}",
         stderr(&o),
+        host.log()
+    );
+
+    // 1c. A raw client with an unknown message type, then one offering only
+    //     a version the host does not speak: each gets its typed permanent
+    //     error and a closed connection; the host keeps serving.
+    use vkx_common::errors::ErrorCode;
+    let got = raw_exchange(&socket, &pin, &[hex::decode("821863a0").unwrap()]);
+    assert_eq!(only_error(&got), ErrorCode::UnknownMessage);
+    let future_hello = vkx_common::wire::Message::Hello(vkx_common::wire::Hello {
+        min_version: 2,
+        max_version: 3,
+        agent_name: vkx_common::wire::AgentName::new("future").unwrap(),
+        agent_version: vkx_common::wire::AgentVersion::new("9").unwrap(),
+        guest_nonce: [0; 32],
+    })
+    .encode()
+    .unwrap()
+    .to_vec();
+    let got = raw_exchange(&socket, &pin, &[future_hello]);
+    match &got[..] {
+        [vkx_common::wire::Message::Error(e)] => {
+            assert_eq!(e.code, ErrorCode::UnsupportedVersion);
+            assert_eq!(
+                e.supported,
+                Some(vkx_common::wire::VersionRange { min: 1, max: 1 })
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let o = run("vkx-guest", &["once", "--config", &guest_config(&pin)], b"");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "the host stopped serving: {}",
         host.log()
     );
 
