@@ -216,6 +216,8 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    // Runs until shutdown. Each iteration accepts one connection (which
+    // must win a permit: at most `max_connections` live) or reaps one.
     loop {
         tokio::select! {
             _ = stop.changed() => break,
