@@ -259,7 +259,14 @@ pub async fn once(config: OnceConfig) -> Outcome {
                                     if pending.close.is_some() { break; }
                                 }
                                 Ok(None) => break,
-                                Err(e) => return Outcome::Permanent(format!("framing: {e}")),
+                                Err(e) => {
+                                    eprintln!("vkx-guest: framing: {e}");
+                                    let mut o = Output::default();
+                                    o.frame_error(&e);
+                                    guest = Guest::Closed;
+                                    pending.absorb(o);
+                                    break;
+                                }
                             }
                         }
                     }

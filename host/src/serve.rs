@@ -348,10 +348,7 @@ async fn connection(
                                 Ok(None) => break,
                                 Err(e) => {
                                     rl_warn!(peer: vm_id, error = %e, "frame refused");
-                                    if let Some(code) = vkx_common::errors::code_for_frame_error(&e) {
-                                        acc.send.push(error_payload(code));
-                                    }
-                                    acc.close = Some(CloseReason::Failed(vkx_common::retry::Failure::Permanent));
+                                    acc.frame_error(&e);
                                     host = Host::Closed;
                                     break;
                                 }
@@ -392,12 +389,6 @@ async fn connection(
             break;
         }
     }
-}
-
-fn error_payload(code: ErrorCode) -> zeroize::Zeroizing<Vec<u8>> {
-    vkx_common::wire::Message::Error(vkx_common::wire::ErrorMessage::new(code))
-        .encode()
-        .unwrap_or_default()
 }
 
 fn handle_event(

@@ -272,13 +272,7 @@ impl Guest {
                 (Self::AwaitResult(next), out)
             }
             None => {
-                out.fail(
-                    ErrorCode::Internal,
-                    CloseReason::Failed(Failure::Code {
-                        code: ErrorCode::Internal,
-                        retry_after: None,
-                    }),
-                );
+                out.fail_code(ErrorCode::Internal);
                 (Self::Closed, out)
             }
         }
@@ -291,23 +285,13 @@ impl Guest {
         if !due {
             return (self, out);
         }
-        let timeout = CloseReason::Failed(Failure::Code {
-            code: ErrorCode::Timeout,
-            retry_after: None,
-        });
         match self {
             Self::AwaitChallenge(_) | Self::AwaitResult(_) => {
-                out.fail(ErrorCode::Timeout, timeout);
+                out.fail_code(ErrorCode::Timeout);
                 (Self::Closed, out)
             }
             Self::Quoting(_) => {
-                out.fail(
-                    ErrorCode::Internal,
-                    CloseReason::Failed(Failure::Code {
-                        code: ErrorCode::Internal,
-                        retry_after: None,
-                    }),
-                );
+                out.fail_code(ErrorCode::Internal);
                 (Self::Closed, out)
             }
             Self::Established(mut s) => {
@@ -669,13 +653,7 @@ impl Established {
         let timed_out = self.request.as_ref().is_some_and(|r| now >= r.deadline())
             || self.ping.is_some_and(|(_, d)| now >= d);
         if timed_out {
-            out.fail(
-                ErrorCode::Timeout,
-                CloseReason::Failed(Failure::Code {
-                    code: ErrorCode::Timeout,
-                    retry_after: None,
-                }),
-            );
+            out.fail_code(ErrorCode::Timeout);
             return false;
         }
         if now >= self.reattest_at {

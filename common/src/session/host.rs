@@ -315,13 +315,7 @@ impl Host {
                 (Self::Closed, out)
             }
             Verdict::LocalFailure => {
-                out.fail(
-                    ErrorCode::Internal,
-                    CloseReason::Failed(Failure::Code {
-                        code: ErrorCode::Internal,
-                        retry_after: None,
-                    }),
-                );
+                out.fail_code(ErrorCode::Internal);
                 (Self::Closed, out)
             }
         }
@@ -333,18 +327,14 @@ impl Host {
         if self.deadline().is_none_or(|d| now < d) {
             return (self, out);
         }
-        let timeout = CloseReason::Failed(Failure::Code {
-            code: ErrorCode::Timeout,
-            retry_after: None,
-        });
         match self {
             Self::AwaitHello(_) | Self::AwaitEvidence(_) | Self::Verifying(_) => {
-                out.fail(ErrorCode::Timeout, timeout);
+                out.fail_code(ErrorCode::Timeout);
                 (Self::Closed, out)
             }
             Self::Established(s) => {
                 if s.updates.values().any(|d| now >= *d) {
-                    out.fail(ErrorCode::Timeout, timeout);
+                    out.fail_code(ErrorCode::Timeout);
                 } else if now >= s.reattest_at {
                     out.goodbye(GoodbyeReason::Reattest, None);
                     out.close(CloseReason::Orderly { retry_after: None });

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
-use crate::errors::{ErrorCode, code_for_decode_error};
+use crate::errors::{ErrorCode, code_for_decode_error, code_for_frame_error};
 use crate::retry::Failure;
-use crate::wire::{ErrorMessage, Goodbye, GoodbyeReason, Message, VersionRange};
+use crate::wire::{ErrorMessage, FrameError, Goodbye, GoodbyeReason, Message, VersionRange};
 
 /// The `error` message type: never answered, even when malformed.
 pub(crate) const ERROR_TYPE: u64 = 13;
@@ -112,6 +112,27 @@ impl<E> Output<E> {
         self.close(reason);
     }
 
+    /// Sends an error and closes, failed by that code (the retry policy
+    /// classifies it).
+    pub(crate) fn fail_code(&mut self, code: ErrorCode) {
+        self.fail(
+            code,
+            CloseReason::Failed(Failure::Code {
+                code,
+                retry_after: None,
+            }),
+        );
+    }
+
+    /// The frame layer refused the stream (§3.3): answer with its code, if
+    /// one can still be sent, and close.
+    pub fn frame_error(&mut self, e: &FrameError) {
+        match code_for_frame_error(e) {
+            Some(code) => self.fail(code, CloseReason::Failed(Failure::Permanent)),
+            None => self.close(CloseReason::Failed(Failure::Transport)),
+        }
+    }
+
     pub(crate) fn goodbye(&mut self, reason: GoodbyeReason, retry_after_ms: Option<u32>) {
         self.send(Goodbye {
             reason,
@@ -156,6 +177,24 @@ pub(crate) fn after(now: Instant, d: Duration) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_errors_are_answered_when_they_can_be() {
+        let mut out: Output<()> = Output::default();
+        out.frame_error(&FrameError::TooLarge { len: 70_000 });
+        assert_eq!(out.close, Some(CloseReason::Failed(Failure::Permanent)));
+        let [sent] = &out.send[..] else {
+            panic!("{:?}", out.send)
+        };
+        assert!(matches!(
+            Message::decode(sent),
+            Ok(Message::Error(e)) if e.code == ErrorCode::FrameTooLarge
+        ));
+        let mut out: Output<()> = Output::default();
+        out.frame_error(&FrameError::Truncated { have: 2, need: 4 });
+        assert!(out.send.is_empty());
+        assert_eq!(out.close, Some(CloseReason::Failed(Failure::Transport)));
+    }
 
     #[test]
     fn negotiation_picks_the_highest_common_version() {
