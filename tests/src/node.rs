@@ -1,5 +1,6 @@
-//! A host node for tests: a vTPM CA and a registry in a temporary
-//! directory, driven through the real `vkx-host` binary.
+//! A host node for tests: a node identity (`vkx-host init`: TLS key and
+//! vTPM CA) and a registry in a temporary directory, driven through the
+//! real `vkx-host` binary.
 
 use std::path::Path;
 use std::process::Output;
@@ -7,29 +8,52 @@ use std::process::Output;
 use crate::run;
 use crate::swtpm::Swtpm;
 
-/// A node: CA and registry directories.
+/// The prefix of the pin line `vkx-host init` prints.
+pub const PIN_LINE: &str = "host key pin (SPKI SHA-256, for guest configs): ";
+
+/// A node: identity, CA and registry directories.
 #[derive(Debug)]
 pub struct Node {
     dir: tempfile::TempDir,
+    pin: String,
 }
 
 impl Node {
-    #[allow(clippy::new_without_default)] // Runs `vkx-host vtpm ca-init`: not a default.
+    #[allow(clippy::new_without_default)] // Runs `vkx-host init`: not a default.
     pub fn new() -> Self {
-        let node = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let o = run("vkx-host", &["vtpm", "ca-init", "--dir", &node.ca()], b"");
+        let dir = tempfile::tempdir().unwrap();
+        let node_dir = dir.path().join("node").display().to_string();
+        let o = run("vkx-host", &["init", "--dir", &node_dir], b"");
         assert!(
             o.status.success(),
-            "ca-init: {}",
+            "init: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        node
+        let pin = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(PIN_LINE))
+            .expect("init prints the pin")
+            .to_owned();
+        Self { dir, pin }
+    }
+
+    /// The directory `vkx-host init` made (host.toml's `node_dir`).
+    pub fn node_dir(&self) -> String {
+        self.dir.path().join("node").display().to_string()
+    }
+
+    /// The host key pin guests configure.
+    pub fn pin(&self) -> &str {
+        &self.pin
     }
 
     pub fn ca(&self) -> String {
-        self.dir.path().join("ca").display().to_string()
+        self.dir
+            .path()
+            .join("node")
+            .join("ca")
+            .display()
+            .to_string()
     }
 
     pub fn registry(&self) -> String {

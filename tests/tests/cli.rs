@@ -111,7 +111,7 @@ fn init_prints_the_host_key_pin_and_never_replaces_it() {
     let out = stdout(&o);
     let pin = out
         .lines()
-        .find_map(|l| l.strip_prefix("host key pin (SPKI SHA-256, for guest configs): "))
+        .find_map(|l| l.strip_prefix(vkx_e2e::node::PIN_LINE))
         .expect("pin line");
     assert_eq!(hex::decode(pin).unwrap().len(), 32);
     let again = run("vkx-host", &["init", "--dir", &node], b"");

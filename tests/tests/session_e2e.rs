@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use vkx_e2e::node::Node;
 use vkx_e2e::swtpm::Swtpm;
 use vkx_e2e::{bin, run};
 
@@ -118,33 +119,9 @@ fn a_provisioned_guest_attests_and_a_tampered_one_is_refused() {
     let w = |n: &str| work.path().join(n);
     let tpm = Swtpm::start();
 
-    let o = run(
-        "vkx-host",
-        &["init", "--dir", &w("node").display().to_string()],
-        b"",
-    );
-    assert!(o.status.success(), "{o:?}");
-    let pin = stdout(&o)
-        .lines()
-        .find_map(|l| l.strip_prefix("host key pin (SPKI SHA-256, for guest configs): "))
-        .unwrap()
-        .to_owned();
-    let o = run(
-        "vkx-host",
-        &[
-            "vtpm",
-            "provision",
-            "--tcti",
-            &tpm.tcti(),
-            "--vm-id",
-            "vm-1",
-            "--registry",
-            &w("registry").display().to_string(),
-            "--ca-dir",
-            &w("node/ca").display().to_string(),
-        ],
-        b"",
-    );
+    let node = Node::new();
+    let pin = node.pin().to_owned();
+    let o = node.provision(&tpm, "vm-1", "ecc");
     assert!(o.status.success(), "{o:?}");
 
     // The operator's reference values: this VM's PCRs 0 and 7 as they are.
@@ -181,8 +158,8 @@ fn a_provisioned_guest_attests_and_a_tampered_one_is_refused() {
         w("host.toml"),
         format!(
             "node_dir = \"{}\"\nregistry = \"{}\"\npolicy = \"{}\"\n\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"vm-1\"\n\n[[hybrid_vsock]]\npath = \"{}\"\nvm_id = \"vm-1\"\n",
-            w("node").display(),
-            w("registry").display(),
+            node.node_dir(),
+            node.registry(),
             w("policy.toml").display(),
             socket.display(),
             w("vm-1.vsock").display()
