@@ -230,6 +230,25 @@ impl RetryPolicy {
         self.next = None;
     }
 
+    /// The session ended without a failure at `now` (a `goodbye`, a
+    /// re-attestation, one-shot work done): §13.2 keeps the failure count
+    /// as it is and asks for no backoff, but a `retry-after` the peer gave
+    /// is honoured (§13.5) and the budget still applies (§13.3).
+    pub fn closed(&mut self, now: Instant, retry_after: Option<Duration>) -> Next {
+        self.expire(now);
+        let earliest = match retry_after {
+            Some(hint) => {
+                let hint = hint.min(self.config.max_retry_after);
+                let spread = self.jitter.upto(hint / RETRY_AFTER_JITTER_DIVISOR);
+                now + hint + spread
+            }
+            None => now,
+        };
+        let next = self.limit(now, Next::At(earliest));
+        self.next = Some(next);
+        next
+    }
+
     /// The attempt failed at `now`; returns when the next may start.
     pub fn failed(&mut self, now: Instant, failure: Failure) -> Next {
         self.consecutive = self.consecutive.saturating_add(1);
@@ -330,6 +349,42 @@ mod tests {
             assert!(next.instant() <= t0 + REPROBE_INTERVAL + REPROBE_JITTER);
             assert!(!p.attempt(t0 + Duration::from_secs(60)));
         }
+    }
+
+    #[test]
+    fn an_orderly_close_needs_no_backoff_but_honours_retry_after_and_budget() {
+        let t0 = Instant::now();
+        let mut p = RetryPolicy::new(RetryConfig::default(), 3);
+        assert!(p.attempt(t0));
+        p.succeeded();
+        assert_eq!(p.closed(t0, None), Next::At(t0));
+        assert!(p.attempt(t0));
+        let next = p.closed(t0, Some(Duration::from_secs(30))).instant();
+        assert!(next >= t0 + Duration::from_secs(30));
+        assert!(next <= t0 + Duration::from_secs(33));
+        assert!(!p.attempt(t0 + Duration::from_secs(29)));
+        // A host that ends every session at once cannot make the guest
+        // exceed its budget: the budget's end is dormancy.
+        let mut p = RetryPolicy::new(RetryConfig::default(), 4);
+        let mut t = t0;
+        let mut attempts = 0u64;
+        let end = t0 + RETRY_WINDOW;
+        while t < end {
+            if p.attempt(t) {
+                attempts += 1;
+                p.succeeded();
+                p.closed(t, None);
+            }
+            t = p
+                .next_attempt(t)
+                .instant()
+                .max(t + Duration::from_millis(10));
+        }
+        assert!(attempts >= u64::from(RETRY_BUDGET), "{attempts}");
+        assert!(
+            attempts <= RetryConfig::default().max_attempts_per_window(),
+            "{attempts}"
+        );
     }
 
     #[test]

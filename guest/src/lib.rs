@@ -1,12 +1,24 @@
 //! `vkx-guest` as a library: the pieces of the guest agent that the binary
 //! and the end-to-end tests share.
 //!
+//! - [`agent`]: one connection attempt: connect, TLS, session, driven to
+//!   its close; shared by `once` and `run`.
+//! - [`config`]: the `guest.toml` file.
+//! - [`daemon`]: `vkx-guest run`: hold a session, re-attest, reconnect
+//!   with the retry policy.
 //! - [`once`]: one attestation over the protocol (`vkx-guest once`).
+//! - [`status`]: the daemon's status file (`vkx-guest status`).
 //! - [`tpm`]: evidence collection (TPM2_Quote with the provisioned AK, PCR
 //!   values, AK certificate). TPM calls block: call them from a blocking
 //!   thread.
+//! - [`transport`]: the connection to the host: AF_VSOCK (from a reserved
+//!   source port when permitted) or a Unix socket.
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod config;
+pub mod daemon;
 pub mod once;
+pub mod status;
 pub mod tpm;

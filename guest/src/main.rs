@@ -1,8 +1,8 @@
 //! `vkx-guest`: the guest agent.
 //!
-//! In this release it reports its versions and, for debugging, collects TPM
-//! evidence into files (`evidence`); attestation (`once`, `run`) arrives
-//! with the sessions and transports.
+//! `run` keeps an attested session as a daemon; `once` attests one time
+//! for scripts; `status` shows what the daemon is doing; `evidence`
+//! collects TPM evidence into files for debugging.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stdout)] // A command-line tool prints its results.
@@ -25,13 +25,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the agent and protocol versions.
+    /// Run as a daemon: keep an attested session with the host, re-attest
+    /// when asked, reconnect with bounded, jittered backoff (PROTOCOL.md
+    /// §13). Stops with a goodbye on SIGTERM or SIGINT.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Attest once against the host and exit: 0 attested, 2 permanent
     /// failure (do not retry), 3 retryable failure.
     Once {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show what the daemon is doing: state, last success, next attempt,
+    /// last error (from its status file in the run directory).
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the agent and protocol versions.
     Version,
     /// Debugging: quote the vTPM with the provisioned AK and write the
     /// evidence as files that tpm2-tools can check: attest.bin
@@ -55,8 +68,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let command = Cli::parse().command;
-    if let Command::Once { config } = &command {
-        return once(config);
+    match &command {
+        Command::Once { config } => return once(config),
+        Command::Run { config } => return run(config),
+        _ => {}
     }
     let result = match command {
         Command::Version => {
@@ -66,7 +81,8 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
-        Command::Once { .. } => Ok(()),
+        Command::Once { .. } | Command::Run { .. } => Ok(()),
+        Command::Status { config } => status(&config),
         Command::Evidence {
             tcti,
             nonce,
@@ -134,23 +150,89 @@ fn evidence(tcti: Option<String>, nonce: &str, pcrs: &[String], out: &Path) -> a
     Ok(())
 }
 
-fn once(config: &std::path::Path) -> ExitCode {
-    let config = match vkx_guest::once::OnceConfig::load(config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("vkx-guest: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
+fn logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("vkx-guest: start the async runtime: {e}");
-            return ExitCode::from(3);
+            ExitCode::from(3)
+        })
+}
+
+fn load(config: &Path) -> Result<vkx_guest::config::Config, ExitCode> {
+    vkx_guest::config::Config::load(config).map_err(|e| {
+        eprintln!("vkx-guest: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+fn status(config: &Path) -> anyhow::Result<()> {
+    let config = vkx_guest::config::Config::load(config)?;
+    let s = vkx_guest::status::read(&config.run_dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    print!("{}", vkx_guest::status::render(&s, now));
+    Ok(())
+}
+
+fn run(config: &Path) -> ExitCode {
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    logging();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let signals = async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            let _ = stop_tx.send(true);
+            // Keep the sender alive until the daemon has seen it.
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            r = vkx_guest::daemon::run(config, stop_rx) => r,
+            () = signals => Ok(()),
         }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vkx-guest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn once(config: &Path) -> ExitCode {
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    logging();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
     let outcome = rt.block_on(vkx_guest::once::once(config));
     match &outcome {

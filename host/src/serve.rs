@@ -45,8 +45,8 @@ use crate::registry::Registry;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 /// How long live sessions get to say goodbye at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// `retry-after` told to guests at shutdown and on feature refusals.
-pub const SHUTDOWN_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// `retry-after` told to guests on feature refusals.
+pub const FEATURE_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
 /// Most Unix listeners one host serves (one per VM in development).
@@ -64,6 +64,11 @@ pub struct ServeConfig {
     pub max_connections: usize,
     #[serde(default = "default_reattest")]
     pub reattest_after_s: u32,
+    /// `retry-after` in the `goodbye` live sessions get at shutdown: how
+    /// long guests wait before reconnecting (plus up to 10 % jitter).
+    /// Short for a quick restart; longer for a planned outage.
+    #[serde(default = "default_shutdown_retry_after")]
+    pub shutdown_retry_after_s: u32,
     /// Development transport: one socket per VM (PROTOCOL.md §2.4).
     #[serde(default)]
     pub unix_listener: Vec<UnixListenerConfig>,
@@ -112,24 +117,32 @@ fn default_reattest() -> u32 {
     3600
 }
 
+fn default_shutdown_retry_after() -> u32 {
+    30
+}
+
+/// Largest `shutdown_retry_after_s`: a day, the guests' own cap.
+pub const MAX_SHUTDOWN_RETRY_AFTER_S: u32 = 24 * 3600;
+
 impl ServeConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
         let c: Self =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let listeners = c.unix_listener.len() + c.hybrid_vsock.len();
+        anyhow::ensure!(listeners > 0, "{}: no listener configured", path.display());
         anyhow::ensure!(
-            !c.unix_listener.is_empty(),
-            "{}: no listener configured",
-            path.display()
-        );
-        anyhow::ensure!(
-            c.unix_listener.len() <= MAX_LISTENERS,
+            listeners <= MAX_LISTENERS,
             "more than {MAX_LISTENERS} listeners"
         );
         anyhow::ensure!(
             (1..=65_536).contains(&c.max_connections),
             "max_connections must be 1..=65536"
+        );
+        anyhow::ensure!(
+            (1..=MAX_SHUTDOWN_RETRY_AFTER_S).contains(&c.shutdown_retry_after_s),
+            "shutdown_retry_after_s must be 1..={MAX_SHUTDOWN_RETRY_AFTER_S}"
         );
         Ok(c)
     }
@@ -141,6 +154,7 @@ struct Shared {
     policy: Policy,
     config: Arc<HostConfig>,
     rng: SystemRandom,
+    shutdown_retry_after: Duration,
 }
 
 /// Serves until `shutdown` resolves.
@@ -160,9 +174,10 @@ pub async fn serve(
                 max: PROTOCOL_VERSION_1,
             },
             reattest_after_s: config.reattest_after_s,
-            feature_retry_after: SHUTDOWN_RETRY_AFTER,
+            feature_retry_after: FEATURE_RETRY_AFTER,
         }),
         rng: SystemRandom::new(),
+        shutdown_retry_after: Duration::from_secs(config.shutdown_retry_after_s.into()),
     });
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -192,10 +207,7 @@ pub async fn serve(
             stop_rx.clone(),
         ));
     }
-    rl_info!(
-        "vkx-host serving {} listener(s)",
-        config.unix_listener.len()
-    );
+    rl_info!("vkx-host serving {} listener(s)", sockets.len());
     shutdown.await;
     rl_info!("shutting down: no new connections, goodbye to live sessions");
     let _ = stop_tx.send(true);
@@ -313,7 +325,7 @@ async fn connection(
         let out;
         tokio::select! {
             _ = stop.changed() => {
-                let (h, o) = host.shutdown(SHUTDOWN_RETRY_AFTER);
+                let (h, o) = host.shutdown(shared.shutdown_retry_after);
                 host = h;
                 out = o;
             }

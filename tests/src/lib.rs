@@ -5,6 +5,7 @@
 // Test support: a panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agents;
 pub mod node;
 pub mod swtpm;
 

@@ -4,70 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
 
-use vkx_e2e::node::Node;
-use vkx_e2e::swtpm::Swtpm;
-use vkx_e2e::{bin, run};
-
-/// Longest wait for the host's socket to appear.
-const STARTUP_LIMIT: Duration = Duration::from_secs(20);
-
-struct HostProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl HostProcess {
-    fn start(config: &Path, socket: &Path, log: PathBuf) -> Self {
-        let child = Command::new(bin("vkx-host"))
-            .args(["serve", "--config", &config.display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(
-                start.elapsed() < STARTUP_LIMIT,
-                "host did not listen: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then wait (bounded) for a clean exit.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "host did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use vkx_e2e::agents::Deployment;
+use vkx_e2e::run;
 
 /// A raw client: TLS with the pinned key, then the given frames; returns
 /// the messages the host sends back until it closes.
@@ -115,71 +57,16 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn a_provisioned_guest_attests_and_a_tampered_one_is_refused() {
-    let work = tempfile::tempdir().unwrap();
-    let w = |n: &str| work.path().join(n);
-    let tpm = Swtpm::start();
-
-    let node = Node::new();
-    let pin = node.pin().to_owned();
-    let o = node.provision(&tpm, "vm-1", "ecc");
-    assert!(o.status.success(), "{o:?}");
-
-    // The operator's reference values: this VM's PCRs 0 and 7 as they are.
-    let o = run(
-        "vkx-guest",
-        &[
-            "evidence",
-            "--tcti",
-            &tpm.tcti(),
-            "--nonce",
-            &"00".repeat(32),
-            "--pcrs",
-            "sha256:0,7",
-            "--out-dir",
-            &w("ref").display().to_string(),
-        ],
-        b"",
-    );
-    assert!(o.status.success(), "{o:?}");
-    let pcrs: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(w("ref/pcrs.json")).unwrap()).unwrap();
-    let mut policy =
-        "[[image]]\nname = \"img\"\nkeys = [\"disk\"]\n\n[[vm]]\nid = \"vm-1\"\nimage = \"img\"\n"
-            .to_owned();
-    for i in ["0", "7"] {
-        policy += &format!(
-            "\n[[vm.pcr]]\nbank = \"sha256\"\nindex = {i}\nallowed = [\"{}\"]\n",
-            pcrs["sha256"][i].as_str().unwrap()
-        );
-    }
-    std::fs::write(w("policy.toml"), policy).unwrap();
-    let socket = w("vm-1.sock");
-    std::fs::write(
-        w("host.toml"),
-        format!(
-            "node_dir = \"{}\"\nregistry = \"{}\"\npolicy = \"{}\"\n\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"vm-1\"\n\n[[hybrid_vsock]]\npath = \"{}\"\nvm_id = \"vm-1\"\n",
-            node.node_dir(),
-            node.registry(),
-            w("policy.toml").display(),
-            socket.display(),
-            w("vm-1.vsock").display()
-        ),
-    )
-    .unwrap();
+    let d = Deployment::new("vm-1", "");
+    let tpm = &d.tpm;
+    let pin = d.node.pin().to_owned();
+    let socket = d.socket();
     let guest_config = |pin: &str| {
-        let path = w(&format!("guest-{}.toml", &pin[..8]));
-        std::fs::write(
-            &path,
-            format!(
-                "host_socket = \"{}\"\nhost_key_sha256 = \"{pin}\"\ntcti = \"{}\"\n",
-                socket.display(),
-                tpm.tcti()
-            ),
-        )
-        .unwrap();
-        path.display().to_string()
+        d.guest_config(&format!("guest-{}.toml", &pin[..8]), &socket, pin, "")
+            .display()
+            .to_string()
     };
-    let host = HostProcess::start(&w("host.toml"), &socket, w("host.log"));
+    let host = d.start_host("host.log");
 
     // 1. Attested.
     let o = run("vkx-guest", &["once", "--config", &guest_config(&pin)], b"");
@@ -195,16 +82,7 @@ fn a_provisioned_guest_attests_and_a_tampered_one_is_refused() {
 
     // 1b. The same over hybrid vsock: the VMM delivers the guest's
     //     connection to host port 7861 on `<path>_7861` (§2.3.1).
-    let hybrid = w("guest-hybrid.toml");
-    std::fs::write(
-        &hybrid,
-        format!(
-            "host_socket = \"{}\"\nhost_key_sha256 = \"{pin}\"\ntcti = \"{}\"\n",
-            w("vm-1.vsock_7861").display(),
-            tpm.tcti()
-        ),
-    )
-    .unwrap();
+    let hybrid = d.guest_config("guest-hybrid.toml", &d.path("vm.vsock_7861"), &pin, "");
     let o = run(
         "vkx-guest",
         &["once", "--config", &hybrid.display().to_string()],

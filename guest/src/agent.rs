@@ -1,0 +1,390 @@
+//! One connection attempt of the guest agent, from connect to close: the
+//! thin async driver around [`vkx_common::session::guest::Guest`] that
+//! both `vkx-guest once` and the daemon (`vkx-guest run`) use.
+//!
+//! The driver connects (bounded by `CONNECT_TIMEOUT`), runs TLS with the
+//! pinned host key (bounded by `TLS_HANDSHAKE_TIMEOUT`), then feeds the
+//! session frames, timer expiries and the TPM quote (taken on a blocking
+//! thread) until the session closes. What to do once attested (stay, ask
+//! for keys, finish) is the [`Handler`]'s business; the session's own
+//! deadlines bound every wait, and a stop signal ends the session with a
+//! `goodbye` at any point.
+//!
+//! An attempt ends in an [`Attempt`]: whether the session reached
+//! Established, and the [`CloseReason`] the retry policy classifies.
+//! Nothing here retries: that is [`crate::daemon`]'s job, with
+//! [`vkx_common::retry::RetryPolicy`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use vkx_common::retry::Failure;
+use vkx_common::session::guest::{Guest, GuestConfig, GuestEvent};
+use vkx_common::session::transport::{CONNECT_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
+use vkx_common::session::{CloseReason, Output};
+use vkx_common::wire::{
+    AgentName, AgentVersion, FrameDecoder, GoodbyeReason, PROTOCOL_VERSION_1, VersionRange,
+    encode_frame,
+};
+use vkx_common::{rl_info, rl_warn};
+
+use crate::config::{Config, HostAddress};
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// Rounds of event handling per input: each event yields at most one
+/// follow-up output, so a few rounds always settle.
+const MAX_EVENT_ROUNDS: usize = 8;
+
+/// What the agent does with an attested session.
+pub trait Handler {
+    /// One session event (never `QuoteNeeded`: the driver quotes). The
+    /// handler may act on `guest` (requests, acks) and returns what that
+    /// produced, and whether to end the session now with `goodbye`.
+    fn on_event(&mut self, ev: GuestEvent, guest: &mut Guest, now: Instant) -> Reaction;
+}
+
+/// A handler's answer to one event.
+#[derive(Debug, Default)]
+pub struct Reaction {
+    pub out: Output<GuestEvent>,
+    /// End the session with `goodbye(normal)` after sending `out`.
+    pub finish: bool,
+}
+
+/// How one attempt ended.
+#[derive(Debug)]
+pub struct Attempt {
+    /// The session reached Established (the host accepted the evidence).
+    pub established: bool,
+    /// Why it closed, in the retry policy's terms.
+    pub close: CloseReason,
+    /// A short, human description of how it ended (no peer bytes).
+    pub detail: String,
+}
+
+impl Attempt {
+    fn failed(failure: Failure, detail: impl Into<String>) -> Self {
+        Self {
+            established: false,
+            close: CloseReason::Failed(failure),
+            detail: detail.into(),
+        }
+    }
+
+    /// The failure to report to the retry policy, if it was one.
+    pub fn failure(&self) -> Option<Failure> {
+        match self.close {
+            CloseReason::Failed(f) => Some(f),
+            CloseReason::Orderly { .. } => None,
+        }
+    }
+}
+
+/// Everything an attempt needs that does not change between attempts.
+pub struct Agent {
+    tls: tokio_rustls::TlsConnector,
+    session: Arc<GuestConfig>,
+    tcti: String,
+    host: HostAddress,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("host", &self.host)
+            .field("tcti", &self.tcti)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Fails only on local misconfiguration (permanent).
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let tls = vkx_common::tls::client_config(config.host_key_sha256)
+            .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
+        let agent_name = AgentName::new("vkx-guest")
+            .map_err(|e| anyhow::anyhow!("agent name is not a wire name: {e}"))?;
+        let agent_version = AgentVersion::new(env!("CARGO_PKG_VERSION"))
+            .map_err(|e| anyhow::anyhow!("agent version is not a wire name: {e}"))?;
+        Ok(Self {
+            tls: tokio_rustls::TlsConnector::from(tls),
+            session: Arc::new(GuestConfig {
+                versions: VersionRange {
+                    min: PROTOCOL_VERSION_1,
+                    max: PROTOCOL_VERSION_1,
+                },
+                agent_name,
+                agent_version,
+            }),
+            tcti: config
+                .tcti
+                .clone()
+                .unwrap_or_else(crate::tpm::tcti_from_env),
+            host: config.host.clone(),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// Where this agent connects.
+    pub fn host(&self) -> &HostAddress {
+        &self.host
+    }
+
+    /// One attempt: connect, TLS, session until it closes or `stop` turns
+    /// true (then `goodbye(shutdown)`).
+    pub async fn attempt<H: Handler>(
+        &self,
+        handler: &mut H,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Attempt {
+        match &self.host {
+            HostAddress::Unix(path) => {
+                let stream = match tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio::net::UnixStream::connect(path),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        return Attempt::failed(
+                            Failure::Transport,
+                            format!("connect {}: {e}", path.display()),
+                        );
+                    }
+                    Err(_) => return Attempt::failed(Failure::Transport, "connect timed out"),
+                };
+                self.over(stream, handler, stop).await
+            }
+            HostAddress::Vsock { .. } => {
+                Attempt::failed(Failure::Permanent, "AF_VSOCK: TODO(transport)")
+            }
+        }
+    }
+
+    /// The attempt on an already connected stream.
+    pub async fn over<S, H>(
+        &self,
+        stream: S,
+        handler: &mut H,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Attempt
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        H: Handler,
+    {
+        let tls = match tokio::time::timeout(
+            TLS_HANDSHAKE_TIMEOUT,
+            self.tls
+                .connect(vkx_common::tls::host_server_name(), stream),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                // A wrong host key, or a peer that does not speak vkx, will
+                // not get better by retrying (§4.6, §13.4).
+                let permanent = matches!(
+                    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+                    Some(
+                        rustls::Error::InvalidCertificate(_) | rustls::Error::NoApplicationProtocol
+                    )
+                );
+                let failure = if permanent {
+                    Failure::Permanent
+                } else {
+                    Failure::Transport
+                };
+                return Attempt::failed(failure, format!("TLS handshake: {e}"));
+            }
+            Err(_) => return Attempt::failed(Failure::Transport, "TLS handshake timed out"),
+        };
+        let exporter = match vkx_common::tls::transcript_exporter(tls.get_ref().1) {
+            Ok(x) => x,
+            Err(e) => return Attempt::failed(Failure::Transport, format!("TLS exporter: {e}")),
+        };
+        let mut nonce = [0u8; 32];
+        if self.rng.fill(&mut nonce).is_err() {
+            return Attempt::failed(Failure::Transport, "no randomness");
+        }
+        let (guest, first) = Guest::start(self.session.clone(), exporter, nonce, Instant::now());
+        let (rd, wr) = tokio::io::split(tls);
+        self.session_loop(guest, first, rd, wr, handler, stop).await
+    }
+
+    async fn session_loop<R, W, H>(
+        &self,
+        mut guest: Guest,
+        first: Output<GuestEvent>,
+        mut rd: R,
+        mut wr: W,
+        handler: &mut H,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Attempt
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+        H: Handler,
+    {
+        let mut frames = FrameDecoder::new();
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut pending = first;
+        let mut established = false;
+        let mut detail = String::from("session closed");
+        // Each iteration handles the session's events, sends what it asked,
+        // then waits for input, a deadline or the stop signal; the
+        // session's deadlines bound every wait.
+        loop {
+            for _ in 0..MAX_EVENT_ROUNDS {
+                let events = std::mem::take(&mut pending.events);
+                if events.is_empty() {
+                    break;
+                }
+                for ev in events {
+                    let now = Instant::now();
+                    match ev {
+                        GuestEvent::QuoteNeeded {
+                            qualifying_data,
+                            selection,
+                        } => {
+                            let tcti = self.tcti.clone();
+                            let quote = tokio::task::spawn_blocking(move || {
+                                crate::tpm::collect_evidence(&tcti, &selection, &qualifying_data)
+                            })
+                            .await;
+                            let evidence = match quote {
+                                Ok(Ok(e)) => Some(e),
+                                Ok(Err(e)) => {
+                                    rl_warn!(error = %e, "TPM quote failed");
+                                    detail = format!("TPM quote failed: {e}");
+                                    None
+                                }
+                                Err(_) => None,
+                            };
+                            let (g, o) = guest.on_quote(evidence, Instant::now());
+                            guest = g;
+                            pending.absorb(o);
+                        }
+                        ev => {
+                            if let GuestEvent::Attested { .. } = ev {
+                                established = true;
+                            }
+                            let r = handler.on_event(ev, &mut guest, now);
+                            pending.absorb(r.out);
+                            if r.finish && pending.close.is_none() {
+                                let (g, o) = guest.finish(GoodbyeReason::Normal);
+                                guest = g;
+                                pending.absorb(o);
+                                detail = "done".into();
+                            }
+                        }
+                    }
+                }
+            }
+            for payload in std::mem::take(&mut pending.send) {
+                let mut frame = Vec::with_capacity(payload.len() + 4);
+                if encode_frame(&payload, &mut frame).is_err()
+                    || wr.write_all(&frame).await.is_err()
+                {
+                    return Attempt {
+                        established,
+                        close: CloseReason::Failed(Failure::Transport),
+                        detail: "write to the host failed".into(),
+                    };
+                }
+            }
+            let _ = wr.flush().await;
+            if let Some(close) = pending.close.take() {
+                let _ = wr.shutdown().await;
+                if let CloseReason::Failed(f) = &close {
+                    detail = describe(f, &detail);
+                }
+                return Attempt {
+                    established,
+                    close,
+                    detail,
+                };
+            }
+            if !pending.events.is_empty() {
+                continue;
+            }
+            let Some(deadline) = guest.deadline() else {
+                return Attempt {
+                    established,
+                    close: CloseReason::Failed(Failure::Transport),
+                    detail: "session ended".into(),
+                };
+            };
+            tokio::select! {
+                _ = stop.changed() => {
+                    let (g, o) = guest.finish(GoodbyeReason::Shutdown);
+                    guest = g;
+                    pending = o;
+                    if pending.close.is_none() {
+                        pending.close = Some(CloseReason::Orderly { retry_after: None });
+                    }
+                    detail = "stopped".into();
+                    rl_info!("stopping: goodbye to the host");
+                }
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                    let (g, o) = guest.on_timeout(Instant::now());
+                    guest = g;
+                    pending = o;
+                }
+                n = rd.read(&mut buf) => {
+                    let now = Instant::now();
+                    match n {
+                        Ok(0) | Err(_) => {
+                            let (g, o) = guest.on_transport_closed();
+                            guest = g;
+                            pending = o;
+                            detail = "the host closed the connection".into();
+                        }
+                        Ok(n) => {
+                            let mut input = &buf[..n];
+                            // Every frame consumes at least one byte.
+                            loop {
+                                match frames.decode(&mut input) {
+                                    Ok(Some(payload)) => {
+                                        let (g, o) = guest.on_payload(payload, now);
+                                        guest = g;
+                                        pending.absorb(o);
+                                        if pending.close.is_some() { break; }
+                                    }
+                                    Ok(None) => break,
+                                    Err(e) => {
+                                        rl_warn!(error = %e, "framing error from the host");
+                                        let mut o = Output::default();
+                                        o.frame_error(&e);
+                                        guest = Guest::Closed;
+                                        pending.absorb(o);
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn describe(f: &Failure, fallback: &str) -> String {
+    match f {
+        Failure::Code { code, retry_after } => match retry_after {
+            Some(r) => format!(
+                "the host answered {code} (retry after {} ms)",
+                r.as_millis()
+            ),
+            None => format!("the host answered {code}"),
+        },
+        Failure::Permanent => "protocol violation by the host".into(),
+        Failure::Transport => fallback.to_string(),
+    }
+}

@@ -1,0 +1,182 @@
+//! `guest.toml`: what the guest agent needs to find, trust and reach its
+//! host, and how patiently it retries. Validated completely at load, so a
+//! running agent only holds settings that make sense; unknown fields are
+//! refused (a typo must not silently fall back to a default).
+//!
+//! ```toml
+//! host_key_sha256 = "<64 hex: the pin vkx-host init printed>"
+//! # Transport: AF_VSOCK to the host (CID 2) on this port, the default ...
+//! vsock_port = 7861
+//! # ... or, for development and tests only, a plain Unix socket:
+//! # host_socket = "/run/vkx/host.sock"
+//! tcti = "device:/dev/tpmrm0"
+//! run_dir = "/run/vkx"      # the daemon's status file
+//!
+//! [retry]          # PROTOCOL.md §13; the defaults are the spec's
+//! base_ms = 1000
+//! cap_ms = 300000
+//! floor_ms = 100
+//! budget = 30
+//! window_s = 3600
+//! reprobe_interval_s = 1800
+//! reprobe_jitter_s = 300
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use vkx_common::retry::RetryConfig;
+use vkx_common::session::transport::VKX_PORT;
+
+/// Largest configuration file read.
+pub const MAX_CONFIG_FILE: u64 = 64 * 1024;
+
+/// Default runtime directory (a tmpfs on systemd machines).
+pub const DEFAULT_RUN_DIR: &str = "/run/vkx";
+
+/// Where the host is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostAddress {
+    /// AF_VSOCK, CID 2 (the host), this port (§2.2).
+    Vsock { port: u32 },
+    /// A plain Unix socket (§2.4: development and tests only).
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    host_key_sha256: String,
+    #[serde(default)]
+    host_socket: Option<PathBuf>,
+    #[serde(default)]
+    vsock_port: Option<u32>,
+    #[serde(default)]
+    tcti: Option<String>,
+    #[serde(default)]
+    run_dir: Option<PathBuf>,
+    #[serde(default)]
+    retry: RetryFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryFile {
+    base_ms: Option<u64>,
+    cap_ms: Option<u64>,
+    floor_ms: Option<u64>,
+    budget: Option<u32>,
+    window_s: Option<u64>,
+    reprobe_interval_s: Option<u64>,
+    reprobe_jitter_s: Option<u64>,
+}
+
+/// A validated `guest.toml`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The host key pin: SPKI SHA-256.
+    pub host_key_sha256: [u8; 32],
+    pub host: HostAddress,
+    /// The TPM; `None`: $VKX_TPM_TCTI, else device:/dev/tpmrm0.
+    pub tcti: Option<String>,
+    /// Runtime state (tmpfs): the daemon's status file.
+    pub run_dir: PathBuf,
+    pub retry: RetryConfig,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let at = path.display();
+        let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("read {at}: {e}"))?;
+        anyhow::ensure!(
+            meta.len() <= MAX_CONFIG_FILE,
+            "{at} is larger than {MAX_CONFIG_FILE} bytes"
+        );
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("read {at}: {e}"))?;
+        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("{at}: {e}"))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let f: ConfigFile = toml::from_str(text)?;
+        let host_key_sha256 = hex::decode(f.host_key_sha256.trim())
+            .ok()
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            .ok_or_else(|| anyhow::anyhow!("host_key_sha256 is not 64 hex digits"))?;
+        let host = match (f.host_socket, f.vsock_port) {
+            (Some(_), Some(_)) => anyhow::bail!("set host_socket or vsock_port, not both"),
+            (Some(p), None) => HostAddress::Unix(p),
+            (None, port) => {
+                let port = port.unwrap_or(VKX_PORT);
+                anyhow::ensure!(port >= 1024, "vsock_port must be >= 1024 (§2.2)");
+                HostAddress::Vsock { port }
+            }
+        };
+        let d = RetryConfig::default();
+        let r = f.retry;
+        let ms = |v: Option<u64>, dflt: Duration| v.map_or(dflt, Duration::from_millis);
+        let s = |v: Option<u64>, dflt: Duration| v.map_or(dflt, Duration::from_secs);
+        let retry = RetryConfig {
+            base: ms(r.base_ms, d.base),
+            cap: ms(r.cap_ms, d.cap),
+            floor: ms(r.floor_ms, d.floor),
+            budget: r.budget.unwrap_or(d.budget),
+            window: s(r.window_s, d.window),
+            reprobe_interval: s(r.reprobe_interval_s, d.reprobe_interval),
+            reprobe_jitter: s(r.reprobe_jitter_s, d.reprobe_jitter),
+            ..d
+        };
+        retry
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[retry]: {e}"))?;
+        Ok(Self {
+            host_key_sha256,
+            host,
+            tcti: f.tcti,
+            run_dir: f.run_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
+            retry,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const PIN: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn defaults_are_vsock_and_the_spec_retry_policy() {
+        let c = Config::from_toml(&format!("host_key_sha256 = \"{PIN}\"")).unwrap();
+        assert_eq!(c.host, HostAddress::Vsock { port: VKX_PORT });
+        assert_eq!(c.retry, RetryConfig::default());
+    }
+
+    #[test]
+    fn refuses_what_makes_no_sense() {
+        for bad in [
+            format!("host_key_sha256 = \"{PIN}\"\nhost_socket = \"/x\"\nvsock_port = 7861"),
+            format!("host_key_sha256 = \"{PIN}\"\nvsock_port = 80"),
+            format!("host_key_sha256 = \"{PIN}\"\nhost_sockett = \"/x\""),
+            "host_key_sha256 = \"00\"".to_string(),
+            format!("host_key_sha256 = \"{PIN}\"\n[retry]\nbudget = 0"),
+            format!("host_key_sha256 = \"{PIN}\"\n[retry]\nfloor_ms = 0"),
+            format!("host_key_sha256 = \"{PIN}\"\n[retry]\nbase_ms = 10\ncap_ms = 5"),
+            format!("host_key_sha256 = \"{PIN}\"\n[retry]\nbugdet = 3"),
+        ] {
+            assert!(Config::from_toml(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unix_socket_and_retry_tunables() {
+        let c = Config::from_toml(&format!(
+            "host_key_sha256 = \"{PIN}\"\nhost_socket = \"/tmp/h.sock\"\n[retry]\nbase_ms = 200\ncap_ms = 1000\nfloor_ms = 50"
+        ))
+        .unwrap();
+        assert_eq!(c.host, HostAddress::Unix("/tmp/h.sock".into()));
+        assert_eq!(c.retry.base, Duration::from_millis(200));
+        assert_eq!(c.retry.budget, 30);
+    }
+}
