@@ -61,6 +61,7 @@ demo: deps
 bench: deps
 	$(CARGO) bench -p vkx-common --bench codec -- --noplot
 	$(CARGO) bench -p vkx-common --bench verify -- --noplot
+	$(CARGO) run --release --quiet -p vkx-e2e --example agent_bench
 
 fuzz-tools: rust-components
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2

@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod errors;
+pub mod hybrid;
 pub mod pcrs;
 pub mod policy;
 pub mod ratelimit;

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use vkx_common::retry::Failure;
 use vkx_common::session::guest::{Guest, GuestConfig, GuestEvent};
-use vkx_common::session::transport::{CONNECT_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
+use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
 use vkx_common::wire::{
     AgentName, AgentVersion, FrameDecoder, GoodbyeReason, PROTOCOL_VERSION_1, VersionRange,
@@ -31,7 +31,8 @@ use vkx_common::wire::{
 };
 use vkx_common::{rl_info, rl_warn};
 
-use crate::config::{Config, HostAddress};
+use crate::config::Config;
+use crate::transport::Target;
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
@@ -89,7 +90,7 @@ pub struct Agent {
     tls: tokio_rustls::TlsConnector,
     session: Arc<GuestConfig>,
     tcti: String,
-    host: HostAddress,
+    host: Target,
     rng: SystemRandom,
 }
 
@@ -131,7 +132,7 @@ impl Agent {
     }
 
     /// Where this agent connects.
-    pub fn host(&self) -> &HostAddress {
+    pub fn host(&self) -> &Target {
         &self.host
     }
 
@@ -142,29 +143,18 @@ impl Agent {
         handler: &mut H,
         stop: &mut watch::Receiver<bool>,
     ) -> Attempt {
-        match &self.host {
-            HostAddress::Unix(path) => {
-                let stream = match tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio::net::UnixStream::connect(path),
-                )
-                .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        return Attempt::failed(
-                            Failure::Transport,
-                            format!("connect {}: {e}", path.display()),
-                        );
-                    }
-                    Err(_) => return Attempt::failed(Failure::Transport, "connect timed out"),
+        let stream = match crate::transport::connect(&self.host).await {
+            Ok(s) => s,
+            Err(e) => {
+                let failure = if e.is_retryable() {
+                    Failure::Transport
+                } else {
+                    Failure::Permanent
                 };
-                self.over(stream, handler, stop).await
+                return Attempt::failed(failure, format!("connect {}: {e}", self.host));
             }
-            HostAddress::Vsock { .. } => {
-                Attempt::failed(Failure::Permanent, "AF_VSOCK: TODO(transport)")
-            }
-        }
+        };
+        self.over(stream, handler, stop).await
     }
 
     /// The attempt on an already connected stream.

@@ -29,20 +29,13 @@ use serde::Deserialize;
 use vkx_common::retry::RetryConfig;
 use vkx_common::session::transport::VKX_PORT;
 
+use crate::transport::Target;
+
 /// Largest configuration file read.
 pub const MAX_CONFIG_FILE: u64 = 64 * 1024;
 
 /// Default runtime directory (a tmpfs on systemd machines).
 pub const DEFAULT_RUN_DIR: &str = "/run/vkx";
-
-/// Where the host is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostAddress {
-    /// AF_VSOCK, CID 2 (the host), this port (§2.2).
-    Vsock { port: u32 },
-    /// A plain Unix socket (§2.4: development and tests only).
-    Unix(PathBuf),
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,7 +70,7 @@ struct RetryFile {
 pub struct Config {
     /// The host key pin: SPKI SHA-256.
     pub host_key_sha256: [u8; 32],
-    pub host: HostAddress,
+    pub host: Target,
     /// The TPM; `None`: $VKX_TPM_TCTI, else device:/dev/tpmrm0.
     pub tcti: Option<String>,
     /// Runtime state (tmpfs): the daemon's status file.
@@ -105,13 +98,12 @@ impl Config {
             .ok_or_else(|| anyhow::anyhow!("host_key_sha256 is not 64 hex digits"))?;
         let host = match (f.host_socket, f.vsock_port) {
             (Some(_), Some(_)) => anyhow::bail!("set host_socket or vsock_port, not both"),
-            (Some(p), None) => HostAddress::Unix(p),
-            (None, port) => {
-                let port = port.unwrap_or(VKX_PORT);
-                anyhow::ensure!(port >= 1024, "vsock_port must be >= 1024 (§2.2)");
-                HostAddress::Vsock { port }
-            }
+            (Some(p), None) => Target::Unix(p),
+            (None, port) => Target::Vsock {
+                port: port.unwrap_or(VKX_PORT),
+            },
         };
+        host.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let d = RetryConfig::default();
         let r = f.retry;
         let ms = |v: Option<u64>, dflt: Duration| v.map_or(dflt, Duration::from_millis);
@@ -149,7 +141,7 @@ mod tests {
     #[test]
     fn defaults_are_vsock_and_the_spec_retry_policy() {
         let c = Config::from_toml(&format!("host_key_sha256 = \"{PIN}\"")).unwrap();
-        assert_eq!(c.host, HostAddress::Vsock { port: VKX_PORT });
+        assert_eq!(c.host, Target::Vsock { port: VKX_PORT });
         assert_eq!(c.retry, RetryConfig::default());
     }
 
@@ -175,7 +167,7 @@ mod tests {
             "host_key_sha256 = \"{PIN}\"\nhost_socket = \"/tmp/h.sock\"\n[retry]\nbase_ms = 200\ncap_ms = 1000\nfloor_ms = 50"
         ))
         .unwrap();
-        assert_eq!(c.host, HostAddress::Unix("/tmp/h.sock".into()));
+        assert_eq!(c.host, Target::Unix("/tmp/h.sock".into()));
         assert_eq!(c.retry.base, Duration::from_millis(200));
         assert_eq!(c.retry.budget, 30);
     }

@@ -22,3 +22,4 @@ pub mod daemon;
 pub mod once;
 pub mod status;
 pub mod tpm;
+pub mod transport;

@@ -9,6 +9,8 @@
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
 //!   certificate digest).
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
+//! - [`vsock`]: AF_VSOCK listener configuration and admission by CID;
+//!   the hybrid-vsock CONNECT preamble (host to guest).
 //! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
 //!   certificate in NV). TPM calls block: call them from a blocking thread.
 
@@ -19,4 +21,5 @@ pub mod evidence;
 pub mod node;
 pub mod registry;
 pub mod serve;
+pub mod vsock;
 pub mod vtpm;

@@ -59,6 +59,26 @@ enum Command {
     /// verifier (for debugging real quotes in the field).
     #[command(subcommand)]
     Evidence(EvidenceCommand),
+    /// vsock diagnostics.
+    #[command(subcommand)]
+    Vsock(VsockCommand),
+}
+
+#[derive(Subcommand)]
+enum VsockCommand {
+    /// Check that a VM's hybrid-vsock socket (Firecracker, Cloud
+    /// Hypervisor, vhost-device-vsock) reaches a listener on guest port P:
+    /// performs the CONNECT preamble (PROTOCOL.md §2.3.2), prints the port
+    /// the VMM assigned, and closes without sending anything. Exits 0 when
+    /// connected, 1 when the VMM refused, 2 on other errors.
+    ConnectCheck {
+        /// The VMM's socket for the VM (without the `_<port>` suffix).
+        #[arg(long)]
+        socket: PathBuf,
+        /// The guest port.
+        #[arg(long, default_value_t = vkx_common::session::transport::VKX_PORT)]
+        port: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -190,6 +210,7 @@ fn main() -> ExitCode {
         Command::Vtpm(cmd) => vtpm(cmd),
         Command::Serve { config } => serve(&config),
         Command::Evidence(cmd) => evidence(cmd),
+        Command::Vsock(VsockCommand::ConnectCheck { socket, port }) => connect_check(&socket, port),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -437,4 +458,25 @@ fn serve(config: &std::path::Path) -> anyhow::Result<bool> {
         }
     }))?;
     Ok(true)
+}
+
+fn connect_check(socket: &std::path::Path, port: u32) -> anyhow::Result<bool> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(vkx_host::vsock::connect_check(socket, port)) {
+        Ok(assigned) => {
+            println!(
+                "connected: {} reached guest port {port} (VMM-assigned port {assigned})",
+                socket.display()
+            );
+            Ok(true)
+        }
+        Err(e @ vkx_host::vsock::HybridConnectError::Reply(_)) => {
+            println!("refused: {e}");
+            Ok(false)
+        }
+        // The message already names the cause; the chain would repeat it.
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
 }

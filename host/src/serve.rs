@@ -40,6 +40,7 @@ use vkx_common::{errors::ErrorCode, rl_info, rl_warn};
 
 use crate::attestation::{record_quote, verify_evidence};
 use crate::registry::Registry;
+use crate::vsock::{Admission, CidMap, VsockListenerConfig, admit};
 
 /// Default connection limit: one per VM of a large node, with headroom.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
@@ -77,6 +78,10 @@ pub struct ServeConfig {
     /// (PROTOCOL.md §2.3.1); the socket is the VM's identity.
     #[serde(default)]
     pub hybrid_vsock: Vec<HybridVsockConfig>,
+    /// AF_VSOCK (§2.2): listen on every CID at `port`; the peer's CID,
+    /// set by the hypervisor, is the VM's identity.
+    #[serde(default)]
+    pub vsock: Option<VsockListenerConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,7 +135,12 @@ impl ServeConfig {
             .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
         let c: Self =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let listeners = c.unix_listener.len() + c.hybrid_vsock.len();
+        if let Some(v) = &c.vsock {
+            v.validate()
+                .map_err(|e| anyhow::anyhow!("{}: [vsock]: {e}", path.display()))?;
+        }
+        let listeners =
+            c.unix_listener.len() + c.hybrid_vsock.len() + usize::from(c.vsock.is_some());
         anyhow::ensure!(listeners > 0, "{}: no listener configured", path.display());
         anyhow::ensure!(
             listeners <= MAX_LISTENERS,
@@ -193,21 +203,35 @@ pub async fn serve(
                 .map(|h| (h.listen_path(), h.vm_id.as_str())),
         )
         .collect();
+    let mut listeners = Vec::with_capacity(sockets.len() + 1);
     for (path, vm) in &sockets {
         let vm_id = VmId::new(*vm)
             .map_err(|e| anyhow::anyhow!("listener {}: vm_id: {e}", path.display()))?;
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)
             .map_err(|e| anyhow::anyhow!("listen on {}: {e}", path.display()))?;
+        listeners.push(Listener::Unix(listener, vm_id));
+    }
+    if let Some(v) = &config.vsock {
+        let map = v.cid_map()?;
+        let listener = crate::vsock::bind(v)
+            .map_err(|e| anyhow::anyhow!("listen on vsock port {}: {e}", v.port))?;
+        listeners.push(Listener::Vsock {
+            listener,
+            map,
+            require_privileged_port: v.require_privileged_port,
+        });
+    }
+    let count = listeners.len();
+    for listener in listeners {
         tasks.spawn(accept_loop(
             listener,
-            vm_id,
             shared.clone(),
             permits.clone(),
             stop_rx.clone(),
         ));
     }
-    rl_info!("vkx-host serving {} listener(s)", sockets.len());
+    rl_info!("vkx-host serving {count} listener(s)");
     shutdown.await;
     rl_info!("shutting down: no new connections, goodbye to live sessions");
     let _ = stop_tx.send(true);
@@ -220,38 +244,123 @@ pub async fn serve(
     Ok(())
 }
 
+/// A listening socket and how it names its peers.
+enum Listener {
+    /// Plain Unix or hybrid vsock: the socket is the VM (§2.3.1, §2.4).
+    Unix(UnixListener, VmId),
+    /// AF_VSOCK: the peer's CID is the VM (§2.2).
+    Vsock {
+        listener: tokio_vsock::VsockListener,
+        map: CidMap,
+        require_privileged_port: bool,
+    },
+}
+
+/// Who is on the other end, as the transport says (§2.5).
+#[derive(Debug, Clone)]
+struct TransportPeer {
+    /// `None`: the host cannot admit this peer by identity (§2.6).
+    vm_id: Option<VmId>,
+    cid: Option<u32>,
+    /// How log lines name the peer: the vm-id, or e.g. `cid:17`.
+    label: String,
+}
+
+impl TransportPeer {
+    fn vm(vm_id: VmId) -> Self {
+        Self {
+            label: vm_id.as_str().to_owned(),
+            vm_id: Some(vm_id),
+            cid: None,
+        }
+    }
+}
+
+impl AsRef<str> for TransportPeer {
+    fn as_ref(&self) -> &str {
+        &self.label
+    }
+}
+
+/// After an accept error (e.g. out of file descriptors), the listener
+/// pauses this long instead of spinning.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 async fn accept_loop(
-    listener: UnixListener,
-    vm_id: VmId,
+    listener: Listener,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    let name = match &listener {
+        Listener::Unix(_, vm) => vm.as_str().to_owned(),
+        Listener::Vsock { .. } => "vsock".to_owned(),
+    };
     // Runs until shutdown. Each iteration accepts one connection (which
-    // must win a permit: at most `max_connections` live) or reaps one.
+    // must win a permit: at most `max_connections` live), reaps one, or
+    // pauses after an accept error.
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             _ = stop.changed() => break,
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                // Admission: over the limit, close at once (the guest
-                // backs off as from any transport failure, §11.6).
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    rl_warn!(peer: vm_id, "connection refused: connection limit reached");
-                    continue;
-                };
-                let (vm, shared, stop) = (vm_id.clone(), shared.clone(), stop.clone());
-                conns.spawn(async move {
-                    connection(stream, vm, shared, stop).await;
-                    drop(permit);
-                });
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            a = accept(&listener) => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                rl_warn!(peer: name, error = %e, "accept failed; pausing");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
             }
-            // Reap finished connections so the set stays small.
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
+        };
+        // Admission: over the limit, close at once (the guest backs off
+        // as from any transport failure, §11.6).
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            rl_warn!(peer: peer, "connection refused: connection limit reached");
+            continue;
+        };
+        let (shared, stop) = (shared.clone(), stop.clone());
+        conns.spawn(async move {
+            match stream {
+                Accepted::Unix(s) => connection(s, peer, shared, stop).await,
+                Accepted::Vsock(s) => connection(s, peer, shared, stop).await,
+            }
+            drop(permit);
+        });
     }
     while conns.join_next().await.is_some() {}
+}
+
+enum Accepted {
+    Unix(UnixStream),
+    Vsock(tokio_vsock::VsockStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Accepted, TransportPeer)> {
+    match listener {
+        Listener::Unix(l, vm) => {
+            let (s, _) = l.accept().await?;
+            Ok((Accepted::Unix(s), TransportPeer::vm(vm.clone())))
+        }
+        Listener::Vsock {
+            listener,
+            map,
+            require_privileged_port,
+        } => {
+            let (s, addr) = listener.accept().await?;
+            let admission = admit(map, addr.cid(), addr.port(), *require_privileged_port);
+            if let Admission::Unmapped { reason } = &admission {
+                rl_warn!(peer: admission.log_peer(), %reason, "peer not admitted by identity");
+            }
+            let peer = TransportPeer {
+                vm_id: admission.vm_id().cloned(),
+                cid: admission.cid(),
+                label: admission.log_peer(),
+            };
+            Ok((Accepted::Vsock(s), peer))
+        }
+    }
 }
 
 fn features() -> Features {
@@ -263,12 +372,15 @@ fn features() -> Features {
     .into()
 }
 
-async fn connection(
-    stream: UnixStream,
-    vm_id: VmId,
+async fn connection<S>(
+    stream: S,
+    peer_id: TransportPeer,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let vm_id = &peer_id;
     let accepted_at = std::time::Instant::now();
     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(stream)).await {
         Ok(Ok(tls)) => tls,
@@ -300,11 +412,14 @@ async fn connection(
     }
     // A VM the policy does not know is served as unmapped: refused after
     // hello, opaquely.
-    let selection = shared.policy.selection(&vm_id);
+    let selection = peer_id
+        .vm_id
+        .as_ref()
+        .and_then(|vm| shared.policy.selection(vm).map(|s| (vm.clone(), s)));
     let peer = PeerContext {
-        vm_id: selection.as_ref().map(|_| vm_id.clone()),
-        cid: None,
-        selection: selection.unwrap_or_default(),
+        vm_id: selection.as_ref().map(|(vm, _)| vm.clone()),
+        cid: peer_id.cid,
+        selection: selection.map(|(_, s)| s).unwrap_or_default(),
         features: features(),
         accepted_at,
     };
@@ -381,7 +496,7 @@ async fn connection(
                 break;
             }
             for ev in events {
-                let (h, o) = handle_event(host, ev, &vm_id, &shared);
+                let (h, o) = handle_event(host, ev, &shared);
                 host = h;
                 pending.absorb(o);
             }
@@ -403,12 +518,7 @@ async fn connection(
     }
 }
 
-fn handle_event(
-    host: Host,
-    ev: HostEvent,
-    vm_id: &VmId,
-    shared: &Shared,
-) -> (Host, Output<HostEvent>) {
+fn handle_event(host: Host, ev: HostEvent, shared: &Shared) -> (Host, Output<HostEvent>) {
     let now = std::time::Instant::now();
     match ev {
         HostEvent::Verify {
@@ -480,9 +590,53 @@ fn handle_event(
             }
             (if open { host } else { Host::Closed }, out)
         }
-        HostEvent::Attested { .. } | HostEvent::UpdateAcked { .. } => {
-            let _ = vm_id;
-            (host, Output::default())
+        HostEvent::Attested { .. } | HostEvent::UpdateAcked { .. } => (host, Output::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn load(extra: &str) -> anyhow::Result<ServeConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.toml");
+        std::fs::write(
+            &path,
+            format!("node_dir = \"/n\"\nregistry = \"/r\"\npolicy = \"/p\"\n{extra}"),
+        )
+        .unwrap();
+        ServeConfig::load(&path)
+    }
+
+    #[test]
+    fn each_transport_alone_is_a_listener() {
+        assert!(load("").is_err(), "no listener at all");
+        let c = load("[vsock]\nvm = [ { cid = 17, vm_id = \"vm-17\" } ]\n").unwrap();
+        let v = c.vsock.unwrap();
+        assert_eq!(v.port, vkx_common::session::transport::VKX_PORT);
+        assert!(!v.require_privileged_port);
+        assert_eq!(v.cid_map().unwrap().get(17).unwrap().as_str(), "vm-17");
+        let c = load("[[hybrid_vsock]]\npath = \"/run/vm.vsock\"\nvm_id = \"vm-1\"\n").unwrap();
+        assert_eq!(
+            c.hybrid_vsock[0].listen_path(),
+            PathBuf::from("/run/vm.vsock_7861")
+        );
+        assert_eq!(c.shutdown_retry_after_s, 30);
+    }
+
+    #[test]
+    fn refuses_what_makes_no_sense() {
+        for bad in [
+            "[vsock]\nport = 80\nvm = [ { cid = 17, vm_id = \"vm-17\" } ]\n",
+            "[vsock]\nvm = [ { cid = 2, vm_id = \"vm-17\" } ]\n",
+            "[vsock]\nvm = [ { cid = 17, vm_id = \"a\" }, { cid = 17, vm_id = \"b\" } ]\n",
+            "[vsock]\nvm = [ { cid = 17, vm_id = \"vm-17\" } ]\nports = 1\n",
+            "shutdown_retry_after_s = 0\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
+            "max_connections = 0\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
         }
     }
 }
