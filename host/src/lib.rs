@@ -4,6 +4,11 @@
 //! - [`attestation`]: the decision on a guest's evidence: registry AK,
 //!   quote verification, policy.
 //! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
+//! - [`keys_cli`]: `vkx-host keys add|generate|rotate|list|verify|remove`,
+//!   the operator CLI of the key store.
+//! - [`keystore`]: the host's key store: one directory per key, one
+//!   AES-256-GCM sealed file per version under the node's master key,
+//!   crash-safe writes; the [`keystore::KeyStore`] trait the agent reads.
 //! - [`node`]: the node identity (`vkx-host init`): TLS key guests pin,
 //!   vTPM CA.
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
@@ -18,6 +23,8 @@
 
 pub mod attestation;
 pub mod evidence;
+pub mod keys_cli;
+pub mod keystore;
 pub mod node;
 pub mod registry;
 pub mod serve;

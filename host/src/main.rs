@@ -62,6 +62,9 @@ enum Command {
     /// vsock diagnostics.
     #[command(subcommand)]
     Vsock(VsockCommand),
+    /// The key store: add, generate, rotate, list, verify, remove keys.
+    #[command(subcommand)]
+    Keys(vkx_host::keys_cli::KeysCommand),
 }
 
 #[derive(Subcommand)]
@@ -211,6 +214,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::Evidence(cmd) => evidence(cmd),
         Command::Vsock(VsockCommand::ConnectCheck { socket, port }) => connect_check(&socket, port),
+        Command::Keys(cmd) => vkx_host::keys_cli::run(cmd).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
