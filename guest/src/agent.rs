@@ -26,8 +26,8 @@ use vkx_common::session::guest::{Guest, GuestConfig, GuestEvent};
 use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
 use vkx_common::wire::{
-    AgentName, AgentVersion, FrameDecoder, GoodbyeReason, PROTOCOL_VERSION_1, VersionRange,
-    encode_frame,
+    AgentName, AgentVersion, Evidence, FrameDecoder, GoodbyeReason, Message, PROTOCOL_VERSION_1,
+    PcrBankSelection, VersionRange, encode_frame,
 };
 use vkx_common::{rl_info, rl_warn};
 
@@ -85,11 +85,41 @@ impl Attempt {
     }
 }
 
+/// Produces the evidence for a challenge. The agent's own is [`Tpm`];
+/// the trait lets load generators stand in a software signer for a
+/// thousand vTPMs (a host accepts such a quote only if its registry holds
+/// that signer's key as the VM's AK).
+pub trait Quote: Send + Sync {
+    /// Called on a blocking thread: TPM calls block.
+    fn quote(
+        &self,
+        selection: &[PcrBankSelection],
+        qualifying_data: &[u8; 32],
+    ) -> Result<Evidence, String>;
+}
+
+/// The VM's TPM through tss-esapi.
+#[derive(Debug, Clone)]
+pub struct Tpm {
+    pub tcti: String,
+}
+
+impl Quote for Tpm {
+    fn quote(
+        &self,
+        selection: &[PcrBankSelection],
+        qualifying_data: &[u8; 32],
+    ) -> Result<Evidence, String> {
+        crate::tpm::collect_evidence(&self.tcti, selection, qualifying_data)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Everything an attempt needs that does not change between attempts.
 pub struct Agent {
     tls: tokio_rustls::TlsConnector,
     session: Arc<GuestConfig>,
-    tcti: String,
+    quoter: Arc<dyn Quote>,
     host: Target,
     rng: SystemRandom,
 }
@@ -98,7 +128,6 @@ impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
             .field("host", &self.host)
-            .field("tcti", &self.tcti)
             .finish_non_exhaustive()
     }
 }
@@ -122,13 +151,21 @@ impl Agent {
                 agent_name,
                 agent_version,
             }),
-            tcti: config
-                .tcti
-                .clone()
-                .unwrap_or_else(crate::tpm::tcti_from_env),
+            quoter: Arc::new(Tpm {
+                tcti: config
+                    .tcti
+                    .clone()
+                    .unwrap_or_else(crate::tpm::tcti_from_env),
+            }),
             host: config.host.clone(),
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The same agent with another source of evidence.
+    pub fn with_quoter(mut self, quoter: Arc<dyn Quote>) -> Self {
+        self.quoter = quoter;
+        self
     }
 
     /// Where this agent connects.
@@ -242,9 +279,9 @@ impl Agent {
                             qualifying_data,
                             selection,
                         } => {
-                            let tcti = self.tcti.clone();
+                            let quoter = self.quoter.clone();
                             let quote = tokio::task::spawn_blocking(move || {
-                                crate::tpm::collect_evidence(&tcti, &selection, &qualifying_data)
+                                quoter.quote(&selection, &qualifying_data)
                             })
                             .await;
                             let evidence = match quote {
@@ -277,6 +314,12 @@ impl Agent {
                 }
             }
             for payload in std::mem::take(&mut pending.send) {
+                vkx_common::rl_log!(
+                    trace,
+                    bytes = payload.len(),
+                    msg_type = ?Message::envelope_type(&payload),
+                    "frame sent"
+                );
                 let mut frame = Vec::with_capacity(payload.len() + 4);
                 if encode_frame(&payload, &mut frame).is_err()
                     || wr.write_all(&frame).await.is_err()
@@ -341,6 +384,12 @@ impl Agent {
                             loop {
                                 match frames.decode(&mut input) {
                                     Ok(Some(payload)) => {
+                                        vkx_common::rl_log!(
+                                            trace,
+                                            bytes = payload.len(),
+                                            msg_type = ?Message::envelope_type(payload),
+                                            "frame received"
+                                        );
                                         let (g, o) = guest.on_payload(payload, now);
                                         guest = g;
                                         pending.absorb(o);

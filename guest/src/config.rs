@@ -11,6 +11,10 @@
 //! # host_socket = "/run/vkx/host.sock"
 //! tcti = "device:/dev/tpmrm0"
 //! run_dir = "/run/vkx"      # the daemon's status file
+//! keys = ["disk"]            # asked for after each attestation
+//! key_dir = "/run/vkx/keys"  # delivered here (tmpfs), mode 0400
+//! key_owner = 0              # uid and gid of the key files (optional)
+//! key_group = 0
 //!
 //! [retry]          # PROTOCOL.md §13; the defaults are the spec's
 //! base_ms = 1000
@@ -28,6 +32,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use vkx_common::retry::RetryConfig;
 use vkx_common::session::transport::VKX_PORT;
+use vkx_common::wire::{KeyName, MAX_KEYS_PER_REQUEST};
 
 use crate::transport::Target;
 
@@ -49,6 +54,16 @@ struct ConfigFile {
     tcti: Option<String>,
     #[serde(default)]
     run_dir: Option<PathBuf>,
+    #[serde(default)]
+    log_level: Option<String>,
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    key_dir: Option<PathBuf>,
+    #[serde(default)]
+    key_owner: Option<u32>,
+    #[serde(default)]
+    key_group: Option<u32>,
     #[serde(default)]
     retry: RetryFile,
 }
@@ -75,6 +90,15 @@ pub struct Config {
     pub tcti: Option<String>,
     /// Runtime state (tmpfs): the daemon's status file.
     pub run_dir: PathBuf,
+    /// Log level (even at trace, no key material is logged).
+    pub log_level: tracing::Level,
+    /// Keys asked for after each attestation (sorted, unique).
+    pub keys: Vec<KeyName>,
+    /// Where keys are delivered (a tmpfs), owned by `key_owner` /
+    /// `key_group` when set.
+    pub key_dir: PathBuf,
+    pub key_owner: Option<u32>,
+    pub key_group: Option<u32>,
     pub retry: RetryConfig,
 }
 
@@ -121,8 +145,32 @@ impl Config {
         retry
             .validate()
             .map_err(|e| anyhow::anyhow!("[retry]: {e}"))?;
+        let mut keys = f
+            .keys
+            .iter()
+            .map(|k| KeyName::new(k).map_err(|e| anyhow::anyhow!("keys: {k:?}: {e}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        keys.sort();
+        keys.dedup();
+        anyhow::ensure!(
+            keys.len() <= MAX_KEYS_PER_REQUEST,
+            "keys: at most {MAX_KEYS_PER_REQUEST} names"
+        );
+        let log_level = match &f.log_level {
+            None => tracing::Level::INFO,
+            Some(l) => l.parse().map_err(|_| {
+                anyhow::anyhow!("log_level {l:?}: use error, warn, info, debug or trace")
+            })?,
+        };
         Ok(Self {
             host_key_sha256,
+            log_level,
+            keys,
+            key_dir: f
+                .key_dir
+                .unwrap_or_else(|| PathBuf::from(crate::keys::DEFAULT_KEY_DIR)),
+            key_owner: f.key_owner,
+            key_group: f.key_group,
             host,
             tcti: f.tcti,
             run_dir: f.run_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),

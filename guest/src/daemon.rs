@@ -23,12 +23,16 @@ use vkx_common::{rl_info, rl_warn};
 
 use crate::agent::{Agent, Handler, Reaction};
 use crate::config::Config;
+use crate::deliver::Deliver;
+use crate::keys::KeyDir;
 use crate::status::{State, Status, StatusFile};
 
-/// What the daemon does with its session: hold it.
+/// What the daemon does with its session: hold it, keep its keys
+/// delivered and current.
 #[derive(Debug)]
 struct Hold<'a> {
     status: &'a mut StatusFile,
+    deliver: Deliver<'a>,
 }
 
 fn report(status: &mut StatusFile, change: impl FnOnce(&mut Status)) {
@@ -38,7 +42,8 @@ fn report(status: &mut StatusFile, change: impl FnOnce(&mut Status)) {
 }
 
 impl Handler for Hold<'_> {
-    fn on_event(&mut self, ev: GuestEvent, _guest: &mut Guest, _now: Instant) -> Reaction {
+    fn on_event(&mut self, ev: GuestEvent, guest: &mut Guest, now: Instant) -> Reaction {
+        let out = self.deliver.on_event(&ev, guest, now);
         match ev {
             GuestEvent::Attested {
                 session_id,
@@ -64,7 +69,7 @@ impl Handler for Hold<'_> {
             }
             _ => {}
         }
-        Reaction::default()
+        Reaction { out, finish: false }
     }
 }
 
@@ -79,6 +84,19 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         .map_err(|_| anyhow::anyhow!("no randomness for the retry jitter"))?;
     let mut policy = RetryPolicy::new(config.retry, u64::from_le_bytes(seed));
     let mut status = StatusFile::new(&config.run_dir);
+    let dir = if config.keys.is_empty() {
+        None
+    } else {
+        let d = KeyDir::open(&config.key_dir, config.key_owner, config.key_group)
+            .map_err(|e| anyhow::anyhow!("key directory: {e}"))?;
+        if !d.on_tmpfs() {
+            rl_warn!(
+                dir = %config.key_dir.display(),
+                "the key directory is not on a tmpfs: delivered keys reach a disk"
+            );
+        }
+        Some(d)
+    };
     rl_info!(host = ?agent.host(), "vkx-guest running");
     while !*stop.borrow() {
         let now = Instant::now();
@@ -116,6 +134,7 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         });
         let mut hold = Hold {
             status: &mut status,
+            deliver: Deliver::new(&config.keys, dir.as_ref()),
         };
         let attempt = agent.attempt(&mut hold, &mut stop).await;
         if attempt.established {

@@ -6,6 +6,12 @@
 //! - [`config`]: the `guest.toml` file.
 //! - [`daemon`]: `vkx-guest run`: hold a session, re-attest, reconnect
 //!   with the retry policy.
+//! - [`get`]: `vkx-guest get NAME`: one key for scripts, fetched over one
+//!   attested session.
+//! - [`keys`]: key delivery: released keys as files in a tmpfs directory,
+//!   replaced atomically, versions recorded.
+//! - [`deliver`]: asks for the configured keys once attested, installs
+//!   them and every pushed rotation (with its acknowledgement).
 //! - [`once`]: one attestation over the protocol (`vkx-guest once`).
 //! - [`status`]: the daemon's status file (`vkx-guest status`).
 //! - [`tpm`]: evidence collection (TPM2_Quote with the provisioned AK, PCR
@@ -19,6 +25,9 @@
 pub mod agent;
 pub mod config;
 pub mod daemon;
+pub mod deliver;
+pub mod get;
+pub mod keys;
 pub mod once;
 pub mod status;
 pub mod tpm;

@@ -44,6 +44,14 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Attest once and print key NAME, raw, to stdout, for scripts:
+    /// `vkx-guest get disk --config guest.toml | cryptsetup open --key-file=- ...`.
+    /// Exit 0 printed, 2 permanent failure, 3 retryable, 4 refused.
+    Get {
+        name: String,
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print the agent and protocol versions.
     Version,
     /// Debugging: quote the vTPM with the provisioned AK and write the
@@ -71,6 +79,7 @@ fn main() -> ExitCode {
     match &command {
         Command::Once { config } => return once(config),
         Command::Run { config } => return run(config),
+        Command::Get { name, config } => return get(name, config),
         _ => {}
     }
     let result = match command {
@@ -81,7 +90,7 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
-        Command::Once { .. } | Command::Run { .. } => Ok(()),
+        Command::Once { .. } | Command::Run { .. } | Command::Get { .. } => Ok(()),
         Command::Status { config } => status(&config),
         Command::Evidence {
             tcti,
@@ -150,10 +159,11 @@ fn evidence(tcti: Option<String>, nonce: &str, pcrs: &[String], out: &Path) -> a
     Ok(())
 }
 
-fn logging() {
+fn logging(level: tracing::Level) {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        .with_max_level(level)
         .init();
 }
 
@@ -189,7 +199,7 @@ fn run(config: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    logging();
+    logging(config.log_level);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -224,12 +234,53 @@ fn run(config: &Path) -> ExitCode {
     }
 }
 
+fn get(name: &str, config: &Path) -> ExitCode {
+    use std::io::Write as _;
+    let Ok(name) = vkx_common::wire::KeyName::new(name) else {
+        eprintln!("vkx-guest: {name:?} is not a key name");
+        return ExitCode::from(2);
+    };
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    logging(config.log_level);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let outcome = rt.block_on(vkx_guest::get::get(config, name));
+    match &outcome {
+        vkx_guest::get::GetOutcome::Key(material) => {
+            let mut out = std::io::stdout().lock();
+            if out
+                .write_all(material.expose())
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                eprintln!("vkx-guest: could not write the key to stdout");
+                return ExitCode::from(3);
+            }
+        }
+        vkx_guest::get::GetOutcome::Refused(code) => {
+            eprintln!("vkx-guest: the host refused the key: {code}")
+        }
+        vkx_guest::get::GetOutcome::Permanent(why) => {
+            eprintln!("vkx-guest: permanent failure, not retrying: {why}")
+        }
+        vkx_guest::get::GetOutcome::Retryable(why) => {
+            eprintln!("vkx-guest: failed, retry later: {why}")
+        }
+    }
+    ExitCode::from(outcome.exit_code())
+}
+
 fn once(config: &Path) -> ExitCode {
     let config = match load(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    logging();
+    logging(config.log_level);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -239,11 +290,20 @@ fn once(config: &Path) -> ExitCode {
         vkx_guest::once::Outcome::Attested {
             session_id,
             reattest_after,
-        } => println!(
-            "attested: session {}, re-attest within {} s",
-            hex::encode(session_id),
-            reattest_after.as_secs()
-        ),
+            keys,
+        } => {
+            println!(
+                "attested: session {}, re-attest within {} s",
+                hex::encode(session_id),
+                reattest_after.as_secs()
+            );
+            for (name, version) in keys {
+                println!("key delivered: {name} version {version}");
+            }
+        }
+        vkx_guest::once::Outcome::KeysMissing(why) => {
+            eprintln!("vkx-guest: attested, but keys are missing: {why}")
+        }
         vkx_guest::once::Outcome::Permanent(why) => {
             eprintln!("vkx-guest: permanent failure, not retrying: {why}")
         }

@@ -4,7 +4,9 @@
 //!
 //! It makes exactly one attempt: retrying with backoff is the daemon's job
 //! (`run`, with the retry policy), or systemd's, guided by the exit code:
-//! 0 attested, 2 permanent failure (do not retry), 3 retryable failure.
+//! 0 attested (and every configured key delivered), 2 permanent failure
+//! (do not retry), 3 retryable failure, 4 attested but a configured key
+//! was refused or could not be installed.
 
 use std::time::{Duration, Instant};
 
@@ -14,8 +16,12 @@ use vkx_common::retry::Failure;
 use vkx_common::session::CloseReason;
 use vkx_common::session::guest::{Guest, GuestEvent};
 
+use vkx_common::wire::KeyName;
+
 use crate::agent::{Agent, Handler, Reaction};
 use crate::config::Config;
+use crate::deliver::Deliver;
+use crate::keys::KeyDir;
 
 /// How one attempt ended.
 #[derive(Debug)]
@@ -23,7 +29,11 @@ pub enum Outcome {
     Attested {
         session_id: [u8; 16],
         reattest_after: Duration,
+        /// Keys delivered: name, version.
+        keys: Vec<(KeyName, u32)>,
     },
+    /// Attested, but some configured key was refused or not installed.
+    KeysMissing(String),
     /// Not worth retrying automatically (class P, unknown code, TLS pin
     /// or ALPN refusal, local misconfiguration).
     Permanent(String),
@@ -32,36 +42,39 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The process exit code: 0 attested, 2 permanent, 3 retryable.
+    /// The process exit code: 0 attested (and every configured key
+    /// delivered), 2 permanent, 3 retryable, 4 attested but a key missing.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Attested { .. } => 0,
+            Self::KeysMissing(_) => 4,
             Self::Permanent(_) => 2,
             Self::Retryable(_) => 3,
         }
     }
 }
 
-#[derive(Debug, Default)]
-struct Once {
+#[derive(Debug)]
+struct Once<'a> {
     attested: Option<([u8; 16], Duration)>,
+    deliver: Deliver<'a>,
 }
 
-impl Handler for Once {
-    fn on_event(&mut self, ev: GuestEvent, _guest: &mut Guest, _now: Instant) -> Reaction {
-        match ev {
-            GuestEvent::Attested {
-                session_id,
-                reattest_after,
-                ..
-            } => {
-                self.attested = Some((session_id, reattest_after));
-                Reaction {
-                    finish: true,
-                    ..Reaction::default()
-                }
-            }
-            _ => Reaction::default(),
+impl Handler for Once<'_> {
+    fn on_event(&mut self, ev: GuestEvent, guest: &mut Guest, now: Instant) -> Reaction {
+        if let GuestEvent::Attested {
+            session_id,
+            reattest_after,
+            ..
+        } = &ev
+        {
+            self.attested = Some((*session_id, *reattest_after));
+        }
+        let out = self.deliver.on_event(&ev, guest, now);
+        Reaction {
+            out,
+            // Done once attested and the keys are in (or refused).
+            finish: self.attested.is_some() && self.deliver.done,
         }
     }
 }
@@ -72,13 +85,34 @@ pub async fn once(config: Config) -> Outcome {
         Ok(a) => a,
         Err(e) => return Outcome::Permanent(format!("{e:#}")),
     };
-    let mut handler = Once::default();
+    let dir = if config.keys.is_empty() {
+        None
+    } else {
+        match KeyDir::open(&config.key_dir, config.key_owner, config.key_group) {
+            Ok(d) => Some(d),
+            Err(e) => return Outcome::Permanent(format!("key directory: {e}")),
+        }
+    };
+    let mut handler = Once {
+        attested: None,
+        deliver: Deliver::new(&config.keys, dir.as_ref()),
+    };
     let (_keep, mut stop) = watch::channel(false);
     let attempt = agent.attempt(&mut handler, &mut stop).await;
     if let Some((session_id, reattest_after)) = handler.attested {
+        let d = handler.deliver;
+        if !d.failed.is_empty() || d.installed.len() < config.keys.len() {
+            let what: Vec<String> = d
+                .failed
+                .iter()
+                .map(|(k, why)| format!("{k}: {why}"))
+                .collect();
+            return Outcome::KeysMissing(what.join("; "));
+        }
         return Outcome::Attested {
             session_id,
             reattest_after,
+            keys: d.installed,
         };
     }
     let permanent = match attempt.close {

@@ -3,6 +3,8 @@
 //!
 //! - [`attestation`]: the decision on a guest's evidence: registry AK,
 //!   quote verification, policy.
+//! - [`derive`]: derived shared keys (§9): the host's answer, the table
+//!   of live sessions' keys, the local socket for host processes.
 //! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
 //! - [`keys_cli`]: `vkx-host keys add|generate|rotate|list|verify|remove`,
 //!   the operator CLI of the key store.
@@ -13,6 +15,8 @@
 //!   vTPM CA.
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
 //!   certificate digest).
+//! - [`release`]: which keys an attested VM gets (policy grant and the
+//!   key's allow-list).
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
 //! - [`vsock`]: AF_VSOCK listener configuration and admission by CID;
 //!   the hybrid-vsock CONNECT preamble (host to guest).
@@ -22,11 +26,13 @@
 #![forbid(unsafe_code)]
 
 pub mod attestation;
+pub mod derive;
 pub mod evidence;
 pub mod keys_cli;
 pub mod keystore;
 pub mod node;
 pub mod registry;
+pub mod release;
 pub mod serve;
 pub mod vsock;
 pub mod vtpm;

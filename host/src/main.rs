@@ -63,8 +63,28 @@ enum Command {
     #[command(subcommand)]
     Vsock(VsockCommand),
     /// The key store: add, generate, rotate, list, verify, remove keys.
+    /// A rotation reaches live guests that hold the key within seconds.
     #[command(subcommand)]
     Keys(vkx_host::keys_cli::KeysCommand),
+    /// Derived shared keys of live sessions (PROTOCOL.md §9).
+    #[command(subcommand)]
+    Derived(DerivedCommand),
+}
+
+#[derive(Subcommand)]
+enum DerivedCommand {
+    /// Print the key derived for PURPOSE in VM's live session, raw, to
+    /// stdout, fetched from `vkx-host serve`'s local socket (which checks
+    /// this process's uid/gid against its allow-list).
+    Get {
+        /// The `[local] socket` of host.toml.
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        vm_id: String,
+        #[arg(long)]
+        purpose: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -215,6 +235,11 @@ fn main() -> ExitCode {
         Command::Evidence(cmd) => evidence(cmd),
         Command::Vsock(VsockCommand::ConnectCheck { socket, port }) => connect_check(&socket, port),
         Command::Keys(cmd) => vkx_host::keys_cli::run(cmd).map(|()| true),
+        Command::Derived(DerivedCommand::Get {
+            socket,
+            vm_id,
+            purpose,
+        }) => derived_get(&socket, &vm_id, &purpose),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -442,9 +467,15 @@ fn evidence(cmd: EvidenceCommand) -> anyhow::Result<bool> {
 
 fn serve(config: &std::path::Path) -> anyhow::Result<bool> {
     let config = vkx_host::serve::ServeConfig::load(config)?;
+    let level = config
+        .log_level
+        .as_deref()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        .with_max_level(level)
         .init();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -483,4 +514,19 @@ fn connect_check(socket: &std::path::Path, port: u32) -> anyhow::Result<bool> {
         // The message already names the cause; the chain would repeat it.
         Err(e) => Err(anyhow::anyhow!("{e}")),
     }
+}
+
+fn derived_get(socket: &std::path::Path, vm_id: &str, purpose: &str) -> anyhow::Result<bool> {
+    use std::io::Write as _;
+    let vm = vkx_common::wire::VmId::new(vm_id).map_err(|e| anyhow::anyhow!("--vm-id: {e}"))?;
+    let purpose =
+        vkx_common::wire::Purpose::new(purpose).map_err(|e| anyhow::anyhow!("--purpose: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let key = rt.block_on(vkx_host::derive::fetch(socket, &vm, &purpose))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&key)?;
+    out.flush()?;
+    Ok(true)
 }

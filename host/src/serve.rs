@@ -16,6 +16,7 @@
 //! key store arrives with key release, so until then every key request is
 //! refused with `not-permitted`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,13 +34,17 @@ use vkx_common::session::host::{
 use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
 use vkx_common::wire::{
-    FeatureState, Features, FrameDecoder, KeyRefusal, KeyRelease, PROTOCOL_VERSION_1, VersionRange,
-    VmId, encode_frame, feature,
+    FeatureState, Features, FrameDecoder, KeyName, Message, PROTOCOL_VERSION_1, Purpose,
+    ReleasedKey, VersionRange, VmId, encode_frame, feature,
 };
-use vkx_common::{errors::ErrorCode, rl_info, rl_warn};
+use vkx_common::{rl_info, rl_warn};
+use zeroize::Zeroizing;
 
 use crate::attestation::{record_quote, verify_evidence};
+use crate::derive::{self, DerivedKeys};
+use crate::keystore::{DirKeyStore, KeyStore};
 use crate::registry::Registry;
+use crate::release;
 use crate::vsock::{Admission, CidMap, VsockListenerConfig, admit};
 
 /// Default connection limit: one per VM of a large node, with headroom.
@@ -82,6 +87,17 @@ pub struct ServeConfig {
     /// set by the hypervisor, is the VM's identity.
     #[serde(default)]
     pub vsock: Option<VsockListenerConfig>,
+    /// The key store directory; default `<node_dir>/keys`. Sealed under
+    /// the node's master key (`<node_dir>/master.key`).
+    #[serde(default)]
+    pub key_store: Option<PathBuf>,
+    /// Log level: error, warn, info (default), debug or trace. Even at
+    /// trace, no key material and no raw peer bytes are logged.
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// The local socket for derived keys (§9.4); none by default.
+    #[serde(default)]
+    pub local: Option<crate::derive::LocalConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +155,11 @@ impl ServeConfig {
             v.validate()
                 .map_err(|e| anyhow::anyhow!("{}: [vsock]: {e}", path.display()))?;
         }
+        if let Some(l) = &c.log_level {
+            l.parse::<tracing::Level>().map_err(|_| {
+                anyhow::anyhow!("log_level {l:?}: use error, warn, info, debug or trace")
+            })?;
+        }
         let listeners =
             c.unix_listener.len() + c.hybrid_vsock.len() + usize::from(c.vsock.is_some());
         anyhow::ensure!(listeners > 0, "{}: no listener configured", path.display());
@@ -160,11 +181,20 @@ impl ServeConfig {
 
 struct Shared {
     tls: tokio_rustls::TlsAcceptor,
+    keys: Option<Arc<DirKeyStore>>,
+    key_versions: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
+    derived: Arc<DerivedKeys>,
     registry: Registry,
     policy: Policy,
     config: Arc<HostConfig>,
     rng: SystemRandom,
     shutdown_retry_after: Duration,
+}
+
+impl Shared {
+    fn store(&self) -> Option<&dyn KeyStore> {
+        self.keys.as_deref().map(|k| k as &dyn KeyStore)
+    }
 }
 
 /// Serves until `shutdown` resolves.
@@ -174,8 +204,23 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (cert, key) = crate::node::load(&config.node_dir)?;
     let tls = vkx_common::tls::server_config(cert, key)?;
+    let master = crate::node::load_master_key(&config.node_dir)?;
+    let store_dir = config
+        .key_store
+        .clone()
+        .unwrap_or_else(|| config.node_dir.join(crate::keystore::DEFAULT_STORE_DIR));
+    let store = Arc::new(DirKeyStore::open(&store_dir, master)?);
+    let initial: BTreeMap<KeyName, u32> = store
+        .list()?
+        .into_iter()
+        .map(|k| (k.name, k.current_version))
+        .collect();
+    let (key_versions, _) = watch::channel(Arc::new(initial));
     let shared = Arc::new(Shared {
         tls: tokio_rustls::TlsAcceptor::from(tls),
+        keys: Some(store.clone()),
+        key_versions,
+        derived: Arc::new(DerivedKeys::default()),
         registry: Registry::open(&config.registry)?,
         policy: Policy::load(&config.policy)?,
         config: Arc::new(HostConfig {
@@ -223,6 +268,21 @@ pub async fn serve(
         });
     }
     let count = listeners.len();
+    tasks.spawn(watch_key_versions(
+        store,
+        shared.key_versions.clone(),
+        stop_rx.clone(),
+    ));
+    if let Some(local) = &config.local {
+        let l = crate::derive::bind_local(&local.socket)
+            .map_err(|e| anyhow::anyhow!("local socket {}: {e}", local.socket.display()))?;
+        tasks.spawn(crate::derive::serve_local(
+            l,
+            local.clone(),
+            shared.derived.clone(),
+            stop_rx.clone(),
+        ));
+    }
     for listener in listeners {
         tasks.spawn(accept_loop(
             listener,
@@ -430,11 +490,13 @@ async fn connection<S>(
         random,
         std::time::Instant::now(),
     );
-    let (mut rd, mut wr) = tokio::io::split(tls);
+    let mut tls = tls;
+    let mut conn = ConnState::default();
+    let mut versions = shared.key_versions.subscribe();
     let mut frames = FrameDecoder::new();
     let mut buf = vec![0u8; READ_CHUNK];
-    // Each iteration consumes input, a timer expiry or the stop signal;
-    // the session's deadlines bound how long it can wait.
+    // Each iteration consumes input, a timer expiry, a key rotation or the
+    // stop signal; the session's deadlines bound how long it can wait.
     while let Some(deadline) = host.deadline() {
         let wake = TokioInstant::from_std(deadline);
         let out;
@@ -449,7 +511,11 @@ async fn connection<S>(
                 host = h;
                 out = o;
             }
-            n = rd.read(&mut buf) => {
+            Ok(()) = versions.changed() => {
+                let current = versions.borrow_and_update().clone();
+                out = push_rotations(&mut host, &mut conn, &current, &shared);
+            }
+            n = tls.read(&mut buf) => {
                 let now = std::time::Instant::now();
                 match n {
                     Ok(0) | Err(_) => {
@@ -467,6 +533,13 @@ async fn connection<S>(
                         loop {
                             match frames.decode(&mut input) {
                                 Ok(Some(payload)) => {
+                                    vkx_common::rl_log!(
+                                        trace,
+                                        peer: vm_id,
+                                        bytes = payload.len(),
+                                        msg_type = ?Message::envelope_type(payload),
+                                        "frame received"
+                                    );
                                     let (h, o) = host.on_payload(payload, now);
                                     host = h;
                                     acc.absorb(o);
@@ -496,29 +569,114 @@ async fn connection<S>(
                 break;
             }
             for ev in events {
-                let (h, o) = handle_event(host, ev, &shared);
+                let (h, o) = handle_event(host, ev, &shared, &mut conn, tls.get_ref().1);
                 host = h;
                 pending.absorb(o);
             }
         }
         for payload in &pending.send {
-            let mut frame = Vec::with_capacity(payload.len() + 4);
-            if encode_frame(payload, &mut frame).is_err() || wr.write_all(&frame).await.is_err() {
+            vkx_common::rl_log!(
+                trace,
+                peer: vm_id,
+                bytes = payload.len(),
+                msg_type = ?Message::envelope_type(payload),
+                "frame sent"
+            );
+            let mut frame = Zeroizing::new(Vec::with_capacity(payload.len() + 4));
+            if encode_frame(payload, &mut frame).is_err() || tls.write_all(&frame).await.is_err() {
+                conn.forget(&shared);
                 return;
             }
         }
-        let _ = wr.flush().await;
+        let _ = tls.flush().await;
         if let Some(reason) = closing.or(pending.close) {
             if let CloseReason::Failed(f) = reason {
                 rl_info!(peer: vm_id, reason = ?f, "session closed");
             }
-            let _ = wr.shutdown().await;
+            let _ = tls.shutdown().await;
             break;
+        }
+    }
+    conn.forget(&shared);
+}
+
+/// What one connection remembers beyond its session state.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// Keys this guest holds, and their versions: rotation pushes go to
+    /// these.
+    released: BTreeMap<KeyName, u32>,
+    /// Derived keys this session made available locally.
+    derived: Vec<(VmId, Purpose)>,
+}
+
+impl ConnState {
+    /// A derived key is specific to its connection (§9.4): it goes with it.
+    fn forget(&mut self, shared: &Shared) {
+        for (vm, purpose) in self.derived.drain(..) {
+            shared.derived.remove(&vm, &purpose);
         }
     }
 }
 
-fn handle_event(host: Host, ev: HostEvent, shared: &Shared) -> (Host, Output<HostEvent>) {
+/// Pushes the new current version of every key this guest holds that
+/// changed (§6.11), if the guest is still entitled to it. Bounded by the
+/// keys the guest holds and by the session's outstanding-update limit.
+fn push_rotations(
+    host: &mut Host,
+    conn: &mut ConnState,
+    current: &BTreeMap<KeyName, u32>,
+    shared: &Shared,
+) -> Output<HostEvent> {
+    let mut out = Output::default();
+    let Host::Established(s) = host else {
+        return out;
+    };
+    let (Some(store), Some(vm)) = (shared.store(), shared.policy.vm(s.vm_id())) else {
+        return out;
+    };
+    let now = std::time::Instant::now();
+    for (name, held) in &mut conn.released {
+        if current.get(name).is_none_or(|v| v <= held) {
+            continue;
+        }
+        let key = match release::entitled(store, vm, name) {
+            Ok(k) => k,
+            Err(why) => {
+                rl_warn!(peer: vm.vm_id, key = %name, reason = %why, "rotation not pushed");
+                continue;
+            }
+        };
+        let version = key.version;
+        let pushed = s.push_key_update(
+            ReleasedKey {
+                name: name.clone(),
+                version,
+                material: key.material,
+            },
+            now,
+        );
+        match pushed {
+            Ok(o) => {
+                rl_info!(peer: vm.vm_id, key = %name, version, "key update pushed");
+                // Not pushed again unless it changes again; the ack says
+                // whether the guest installed it.
+                *held = version;
+                out.absorb(o);
+            }
+            Err(e) => rl_warn!(peer: vm.vm_id, key = %name, error = %e, "key update not pushed"),
+        }
+    }
+    out
+}
+
+fn handle_event(
+    host: Host,
+    ev: HostEvent,
+    shared: &Shared,
+    conn: &mut ConnState,
+    tls: &rustls::ServerConnection,
+) -> (Host, Output<HostEvent>) {
     let now = std::time::Instant::now();
     match ev {
         HostEvent::Verify {
@@ -562,35 +720,107 @@ fn handle_event(host: Host, ev: HostEvent, shared: &Shared) -> (Host, Output<Hos
             };
             host.on_verdict(verdict, now)
         }
-        HostEvent::KeyRequest { names, .. } => {
+        HostEvent::KeyRequest { vm_id, names } => {
             let mut host = host;
             let mut out = Output::default();
-            if let Host::Established(s) = &mut host {
-                out = s.answer_keys(KeyRelease {
-                    released: Vec::new(),
-                    refused: names
-                        .into_iter()
-                        .map(|name| KeyRefusal {
-                            name,
-                            code: ErrorCode::NotPermitted,
-                        })
-                        .collect(),
-                });
+            if let (Host::Established(s), Some(vm)) = (&mut host, shared.policy.vm(&vm_id)) {
+                let (answer, versions) = release::decide(shared.store(), vm, names);
+                conn.released.extend(versions);
+                out = s.answer_keys(answer);
             }
             (host, out)
         }
-        HostEvent::DeriveRequest { .. } => {
+        HostEvent::DeriveRequest {
+            vm_id,
+            purpose,
+            length,
+            guest_tag,
+        } => {
             let mut host = host;
             let mut out = Output::default();
             let mut open = true;
             if let Host::Established(s) = &mut host {
-                let (o, oo) = s.answer_derive(DeriveAnswer::NotPermitted);
+                let answer =
+                    derive::answer(tls, shared.policy.vm(&vm_id), &purpose, length, &guest_tag);
+                let reply = match answer {
+                    derive::Answer::Confirm { key, host_tag } => {
+                        shared.derived.insert(&vm_id, &purpose, key);
+                        conn.derived.push((vm_id.clone(), purpose.clone()));
+                        rl_info!(peer: vm_id, purpose = %purpose, "derived key confirmed");
+                        DeriveAnswer::Confirm(host_tag)
+                    }
+                    derive::Answer::NotPermitted => {
+                        rl_warn!(peer: vm_id, purpose = %purpose, "derivation purpose not granted");
+                        DeriveAnswer::NotPermitted
+                    }
+                    derive::Answer::TagMismatch => {
+                        rl_warn!(peer: vm_id, purpose = %purpose, "derivation tags differ: not the same channel");
+                        DeriveAnswer::TagMismatch
+                    }
+                };
+                let (o, oo) = s.answer_derive(reply);
                 open = o;
                 out = oo;
             }
             (if open { host } else { Host::Closed }, out)
         }
-        HostEvent::Attested { .. } | HostEvent::UpdateAcked { .. } => (host, Output::default()),
+        HostEvent::UpdateAcked {
+            vm_id,
+            name,
+            version,
+            error,
+            ..
+        } => {
+            match error {
+                None => rl_info!(peer: vm_id, key = %name, version, "key update installed"),
+                Some(code) => {
+                    rl_warn!(peer: vm_id, key = %name, version, code = %code, "key update not installed")
+                }
+            }
+            (host, Output::default())
+        }
+        HostEvent::Attested { .. } => (host, Output::default()),
+    }
+}
+
+/// How often `serve` looks at the key store for rotated keys: a rotation
+/// reaches live guests within this (plus the push itself).
+pub const KEY_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Publishes the store's current versions whenever they change. One
+/// listing per interval (no decryption), whatever the number of sessions;
+/// each session then pushes to its own guest.
+async fn watch_key_versions(
+    store: Arc<DirKeyStore>,
+    tx: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(KEY_POLL_INTERVAL) => {}
+        }
+        let store = store.clone();
+        let listed = tokio::task::spawn_blocking(move || store.list()).await;
+        let current: BTreeMap<KeyName, u32> = match listed {
+            Ok(Ok(keys)) => keys
+                .into_iter()
+                .map(|k| (k.name, k.current_version))
+                .collect(),
+            Ok(Err(e)) => {
+                rl_warn!(error = %e, "key store listing failed");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        tx.send_if_modified(|old| {
+            if **old == current {
+                false
+            } else {
+                *old = Arc::new(current);
+                true
+            }
+        });
     }
 }
 

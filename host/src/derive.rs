@@ -1,0 +1,305 @@
+//! Derived shared keys on the host (PROTOCOL.md §9): the answer to a
+//! `derive-request`, the table of keys derived in live sessions, and the
+//! local socket through which authorised host processes fetch them.
+//!
+//! Intended use: an actor in the guest and a process on the host OS need a
+//! shared secret for one VM session (e.g. to authenticate a side channel,
+//! or to unlock something the host hands the VM) without any long-lived
+//! key being provisioned. Both ends take it from the TLS exporter of the
+//! attested session (`K = TLS-Exporter("EXPORTER-vkx-v1-derive", purpose,
+//! L)`), confirm it to each other with tags, and the host keeps it only
+//! while that session lives: a new session yields a new K.
+//!
+//! Local access: `serve` listens on a Unix socket (mode 0660) and checks
+//! every client's `SO_PEERCRED` uid/gid against an allow-list from
+//! host.toml before reading a byte. A client writes one request line
+//! `derived <vm-id> <purpose>\n` and gets `OK <hex>\n` or `ERR <reason>\n`.
+//! `vkx-host derived get` is such a client. Requests and replies are
+//! bounded; the socket serves at most [`MAX_LOCAL_CLIENTS`] clients at once
+//! and each for at most [`LOCAL_CLIENT_TIMEOUT`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+use vkx_common::policy::VmPolicy;
+use vkx_common::transcript::{ConfirmRole, DERIVE_EXPORTER_LABEL, confirm_tag, verify_confirm_tag};
+use vkx_common::wire::{CONFIRM_TAG_LEN, Purpose, VmId};
+use vkx_common::{rl_info, rl_warn};
+use zeroize::Zeroizing;
+
+/// Local clients served at once.
+pub const MAX_LOCAL_CLIENTS: usize = 32;
+/// Longest a local client may take for its request and our reply.
+pub const LOCAL_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request line (`derived ` + vm-id + ` ` + purpose + LF).
+pub const MAX_LOCAL_REQUEST: usize = 256;
+/// Derived keys held at once: a few purposes for each VM of a node.
+pub const MAX_DERIVED_KEYS: usize = 16 * 1024;
+
+/// The host's answer to one derivation. `Debug` never shows the key.
+pub enum Answer {
+    Confirm {
+        key: Zeroizing<Vec<u8>>,
+        host_tag: [u8; CONFIRM_TAG_LEN],
+    },
+    NotPermitted,
+    TagMismatch,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Confirm { key, .. } => write!(f, "Confirm({} bytes)", key.len()),
+            Self::NotPermitted => f.write_str("NotPermitted"),
+            Self::TagMismatch => f.write_str("TagMismatch"),
+        }
+    }
+}
+
+/// Checks the purpose against the VM's policy, derives K from this TLS
+/// connection, checks the guest's tag (constant time) and makes the host's.
+pub fn answer(
+    tls: &rustls::ServerConnection,
+    vm: Option<&VmPolicy>,
+    purpose: &Purpose,
+    length: u8,
+    guest_tag: &[u8; CONFIRM_TAG_LEN],
+) -> Answer {
+    if !vm.is_some_and(|vm| vm.derive.contains(purpose)) {
+        return Answer::NotPermitted;
+    }
+    let mut key = Zeroizing::new(vec![0u8; usize::from(length)]);
+    if tls
+        .export_keying_material(
+            key.as_mut_slice(),
+            DERIVE_EXPORTER_LABEL,
+            Some(purpose.as_str().as_bytes()),
+        )
+        .is_err()
+    {
+        return Answer::NotPermitted;
+    }
+    if !verify_confirm_tag(&key, ConfirmRole::Guest, purpose.as_str(), guest_tag) {
+        return Answer::TagMismatch;
+    }
+    let host_tag = confirm_tag(&key, ConfirmRole::Host, purpose.as_str());
+    Answer::Confirm { key, host_tag }
+}
+
+type Table = BTreeMap<(VmId, Purpose), Zeroizing<Vec<u8>>>;
+
+/// Keys derived in live sessions, by VM and purpose (the latest session's).
+/// `Debug` shows how many, never a key.
+#[derive(Default)]
+pub struct DerivedKeys {
+    keys: Mutex<Table>,
+}
+
+impl std::fmt::Debug for DerivedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.keys.lock().map_or(0, |k| k.len());
+        write!(f, "DerivedKeys({n} keys)")
+    }
+}
+
+impl DerivedKeys {
+    pub fn insert(&self, vm: &VmId, purpose: &Purpose, key: Zeroizing<Vec<u8>>) {
+        if let Ok(mut keys) = self.keys.lock() {
+            let k = (vm.clone(), purpose.clone());
+            if keys.len() < MAX_DERIVED_KEYS || keys.contains_key(&k) {
+                keys.insert(k, key);
+            }
+        }
+    }
+
+    pub fn remove(&self, vm: &VmId, purpose: &Purpose) {
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.remove(&(vm.clone(), purpose.clone()));
+        }
+    }
+
+    pub fn get(&self, vm: &VmId, purpose: &Purpose) -> Option<Zeroizing<Vec<u8>>> {
+        self.keys
+            .lock()
+            .ok()
+            .and_then(|k| k.get(&(vm.clone(), purpose.clone())).cloned())
+    }
+}
+
+/// `[local]` in host.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    pub socket: PathBuf,
+    /// Users whose processes may fetch derived keys.
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// Groups whose processes may fetch derived keys (primary gid).
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
+}
+
+impl LocalConfig {
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        self.allow_uids.contains(&uid) || self.allow_gids.contains(&gid)
+    }
+}
+
+/// Serves the local socket until `stop`.
+pub async fn serve_local(
+    listener: UnixListener,
+    config: LocalConfig,
+    keys: Arc<DerivedKeys>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_LOCAL_CLIENTS));
+    let config = Arc::new(config);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(crate::serve::ACCEPT_ERROR_PAUSE).await;
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            rl_warn!("local socket: too many clients; closing one");
+            continue;
+        };
+        let (config, keys) = (config.clone(), keys.clone());
+        tokio::spawn(async move {
+            let _ =
+                tokio::time::timeout(LOCAL_CLIENT_TIMEOUT, client(stream, &config, &keys)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn client(mut stream: UnixStream, config: &LocalConfig, keys: &DerivedKeys) {
+    let Ok(cred) = stream.peer_cred() else {
+        return;
+    };
+    let (uid, gid) = (cred.uid(), cred.gid());
+    if !config.allows(uid, gid) {
+        rl_warn!(uid, gid, "local socket: client not allowed");
+        let _ = stream.write_all(b"ERR not allowed\n").await;
+        return;
+    }
+    let mut line = Vec::with_capacity(64);
+    let mut byte = [0u8; 1];
+    // One request line, at most MAX_LOCAL_REQUEST bytes.
+    while line.len() < MAX_LOCAL_REQUEST {
+        match stream.read(&mut byte).await {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) => line.push(byte[0]),
+            _ => return,
+        }
+    }
+    let reply = match parse_request(&line) {
+        Some((vm, purpose)) => match keys.get(&vm, &purpose) {
+            Some(k) => {
+                rl_info!(uid, vm = %vm, purpose = %purpose, "derived key handed to a local process");
+                let mut r = Zeroizing::new(String::from("OK "));
+                r.push_str(&Zeroizing::new(hex::encode(k.as_slice())));
+                r.push('\n');
+                r
+            }
+            None => Zeroizing::new("ERR no such derived key\n".to_owned()),
+        },
+        None => Zeroizing::new("ERR bad request\n".to_owned()),
+    };
+    let _ = stream.write_all(reply.as_bytes()).await;
+}
+
+fn parse_request(line: &[u8]) -> Option<(VmId, Purpose)> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut parts = text.split(' ');
+    let (Some("derived"), Some(vm), Some(purpose), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    Some((VmId::new(vm).ok()?, Purpose::new(purpose).ok()?))
+}
+
+/// Binds the local socket with mode 0660.
+pub fn bind_local(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(l)
+}
+
+/// The client side (`vkx-host derived get`): the derived key, raw.
+pub async fn fetch(
+    socket: &Path,
+    vm: &VmId,
+    purpose: &Purpose,
+) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let work = async {
+        let mut s = UnixStream::connect(socket)
+            .await
+            .map_err(|e| anyhow::anyhow!("connect {}: {e}", socket.display()))?;
+        s.write_all(format!("derived {vm} {purpose}\n").as_bytes())
+            .await?;
+        let mut reply = Zeroizing::new(Vec::new());
+        (&mut s)
+            .take(4 + 2 * 256 + 2)
+            .read_to_end(&mut reply)
+            .await?;
+        let text = std::str::from_utf8(&reply).map_err(|_| anyhow::anyhow!("bad reply"))?;
+        let text = text.strip_suffix('\n').unwrap_or(text);
+        if let Some(hex) = text.strip_prefix("OK ") {
+            return hex::decode(hex)
+                .map(Zeroizing::new)
+                .map_err(|_| anyhow::anyhow!("bad reply"));
+        }
+        anyhow::bail!(
+            "the host refused: {}",
+            text.strip_prefix("ERR ").unwrap_or("bad reply")
+        )
+    };
+    tokio::time::timeout(LOCAL_CLIENT_TIMEOUT, work)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {LOCAL_CLIENT_TIMEOUT:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn requests_are_strict() {
+        assert!(parse_request(b"derived vm-1 disk-unlock:v1").is_some());
+        for bad in [
+            &b"derived vm-1"[..],
+            b"derived vm-1 p extra",
+            b"derive vm-1 p",
+            b"derived vm 1 p",
+            b"derived  vm-1 p",
+            b"derived vm-1 \xff",
+        ] {
+            assert!(parse_request(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_forgets() {
+        let t = DerivedKeys::default();
+        let vm = VmId::new("vm-1").unwrap();
+        let p = Purpose::new("p").unwrap();
+        t.insert(&vm, &p, Zeroizing::new(vec![1; 32]));
+        assert_eq!(t.get(&vm, &p).unwrap().as_slice(), &[1u8; 32][..]);
+        t.remove(&vm, &p);
+        assert!(t.get(&vm, &p).is_none());
+    }
+}
