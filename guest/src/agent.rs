@@ -22,14 +22,16 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use vkx_common::retry::Failure;
-use vkx_common::session::guest::{Guest, GuestConfig, GuestEvent};
+use vkx_common::session::guest::{Guest, GuestConfig, GuestEvent, RequestRefused};
 use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
+use vkx_common::transcript::{ConfirmRole, DERIVE_EXPORTER_LABEL, confirm_tag};
 use vkx_common::wire::{
     AgentName, AgentVersion, Evidence, FrameDecoder, GoodbyeReason, Message, PROTOCOL_VERSION_1,
-    PcrBankSelection, VersionRange, encode_frame,
+    PcrBankSelection, Purpose, VersionRange, encode_frame,
 };
 use vkx_common::{rl_info, rl_warn};
+use zeroize::Zeroizing;
 
 use crate::config::Config;
 use crate::transport::Target;
@@ -46,12 +48,107 @@ pub trait Handler {
     /// handler may act on `guest` (requests, acks) and returns what that
     /// produced, and whether to end the session now with `goodbye`.
     fn on_event(&mut self, ev: GuestEvent, guest: &mut Guest, now: Instant) -> Reaction;
+
+    /// A derivation the handler asked for ([`Reaction::derive`]) is
+    /// confirmed by the host: `key` is K of PROTOCOL.md §9.
+    fn on_derived(&mut self, _purpose: &Purpose, _key: &[u8]) {}
+
+    /// A derivation did not happen (refused, feature off, failed locally).
+    fn on_derive_failed(&mut self, _purpose: &Purpose, _why: &str) {}
+}
+
+/// Derivations asked for and not yet answered; one runs at a time (the
+/// session allows one outstanding request). K stays here, zeroized on drop,
+/// until the host's tag confirms it.
+#[derive(Default)]
+struct Derivations {
+    queue: std::collections::VecDeque<(Purpose, u8)>,
+    running: Option<(Purpose, Zeroizing<Vec<u8>>)>,
+}
+
+impl Derivations {
+    fn on_event<H: Handler>(&mut self, ev: &GuestEvent, handler: &mut H) {
+        match ev {
+            GuestEvent::Derived { purpose } => {
+                if let Some((p, key)) = self.running.take()
+                    && &p == purpose
+                {
+                    handler.on_derived(&p, &key);
+                }
+            }
+            GuestEvent::PurposeRefused { purpose } => {
+                if self.running.as_ref().is_some_and(|(p, _)| p == purpose) {
+                    self.running = None;
+                }
+                handler.on_derive_failed(purpose, "the host refused the purpose");
+            }
+            GuestEvent::FeatureHeld { feature, .. }
+                if *feature == vkx_common::wire::feature::KEY_DERIVATION =>
+            {
+                for (p, _) in self.running.take().into_iter().chain(
+                    std::mem::take(&mut self.queue)
+                        .into_iter()
+                        .map(|(p, l)| (p, Zeroizing::new(vec![0; usize::from(l)]))),
+                ) {
+                    handler.on_derive_failed(&p, "key derivation is held back by the host");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts the next derivation if none runs and the session is free.
+    fn next<H: Handler>(
+        &mut self,
+        guest: &mut Guest,
+        tls: &rustls::ClientConnection,
+        handler: &mut H,
+    ) -> Output<GuestEvent> {
+        let Guest::Established(s) = guest else {
+            return Output::default();
+        };
+        if self.running.is_some() {
+            return Output::default();
+        }
+        // Bounded by the queue, which only the handler fills.
+        while let Some((purpose, length)) = self.queue.pop_front() {
+            let mut key = Zeroizing::new(vec![0u8; usize::from(length)]);
+            if tls
+                .export_keying_material(
+                    key.as_mut_slice(),
+                    DERIVE_EXPORTER_LABEL,
+                    Some(purpose.as_str().as_bytes()),
+                )
+                .is_err()
+            {
+                handler.on_derive_failed(&purpose, "TLS exporter failed");
+                continue;
+            }
+            let guest_tag = confirm_tag(&key, ConfirmRole::Guest, purpose.as_str());
+            let host_tag = confirm_tag(&key, ConfirmRole::Host, purpose.as_str());
+            match s.request_derive(purpose.clone(), length, guest_tag, host_tag, Instant::now()) {
+                Ok(out) => {
+                    self.running = Some((purpose, key));
+                    return out;
+                }
+                Err(RequestRefused::Busy) => {
+                    // Another request is outstanding: try again later.
+                    self.queue.push_front((purpose, length));
+                    return Output::default();
+                }
+                Err(e) => handler.on_derive_failed(&purpose, &e.to_string()),
+            }
+        }
+        Output::default()
+    }
 }
 
 /// A handler's answer to one event.
 #[derive(Debug, Default)]
 pub struct Reaction {
     pub out: Output<GuestEvent>,
+    /// Derivations to run (purpose, length 16..64), one after another.
+    pub derive: Vec<(Purpose, u8)>,
     /// End the session with `goodbye(normal)` after sending `out`.
     pub finish: bool,
 }
@@ -240,24 +337,22 @@ impl Agent {
             return Attempt::failed(Failure::Transport, "no randomness");
         }
         let (guest, first) = Guest::start(self.session.clone(), exporter, nonce, Instant::now());
-        let (rd, wr) = tokio::io::split(tls);
-        self.session_loop(guest, first, rd, wr, handler, stop).await
+        self.session_loop(guest, first, tls, handler, stop).await
     }
 
-    async fn session_loop<R, W, H>(
+    async fn session_loop<S, H>(
         &self,
         mut guest: Guest,
         first: Output<GuestEvent>,
-        mut rd: R,
-        mut wr: W,
+        mut tls: tokio_rustls::client::TlsStream<S>,
         handler: &mut H,
         stop: &mut watch::Receiver<bool>,
     ) -> Attempt
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
         H: Handler,
     {
+        let mut derive = Derivations::default();
         let mut frames = FrameDecoder::new();
         let mut buf = vec![0u8; READ_CHUNK];
         let mut pending = first;
@@ -301,7 +396,9 @@ impl Agent {
                             if let GuestEvent::Attested { .. } = ev {
                                 established = true;
                             }
+                            derive.on_event(&ev, handler);
                             let r = handler.on_event(ev, &mut guest, now);
+                            derive.queue.extend(r.derive);
                             pending.absorb(r.out);
                             if r.finish && pending.close.is_none() {
                                 let (g, o) = guest.finish(GoodbyeReason::Normal);
@@ -313,6 +410,10 @@ impl Agent {
                     }
                 }
             }
+            // One derivation at a time, when no request is outstanding.
+            if pending.close.is_none() {
+                pending.absorb(derive.next(&mut guest, tls.get_ref().1, handler));
+            }
             for payload in std::mem::take(&mut pending.send) {
                 vkx_common::rl_log!(
                     trace,
@@ -322,7 +423,7 @@ impl Agent {
                 );
                 let mut frame = Vec::with_capacity(payload.len() + 4);
                 if encode_frame(&payload, &mut frame).is_err()
-                    || wr.write_all(&frame).await.is_err()
+                    || tls.write_all(&frame).await.is_err()
                 {
                     return Attempt {
                         established,
@@ -331,9 +432,9 @@ impl Agent {
                     };
                 }
             }
-            let _ = wr.flush().await;
+            let _ = tls.flush().await;
             if let Some(close) = pending.close.take() {
-                let _ = wr.shutdown().await;
+                let _ = tls.shutdown().await;
                 if let CloseReason::Failed(f) = &close {
                     detail = describe(f, &detail);
                 }
@@ -369,7 +470,7 @@ impl Agent {
                     guest = g;
                     pending = o;
                 }
-                n = rd.read(&mut buf) => {
+                n = tls.read(&mut buf) => {
                     let now = Instant::now();
                     match n {
                         Ok(0) | Err(_) => {

@@ -15,6 +15,11 @@
 //! key_dir = "/run/vkx/keys"  # delivered here (tmpfs), mode 0400
 //! key_owner = 0              # uid and gid of the key files (optional)
 //! key_group = 0
+//! derived_dir = "/run/vkx/derived"
+//!
+//! [[derive]]                 # a shared key with the host, per session (§9)
+//! purpose = "disk-unlock:v1"
+//! length = 32                # 16..64
 //!
 //! [retry]          # PROTOCOL.md §13; the defaults are the spec's
 //! base_ms = 1000
@@ -32,12 +37,20 @@ use std::time::Duration;
 use serde::Deserialize;
 use vkx_common::retry::RetryConfig;
 use vkx_common::session::transport::VKX_PORT;
-use vkx_common::wire::{KeyName, MAX_KEYS_PER_REQUEST};
+use vkx_common::wire::{KeyName, MAX_KEYS_PER_REQUEST, Purpose};
 
 use crate::transport::Target;
 
 /// Largest configuration file read.
 pub const MAX_CONFIG_FILE: u64 = 64 * 1024;
+
+/// Default directory of derived keys (a tmpfs).
+pub const DEFAULT_DERIVED_DIR: &str = "/run/vkx/derived";
+/// Derivation lengths (PROTOCOL.md §6.9).
+pub const MIN_DERIVE_LENGTH: u8 = 16;
+pub const MAX_DERIVE_LENGTH: u8 = 64;
+/// Purposes derived per session.
+pub const MAX_DERIVATIONS: usize = 16;
 
 /// Default runtime directory (a tmpfs on systemd machines).
 pub const DEFAULT_RUN_DIR: &str = "/run/vkx";
@@ -61,11 +74,27 @@ struct ConfigFile {
     #[serde(default)]
     key_dir: Option<PathBuf>,
     #[serde(default)]
+    derive: Vec<DeriveFile>,
+    #[serde(default)]
+    derived_dir: Option<PathBuf>,
+    #[serde(default)]
     key_owner: Option<u32>,
     #[serde(default)]
     key_group: Option<u32>,
     #[serde(default)]
     retry: RetryFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeriveFile {
+    purpose: String,
+    #[serde(default = "default_derive_length")]
+    length: u8,
+}
+
+fn default_derive_length() -> u8 {
+    32
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +128,10 @@ pub struct Config {
     pub key_dir: PathBuf,
     pub key_owner: Option<u32>,
     pub key_group: Option<u32>,
+    /// Shared keys derived with the host after each attestation (§9):
+    /// purpose and length; delivered to `derived_dir`.
+    pub derive: Vec<(Purpose, u8)>,
+    pub derived_dir: PathBuf,
     pub retry: RetryConfig,
 }
 
@@ -162,9 +195,33 @@ impl Config {
                 anyhow::anyhow!("log_level {l:?}: use error, warn, info, debug or trace")
             })?,
         };
+        let mut derive = Vec::with_capacity(f.derive.len());
+        for d in &f.derive {
+            let p = Purpose::new(&d.purpose)
+                .map_err(|e| anyhow::anyhow!("derive: {:?}: {e}", d.purpose))?;
+            anyhow::ensure!(
+                (MIN_DERIVE_LENGTH..=MAX_DERIVE_LENGTH).contains(&d.length),
+                "derive {:?}: length must be {MIN_DERIVE_LENGTH}..={MAX_DERIVE_LENGTH}",
+                d.purpose
+            );
+            anyhow::ensure!(
+                !derive.iter().any(|(q, _)| q == &p),
+                "derive: {:?} twice",
+                d.purpose
+            );
+            derive.push((p, d.length));
+        }
+        anyhow::ensure!(
+            derive.len() <= MAX_DERIVATIONS,
+            "derive: at most {MAX_DERIVATIONS} purposes"
+        );
         Ok(Self {
             host_key_sha256,
             log_level,
+            derive,
+            derived_dir: f
+                .derived_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DERIVED_DIR)),
             keys,
             key_dir: f
                 .key_dir

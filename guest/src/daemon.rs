@@ -24,7 +24,6 @@ use vkx_common::{rl_info, rl_warn};
 use crate::agent::{Agent, Handler, Reaction};
 use crate::config::Config;
 use crate::deliver::Deliver;
-use crate::keys::KeyDir;
 use crate::status::{State, Status, StatusFile};
 
 /// What the daemon does with its session: hold it, keep its keys
@@ -43,7 +42,7 @@ fn report(status: &mut StatusFile, change: impl FnOnce(&mut Status)) {
 
 impl Handler for Hold<'_> {
     fn on_event(&mut self, ev: GuestEvent, guest: &mut Guest, now: Instant) -> Reaction {
-        let out = self.deliver.on_event(&ev, guest, now);
+        let r = self.deliver.on_event(&ev, guest, now);
         match ev {
             GuestEvent::Attested {
                 session_id,
@@ -69,7 +68,15 @@ impl Handler for Hold<'_> {
             }
             _ => {}
         }
-        Reaction { out, finish: false }
+        r
+    }
+
+    fn on_derived(&mut self, purpose: &vkx_common::wire::Purpose, key: &[u8]) {
+        self.deliver.on_derived(purpose, key);
+    }
+
+    fn on_derive_failed(&mut self, purpose: &vkx_common::wire::Purpose, why: &str) {
+        self.deliver.on_derive_failed(purpose, why);
     }
 }
 
@@ -84,19 +91,7 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         .map_err(|_| anyhow::anyhow!("no randomness for the retry jitter"))?;
     let mut policy = RetryPolicy::new(config.retry, u64::from_le_bytes(seed));
     let mut status = StatusFile::new(&config.run_dir);
-    let dir = if config.keys.is_empty() {
-        None
-    } else {
-        let d = KeyDir::open(&config.key_dir, config.key_owner, config.key_group)
-            .map_err(|e| anyhow::anyhow!("key directory: {e}"))?;
-        if !d.on_tmpfs() {
-            rl_warn!(
-                dir = %config.key_dir.display(),
-                "the key directory is not on a tmpfs: delivered keys reach a disk"
-            );
-        }
-        Some(d)
-    };
+    let (dir, derived_dir) = crate::deliver::open_dirs(&config)?;
     rl_info!(host = ?agent.host(), "vkx-guest running");
     while !*stop.borrow() {
         let now = Instant::now();
@@ -134,7 +129,12 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         });
         let mut hold = Hold {
             status: &mut status,
-            deliver: Deliver::new(&config.keys, dir.as_ref()),
+            deliver: Deliver::new(
+                &config.keys,
+                dir.as_ref(),
+                &config.derive,
+                derived_dir.as_ref(),
+            ),
         };
         let attempt = agent.attempt(&mut hold, &mut stop).await;
         if attempt.established {

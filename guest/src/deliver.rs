@@ -11,9 +11,11 @@ use std::time::Instant;
 
 use vkx_common::session::Output;
 use vkx_common::session::guest::{Guest, GuestEvent};
-use vkx_common::wire::KeyName;
+use vkx_common::wire::{KeyMaterial, KeyName, Purpose, ReleasedKey};
 use vkx_common::{rl_info, rl_warn};
 
+use crate::agent::Reaction;
+use crate::config::Config;
 use crate::keys::KeyDir;
 
 /// The delivery state of one session.
@@ -21,6 +23,12 @@ use crate::keys::KeyDir;
 pub struct Deliver<'a> {
     names: &'a [KeyName],
     dir: Option<&'a KeyDir>,
+    derive: &'a [(Purpose, u8)],
+    derived_dir: Option<&'a KeyDir>,
+    /// Derivations not yet confirmed or failed.
+    pub derive_pending: usize,
+    /// Derived keys installed in this session (by purpose).
+    pub derived: Vec<Purpose>,
     /// Keys installed in this session: name, version.
     pub installed: Vec<(KeyName, u32)>,
     /// Keys the host refused or that could not be installed.
@@ -30,26 +38,39 @@ pub struct Deliver<'a> {
 }
 
 impl<'a> Deliver<'a> {
-    pub fn new(names: &'a [KeyName], dir: Option<&'a KeyDir>) -> Self {
+    pub fn new(
+        names: &'a [KeyName],
+        dir: Option<&'a KeyDir>,
+        derive: &'a [(Purpose, u8)],
+        derived_dir: Option<&'a KeyDir>,
+    ) -> Self {
         Self {
             names,
             dir,
+            derive,
+            derived_dir,
+            derive_pending: 0,
+            derived: Vec::new(),
             installed: Vec::new(),
             failed: Vec::new(),
             done: false,
         }
     }
 
-    /// Handles the key-related events; returns what to send.
-    pub fn on_event(
-        &mut self,
-        ev: &GuestEvent,
-        guest: &mut Guest,
-        now: Instant,
-    ) -> Output<GuestEvent> {
+    /// Everything asked for is answered (keys and derivations).
+    pub fn complete(&self) -> bool {
+        self.done && self.derive_pending == 0
+    }
+
+    /// Handles the key-related events; returns what to send and the
+    /// derivations to run.
+    pub fn on_event(&mut self, ev: &GuestEvent, guest: &mut Guest, now: Instant) -> Reaction {
         let mut out = Output::default();
+        let mut derive = Vec::new();
         match ev {
             GuestEvent::Attested { .. } => {
+                derive = self.derive.to_vec();
+                self.derive_pending = derive.len();
                 if self.names.is_empty() {
                     self.done = true;
                 } else if let Guest::Established(s) = guest {
@@ -85,10 +106,46 @@ impl<'a> Deliver<'a> {
             }
             _ => {}
         }
-        out
+        Reaction {
+            out,
+            derive,
+            finish: false,
+        }
     }
 
-    fn install(&mut self, key: &vkx_common::wire::ReleasedKey) -> bool {
+    /// K for `purpose` is confirmed: install it in the derived directory.
+    pub fn on_derived(&mut self, purpose: &Purpose, key: &[u8]) {
+        self.derive_pending = self.derive_pending.saturating_sub(1);
+        let (Some(dir), Ok(name)) = (self.derived_dir, KeyName::new(purpose.as_str())) else {
+            return;
+        };
+        let k = ReleasedKey {
+            name,
+            version: 1,
+            material: KeyMaterial::new(key.to_vec()),
+        };
+        match dir.install(&k) {
+            Ok(path) => {
+                rl_info!(purpose = %purpose, path = %path.display(), "derived key delivered");
+                self.derived.push(purpose.clone());
+            }
+            Err(e) => {
+                rl_warn!(purpose = %purpose, error = %e, "derived key not installed");
+                self.failed
+                    .push((k.name, format!("derived key not installed: {e}")));
+            }
+        }
+    }
+
+    pub fn on_derive_failed(&mut self, purpose: &Purpose, why: &str) {
+        self.derive_pending = self.derive_pending.saturating_sub(1);
+        rl_warn!(purpose = %purpose, why, "no derived key");
+        if let Ok(name) = KeyName::new(purpose.as_str()) {
+            self.failed.push((name, format!("derivation: {why}")));
+        }
+    }
+
+    fn install(&mut self, key: &ReleasedKey) -> bool {
         let Some(dir) = self.dir else {
             self.failed
                 .push((key.name.clone(), "no key directory".into()));
@@ -112,4 +169,28 @@ impl<'a> Deliver<'a> {
             }
         }
     }
+}
+
+/// Opens the key directory and the derived-key directory the
+/// configuration needs (none when it asks for nothing), warning when one
+/// is not on a tmpfs.
+pub fn open_dirs(config: &Config) -> anyhow::Result<(Option<KeyDir>, Option<KeyDir>)> {
+    let open = |wanted: bool, path: &std::path::Path| -> anyhow::Result<Option<KeyDir>> {
+        if !wanted {
+            return Ok(None);
+        }
+        let d = KeyDir::open(path, config.key_owner, config.key_group)
+            .map_err(|e| anyhow::anyhow!("key directory: {e}"))?;
+        if !d.on_tmpfs() {
+            rl_warn!(
+                dir = %path.display(),
+                "not on a tmpfs: delivered keys reach a disk"
+            );
+        }
+        Ok(Some(d))
+    };
+    Ok((
+        open(!config.keys.is_empty(), &config.key_dir)?,
+        open(!config.derive.is_empty(), &config.derived_dir)?,
+    ))
 }

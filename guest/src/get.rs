@@ -104,7 +104,10 @@ impl Handler for GetKey {
                     return Self::finish();
                 };
                 match s.request_keys(vec![self.name.clone()], now) {
-                    Ok(out) => Reaction { out, finish: false },
+                    Ok(out) => Reaction {
+                        out,
+                        ..Reaction::default()
+                    },
                     Err(e) => {
                         match e {
                             RequestRefused::FeatureNotEnabled => {

@@ -21,7 +21,6 @@ use vkx_common::wire::KeyName;
 use crate::agent::{Agent, Handler, Reaction};
 use crate::config::Config;
 use crate::deliver::Deliver;
-use crate::keys::KeyDir;
 
 /// How one attempt ended.
 #[derive(Debug)]
@@ -70,12 +69,18 @@ impl Handler for Once<'_> {
         {
             self.attested = Some((*session_id, *reattest_after));
         }
-        let out = self.deliver.on_event(&ev, guest, now);
-        Reaction {
-            out,
-            // Done once attested and the keys are in (or refused).
-            finish: self.attested.is_some() && self.deliver.done,
-        }
+        let mut r = self.deliver.on_event(&ev, guest, now);
+        // Done once attested and the keys are in (or refused).
+        r.finish = self.attested.is_some() && self.deliver.complete();
+        r
+    }
+
+    fn on_derived(&mut self, purpose: &vkx_common::wire::Purpose, key: &[u8]) {
+        self.deliver.on_derived(purpose, key);
+    }
+
+    fn on_derive_failed(&mut self, purpose: &vkx_common::wire::Purpose, why: &str) {
+        self.deliver.on_derive_failed(purpose, why);
     }
 }
 
@@ -85,23 +90,27 @@ pub async fn once(config: Config) -> Outcome {
         Ok(a) => a,
         Err(e) => return Outcome::Permanent(format!("{e:#}")),
     };
-    let dir = if config.keys.is_empty() {
-        None
-    } else {
-        match KeyDir::open(&config.key_dir, config.key_owner, config.key_group) {
-            Ok(d) => Some(d),
-            Err(e) => return Outcome::Permanent(format!("key directory: {e}")),
-        }
+    let (dir, derived_dir) = match crate::deliver::open_dirs(&config) {
+        Ok(d) => d,
+        Err(e) => return Outcome::Permanent(format!("{e:#}")),
     };
     let mut handler = Once {
         attested: None,
-        deliver: Deliver::new(&config.keys, dir.as_ref()),
+        deliver: Deliver::new(
+            &config.keys,
+            dir.as_ref(),
+            &config.derive,
+            derived_dir.as_ref(),
+        ),
     };
     let (_keep, mut stop) = watch::channel(false);
     let attempt = agent.attempt(&mut handler, &mut stop).await;
     if let Some((session_id, reattest_after)) = handler.attested {
         let d = handler.deliver;
-        if !d.failed.is_empty() || d.installed.len() < config.keys.len() {
+        if !d.failed.is_empty()
+            || d.installed.len() < config.keys.len()
+            || d.derived.len() < config.derive.len()
+        {
             let what: Vec<String> = d
                 .failed
                 .iter()

@@ -187,11 +187,6 @@ async fn client(mut stream: UnixStream, config: &LocalConfig, keys: &DerivedKeys
         return;
     };
     let (uid, gid) = (cred.uid(), cred.gid());
-    if !config.allows(uid, gid) {
-        rl_warn!(uid, gid, "local socket: client not allowed");
-        let _ = stream.write_all(b"ERR not allowed\n").await;
-        return;
-    }
     let mut line = Vec::with_capacity(64);
     let mut byte = [0u8; 1];
     // One request line, at most MAX_LOCAL_REQUEST bytes.
@@ -201,6 +196,13 @@ async fn client(mut stream: UnixStream, config: &LocalConfig, keys: &DerivedKeys
             Ok(1) => line.push(byte[0]),
             _ => return,
         }
+    }
+    // Checked after the (bounded) request is read, so that the refusal
+    // reaches the client instead of a reset.
+    if !config.allows(uid, gid) {
+        rl_warn!(uid, gid, "local socket: client not allowed");
+        let _ = stream.write_all(b"ERR not allowed\n").await;
+        return;
     }
     let reply = match parse_request(&line) {
         Some((vm, purpose)) => match keys.get(&vm, &purpose) {

@@ -85,7 +85,7 @@ impl Deployment {
         let pcrs: serde_json::Value =
             serde_json::from_slice(&std::fs::read(self.path("ref/pcrs.json")).unwrap()).unwrap();
         let mut policy = format!(
-            "[[image]]\nname = \"img\"\nkeys = [\"disk\"]\n\n[[vm]]\nid = \"{}\"\nimage = \"img\"\n",
+            "[[image]]\nname = \"img\"\nkeys = [\"disk\"]\nderive = [\"disk-unlock:v1\"]\n\n[[vm]]\nid = \"{}\"\nimage = \"img\"\n",
             self.vm_id
         );
         for i in ["0", "7"] {
@@ -97,7 +97,8 @@ impl Deployment {
         std::fs::write(self.path("policy.toml"), policy).unwrap();
     }
 
-    fn write_host_config(&self, extra: &str) {
+    /// (Re)writes host.toml; `extra` goes at its top level.
+    pub fn write_host_config(&self, extra: &str) {
         std::fs::write(
             self.host_config(),
             format!(

@@ -184,3 +184,135 @@ fn keys_are_released_by_policy_delivered_and_rotated_without_leaking() {
         "not verbose: {host_log}"
     );
 }
+
+/// Derived shared keys (PROTOCOL.md §9): the guest's K (delivered to its
+/// derived directory) equals the host's, which an allowed local process
+/// fetches through the host's local socket; a process the allow-list does
+/// not name is refused by its credentials; the key goes with its session;
+/// a purpose the policy does not grant is refused.
+#[test]
+fn derived_keys_agree_and_local_access_is_by_credentials() {
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    let d = Deployment::new("vm-1", "");
+    let local = d.path("local.sock");
+    let with_local = |allow: u32| {
+        format!(
+            "log_level = \"trace\"\n[local]\nsocket = \"{}\"\nallow_uids = [{allow}]\n",
+            local.display()
+        )
+    };
+    d.write_host_config(&with_local(uid));
+    let pin = d.node.pin().to_owned();
+    let derived_dir = d.path("derived");
+    let cfg = |name: &str, purpose: &str| {
+        d.guest_config(
+            name,
+            &d.socket(),
+            &pin,
+            &format!(
+                "derived_dir = \"{}\"\nlog_level = \"trace\"\n[[derive]]\npurpose = \"{purpose}\"\nlength = 48\n",
+                derived_dir.display()
+            ),
+        )
+        .display()
+        .to_string()
+    };
+    let granted = cfg("derive.toml", "disk-unlock:v1");
+    let fetch = || {
+        run(
+            "vkx-host",
+            &[
+                "derived",
+                "get",
+                "--socket",
+                &local.display().to_string(),
+                "--vm-id",
+                "vm-1",
+                "--purpose",
+                "disk-unlock:v1",
+            ],
+            b"",
+        )
+    };
+    let host = d.start_host("host.log");
+
+    // 1. A guest holding its session derived K; the host's copy is the
+    //    same bytes, for an allowed local process.
+    let guest = Agent::spawn(
+        "vkx-guest",
+        &["run", "--config", &granted],
+        d.path("guest.log"),
+    );
+    guest.wait_log(LIMIT, "the derived key", |l| {
+        l.contains("derived key delivered")
+    });
+    let k_guest = key_file(&derived_dir, "disk-unlock:v1");
+    assert_eq!(k_guest.len(), 48);
+    let o = fetch();
+    assert!(o.status.success(), "{o:?}\n{}", host.log());
+    assert_eq!(o.stdout, k_guest);
+
+    // 2. The session ends: so does the host's K.
+    assert!(guest.stop().success());
+    let start = std::time::Instant::now();
+    loop {
+        let o = fetch();
+        if !o.status.success() {
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("no such derived key"),
+                "{o:?}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "K outlived its session");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // 3. A purpose the policy does not grant: refused, exit 4.
+    let o = run(
+        "vkx-guest",
+        &["once", "--config", &cfg("other.toml", "other:v1")],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the host refused the purpose"),
+        "{o:?}"
+    );
+    assert!(host.stop().success());
+
+    // 4. A local process whose uid the allow-list does not name is refused
+    //    by its credentials, whatever the socket's file mode.
+    d.write_host_config(&with_local(uid.wrapping_add(4242)));
+    let host = d.start_host("host-2.log");
+    let guest = Agent::spawn(
+        "vkx-guest",
+        &["run", "--config", &granted],
+        d.path("guest-2.log"),
+    );
+    guest.wait_log(LIMIT, "the derived key", |l| {
+        l.contains("derived key delivered")
+    });
+    let o = fetch();
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not allowed"),
+        "{o:?}"
+    );
+    assert!(host.log().contains("client not allowed"), "{}", host.log());
+    let k = key_file(&derived_dir, "disk-unlock:v1");
+    assert!(guest.stop().success());
+    assert!(host.stop().success());
+    for log in ["host.log", "host-2.log", "guest.log", "guest-2.log"] {
+        let text = std::fs::read(d.path(log)).unwrap();
+        for key in [&k_guest, &k] {
+            for w in hex::encode(key).as_bytes().windows(16) {
+                assert!(
+                    !text.windows(16).any(|t| t == w),
+                    "{log} holds a derived key"
+                );
+            }
+        }
+    }
+}
