@@ -163,7 +163,7 @@ pub fn render(s: &Status, now_unix: u64) -> String {
         "last error:          {}\n",
         s.last_error.as_deref().unwrap_or("none")
     );
-    out += &format!("consecutive failures: {}\n", s.consecutive_failures);
+    out += &format!("failures in a row:   {}\n", s.consecutive_failures);
     out += &format!(
         "attempts:            {} ({} attested)\n",
         s.attempts, s.sessions_established
