@@ -38,6 +38,8 @@ test: deps
 	$(CARGO) check --manifest-path fuzz/Cargo.toml --locked --quiet
 	# The protocol model, and proof that it catches seeded bugs.
 	bash spec/model/check.sh
+	python3 scripts/check-logging.py --self-test
+	python3 scripts/check-logging.py
 	@echo "make test: all passed"
 
 ## lint: formatting and clippy with warnings as errors, on everything.
@@ -46,6 +48,8 @@ lint: rust-components
 	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --locked -- -D warnings
+	python3 scripts/check-logging.py --self-test
+	python3 scripts/check-logging.py
 
 fmt:
 	$(CARGO) fmt --all

@@ -220,7 +220,10 @@ impl Default for CallSite {
 macro_rules! rl_log {
     ($level:ident, peer: $peer:expr, $($arg:tt)+) => {{
         static SITE: $crate::ratelimit::CallSite = $crate::ratelimit::CallSite::new();
-        if let $crate::ratelimit::Admit::Write { suppressed, suppressed_for } =
+        // A level that is off neither spends tokens nor counts as
+        // suppressed.
+        if ::tracing::enabled!($crate::rl_level!($level))
+            && let $crate::ratelimit::Admit::Write { suppressed, suppressed_for } =
             SITE.admit_peer(::core::convert::AsRef::<str>::as_ref(&$peer), ::std::time::Instant::now())
         {
             if suppressed > 0 {
@@ -237,7 +240,8 @@ macro_rules! rl_log {
     }};
     ($level:ident, $($arg:tt)+) => {{
         static SITE: $crate::ratelimit::CallSite = $crate::ratelimit::CallSite::new();
-        if let $crate::ratelimit::Admit::Write { suppressed, suppressed_for } =
+        if ::tracing::enabled!($crate::rl_level!($level))
+            && let $crate::ratelimit::Admit::Write { suppressed, suppressed_for } =
             SITE.admit(::std::time::Instant::now())
         {
             if suppressed > 0 {
@@ -247,6 +251,27 @@ macro_rules! rl_log {
             }
         }
     }};
+}
+
+/// The `tracing::Level` of an `rl_log!` level name.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! rl_level {
+    (error) => {
+        ::tracing::Level::ERROR
+    };
+    (warn) => {
+        ::tracing::Level::WARN
+    };
+    (info) => {
+        ::tracing::Level::INFO
+    };
+    (debug) => {
+        ::tracing::Level::DEBUG
+    };
+    (trace) => {
+        ::tracing::Level::TRACE
+    };
 }
 
 /// Rate-limited `tracing::error!`. See [`rl_log!`].
@@ -339,12 +364,23 @@ mod tests {
 
     #[test]
     fn macros_compile_and_count() {
-        let before = suppressed_total();
-        for i in 0..(SITE_BURST + 10) {
-            crate::rl_warn!("test line {}", i);
-        }
-        assert!(suppressed_total() >= before + 10);
-        crate::rl_info!(peer: "vm-9", "peer line {}", 1);
-        crate::rl_error!(peer: String::from("vm-9"), error = "x", "with a field");
+        let sub = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            let before = suppressed_total();
+            for i in 0..(SITE_BURST + 10) {
+                crate::rl_warn!("test line {}", i);
+            }
+            assert!(suppressed_total() >= before + 10);
+            crate::rl_info!(peer: "vm-9", "peer line {}", 1);
+            crate::rl_error!(peer: String::from("vm-9"), error = "x", "with a field");
+            // A level that is off is not logged, so it is not suppressed
+            // either: its site never spends a token.
+            for i in 0..(SITE_BURST + 10) {
+                crate::rl_log!(trace, "off {}", i);
+            }
+        });
     }
 }
