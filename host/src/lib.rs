@@ -1,6 +1,9 @@
 //! `vkx-host` as a library: the pieces of the host agent that the binary
 //! and the end-to-end tests share.
 //!
+//! - [`admission`]: admission control of `serve`: connection, handshake
+//!   and hard ceilings, per-peer connection and per-session message token
+//!   buckets, jittered `retry-after`.
 //! - [`attestation`]: the decision on a guest's evidence: registry AK,
 //!   quote verification, policy.
 //! - [`derive`]: derived shared keys (§9): the host's answer, the table
@@ -11,6 +14,8 @@
 //! - [`keystore`]: the host's key store: one directory per key, one
 //!   AES-256-GCM sealed file per version under the node's master key,
 //!   crash-safe writes; the [`keystore::KeyStore`] trait the agent reads.
+//! - [`metrics`]: counters and gauges of `serve`, and its Prometheus
+//!   text endpoint (Unix socket or loopback TCP).
 //! - [`node`]: the node identity (`vkx-host init`): TLS key guests pin,
 //!   vTPM CA.
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
@@ -25,11 +30,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod attestation;
 pub mod derive;
 pub mod evidence;
 pub mod keys_cli;
 pub mod keystore;
+pub mod metrics;
 pub mod node;
 pub mod registry;
 pub mod release;

@@ -69,6 +69,12 @@ enum Command {
     /// Derived shared keys of live sessions (PROTOCOL.md §9).
     #[command(subcommand)]
     Derived(DerivedCommand),
+    /// Print a running `vkx-host serve`'s metrics (Prometheus text) from
+    /// its `[metrics] socket`.
+    Metrics {
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -240,6 +246,15 @@ fn main() -> ExitCode {
             vm_id,
             purpose,
         }) => derived_get(&socket, &vm_id, &purpose),
+        Command::Metrics { socket } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| Ok(rt.block_on(vkx_host::metrics::fetch(&socket))?))
+            .map(|body| {
+                print!("{body}");
+                true
+            }),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -3,12 +3,24 @@
 //! feeds the session frames and timer expiries, and answers its events
 //! with the registry, the quote verifier and the policy.
 //!
-//! Bounded by construction: at most `max_connections` connections hold an
-//! owned semaphore permit (more are closed at once); every connection has
-//! the TLS handshake deadline and then the session's own deadlines; each
-//! buffers at most one frame. Shutdown is a future: on it, listeners stop
-//! accepting and every live session says goodbye within
+//! Bounded by construction. Every accepted connection meets
+//! [`crate::admission`] first: over the hard ceiling (`[admission]
+//! max_open`) it is closed at once; over `max_connections`,
+//! `max_handshakes` or its peer's connection rate it completes TLS (bounded
+//! by the TLS handshake timeout), is told `busy` or `rate-limited` with a
+//! jittered `retry-after` and closed (PROTOCOL.md §11.6, Accepted). A
+//! served connection has the TLS handshake deadline and then the session's
+//! own deadlines (the whole handshake within `HANDSHAKE_DEADLINE` of
+//! accept), so it holds its handshake slot for at most
+//! [`MAX_HANDSHAKE_HOLD`]; every batch of sends has [`WRITE_TIMEOUT`], so a
+//! guest that stops reading cannot hold a connection by back-pressure; each
+//! session has a message budget (over it: `rate-limited`, close); each
+//! connection buffers at most one frame. Shutdown is a future: on it,
+//! listeners stop accepting and every live session says goodbye within
 //! [`SHUTDOWN_GRACE`].
+//!
+//! Everything is counted in [`crate::metrics`] where it happens (exact
+//! whatever the log limiter drops) and served on the `[metrics]` endpoint.
 //!
 //! Transports in this release: hybrid vsock (the VMM's `<path>_<port>`
 //! socket, PROTOCOL.md §2.3.1) and the plain Unix socket of §2.4; in both,
@@ -25,24 +37,30 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant as TokioInstant, timeout_at};
+use vkx_common::errors::ErrorCode;
 use vkx_common::policy::Policy;
 use vkx_common::session::host::{
-    DeriveAnswer, Host, HostConfig, HostEvent, PeerContext, SessionRandom, Verdict,
+    DeriveAnswer, HANDSHAKE_DEADLINE, Host, HostConfig, HostEvent, PeerContext, SessionRandom,
+    Verdict,
 };
 use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
 use vkx_common::wire::{
-    FeatureState, Features, FrameDecoder, KeyName, Message, PROTOCOL_VERSION_1, Purpose,
-    ReleasedKey, VersionRange, VmId, encode_frame, feature,
+    FeatureState, Features, FrameDecoder, KeyName, Message, MessageType, PROTOCOL_VERSION_1,
+    Purpose, ReleasedKey, VersionRange, VmId, encode_frame, feature,
 };
 use vkx_common::{rl_info, rl_warn};
 use zeroize::Zeroizing;
 
+use crate::admission::{
+    AdmissionConfig, AdmissionControl, Decision, Limits, RefuseReason, Refused, Ticket,
+};
 use crate::attestation::{record_quote, verify_evidence};
 use crate::derive::{self, DerivedKeys};
 use crate::keystore::{DirKeyStore, KeyStore};
+use crate::metrics::{EstablishedGuard, HandshakeOutcome, Metrics, MetricsConfig};
 use crate::registry::Registry;
 use crate::release;
 use crate::vsock::{Admission, CidMap, VsockListenerConfig, admit};
@@ -57,6 +75,19 @@ pub const FEATURE_RETRY_AFTER: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 16 * 1024;
 /// Most Unix listeners one host serves (one per VM in development).
 pub const MAX_LISTENERS: usize = 4096;
+/// Longest one batch of sends (and the close after it) may take: a guest
+/// that stops reading cannot hold its connection by back-pressure.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a served connection holds its handshake slot: the TLS handshake
+/// and the session's handshake both start at accept, and a send during the
+/// handshake is cut at this bound too.
+pub const MAX_HANDSHAKE_HOLD: Duration = TLS_HANDSHAKE_TIMEOUT.saturating_add(HANDSHAKE_DEADLINE);
+/// After a refusal, how long the host keeps reading (and discarding) what
+/// the guest still sends, until it closes: closing on its unread `hello`
+/// could otherwise reset the connection before the error is read.
+pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// Most bytes discarded while lingering after a refusal.
+pub const MAX_LINGER_BYTES: usize = 64 * 1024;
 
 /// `host.toml`.
 #[derive(Debug, Deserialize)]
@@ -98,6 +129,13 @@ pub struct ServeConfig {
     /// The local socket for derived keys (§9.4); none by default.
     #[serde(default)]
     pub local: Option<crate::derive::LocalConfig>,
+    /// Admission control and rate limits (`[admission]`); every key has a
+    /// default (see [`crate::admission`]).
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    /// The metrics endpoint (`[metrics]`); none without the table.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,7 +213,18 @@ impl ServeConfig {
             (1..=MAX_SHUTDOWN_RETRY_AFTER_S).contains(&c.shutdown_retry_after_s),
             "shutdown_retry_after_s must be 1..={MAX_SHUTDOWN_RETRY_AFTER_S}"
         );
+        c.limits()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Some(m) = &c.metrics {
+            m.endpoint()
+                .map_err(|e| anyhow::anyhow!("{}: [metrics]: {e}", path.display()))?;
+        }
         Ok(c)
+    }
+
+    /// The checked admission limits.
+    pub fn limits(&self) -> Result<Limits, crate::admission::AdmissionConfigError> {
+        Limits::new(self.max_connections, &self.admission)
     }
 }
 
@@ -189,11 +238,23 @@ struct Shared {
     config: Arc<HostConfig>,
     rng: SystemRandom,
     shutdown_retry_after: Duration,
+    admission: Arc<AdmissionControl>,
+    metrics: Arc<Metrics>,
 }
 
 impl Shared {
     fn store(&self) -> Option<&dyn KeyStore> {
         self.keys.as_deref().map(|k| k as &dyn KeyStore)
+    }
+
+    /// A uniform 64-bit draw for jitter; without randomness, no jitter
+    /// (the base `retry-after` still holds).
+    fn draw(&self) -> u64 {
+        let mut b = [0u8; 8];
+        match self.rng.fill(&mut b) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => 0,
+        }
     }
 }
 
@@ -216,6 +277,11 @@ pub async fn serve(
         .map(|k| (k.name, k.current_version))
         .collect();
     let (key_versions, _) = watch::channel(Arc::new(initial));
+    let limits = config
+        .limits()
+        .map_err(|e| anyhow::anyhow!("[admission]: {e}"))?;
+    let admission = Arc::new(AdmissionControl::new(limits, std::time::Instant::now()));
+    let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(Shared {
         tls: tokio_rustls::TlsAcceptor::from(tls),
         keys: Some(store.clone()),
@@ -233,8 +299,9 @@ pub async fn serve(
         }),
         rng: SystemRandom::new(),
         shutdown_retry_after: Duration::from_secs(config.shutdown_retry_after_s.into()),
+        admission: admission.clone(),
+        metrics: metrics.clone(),
     });
-    let permits = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let sockets: Vec<(PathBuf, &str)> = config
@@ -283,13 +350,27 @@ pub async fn serve(
             stop_rx.clone(),
         ));
     }
+    let metrics_socket = match config.metrics.as_ref().map(MetricsConfig::endpoint) {
+        Some(Ok(endpoint)) => {
+            let l = crate::metrics::bind(&endpoint)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics endpoint {endpoint:?}: {e}"))?;
+            tasks.spawn(crate::metrics::serve(
+                l,
+                metrics,
+                admission,
+                stop_rx.clone(),
+            ));
+            match endpoint {
+                crate::metrics::Endpoint::Unix(p) => Some(p),
+                crate::metrics::Endpoint::Tcp(_) => None,
+            }
+        }
+        Some(Err(e)) => anyhow::bail!("[metrics]: {e}"),
+        None => None,
+    };
     for listener in listeners {
-        tasks.spawn(accept_loop(
-            listener,
-            shared.clone(),
-            permits.clone(),
-            stop_rx.clone(),
-        ));
+        tasks.spawn(accept_loop(listener, shared.clone(), stop_rx.clone()));
     }
     rl_info!("vkx-host serving {count} listener(s)");
     shutdown.await;
@@ -300,6 +381,9 @@ pub async fn serve(
     tasks.abort_all();
     for (path, _) in &sockets {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(p) = metrics_socket {
+        let _ = std::fs::remove_file(p);
     }
     Ok(())
 }
@@ -346,20 +430,15 @@ impl AsRef<str> for TransportPeer {
 /// pauses this long instead of spinning.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-async fn accept_loop(
-    listener: Listener,
-    shared: Arc<Shared>,
-    permits: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut conns = tokio::task::JoinSet::new();
     let name = match &listener {
         Listener::Unix(_, vm) => vm.as_str().to_owned(),
         Listener::Vsock { .. } => "vsock".to_owned(),
     };
     // Runs until shutdown. Each iteration accepts one connection (which
-    // must win a permit: at most `max_connections` live), reaps one, or
-    // pauses after an accept error.
+    // admission control serves, refuses after TLS, or closes at once),
+    // reaps one, or pauses after an accept error.
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => break,
@@ -374,20 +453,48 @@ async fn accept_loop(
                 continue;
             }
         };
-        // Admission: over the limit, close at once (the guest backs off
-        // as from any transport failure, §11.6).
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            rl_warn!(peer: peer, "connection refused: connection limit reached");
-            continue;
-        };
-        let (shared, stop) = (shared.clone(), stop.clone());
-        conns.spawn(async move {
-            match stream {
-                Accepted::Unix(s) => connection(s, peer, shared, stop).await,
-                Accepted::Vsock(s) => connection(s, peer, shared, stop).await,
+        let accepted_at = std::time::Instant::now();
+        let decision = shared
+            .admission
+            .admit(peer.as_ref(), accepted_at, || shared.draw());
+        let shared = shared.clone();
+        match decision {
+            // Cannot afford even a TLS handshake: close the transport (the
+            // guest backs off as from any transport failure, §11.6).
+            Decision::Close => {
+                shared.metrics.refused(RefuseReason::MaxOpen);
+                rl_warn!(
+                    peer: peer,
+                    "connection closed at once: hard ceiling (admission.max_open) reached"
+                );
             }
-            drop(permit);
-        });
+            Decision::Refuse(refused) => {
+                shared.metrics.refused(refused.reason);
+                rl_warn!(
+                    peer: peer,
+                    limit = refused.reason.label(),
+                    code = %refused.refusal.code(),
+                    retry_after_ms = refused.retry_after.as_millis(),
+                    "connection refused by admission control"
+                );
+                conns.spawn(async move {
+                    match stream {
+                        Accepted::Unix(s) => refuse(s, peer, refused, shared).await,
+                        Accepted::Vsock(s) => refuse(s, peer, refused, shared).await,
+                    }
+                });
+            }
+            Decision::Admit(ticket) => {
+                let stop = stop.clone();
+                conns.spawn(async move {
+                    let track = Tracker::new(ticket, accepted_at, shared.metrics.clone());
+                    match stream {
+                        Accepted::Unix(s) => connection(s, peer, track, shared, stop).await,
+                        Accepted::Vsock(s) => connection(s, peer, track, shared, stop).await,
+                    }
+                });
+            }
+        }
     }
     while conns.join_next().await.is_some() {}
 }
@@ -432,17 +539,188 @@ fn features() -> Features {
     .into()
 }
 
+/// What one served connection counts, on every path out of it: the
+/// handshake's outcome and latency, the established gauge, the errors
+/// sent. Owns the connection's admission slots; dropping it releases them.
+#[derive(Debug)]
+struct Tracker {
+    ticket: Ticket,
+    accepted_at: std::time::Instant,
+    metrics: Arc<Metrics>,
+    /// How the handshake ends unless it reaches Established.
+    outcome: HandshakeOutcome,
+    established: Option<EstablishedGuard>,
+}
+
+impl Tracker {
+    fn new(ticket: Ticket, accepted_at: std::time::Instant, metrics: Arc<Metrics>) -> Self {
+        Self {
+            ticket,
+            accepted_at,
+            metrics,
+            outcome: HandshakeOutcome::Failed,
+            established: None,
+        }
+    }
+
+    fn sent_error(&mut self, code: ErrorCode) {
+        self.metrics.error_sent(code);
+        if self.ticket.in_handshake() {
+            self.outcome = HandshakeOutcome::for_code(code);
+        }
+    }
+
+    /// Gives the handshake slot back once the session is Established.
+    fn check_established(&mut self, host: &Host) {
+        if self.ticket.in_handshake() && matches!(host, Host::Established(_)) {
+            self.ticket.established();
+            self.metrics.handshake(HandshakeOutcome::Attested);
+            self.metrics.handshake_latency(self.accepted_at.elapsed());
+            self.established = Some(self.metrics.established());
+        }
+    }
+
+    /// The deadline of a batch of sends starting now: [`WRITE_TIMEOUT`],
+    /// and during the handshake no later than [`MAX_HANDSHAKE_HOLD`] after
+    /// accept.
+    fn write_deadline(&self) -> TokioInstant {
+        let now = TokioInstant::now();
+        let d = now + WRITE_TIMEOUT;
+        if self.ticket.in_handshake() {
+            d.min(TokioInstant::from_std(self.accepted_at) + MAX_HANDSHAKE_HOLD)
+        } else {
+            d
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if self.ticket.in_handshake() {
+            self.metrics.handshake(self.outcome);
+        }
+    }
+}
+
+/// The code of an `error` payload this host encoded, if it is one: our
+/// encoder writes the envelope as `[13, {...}]`, i.e. `0x82 0x0d`.
+fn sent_error_code(payload: &[u8]) -> Option<ErrorCode> {
+    if payload.get(..2)? != [0x82, MessageType::Error.code()] {
+        return None;
+    }
+    match Message::decode(payload) {
+        Ok(Message::Error(e)) => Some(e.code),
+        _ => None,
+    }
+}
+
+/// Sends `payloads` as frames and flushes, by `deadline`; `on_error` sees
+/// the code of every `error` written. False: the connection is gone.
+async fn send_all<W>(
+    w: &mut W,
+    payloads: &[Zeroizing<Vec<u8>>],
+    deadline: TokioInstant,
+    peer: &TransportPeer,
+    mut on_error: impl FnMut(ErrorCode),
+) -> bool
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let work = async {
+        for payload in payloads {
+            vkx_common::rl_log!(
+                trace,
+                peer: peer,
+                bytes = payload.len(),
+                msg_type = ?Message::envelope_type(payload),
+                "frame sent"
+            );
+            let mut frame = Zeroizing::new(Vec::with_capacity(payload.len() + 4));
+            if encode_frame(payload, &mut frame).is_err() || w.write_all(&frame).await.is_err() {
+                return false;
+            }
+            if let Some(code) = sent_error_code(payload) {
+                on_error(code);
+            }
+        }
+        let _ = w.flush().await;
+        true
+    };
+    match timeout_at(deadline, work).await {
+        Ok(sent) => sent,
+        Err(_) => {
+            rl_warn!(peer: peer, "send timed out: the guest is not reading; closing");
+            false
+        }
+    }
+}
+
+/// A connection admission control refused (§11.6, Accepted): TLS (bounded
+/// by its timeout), then `busy` or `rate-limited` with the jittered
+/// `retry-after` without reading `hello`, close, and a short linger so the
+/// error is not lost to a reset. `refused` holds the connection's place
+/// under the hard ceiling until the end.
+async fn refuse<S>(stream: S, peer: TransportPeer, refused: Refused, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let metrics = &shared.metrics;
+    let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(stream)).await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            rl_warn!(peer: peer, error = %e, "TLS handshake failed (refused connection)");
+            metrics.handshake(HandshakeOutcome::Failed);
+            return;
+        }
+        Err(_) => {
+            rl_warn!(peer: peer, "TLS handshake timed out (refused connection)");
+            metrics.handshake(HandshakeOutcome::Timeout);
+            return;
+        }
+    };
+    let (_, out) = Host::refuse(refused.refusal, refused.retry_after);
+    let deadline = TokioInstant::now() + WRITE_TIMEOUT;
+    let mut outcome = HandshakeOutcome::Failed;
+    let sent = send_all(&mut tls, &out.send, deadline, &peer, |code| {
+        metrics.error_sent(code);
+        outcome = HandshakeOutcome::for_code(code);
+    })
+    .await;
+    metrics.handshake(outcome);
+    if sent && timeout_at(deadline, tls.shutdown()).await.is_ok() {
+        let linger = async {
+            let mut buf = [0u8; 1024];
+            let mut left = MAX_LINGER_BYTES;
+            while left > 0 {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+    }
+    drop(refused);
+}
+
 async fn connection<S>(
     stream: S,
     peer_id: TransportPeer,
+    mut track: Tracker,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let vm_id = &peer_id;
-    let accepted_at = std::time::Instant::now();
-    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(stream)).await {
+    let accepted_at = track.accepted_at;
+    let tls = match tokio::time::timeout_at(
+        TokioInstant::from_std(accepted_at) + TLS_HANDSHAKE_TIMEOUT,
+        shared.tls.accept(stream),
+    )
+    .await
+    {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             rl_warn!(peer: vm_id, error = %e, "TLS handshake failed");
@@ -450,6 +728,7 @@ async fn connection<S>(
         }
         Err(_) => {
             rl_warn!(peer: vm_id, "TLS handshake timed out");
+            track.outcome = HandshakeOutcome::Timeout;
             return;
         }
     };
@@ -494,6 +773,7 @@ async fn connection<S>(
     let mut conn = ConnState::default();
     let mut versions = shared.key_versions.subscribe();
     let mut frames = FrameDecoder::new();
+    let mut budget = shared.admission.message_bucket(std::time::Instant::now());
     let mut buf = vec![0u8; READ_CHUNK];
     // Each iteration consumes input, a timer expiry, a key rotation or the
     // stop signal; the session's deadlines bound how long it can wait.
@@ -540,7 +820,17 @@ async fn connection<S>(
                                         msg_type = ?Message::envelope_type(payload),
                                         "frame received"
                                     );
-                                    let (h, o) = host.on_payload(payload, now);
+                                    // The message budget comes before the
+                                    // session looks at the frame.
+                                    let (h, o) = match budget.try_take(now) {
+                                        Ok(()) => host.on_payload(payload, now),
+                                        Err(wait) => {
+                                            rl_warn!(peer: vm_id, "message rate exceeded: rate-limited");
+                                            shared.metrics.session_rate_limited();
+                                            let retry = shared.admission.retry_after(wait, shared.draw());
+                                            host.rate_limited(retry)
+                                        }
+                                    };
                                     host = h;
                                     acc.absorb(o);
                                     if acc.close.is_some() { break; }
@@ -569,31 +859,47 @@ async fn connection<S>(
                 break;
             }
             for ev in events {
-                let (h, o) = handle_event(host, ev, &shared, &mut conn, tls.get_ref().1);
+                let (h, o) = match ev {
+                    // Quote verification and the registry write (an
+                    // fsync) run on the blocking pool: a thousand guests
+                    // attesting at once must not stall every other
+                    // session on the runtime thread. At most
+                    // `max_handshakes` run at once.
+                    HostEvent::Verify {
+                        vm_id,
+                        transcript_hash,
+                        selection,
+                        evidence,
+                    } => {
+                        let s = shared.clone();
+                        let verdict = tokio::task::spawn_blocking(move || {
+                            verify_and_record(&s, &vm_id, &transcript_hash, &selection, &evidence)
+                        })
+                        .await
+                        .unwrap_or(Verdict::LocalFailure);
+                        host.on_verdict(verdict, std::time::Instant::now())
+                    }
+                    ev => handle_event(host, ev, &shared, &mut conn, tls.get_ref().1),
+                };
                 host = h;
                 pending.absorb(o);
             }
         }
-        for payload in &pending.send {
-            vkx_common::rl_log!(
-                trace,
-                peer: vm_id,
-                bytes = payload.len(),
-                msg_type = ?Message::envelope_type(payload),
-                "frame sent"
-            );
-            let mut frame = Zeroizing::new(Vec::with_capacity(payload.len() + 4));
-            if encode_frame(payload, &mut frame).is_err() || tls.write_all(&frame).await.is_err() {
-                conn.forget(&shared);
-                return;
-            }
+        let deadline = track.write_deadline();
+        if !send_all(&mut tls, &pending.send, deadline, vm_id, |c| {
+            track.sent_error(c)
+        })
+        .await
+        {
+            conn.forget(&shared);
+            return;
         }
-        let _ = tls.flush().await;
+        track.check_established(&host);
         if let Some(reason) = closing.or(pending.close) {
             if let CloseReason::Failed(f) = reason {
                 rl_info!(peer: vm_id, reason = ?f, "session closed");
             }
-            let _ = tls.shutdown().await;
+            let _ = timeout_at(deadline, tls.shutdown()).await;
             break;
         }
     }
@@ -658,6 +964,7 @@ fn push_rotations(
         );
         match pushed {
             Ok(o) => {
+                shared.metrics.update_pushed();
                 rl_info!(peer: vm.vm_id, key = %name, version, "key update pushed");
                 // Not pushed again unless it changes again; the ack says
                 // whether the guest installed it.
@@ -670,6 +977,51 @@ fn push_rotations(
     out
 }
 
+/// The verdict on one guest's evidence (registry AK, quote, policy), and
+/// the accepted quote's counters recorded for rewind detection. Blocking:
+/// file reads and an fsync.
+fn verify_and_record(
+    shared: &Shared,
+    vm: &VmId,
+    transcript_hash: &[u8; vkx_common::transcript::TRANSCRIPT_HASH_LEN],
+    selection: &[vkx_common::wire::PcrBankSelection],
+    evidence: &vkx_common::wire::Evidence,
+) -> Verdict {
+    match verify_evidence(
+        &shared.registry,
+        &shared.policy,
+        vm,
+        transcript_hash,
+        selection,
+        evidence,
+    ) {
+        Ok(accepted) => {
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            match record_quote(&shared.registry, vm, &accepted.quote, unix) {
+                Ok(Some(rewind)) => {
+                    rl_warn!(peer: vm, rewind = %rewind, "TPM state rewound: snapshot restore or clone")
+                }
+                Ok(None) => {}
+                Err(e) => rl_warn!(peer: vm, error = %e, "could not record the quote"),
+            }
+            rl_info!(peer: vm, "attested");
+            Verdict::Accepted
+        }
+        Err(e) if e.is_local() => {
+            rl_warn!(peer: vm, error = %e, "verification failed locally");
+            Verdict::LocalFailure
+        }
+        Err(e) => {
+            // The reason stays here; the guest learns only
+            // attestation-failed.
+            rl_warn!(peer: vm, reason = %e, "attestation refused");
+            Verdict::Rejected
+        }
+    }
+}
+
 fn handle_event(
     host: Host,
     ev: HostEvent,
@@ -677,54 +1029,17 @@ fn handle_event(
     conn: &mut ConnState,
     tls: &rustls::ServerConnection,
 ) -> (Host, Output<HostEvent>) {
-    let now = std::time::Instant::now();
     match ev {
-        HostEvent::Verify {
-            vm_id: vm,
-            transcript_hash,
-            selection,
-            evidence,
-        } => {
-            let verdict = match verify_evidence(
-                &shared.registry,
-                &shared.policy,
-                &vm,
-                &transcript_hash,
-                &selection,
-                &evidence,
-            ) {
-                Ok(accepted) => {
-                    let unix = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
-                    match record_quote(&shared.registry, &vm, &accepted.quote, unix) {
-                        Ok(Some(rewind)) => {
-                            rl_warn!(peer: vm, rewind = %rewind, "TPM state rewound: snapshot restore or clone")
-                        }
-                        Ok(None) => {}
-                        Err(e) => rl_warn!(peer: vm, error = %e, "could not record the quote"),
-                    }
-                    rl_info!(peer: vm, "attested");
-                    Verdict::Accepted
-                }
-                Err(e) if e.is_local() => {
-                    rl_warn!(peer: vm, error = %e, "verification failed locally");
-                    Verdict::LocalFailure
-                }
-                Err(e) => {
-                    // The reason stays here; the guest learns only
-                    // attestation-failed.
-                    rl_warn!(peer: vm, reason = %e, "attestation refused");
-                    Verdict::Rejected
-                }
-            };
-            host.on_verdict(verdict, now)
+        HostEvent::Verify { .. } => {
+            // Answered by the caller on the blocking pool.
+            (host, Output::default())
         }
         HostEvent::KeyRequest { vm_id, names } => {
             let mut host = host;
             let mut out = Output::default();
             if let (Host::Established(s), Some(vm)) = (&mut host, shared.policy.vm(&vm_id)) {
                 let (answer, versions) = release::decide(shared.store(), vm, names);
+                shared.metrics.keys_released(answer.released.len());
                 conn.released.extend(versions);
                 out = s.answer_keys(answer);
             }
@@ -771,6 +1086,7 @@ fn handle_event(
             error,
             ..
         } => {
+            shared.metrics.update_acked(error.is_none());
             match error {
                 None => rl_info!(peer: vm_id, key = %name, version, "key update installed"),
                 Some(code) => {
@@ -868,5 +1184,100 @@ mod tests {
         ] {
             assert!(load(bad).is_err(), "{bad}");
         }
+    }
+
+    const UNIX: &str = "[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n";
+
+    #[test]
+    fn admission_and_metrics_have_safe_defaults() {
+        let c = load(UNIX).unwrap();
+        let l = c.limits().unwrap();
+        assert_eq!(l.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(l.max_open, 2 * DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(l.max_handshakes, crate::admission::DEFAULT_MAX_HANDSHAKES);
+        assert!(c.metrics.is_none(), "no endpoint unless configured");
+        let c = load(&format!(
+            "max_connections = 10\n[admission]\nmax_handshakes = 3\nmax_open = 12\n\
+             busy_retry_after_ms = 900\n[metrics]\n{UNIX}"
+        ))
+        .unwrap();
+        let l = c.limits().unwrap();
+        assert_eq!((l.max_handshakes, l.max_open), (3, 12));
+        assert_eq!(l.busy_retry_after, Duration::from_millis(900));
+        assert_eq!(
+            c.metrics.unwrap().endpoint().unwrap(),
+            crate::metrics::Endpoint::Unix(PathBuf::from(crate::metrics::DEFAULT_METRICS_SOCKET))
+        );
+        let c = load(&format!(
+            "[metrics]\nlisten = \"0.0.0.0:9461\"\nallow_non_loopback = true\n{UNIX}"
+        ))
+        .unwrap();
+        assert!(c.metrics.is_some());
+    }
+
+    #[test]
+    fn refuses_admission_and_metrics_that_make_no_sense() {
+        for bad in [
+            "[admission]\nmax_handshakes = 0\n",
+            "[admission]\nbogus = 1\n",
+            "max_connections = 10\n[admission]\nmax_open = 9\n",
+            "[admission]\nretry_jitter_percent = 500\n",
+            "[admission]\npeer_connection_refill_ms = 0\n",
+            "[metrics]\nlisten = \"0.0.0.0:9461\"\n",
+            "[metrics]\nlisten = \"localhost:9461\"\n",
+            "[metrics]\nsocket = \"/m\"\nlisten = \"127.0.0.1:9461\"\n",
+            "[metrics]\nport = 1\n",
+        ] {
+            assert!(load(&format!("{bad}{UNIX}")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_sent_are_recognised_by_their_envelope() {
+        use vkx_common::session::host::Refusal;
+        let (_, out) = Host::refuse(Refusal::Busy, Duration::from_secs(5));
+        assert_eq!(sent_error_code(&out.send[0]), Some(ErrorCode::Busy));
+        let pong = Message::Pong(vkx_common::wire::Pong { sequence: 13 })
+            .encode()
+            .unwrap();
+        assert_eq!(sent_error_code(&pong), None);
+        assert_eq!(sent_error_code(&[]), None);
+        assert_eq!(sent_error_code(&[0x82, 0x0d]), None);
+    }
+
+    #[test]
+    fn the_handshake_hold_is_bounded_by_the_tls_and_session_deadlines() {
+        assert_eq!(
+            MAX_HANDSHAKE_HOLD,
+            TLS_HANDSHAKE_TIMEOUT + HANDSHAKE_DEADLINE
+        );
+        // A session started at accept never waits past HANDSHAKE_DEADLINE
+        // in a handshake state, whatever arrives (one byte at a time or
+        // nothing at all).
+        let t0 = std::time::Instant::now();
+        let host = Host::start(
+            Arc::new(HostConfig {
+                versions: VersionRange {
+                    min: PROTOCOL_VERSION_1,
+                    max: PROTOCOL_VERSION_1,
+                },
+                reattest_after_s: 3600,
+                feature_retry_after: FEATURE_RETRY_AFTER,
+            }),
+            PeerContext {
+                vm_id: None,
+                cid: None,
+                selection: Vec::new(),
+                features: features(),
+                accepted_at: t0,
+            },
+            [0; 32],
+            SessionRandom {
+                host_nonce: [0; 32],
+                session_id: [0; 16],
+            },
+            t0 + TLS_HANDSHAKE_TIMEOUT,
+        );
+        assert!(host.deadline().unwrap() <= t0 + HANDSHAKE_DEADLINE);
     }
 }

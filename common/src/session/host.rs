@@ -11,6 +11,11 @@
 //! checked against the state; every wait has a deadline, the handshake as a
 //! whole has [`HANDSHAKE_DEADLINE`], and pushes are bounded by
 //! [`MAX_UNACKED_UPDATES`].
+//!
+//! Admission control and rate limits are the driver's decisions; what goes
+//! on the wire when it decides is here: [`Host::refuse`] for a connection
+//! turned away right after TLS (§11.6, Accepted), [`Host::rate_limited`]
+//! for a session over its message rate.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -131,6 +136,26 @@ pub enum PushRefused {
     TooManyOutstanding,
     #[error("the key is not valid on the wire")]
     Invalid,
+}
+
+/// Why the driver turns a connection away before serving it (§11.6,
+/// Accepted; §8.2 codes 10 and 11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Admission control: too many handshakes or sessions.
+    Busy,
+    /// The peer exceeded its connection rate.
+    RateLimited,
+}
+
+impl Refusal {
+    /// The wire code sent for this refusal.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Self::Busy => ErrorCode::Busy,
+            Self::RateLimited => ErrorCode::RateLimited,
+        }
+    }
 }
 
 type Out = Output<HostEvent>;
@@ -357,6 +382,37 @@ impl Host {
         (Self::Closed, out)
     }
 
+    /// A connection admission control turned away (§11.6, Accepted: over
+    /// the admission limit, or the peer's connection rate exceeded): right
+    /// after the TLS handshake, without reading `hello`, send E(busy) or
+    /// E(rate-limited) with `retry-after` (class A: always present; clamped
+    /// to the wire range), then close. No session exists for such a peer:
+    /// the result is always [`Host::Closed`].
+    pub fn refuse(refusal: Refusal, retry_after: Duration) -> (Self, Out) {
+        let mut out = Out::default();
+        let code = refusal.code();
+        let ms = retry_after_ms(retry_after);
+        out.send(ErrorMessage {
+            retry_after_ms: Some(ms),
+            ..ErrorMessage::new(code)
+        });
+        out.close(CloseReason::Failed(Failure::Code {
+            code,
+            retry_after: Some(Duration::from_millis(ms.into())),
+        }));
+        (Self::Closed, out)
+    }
+
+    /// The peer's message rate was exceeded (§11.6, events common to every
+    /// state after TLS): send E(rate-limited) with `retry-after`; close. In
+    /// Closed, nothing.
+    pub fn rate_limited(self, retry_after: Duration) -> (Self, Out) {
+        if matches!(self, Self::Closed) {
+            return (Self::Closed, Out::default());
+        }
+        Self::refuse(Refusal::RateLimited, retry_after)
+    }
+
     /// The host agent is stopping: tell the guest when to come back.
     pub fn shutdown(self, retry_after: Duration) -> (Self, Out) {
         let mut out = Out::default();
@@ -374,6 +430,13 @@ impl Host {
         out.close(CloseReason::Orderly { retry_after: None });
         (Self::Closed, out)
     }
+}
+
+/// A `retry-after` in the wire's range (§8.5): 1 ms .. 24 h.
+fn retry_after_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis())
+        .unwrap_or(MAX_RETRY_AFTER_MS)
+        .clamp(1, MAX_RETRY_AFTER_MS)
 }
 
 fn unexpected(out: &mut Out) {
@@ -622,5 +685,92 @@ impl Established {
             out.send(FeatureUpdate { features });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::wire::PROTOCOL_VERSION_1;
+
+    fn only_error(out: &Out) -> ErrorMessage {
+        match &out.send[..] {
+            [one] => match Message::decode(one).unwrap() {
+                Message::Error(e) => e,
+                other => panic!("not an error: {other:?}"),
+            },
+            other => panic!("expected one payload, got {}", other.len()),
+        }
+    }
+
+    fn started(now: Instant) -> Host {
+        let config = Arc::new(HostConfig {
+            versions: VersionRange {
+                min: PROTOCOL_VERSION_1,
+                max: PROTOCOL_VERSION_1,
+            },
+            reattest_after_s: 3600,
+            feature_retry_after: Duration::from_secs(30),
+        });
+        let peer = PeerContext {
+            vm_id: Some(VmId::new("vm-1").unwrap()),
+            cid: None,
+            selection: Vec::new(),
+            features: Features::new(),
+            accepted_at: now,
+        };
+        let random = SessionRandom {
+            host_nonce: [1; NONCE_LEN],
+            session_id: [2; SESSION_ID_LEN],
+        };
+        Host::start(config, peer, [3; TRANSCRIPT_EXPORTER_LEN], random, now)
+    }
+
+    #[test]
+    fn a_refusal_is_one_class_a_error_with_retry_after_then_close() {
+        for (refusal, code) in [
+            (Refusal::Busy, ErrorCode::Busy),
+            (Refusal::RateLimited, ErrorCode::RateLimited),
+        ] {
+            let (host, out) = Host::refuse(refusal, Duration::from_millis(7_500));
+            assert!(matches!(host, Host::Closed));
+            assert!(out.events.is_empty());
+            let e = only_error(&out);
+            assert_eq!(e.code, code);
+            assert_eq!(e.retry_after_ms, Some(7_500));
+            assert_eq!(
+                out.close,
+                Some(CloseReason::Failed(Failure::Code {
+                    code,
+                    retry_after: Some(Duration::from_millis(7_500)),
+                }))
+            );
+        }
+    }
+
+    #[test]
+    fn refusal_retry_after_is_clamped_to_the_wire_range() {
+        let (_, out) = Host::refuse(Refusal::Busy, Duration::ZERO);
+        assert_eq!(only_error(&out).retry_after_ms, Some(1));
+        let (_, out) = Host::refuse(Refusal::Busy, Duration::from_secs(10 * 86_400));
+        assert_eq!(only_error(&out).retry_after_ms, Some(MAX_RETRY_AFTER_MS));
+    }
+
+    #[test]
+    fn a_session_over_its_message_rate_is_told_and_closed() {
+        let now = Instant::now();
+        let host = started(now);
+        assert!(matches!(host, Host::AwaitHello(_)));
+        let (host, out) = host.rate_limited(Duration::from_secs(6));
+        assert!(matches!(host, Host::Closed));
+        let e = only_error(&out);
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        assert_eq!(e.retry_after_ms, Some(6_000));
+        assert!(out.close.is_some());
+        // Closed stays closed and says nothing more.
+        let (host, out) = host.rate_limited(Duration::from_secs(6));
+        assert!(matches!(host, Host::Closed));
+        assert!(out.send.is_empty() && out.close.is_none());
     }
 }

@@ -1,0 +1,952 @@
+//! Admission control for `vkx-host serve` (PROTOCOL.md §11.6 "Accepted",
+//! §15.5): which connections the host serves, which it turns away with a
+//! jittered `retry-after`, and which it cannot even afford to tell.
+//!
+//! Every accepted transport connection meets [`AdmissionControl::admit`]
+//! once, in this order:
+//!
+//! 1. **Hard ceiling** (`max_open`, default 2 × `max_connections`): every
+//!    connection the host holds, served or being refused. Over it the host
+//!    cannot afford even a TLS handshake and closes the transport at once
+//!    (the guest sees a transport failure and backs off, §13.2).
+//! 2. **The peer's connection rate**: one token bucket per peer identity
+//!    (vm-id, or `cid:N` for an unmapped vsock peer). Empty: `rate-limited`.
+//! 3. **`max_connections`**: connections being served. Full: `busy`.
+//! 4. **`max_handshakes`**: served connections not yet Established. Full:
+//!    `busy`. The slot is released when the session reaches Established
+//!    ([`Ticket::established`]) or the connection ends.
+//!
+//! A refused connection still completes TLS (bounded by the TLS handshake
+//! timeout), because errors travel inside TLS; the driver then sends the
+//! error with the `retry-after` of [`Refused`] and closes. The
+//! `retry-after` is `max(base, time until the peer's next token)` times
+//! U\[1, 1 + jitter\] (§8.3 rule 4), so guests refused together do not
+//! return together.
+//!
+//! Sessions also get a message budget ([`AdmissionControl::message_bucket`]):
+//! a session whose guest sends faster is answered `rate-limited` and closed.
+//!
+//! Bounds: the peer table holds at most `max_peers` buckets; when full, the
+//! idlest peer whose bucket has refilled (it carries no state) makes room,
+//! and if there is none the newcomer shares one overflow bucket. Slots are
+//! atomics with RAII guards, so a slot is released on every path a
+//! connection task can take, panics included.
+//!
+//! Time comes from the caller and jitter draws are passed in, so all of it
+//! is testable with virtual time and fixed draws.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use vkx_common::session::host::Refusal;
+use vkx_common::wire::MAX_RETRY_AFTER_MS;
+
+/// Default `max_handshakes`: connections not yet Established. A handshake
+/// costs a TLS handshake and a quote verification; 256 at once keeps a
+/// fleet restart moving without letting it starve established sessions.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// The default hard ceiling is this many times `max_connections`.
+pub const DEFAULT_OPEN_CEILING_FACTOR: usize = 2;
+/// Largest `max_handshakes` and `max_open` accepted in host.toml.
+pub const MAX_CONFIGURED_SLOTS: usize = 131_072;
+/// Default base `retry-after` of `busy` and `rate-limited`.
+pub const DEFAULT_BUSY_RETRY_AFTER_MS: u32 = 5_000;
+/// Default jitter: `retry-after` is base × U\[1, 1 + percent / 100\].
+pub const DEFAULT_RETRY_JITTER_PERCENT: u32 = 100;
+/// Largest jitter accepted.
+pub const MAX_RETRY_JITTER_PERCENT: u32 = 100;
+/// Default connections a peer may open in a burst.
+pub const DEFAULT_PEER_CONNECTION_BURST: u32 = 10;
+/// Default time for a peer to earn one more connection.
+pub const DEFAULT_PEER_CONNECTION_REFILL_MS: u32 = 6_000;
+/// Default messages a session may send in a burst (a whole handshake,
+/// key and derive requests, with room to spare).
+pub const DEFAULT_SESSION_MESSAGE_BURST: u32 = 32;
+/// Default time for a session to earn one more message (2 per second).
+pub const DEFAULT_SESSION_MESSAGE_REFILL_MS: u32 = 500;
+/// Largest burst accepted for either bucket.
+pub const MAX_BURST: u32 = 10_000;
+/// Longest refill interval accepted for either bucket: a day.
+pub const MAX_REFILL_MS: u32 = 86_400_000;
+/// Default number of peer buckets kept (1,000 VMs per node with room).
+pub const DEFAULT_MAX_PEERS: usize = 8_192;
+/// Largest `max_peers` accepted.
+pub const MAX_CONFIGURED_PEERS: usize = 1_048_576;
+
+/// The `[admission]` table of host.toml. Every field is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Served connections not yet Established; over it: `busy`.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Hard ceiling on every connection held (served or being refused);
+    /// over it the transport is closed at once. Default 2 × max_connections.
+    #[serde(default)]
+    pub max_open: Option<usize>,
+    /// Base `retry-after` of `busy` and `rate-limited`, in ms.
+    #[serde(default = "default_busy_retry_after_ms")]
+    pub busy_retry_after_ms: u32,
+    /// `retry-after` is base × U[1, 1 + retry_jitter_percent / 100].
+    #[serde(default = "default_retry_jitter_percent")]
+    pub retry_jitter_percent: u32,
+    /// Connections one peer may open at once ...
+    #[serde(default = "default_peer_connection_burst")]
+    pub peer_connection_burst: u32,
+    /// ... and then one more per this many ms.
+    #[serde(default = "default_peer_connection_refill_ms")]
+    pub peer_connection_refill_ms: u32,
+    /// Messages one session may send at once ...
+    #[serde(default = "default_session_message_burst")]
+    pub session_message_burst: u32,
+    /// ... and then one more per this many ms.
+    #[serde(default = "default_session_message_refill_ms")]
+    pub session_message_refill_ms: u32,
+    /// Peer buckets kept; beyond, the idlest refilled one is evicted or
+    /// newcomers share one bucket.
+    #[serde(default = "default_max_peers")]
+    pub max_peers: usize,
+}
+
+fn default_max_handshakes() -> usize {
+    DEFAULT_MAX_HANDSHAKES
+}
+fn default_busy_retry_after_ms() -> u32 {
+    DEFAULT_BUSY_RETRY_AFTER_MS
+}
+fn default_retry_jitter_percent() -> u32 {
+    DEFAULT_RETRY_JITTER_PERCENT
+}
+fn default_peer_connection_burst() -> u32 {
+    DEFAULT_PEER_CONNECTION_BURST
+}
+fn default_peer_connection_refill_ms() -> u32 {
+    DEFAULT_PEER_CONNECTION_REFILL_MS
+}
+fn default_session_message_burst() -> u32 {
+    DEFAULT_SESSION_MESSAGE_BURST
+}
+fn default_session_message_refill_ms() -> u32 {
+    DEFAULT_SESSION_MESSAGE_REFILL_MS
+}
+fn default_max_peers() -> usize {
+    DEFAULT_MAX_PEERS
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_open: None,
+            busy_retry_after_ms: DEFAULT_BUSY_RETRY_AFTER_MS,
+            retry_jitter_percent: DEFAULT_RETRY_JITTER_PERCENT,
+            peer_connection_burst: DEFAULT_PEER_CONNECTION_BURST,
+            peer_connection_refill_ms: DEFAULT_PEER_CONNECTION_REFILL_MS,
+            session_message_burst: DEFAULT_SESSION_MESSAGE_BURST,
+            session_message_refill_ms: DEFAULT_SESSION_MESSAGE_REFILL_MS,
+            max_peers: DEFAULT_MAX_PEERS,
+        }
+    }
+}
+
+/// A value of `[admission]` outside its range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdmissionConfigError {
+    #[error("admission.{key} = {value}: must be {min}..={max}")]
+    OutOfRange {
+        key: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
+}
+
+fn check(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), AdmissionConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(AdmissionConfigError::OutOfRange {
+            key,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+fn wide(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// The checked limits admission control runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_handshakes: usize,
+    pub max_open: usize,
+    pub busy_retry_after: Duration,
+    pub retry_jitter_percent: u32,
+    pub peer_connection_burst: u32,
+    pub peer_connection_refill: Duration,
+    pub session_message_burst: u32,
+    pub session_message_refill: Duration,
+    pub max_peers: usize,
+}
+
+impl Limits {
+    /// Checks `[admission]` against `max_connections` (already checked by
+    /// the caller).
+    pub fn new(max_connections: usize, c: &AdmissionConfig) -> Result<Self, AdmissionConfigError> {
+        let slots = wide(MAX_CONFIGURED_SLOTS);
+        check("max_handshakes", wide(c.max_handshakes), 1, slots)?;
+        let max_open = c
+            .max_open
+            .unwrap_or(max_connections.saturating_mul(DEFAULT_OPEN_CEILING_FACTOR));
+        // At least max_connections: otherwise the ceiling, not the
+        // connection limit, would decide, and nobody would be told `busy`.
+        check("max_open", wide(max_open), wide(max_connections), slots)?;
+        check(
+            "busy_retry_after_ms",
+            c.busy_retry_after_ms.into(),
+            1,
+            MAX_RETRY_AFTER_MS.into(),
+        )?;
+        check(
+            "retry_jitter_percent",
+            c.retry_jitter_percent.into(),
+            0,
+            MAX_RETRY_JITTER_PERCENT.into(),
+        )?;
+        let burst = u64::from(MAX_BURST);
+        let refill = u64::from(MAX_REFILL_MS);
+        check(
+            "peer_connection_burst",
+            c.peer_connection_burst.into(),
+            1,
+            burst,
+        )?;
+        check(
+            "peer_connection_refill_ms",
+            c.peer_connection_refill_ms.into(),
+            1,
+            refill,
+        )?;
+        check(
+            "session_message_burst",
+            c.session_message_burst.into(),
+            1,
+            burst,
+        )?;
+        check(
+            "session_message_refill_ms",
+            c.session_message_refill_ms.into(),
+            1,
+            refill,
+        )?;
+        check(
+            "max_peers",
+            wide(c.max_peers),
+            1,
+            wide(MAX_CONFIGURED_PEERS),
+        )?;
+        Ok(Self {
+            max_connections,
+            max_handshakes: c.max_handshakes,
+            max_open,
+            busy_retry_after: Duration::from_millis(c.busy_retry_after_ms.into()),
+            retry_jitter_percent: c.retry_jitter_percent,
+            peer_connection_burst: c.peer_connection_burst,
+            peer_connection_refill: Duration::from_millis(c.peer_connection_refill_ms.into()),
+            session_message_burst: c.session_message_burst,
+            session_message_refill: Duration::from_millis(c.session_message_refill_ms.into()),
+            max_peers: c.max_peers,
+        })
+    }
+}
+
+/// `base` × U\[1, 1 + percent / 100\], from a uniform 64-bit `draw`
+/// (0 gives `base`, `u64::MAX` just under the top). Saturates.
+pub fn jittered(base: Duration, percent: u32, draw: u64) -> Duration {
+    let span = base.as_nanos().saturating_mul(u128::from(percent)) / 100;
+    // span < 2^128 / 2^64 for any base a Duration of u64 seconds can hold
+    // times percent <= 100, so the product below cannot overflow.
+    let extra = span.saturating_mul(u128::from(draw)) >> 64;
+    let extra = Duration::from_nanos(u64::try_from(extra).unwrap_or(u64::MAX));
+    base.saturating_add(extra)
+}
+
+/// A token bucket on caller-supplied time: `capacity` at once, then one
+/// token per `refill`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    capacity: u32,
+    refill: Duration,
+    tokens: u32,
+    /// When the last whole token was earned (or the bucket was last full).
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn full(capacity: u32, refill: Duration, now: Instant) -> Self {
+        Self {
+            capacity,
+            refill,
+            tokens: capacity,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if self.tokens >= self.capacity || self.refill.is_zero() {
+            self.tokens = self.capacity;
+            self.last = now;
+            return;
+        }
+        let earned = now.saturating_duration_since(self.last).as_nanos() / self.refill.as_nanos();
+        let missing = self.capacity - self.tokens;
+        if earned >= u128::from(missing) {
+            self.tokens = self.capacity;
+            self.last = now;
+        } else if let Ok(earned) = u32::try_from(earned)
+            && earned > 0
+        {
+            // earned < missing: it fits. Keep the remainder, so a steady
+            // drip still earns its tokens.
+            self.tokens += earned;
+            self.last += self.refill * earned;
+        }
+    }
+
+    /// Takes one token, or says how long until the next one.
+    pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.tokens == 0 {
+            let next = self.last.checked_add(self.refill).unwrap_or(self.last);
+            return Err(next
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1)));
+        }
+        self.tokens -= 1;
+        Ok(())
+    }
+
+    /// Whether the bucket is full at `now` (forgetting it loses nothing).
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.capacity
+    }
+
+    /// Tokens available at `now`.
+    pub fn available(&mut self, now: Instant) -> u32 {
+        self.refill(now);
+        self.tokens
+    }
+}
+
+#[derive(Debug)]
+struct PeerEntry {
+    bucket: TokenBucket,
+    last_seen: Instant,
+}
+
+/// Per-peer connection buckets, at most `max` of them.
+#[derive(Debug)]
+struct PeerTable {
+    peers: HashMap<Box<str>, PeerEntry>,
+    /// Shared by peers that found the table full of active peers.
+    overflow: TokenBucket,
+    max: usize,
+    burst: u32,
+    refill: Duration,
+}
+
+impl PeerTable {
+    fn new(limits: &Limits, now: Instant) -> Self {
+        Self {
+            peers: HashMap::new(),
+            overflow: TokenBucket::full(
+                limits.peer_connection_burst,
+                limits.peer_connection_refill,
+                now,
+            ),
+            max: limits.max_peers,
+            burst: limits.peer_connection_burst,
+            refill: limits.peer_connection_refill,
+        }
+    }
+
+    /// Makes room by evicting the idlest peer if its bucket is full again.
+    /// O(peers), and only when the table is full.
+    fn evict_one(&mut self, now: Instant) -> bool {
+        let idlest = self
+            .peers
+            .iter()
+            .min_by_key(|(_, e)| e.last_seen)
+            .map(|(k, _)| k.clone());
+        let Some(key) = idlest else {
+            return false;
+        };
+        let refilled = self
+            .peers
+            .get_mut(&key)
+            .is_some_and(|e| e.bucket.is_full(now));
+        if refilled {
+            self.peers.remove(&key);
+        }
+        refilled
+    }
+
+    fn take(&mut self, peer: &str, now: Instant) -> Result<(), Duration> {
+        if !self.peers.contains_key(peer) && (self.peers.len() < self.max || self.evict_one(now)) {
+            self.peers.insert(
+                peer.into(),
+                PeerEntry {
+                    bucket: TokenBucket::full(self.burst, self.refill, now),
+                    last_seen: now,
+                },
+            );
+        }
+        match self.peers.get_mut(peer) {
+            Some(e) => {
+                e.last_seen = now;
+                e.bucket.try_take(now)
+            }
+            None => self.overflow.try_take(now),
+        }
+    }
+}
+
+/// A counted pool of slots; [`Slot`] gives one back when dropped.
+#[derive(Debug)]
+pub struct Slots {
+    in_use: AtomicUsize,
+    max: usize,
+}
+
+impl Slots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            in_use: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// One slot, if any is free. Never waits.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Acquire)
+    }
+}
+
+/// One held slot.
+#[derive(Debug)]
+pub struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a connection was not served (metrics label, log text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// Over the hard ceiling: closed at once, no TLS.
+    MaxOpen,
+    /// `max_connections` in use: `busy`.
+    MaxConnections,
+    /// `max_handshakes` in use: `busy`.
+    MaxHandshakes,
+    /// The peer's connection bucket is empty: `rate-limited`.
+    PeerConnectionRate,
+}
+
+impl RefuseReason {
+    pub const ALL: [Self; 4] = [
+        Self::MaxOpen,
+        Self::MaxConnections,
+        Self::MaxHandshakes,
+        Self::PeerConnectionRate,
+    ];
+
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::MaxOpen => "max_open",
+            Self::MaxConnections => "max_connections",
+            Self::MaxHandshakes => "max_handshakes",
+            Self::PeerConnectionRate => "peer_connection_rate",
+        }
+    }
+}
+
+/// What to do with an accepted connection.
+#[derive(Debug)]
+pub enum Decision {
+    /// Serve it; the ticket holds its slots.
+    Admit(Ticket),
+    /// Complete TLS, send the refusal, close.
+    Refuse(Refused),
+    /// Over the hard ceiling: close the transport now.
+    Close,
+}
+
+/// The slots of a served connection. Dropping it releases them.
+#[derive(Debug)]
+pub struct Ticket {
+    _open: Slot,
+    _connection: Slot,
+    handshake: Option<Slot>,
+}
+
+impl Ticket {
+    /// The session reached Established: its handshake slot goes back.
+    pub fn established(&mut self) {
+        self.handshake = None;
+    }
+
+    /// Whether the connection still holds a handshake slot.
+    pub fn in_handshake(&self) -> bool {
+        self.handshake.is_some()
+    }
+}
+
+/// A connection to turn away after TLS.
+#[derive(Debug)]
+pub struct Refused {
+    pub refusal: Refusal,
+    pub reason: RefuseReason,
+    /// Jittered, at least the configured base.
+    pub retry_after: Duration,
+    _open: Slot,
+}
+
+/// Slots in use and the limits, for the metrics endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub open: usize,
+    pub connections: usize,
+    pub handshakes: usize,
+    pub peers: usize,
+    pub limits: Limits,
+}
+
+/// Admission control shared by every listener of one `serve`.
+#[derive(Debug)]
+pub struct AdmissionControl {
+    limits: Limits,
+    open: Arc<Slots>,
+    connections: Arc<Slots>,
+    handshakes: Arc<Slots>,
+    peers: Mutex<PeerTable>,
+}
+
+impl AdmissionControl {
+    pub fn new(limits: Limits, now: Instant) -> Self {
+        Self {
+            limits,
+            open: Slots::new(limits.max_open),
+            connections: Slots::new(limits.max_connections),
+            handshakes: Slots::new(limits.max_handshakes),
+            peers: Mutex::new(PeerTable::new(&limits, now)),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Decides on a connection from `peer` accepted at `now`. `draw` gives
+    /// a uniform 64-bit random value; it is called only to jitter a
+    /// refusal's `retry-after`.
+    pub fn admit(&self, peer: &str, now: Instant, draw: impl FnOnce() -> u64) -> Decision {
+        let Some(open) = self.open.try_acquire() else {
+            return Decision::Close;
+        };
+        let refuse = |refusal, reason, wait: Duration, open| {
+            Decision::Refuse(Refused {
+                refusal,
+                reason,
+                retry_after: self.retry_after(wait, draw()),
+                _open: open,
+            })
+        };
+        let rate = match self.peers.lock() {
+            Ok(mut t) => t.take(peer, now),
+            // A panic while holding the lock cannot leave a bucket
+            // half-updated in a way that matters; serve rather than refuse
+            // everyone from now on.
+            Err(poisoned) => poisoned.into_inner().take(peer, now),
+        };
+        if let Err(wait) = rate {
+            return refuse(
+                Refusal::RateLimited,
+                RefuseReason::PeerConnectionRate,
+                wait,
+                open,
+            );
+        }
+        let Some(connection) = self.connections.try_acquire() else {
+            return refuse(
+                Refusal::Busy,
+                RefuseReason::MaxConnections,
+                Duration::ZERO,
+                open,
+            );
+        };
+        let Some(handshake) = self.handshakes.try_acquire() else {
+            return refuse(
+                Refusal::Busy,
+                RefuseReason::MaxHandshakes,
+                Duration::ZERO,
+                open,
+            );
+        };
+        Decision::Admit(Ticket {
+            _open: open,
+            _connection: connection,
+            handshake: Some(handshake),
+        })
+    }
+
+    /// The `retry-after` for a refusal whose condition clears in `wait`:
+    /// never sooner than the base, jittered upwards.
+    pub fn retry_after(&self, wait: Duration, draw: u64) -> Duration {
+        jittered(
+            wait.max(self.limits.busy_retry_after),
+            self.limits.retry_jitter_percent,
+            draw,
+        )
+    }
+
+    /// A fresh message budget for one session.
+    pub fn message_bucket(&self, now: Instant) -> TokenBucket {
+        TokenBucket::full(
+            self.limits.session_message_burst,
+            self.limits.session_message_refill,
+            now,
+        )
+    }
+
+    pub fn usage(&self) -> Usage {
+        let peers = match self.peers.lock() {
+            Ok(t) => t.peers.len(),
+            Err(poisoned) => poisoned.into_inner().peers.len(),
+        };
+        Usage {
+            open: self.open.in_use(),
+            connections: self.connections.in_use(),
+            handshakes: self.handshakes.in_use(),
+            peers,
+            limits: self.limits,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn limits(edit: impl FnOnce(&mut AdmissionConfig)) -> Limits {
+        let mut c = AdmissionConfig::default();
+        edit(&mut c);
+        Limits::new(16, &c).unwrap()
+    }
+
+    /// splitmix64: a fixed, well-spread sequence of draws.
+    fn draws(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = seed;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let l = Limits::new(2048, &AdmissionConfig::default()).unwrap();
+        assert_eq!(l.max_handshakes, 256);
+        assert_eq!(l.max_open, 4096);
+        assert_eq!(l.busy_retry_after, 5 * S);
+        assert_eq!(l.retry_jitter_percent, 100);
+        assert_eq!(
+            (l.peer_connection_burst, l.peer_connection_refill),
+            (10, 6 * S)
+        );
+        assert_eq!(
+            (l.session_message_burst, l.session_message_refill),
+            (32, S / 2)
+        );
+        assert_eq!(l.max_peers, 8192);
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_by_name() {
+        let bad = |edit: fn(&mut AdmissionConfig), key: &str| {
+            let mut c = AdmissionConfig::default();
+            edit(&mut c);
+            match Limits::new(16, &c) {
+                Err(AdmissionConfigError::OutOfRange { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: {other:?}"),
+            }
+        };
+        bad(|c| c.max_handshakes = 0, "max_handshakes");
+        bad(|c| c.max_open = Some(15), "max_open");
+        bad(|c| c.busy_retry_after_ms = 0, "busy_retry_after_ms");
+        bad(|c| c.retry_jitter_percent = 101, "retry_jitter_percent");
+        bad(|c| c.peer_connection_burst = 0, "peer_connection_burst");
+        bad(
+            |c| c.peer_connection_refill_ms = 0,
+            "peer_connection_refill_ms",
+        );
+        bad(
+            |c| c.session_message_burst = MAX_BURST + 1,
+            "session_message_burst",
+        );
+        bad(
+            |c| c.session_message_refill_ms = 0,
+            "session_message_refill_ms",
+        );
+        bad(|c| c.max_peers = 0, "max_peers");
+    }
+
+    #[test]
+    fn a_bucket_gives_its_burst_then_refills_at_its_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::full(10, 6 * S, t0);
+        for _ in 0..10 {
+            assert!(b.try_take(t0).is_ok());
+        }
+        // Empty: the next token is a whole refill away.
+        assert_eq!(b.try_take(t0), Err(6 * S));
+        assert_eq!(b.try_take(t0 + 2 * S), Err(4 * S));
+        // One token per 6 s, the remainder kept across calls.
+        assert!(b.try_take(t0 + 6 * S).is_ok());
+        assert_eq!(b.try_take(t0 + 6 * S), Err(6 * S));
+        assert!(b.try_take(t0 + 12 * S).is_ok());
+        // Over an hour of one attempt per second, at most burst + 3600/6.
+        let mut b = TokenBucket::full(10, 6 * S, t0);
+        let admitted = (0..3600u32)
+            .filter(|i| b.try_take(t0 + S * *i).is_ok())
+            .count();
+        assert!((600..=611).contains(&admitted), "{admitted}");
+        // Idle long enough: full again, never above capacity.
+        assert!(b.is_full(t0 + 10_000 * S));
+        assert_eq!(b.available(t0 + 10_000 * S), 10);
+    }
+
+    #[test]
+    fn a_message_budget_of_32_then_2_per_second() {
+        let t0 = Instant::now();
+        let a = AdmissionControl::new(limits(|_| {}), t0);
+        let mut b = a.message_bucket(t0);
+        assert_eq!((0..100).filter(|_| b.try_take(t0).is_ok()).count(), 32);
+        assert_eq!(
+            (0..100).filter(|_| b.try_take(t0 + 5 * S).is_ok()).count(),
+            10
+        );
+    }
+
+    #[test]
+    fn jitter_stays_in_its_window_and_spreads_over_it() {
+        let base = 5 * S;
+        assert_eq!(jittered(base, 100, 0), base);
+        assert!(jittered(base, 100, u64::MAX) < 2 * base);
+        assert!(jittered(base, 100, u64::MAX) > 2 * base - Duration::from_micros(1));
+        assert_eq!(jittered(base, 0, u64::MAX), base);
+        assert_eq!(jittered(base, 50, 1 << 63), base + base / 4);
+        // Saturates instead of overflowing.
+        assert_eq!(jittered(Duration::MAX, 100, u64::MAX), Duration::MAX);
+        // 1,000 draws: all in [base, 2 base), no tenth of the window holding
+        // more than 15 % of them (uniform: 10 % each, sd ~1 %).
+        let mut draw = draws(7);
+        let mut tenths = [0u32; 10];
+        for _ in 0..1000 {
+            let r = jittered(base, 100, draw());
+            assert!(r >= base && r < 2 * base, "{r:?}");
+            let i = usize::try_from((r - base).as_nanos() * 10 / base.as_nanos()).unwrap();
+            tenths[i] += 1;
+        }
+        assert!(tenths.iter().all(|n| (50..=150).contains(n)), "{tenths:?}");
+    }
+
+    #[test]
+    fn the_handshake_limit_refuses_with_busy_and_a_jittered_retry_after() {
+        let t0 = Instant::now();
+        let a = AdmissionControl::new(limits(|c| c.max_handshakes = 2), t0);
+        let mut draw = draws(1);
+        let Decision::Admit(mut first) = a.admit("vm-1", t0, &mut draw) else {
+            panic!()
+        };
+        let Decision::Admit(_second) = a.admit("vm-2", t0, &mut draw) else {
+            panic!()
+        };
+        let mut retry = Vec::new();
+        for i in 0..5 {
+            match a.admit(&format!("vm-{}", 3 + i), t0, &mut draw) {
+                Decision::Refuse(r) => {
+                    assert_eq!(r.refusal, Refusal::Busy);
+                    assert_eq!(r.reason, RefuseReason::MaxHandshakes);
+                    assert!(r.retry_after >= 5 * S && r.retry_after < 10 * S);
+                    retry.push(r.retry_after);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        retry.dedup();
+        assert!(retry.len() > 1, "not jittered: {retry:?}");
+        assert_eq!(a.usage().handshakes, 2);
+        // Established: the handshake slot goes back, the connection stays.
+        first.established();
+        assert!(!first.in_handshake());
+        let u = a.usage();
+        assert_eq!((u.handshakes, u.connections, u.open), (1, 2, 2));
+        assert!(matches!(a.admit("vm-9", t0, &mut draw), Decision::Admit(_)));
+        // Every dropped ticket and refusal gave its slots back.
+        let u = a.usage();
+        assert_eq!((u.handshakes, u.connections, u.open), (1, 2, 2));
+    }
+
+    #[test]
+    fn the_connection_limit_and_the_hard_ceiling() {
+        let t0 = Instant::now();
+        let l = Limits::new(
+            2,
+            &AdmissionConfig {
+                max_open: Some(3),
+                ..AdmissionConfig::default()
+            },
+        )
+        .unwrap();
+        let a = AdmissionControl::new(l, t0);
+        let mut draw = draws(2);
+        let held: Vec<_> = (0..2).map(|_| a.admit("vm-1", t0, &mut draw)).collect();
+        assert!(held.iter().all(|d| matches!(d, Decision::Admit(_))));
+        let refused = a.admit("vm-1", t0, &mut draw);
+        assert!(matches!(
+            &refused,
+            Decision::Refuse(Refused {
+                refusal: Refusal::Busy,
+                reason: RefuseReason::MaxConnections,
+                ..
+            })
+        ));
+        // Two served and one being refused: the next one is not even told.
+        assert!(matches!(a.admit("vm-1", t0, &mut draw), Decision::Close));
+        drop(refused);
+        assert!(matches!(
+            a.admit("vm-1", t0, &mut draw),
+            Decision::Refuse(_)
+        ));
+        drop(held);
+        assert_eq!(a.usage().open, 0);
+    }
+
+    #[test]
+    fn a_peer_over_its_connection_rate_is_rate_limited_until_it_refills() {
+        let t0 = Instant::now();
+        let a = AdmissionControl::new(
+            limits(|c| {
+                c.peer_connection_burst = 3;
+                c.peer_connection_refill_ms = 60_000;
+                c.busy_retry_after_ms = 1_000;
+            }),
+            t0,
+        );
+        let mut draw = draws(3);
+        for _ in 0..3 {
+            assert!(matches!(a.admit("vm-1", t0, &mut draw), Decision::Admit(_)));
+        }
+        match a.admit("vm-1", t0 + 10 * S, &mut draw) {
+            Decision::Refuse(r) => {
+                assert_eq!(r.refusal, Refusal::RateLimited);
+                assert_eq!(r.reason, RefuseReason::PeerConnectionRate);
+                // The token comes 60 s after t0: told to wait 50..100 s.
+                assert!(r.retry_after >= 50 * S && r.retry_after < 100 * S, "{r:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another peer is not affected; the first gets a token back later.
+        assert!(matches!(
+            a.admit("vm-2", t0 + 10 * S, &mut draw),
+            Decision::Admit(_)
+        ));
+        assert!(matches!(
+            a.admit("vm-1", t0 + 60 * S, &mut draw),
+            Decision::Admit(_)
+        ));
+    }
+
+    #[test]
+    fn the_peer_table_is_bounded_and_evicts_only_refilled_peers() {
+        let t0 = Instant::now();
+        let a = AdmissionControl::new(
+            limits(|c| {
+                c.max_peers = 100;
+                c.peer_connection_burst = 2;
+                c.peer_connection_refill_ms = 1_000;
+            }),
+            t0,
+        );
+        let mut draw = draws(4);
+        // 10,000 peers, one connection each, 1 ms apart: the table never
+        // holds more than 100, and peers whose buckets refilled make room.
+        for i in 0..10_000u32 {
+            let now = t0 + Duration::from_millis(i.into());
+            let d = a.admit(&format!("vm-{i}"), now, &mut draw);
+            assert!(a.usage().peers <= 100);
+            assert!(!matches!(d, Decision::Close));
+        }
+        assert_eq!(a.usage().peers, 100);
+        // A table full of peers that have not refilled: newcomers share the
+        // overflow bucket (burst 2), so a flood of new names stays bounded.
+        let now = t0 + Duration::from_secs(20);
+        let b = AdmissionControl::new(
+            limits(|c| {
+                c.max_peers = 10;
+                c.peer_connection_burst = 2;
+                c.peer_connection_refill_ms = 60_000;
+            }),
+            t0,
+        );
+        for i in 0..10 {
+            assert!(matches!(
+                b.admit(&format!("vm-{i}"), now, &mut draw),
+                Decision::Admit(_)
+            ));
+        }
+        let admitted = (10..1000)
+            .filter(|i| {
+                matches!(
+                    b.admit(&format!("vm-{i}"), now, &mut draw),
+                    Decision::Admit(_)
+                )
+            })
+            .count();
+        assert_eq!(admitted, 2);
+        assert_eq!(b.usage().peers, 10);
+        // A known peer keeps its own bucket.
+        assert!(matches!(
+            b.admit("vm-0", now, &mut draw),
+            Decision::Admit(_)
+        ));
+    }
+}

@@ -1,0 +1,981 @@
+//! The host agent's metrics: counters and gauges kept in atomics (no lock
+//! on any connection's path), rendered in the Prometheus text format
+//! (version 0.0.4) by a minimal HTTP/1.0 endpoint of `vkx-host serve`.
+//!
+//! The endpoint listens on a Unix socket (`[metrics] socket`, default
+//! [`DEFAULT_METRICS_SOCKET`], mode 0660) or on loopback TCP (`[metrics]
+//! listen = "127.0.0.1:9461"`; any other address only with
+//! `allow_non_loopback = true`). Without a `[metrics]` table there is no
+//! endpoint. It answers `GET /metrics` and nothing else (404); a request
+//! head is at most [`MAX_REQUEST_HEAD`] bytes and the whole exchange
+//! [`EXCHANGE_TIMEOUT`]; at most [`MAX_METRICS_CONNECTIONS`] scrapes run
+//! at once, more are closed at once. Nothing a guest sends reaches it.
+//!
+//! The counters are exact whatever the log limiter drops: every event is
+//! counted where it happens, and the limiter's own count of dropped lines
+//! is exported as `vkx_log_lines_suppressed_total`.
+//!
+//! `vkx-host metrics --socket S` ([`fetch`]) or
+//! `curl --unix-socket S http://localhost/metrics` is the client.
+//!
+//! Metric families (see [`render`]): `vkx_connections_open`,
+//! `vkx_connections`, `vkx_handshakes_in_progress`,
+//! `vkx_sessions_established`, `vkx_peer_buckets`, `vkx_admission_limit`,
+//! `vkx_handshakes_total{outcome}`, `vkx_handshake_duration_seconds`,
+//! `vkx_errors_sent_total{code}`, `vkx_admissions_refused_total{reason}`,
+//! `vkx_sessions_rate_limited_total`, `vkx_log_lines_suppressed_total`,
+//! `vkx_keys_released_total`, `vkx_key_updates_pushed_total`,
+//! `vkx_key_updates_acked_total{result}`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use vkx_common::errors::{ErrorCode, REGISTRY};
+use vkx_common::rl_warn;
+
+use crate::admission::{AdmissionControl, RefuseReason, Slots, Usage};
+
+/// The Unix socket of a `[metrics]` table that names neither.
+pub const DEFAULT_METRICS_SOCKET: &str = "/run/vkx/metrics.sock";
+/// Longest request head (request line and headers) read.
+pub const MAX_REQUEST_HEAD: usize = 4096;
+/// Longest a scrape may take, request and response.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapes served at once.
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+/// Largest response the client ([`fetch`]) reads.
+pub const MAX_RESPONSE: u64 = 1024 * 1024;
+
+/// Upper bounds of the handshake latency histogram (accept to
+/// Established): milliseconds and the `le` label. The last finite bucket
+/// is `HANDSHAKE_DEADLINE`.
+pub const HANDSHAKE_BUCKETS: [(u64, &str); 12] = [
+    (10, "0.01"),
+    (25, "0.025"),
+    (50, "0.05"),
+    (100, "0.1"),
+    (250, "0.25"),
+    (500, "0.5"),
+    (1_000, "1"),
+    (2_500, "2.5"),
+    (5_000, "5"),
+    (10_000, "10"),
+    (20_000, "20"),
+    (45_000, "45"),
+];
+
+/// The `[metrics]` table of host.toml.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Unix socket to serve on; the default when `listen` is not given.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// TCP address instead, e.g. "127.0.0.1:9461".
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Allow a `listen` address that is not loopback.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+/// Where the endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+/// A `[metrics]` table that cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsConfigError {
+    #[error("give either socket or listen, not both")]
+    Both,
+    #[error("listen {0:?} is not an IP address and port, e.g. 127.0.0.1:9461")]
+    BadAddress(String),
+    #[error("listen {0} is not a loopback address; set allow_non_loopback = true to serve it")]
+    NotLoopback(SocketAddr),
+}
+
+impl MetricsConfig {
+    pub fn endpoint(&self) -> Result<Endpoint, MetricsConfigError> {
+        match (&self.socket, &self.listen) {
+            (Some(_), Some(_)) => Err(MetricsConfigError::Both),
+            (Some(p), None) => Ok(Endpoint::Unix(p.clone())),
+            (None, None) => Ok(Endpoint::Unix(PathBuf::from(DEFAULT_METRICS_SOCKET))),
+            (None, Some(l)) => {
+                let addr: SocketAddr = l
+                    .parse()
+                    .map_err(|_| MetricsConfigError::BadAddress(l.clone()))?;
+                if !addr.ip().is_loopback() && !self.allow_non_loopback {
+                    return Err(MetricsConfigError::NotLoopback(addr));
+                }
+                Ok(Endpoint::Tcp(addr))
+            }
+        }
+    }
+}
+
+/// How a handshake ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeOutcome {
+    /// Reached Established.
+    Attested,
+    /// The host turned the peer away: admission (`busy`, `rate-limited`),
+    /// its evidence or identity (`attestation-failed`), or no common
+    /// version.
+    Refused,
+    /// TLS failure, end of stream, protocol violation, local failure.
+    Failed,
+    /// A deadline expired: the TLS handshake timeout or a session deadline.
+    Timeout,
+}
+
+impl HandshakeOutcome {
+    pub const ALL: [Self; 4] = [Self::Attested, Self::Refused, Self::Failed, Self::Timeout];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Attested => "attested",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::Attested => 0,
+            Self::Refused => 1,
+            Self::Failed => 2,
+            Self::Timeout => 3,
+        }
+    }
+
+    /// The outcome of a handshake that ended by sending `code`.
+    pub fn for_code(code: ErrorCode) -> Self {
+        match code {
+            ErrorCode::Timeout => Self::Timeout,
+            ErrorCode::Busy
+            | ErrorCode::RateLimited
+            | ErrorCode::AttestationFailed
+            | ErrorCode::UnsupportedVersion => Self::Refused,
+            _ => Self::Failed,
+        }
+    }
+}
+
+fn refuse_index(r: RefuseReason) -> usize {
+    match r {
+        RefuseReason::MaxOpen => 0,
+        RefuseReason::MaxConnections => 1,
+        RefuseReason::MaxHandshakes => 2,
+        RefuseReason::PeerConnectionRate => 3,
+    }
+}
+
+/// Slots of `errors_sent`: one per registry row, and one for codes the
+/// registry does not know.
+const ERROR_SLOTS: usize = REGISTRY.len() + 1;
+
+/// Every counter and gauge the host keeps itself. All relaxed atomics:
+/// each value is exact; a scrape is not a consistent snapshot across them.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    established: AtomicU64,
+    handshakes: [AtomicU64; 4],
+    latency_buckets: [AtomicU64; HANDSHAKE_BUCKETS.len() + 1],
+    latency_sum_us: AtomicU64,
+    errors_sent: [AtomicU64; ERROR_SLOTS],
+    refused: [AtomicU64; 4],
+    sessions_rate_limited: AtomicU64,
+    keys_released: AtomicU64,
+    updates_pushed: AtomicU64,
+    updates_installed: AtomicU64,
+    updates_failed: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Counts one established session while it lives.
+#[derive(Debug)]
+pub struct EstablishedGuard(Arc<Metrics>);
+
+impl Drop for EstablishedGuard {
+    fn drop(&mut self) {
+        self.0.established.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// A session reached Established; the gauge counts it until the guard
+    /// is dropped.
+    pub fn established(self: &Arc<Self>) -> EstablishedGuard {
+        add(&self.established, 1);
+        EstablishedGuard(self.clone())
+    }
+
+    pub fn handshake(&self, outcome: HandshakeOutcome) {
+        add(&self.handshakes[outcome.index()], 1);
+    }
+
+    /// Accept to Established.
+    pub fn handshake_latency(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let i = HANDSHAKE_BUCKETS
+            .iter()
+            .position(|(le, _)| ms <= *le)
+            .unwrap_or(HANDSHAKE_BUCKETS.len());
+        add(&self.latency_buckets[i], 1);
+        add(
+            &self.latency_sum_us,
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+        );
+    }
+
+    pub fn error_sent(&self, code: ErrorCode) {
+        let i = REGISTRY
+            .iter()
+            .position(|r| r.code == code)
+            .unwrap_or(REGISTRY.len());
+        add(&self.errors_sent[i], 1);
+    }
+
+    pub fn refused(&self, reason: RefuseReason) {
+        add(&self.refused[refuse_index(reason)], 1);
+    }
+
+    /// A session closed for sending faster than its message budget.
+    pub fn session_rate_limited(&self) {
+        add(&self.sessions_rate_limited, 1);
+    }
+
+    /// Keys handed out in one `key-release`.
+    pub fn keys_released(&self, n: usize) {
+        add(&self.keys_released, u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    pub fn update_pushed(&self) {
+        add(&self.updates_pushed, 1);
+    }
+
+    pub fn update_acked(&self, installed: bool) {
+        add(
+            if installed {
+                &self.updates_installed
+            } else {
+                &self.updates_failed
+            },
+            1,
+        );
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &str, value: u64) {
+    if labels.is_empty() {
+        let _ = writeln!(out, "{name} {value}");
+    } else {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+fn wide(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// The Prometheus text exposition of `m`, the admission `usage` and the
+/// log limiter's `suppressed` count.
+pub fn render(m: &Metrics, usage: &Usage, suppressed: u64) -> String {
+    let mut o = String::with_capacity(4096);
+    let gauges: [(&str, &str, usize); 4] = [
+        (
+            "vkx_connections_open",
+            "Transport connections held, served or being refused.",
+            usage.open,
+        ),
+        (
+            "vkx_connections",
+            "Connections being served (any session state).",
+            usage.connections,
+        ),
+        (
+            "vkx_handshakes_in_progress",
+            "Served connections not yet Established.",
+            usage.handshakes,
+        ),
+        (
+            "vkx_peer_buckets",
+            "Peers with a connection-rate bucket.",
+            usage.peers,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        family(&mut o, name, "gauge", help);
+        sample(&mut o, name, "", wide(v));
+    }
+    family(
+        &mut o,
+        "vkx_sessions_established",
+        "gauge",
+        "Sessions in Established.",
+    );
+    sample(&mut o, "vkx_sessions_established", "", get(&m.established));
+    family(
+        &mut o,
+        "vkx_admission_limit",
+        "gauge",
+        "Configured admission limits.",
+    );
+    let l = &usage.limits;
+    for (name, v) in [
+        ("max_open", l.max_open),
+        ("max_connections", l.max_connections),
+        ("max_handshakes", l.max_handshakes),
+        ("max_peers", l.max_peers),
+    ] {
+        sample(
+            &mut o,
+            "vkx_admission_limit",
+            &format!("limit=\"{name}\""),
+            wide(v),
+        );
+    }
+    family(
+        &mut o,
+        "vkx_handshakes_total",
+        "counter",
+        "Handshakes by outcome (attested, refused, failed, timeout).",
+    );
+    for h in HandshakeOutcome::ALL {
+        sample(
+            &mut o,
+            "vkx_handshakes_total",
+            &format!("outcome=\"{}\"", h.label()),
+            get(&m.handshakes[h.index()]),
+        );
+    }
+    family(
+        &mut o,
+        "vkx_handshake_duration_seconds",
+        "histogram",
+        "Accept to Established.",
+    );
+    let mut cumulative = 0u64;
+    for (i, (_, le)) in HANDSHAKE_BUCKETS.iter().enumerate() {
+        cumulative += get(&m.latency_buckets[i]);
+        sample(
+            &mut o,
+            "vkx_handshake_duration_seconds_bucket",
+            &format!("le=\"{le}\""),
+            cumulative,
+        );
+    }
+    cumulative += get(&m.latency_buckets[HANDSHAKE_BUCKETS.len()]);
+    sample(
+        &mut o,
+        "vkx_handshake_duration_seconds_bucket",
+        "le=\"+Inf\"",
+        cumulative,
+    );
+    let us = get(&m.latency_sum_us);
+    let _ = writeln!(
+        o,
+        "vkx_handshake_duration_seconds_sum {}.{:06}",
+        us / 1_000_000,
+        us % 1_000_000
+    );
+    sample(
+        &mut o,
+        "vkx_handshake_duration_seconds_count",
+        "",
+        cumulative,
+    );
+    family(
+        &mut o,
+        "vkx_errors_sent_total",
+        "counter",
+        "Error messages sent to guests, by registry code name.",
+    );
+    for (i, r) in REGISTRY.iter().enumerate() {
+        sample(
+            &mut o,
+            "vkx_errors_sent_total",
+            &format!("code=\"{}\"", r.name),
+            get(&m.errors_sent[i]),
+        );
+    }
+    sample(
+        &mut o,
+        "vkx_errors_sent_total",
+        "code=\"unknown\"",
+        get(&m.errors_sent[REGISTRY.len()]),
+    );
+    family(
+        &mut o,
+        "vkx_admissions_refused_total",
+        "counter",
+        "Connections not served, by the limit that refused them.",
+    );
+    for r in RefuseReason::ALL {
+        sample(
+            &mut o,
+            "vkx_admissions_refused_total",
+            &format!("reason=\"{}\"", r.label()),
+            get(&m.refused[refuse_index(r)]),
+        );
+    }
+    let counters: [(&str, &str, u64); 4] = [
+        (
+            "vkx_sessions_rate_limited_total",
+            "Sessions closed with rate-limited for exceeding their message budget.",
+            get(&m.sessions_rate_limited),
+        ),
+        (
+            "vkx_log_lines_suppressed_total",
+            "Log lines the rate limiter dropped (counted, not written).",
+            suppressed,
+        ),
+        (
+            "vkx_keys_released_total",
+            "Keys released in key-release messages.",
+            get(&m.keys_released),
+        ),
+        (
+            "vkx_key_updates_pushed_total",
+            "Rotated keys pushed to live sessions.",
+            get(&m.updates_pushed),
+        ),
+    ];
+    for (name, help, v) in counters {
+        family(&mut o, name, "counter", help);
+        sample(&mut o, name, "", v);
+    }
+    family(
+        &mut o,
+        "vkx_key_updates_acked_total",
+        "counter",
+        "Key-update acknowledgements, by result.",
+    );
+    sample(
+        &mut o,
+        "vkx_key_updates_acked_total",
+        "result=\"installed\"",
+        get(&m.updates_installed),
+    );
+    sample(
+        &mut o,
+        "vkx_key_updates_acked_total",
+        "result=\"failed\"",
+        get(&m.updates_failed),
+    );
+    o
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Metrics,
+    /// Anything else, malformed requests included.
+    NotFound,
+}
+
+/// Routes a request head: `GET /metrics` (a query string is ignored) over
+/// HTTP/1.0 or 1.1 is [`Route::Metrics`]; everything else is not found.
+pub fn route(head: &[u8]) -> Route {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Route::NotFound;
+    };
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Route::NotFound;
+    };
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    if method == "GET" && path == "/metrics" && matches!(version, "HTTP/1.0" | "HTTP/1.1") {
+        Route::Metrics
+    } else {
+        Route::NotFound
+    }
+}
+
+/// Whether `head` holds a whole request head (ends with an empty line).
+fn head_complete(head: &[u8]) -> bool {
+    head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+}
+
+/// Reads a request head: until the empty line, end of stream or
+/// [`MAX_REQUEST_HEAD`] bytes, whichever comes first.
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while head.len() < MAX_REQUEST_HEAD && !head_complete(&head) {
+        let room = (MAX_REQUEST_HEAD - head.len()).min(buf.len());
+        let n = s.read(&mut buf[..room]).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(head)
+}
+
+fn response(status: &str, body: &str, content_type: &str) -> String {
+    format!(
+        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Content type of the text exposition format.
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn exchange<S>(
+    mut s: S,
+    metrics: &Metrics,
+    admission: &AdmissionControl,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let head = read_head(&mut s).await?;
+    let reply = match route(&head) {
+        Route::Metrics => response(
+            "200 OK",
+            &render(
+                metrics,
+                &admission.usage(),
+                vkx_common::ratelimit::suppressed_total(),
+            ),
+            CONTENT_TYPE,
+        ),
+        Route::NotFound => response("404 Not Found", "not found\n", "text/plain"),
+    };
+    s.write_all(reply.as_bytes()).await?;
+    s.shutdown().await
+}
+
+/// A bound metrics listener.
+#[derive(Debug)]
+pub enum MetricsListener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// Binds the endpoint: a Unix socket (replacing a stale one, mode 0660) or
+/// a TCP listener.
+pub async fn bind(endpoint: &Endpoint) -> std::io::Result<MetricsListener> {
+    match endpoint {
+        Endpoint::Unix(path) => crate::derive::bind_local(path).map(MetricsListener::Unix),
+        Endpoint::Tcp(addr) => TcpListener::bind(addr).await.map(MetricsListener::Tcp),
+    }
+}
+
+/// Serves scrapes until `stop` turns true.
+pub async fn serve(
+    listener: MetricsListener,
+    metrics: Arc<Metrics>,
+    admission: Arc<AdmissionControl>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Slots::new(MAX_METRICS_CONNECTIONS);
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        // Each iteration accepts one scrape, reaps one, or stops.
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            a = accept(&listener) => a,
+        };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                rl_warn!(error = %e, "metrics: accept failed; pausing");
+                tokio::time::sleep(crate::serve::ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let Some(slot) = slots.try_acquire() else {
+            rl_warn!("metrics: too many scrapes at once; closing one");
+            continue;
+        };
+        let (metrics, admission) = (metrics.clone(), admission.clone());
+        conns.spawn(async move {
+            let done = match stream {
+                Stream::Unix(s) => {
+                    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(s, &metrics, &admission)).await
+                }
+                Stream::Tcp(s) => {
+                    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(s, &metrics, &admission)).await
+                }
+            };
+            if let Ok(Err(e)) = done {
+                rl_warn!(error = %e, "metrics: scrape failed");
+            }
+            drop(slot);
+        });
+    }
+    conns.abort_all();
+}
+
+enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept(l: &MetricsListener) -> std::io::Result<Stream> {
+    match l {
+        MetricsListener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        MetricsListener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+    }
+}
+
+/// Why [`fetch`] got no metrics.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    #[error("connect {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metrics endpoint: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("metrics endpoint did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("metrics endpoint sent more than {MAX_RESPONSE} bytes")]
+    TooLarge,
+    #[error("metrics endpoint answered: {0}")]
+    Status(String),
+    #[error("metrics endpoint sent something that is not an HTTP response")]
+    Malformed,
+}
+
+/// The client: `GET /metrics` on the Unix socket `socket`; the body.
+pub async fn fetch(socket: &Path) -> Result<String, FetchError> {
+    let work = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|source| FetchError::Connect {
+                path: socket.to_owned(),
+                source,
+            })?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut reply = Vec::new();
+        (&mut s)
+            .take(MAX_RESPONSE + 1)
+            .read_to_end(&mut reply)
+            .await?;
+        if wide(reply.len()) > MAX_RESPONSE {
+            return Err(FetchError::TooLarge);
+        }
+        parse_response(&reply)
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, work)
+        .await
+        .map_err(|_| FetchError::Timeout(EXCHANGE_TIMEOUT))?
+}
+
+/// The body of a 200 response.
+fn parse_response(reply: &[u8]) -> Result<String, FetchError> {
+    let text = std::str::from_utf8(reply).map_err(|_| FetchError::Malformed)?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or(FetchError::Malformed)?;
+    let status = head.lines().next().ok_or(FetchError::Malformed)?;
+    let code = status
+        .strip_prefix("HTTP/1.")
+        .and_then(|s| s.get(2..))
+        .ok_or(FetchError::Malformed)?;
+    if !code.starts_with("200") {
+        return Err(FetchError::Status(code.to_owned()));
+    }
+    Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::admission::{AdmissionConfig, Limits};
+    use std::time::Instant;
+
+    fn usage() -> Usage {
+        Usage {
+            open: 5,
+            connections: 4,
+            handshakes: 3,
+            peers: 2,
+            limits: Limits::new(2048, &AdmissionConfig::default()).unwrap(),
+        }
+    }
+
+    /// The value of one sample line, e.g. `name{label="x"}`.
+    fn value(text: &str, series: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn renders_every_family_with_help_and_type() {
+        let m = Arc::new(Metrics::default());
+        m.handshake(HandshakeOutcome::Attested);
+        m.handshake(HandshakeOutcome::Refused);
+        m.handshake(HandshakeOutcome::Refused);
+        m.error_sent(ErrorCode::Busy);
+        m.error_sent(ErrorCode::Busy);
+        m.error_sent(ErrorCode::RateLimited);
+        m.error_sent(ErrorCode::Unknown(999));
+        m.refused(RefuseReason::MaxHandshakes);
+        m.keys_released(3);
+        m.update_pushed();
+        m.update_acked(true);
+        m.update_acked(false);
+        m.session_rate_limited();
+        let guard = m.established();
+        let t = render(&m, &usage(), 42);
+        for (series, v) in [
+            ("vkx_connections_open", "5"),
+            ("vkx_connections", "4"),
+            ("vkx_handshakes_in_progress", "3"),
+            ("vkx_peer_buckets", "2"),
+            ("vkx_sessions_established", "1"),
+            ("vkx_admission_limit{limit=\"max_open\"}", "4096"),
+            ("vkx_admission_limit{limit=\"max_handshakes\"}", "256"),
+            ("vkx_handshakes_total{outcome=\"attested\"}", "1"),
+            ("vkx_handshakes_total{outcome=\"refused\"}", "2"),
+            ("vkx_handshakes_total{outcome=\"timeout\"}", "0"),
+            ("vkx_errors_sent_total{code=\"busy\"}", "2"),
+            ("vkx_errors_sent_total{code=\"rate-limited\"}", "1"),
+            ("vkx_errors_sent_total{code=\"malformed\"}", "0"),
+            ("vkx_errors_sent_total{code=\"unknown\"}", "1"),
+            (
+                "vkx_admissions_refused_total{reason=\"max_handshakes\"}",
+                "1",
+            ),
+            ("vkx_admissions_refused_total{reason=\"max_open\"}", "0"),
+            ("vkx_sessions_rate_limited_total", "1"),
+            ("vkx_log_lines_suppressed_total", "42"),
+            ("vkx_keys_released_total", "3"),
+            ("vkx_key_updates_pushed_total", "1"),
+            ("vkx_key_updates_acked_total{result=\"installed\"}", "1"),
+            ("vkx_key_updates_acked_total{result=\"failed\"}", "1"),
+        ] {
+            assert_eq!(value(&t, series).as_deref(), Some(v), "{series}\n{t}");
+        }
+        drop(guard);
+        let t = render(&m, &usage(), 42);
+        assert_eq!(value(&t, "vkx_sessions_established").as_deref(), Some("0"));
+        // Every registry code has its series.
+        for r in REGISTRY {
+            assert!(t.contains(&format!("code=\"{}\"", r.name)), "{}", r.name);
+        }
+        // Format: every sample's family is declared once, before it.
+        let mut declared = Vec::new();
+        for line in t.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(!declared.contains(&name.to_owned()), "{name} twice");
+                declared.push(name.to_owned());
+            } else if !line.starts_with("# HELP ") {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(
+                    declared.iter().any(|d| name == d
+                        || name
+                            .strip_prefix(d.as_str())
+                            .is_some_and(|s| { ["_bucket", "_sum", "_count"].contains(&s) })),
+                    "{line}"
+                );
+            }
+        }
+        assert!(t.ends_with('\n'));
+    }
+
+    #[test]
+    fn the_latency_histogram_is_cumulative() {
+        let m = Metrics::default();
+        for ms in [5, 10, 11, 700, 44_000, 90_000] {
+            m.handshake_latency(Duration::from_millis(ms));
+        }
+        let t = render(&m, &usage(), 0);
+        let b = |le: &str| {
+            value(
+                &t,
+                &format!("vkx_handshake_duration_seconds_bucket{{le=\"{le}\"}}"),
+            )
+        };
+        assert_eq!(b("0.01").as_deref(), Some("2"));
+        assert_eq!(b("0.025").as_deref(), Some("3"));
+        assert_eq!(b("1").as_deref(), Some("4"));
+        assert_eq!(b("45").as_deref(), Some("5"));
+        assert_eq!(b("+Inf").as_deref(), Some("6"));
+        assert_eq!(
+            value(&t, "vkx_handshake_duration_seconds_count").as_deref(),
+            Some("6")
+        );
+        assert_eq!(
+            value(&t, "vkx_handshake_duration_seconds_sum").as_deref(),
+            Some("134.726000")
+        );
+    }
+
+    #[test]
+    fn outcomes_follow_the_error_sent() {
+        assert_eq!(
+            HandshakeOutcome::for_code(ErrorCode::Timeout),
+            HandshakeOutcome::Timeout
+        );
+        for c in [
+            ErrorCode::Busy,
+            ErrorCode::RateLimited,
+            ErrorCode::AttestationFailed,
+            ErrorCode::UnsupportedVersion,
+        ] {
+            assert_eq!(HandshakeOutcome::for_code(c), HandshakeOutcome::Refused);
+        }
+        for c in [ErrorCode::Malformed, ErrorCode::Internal] {
+            assert_eq!(HandshakeOutcome::for_code(c), HandshakeOutcome::Failed);
+        }
+    }
+
+    #[test]
+    fn only_get_metrics_is_served() {
+        for ok in [
+            &b"GET /metrics HTTP/1.0\r\n\r\n"[..],
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+            b"GET /metrics?x=1 HTTP/1.0\n\n",
+        ] {
+            assert_eq!(route(ok), Route::Metrics, "{ok:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"POST /metrics HTTP/1.0\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET /metricsx HTTP/1.0\r\n\r\n",
+            b"GET /metrics HTTP/2\r\n\r\n",
+            b"GET  /metrics HTTP/1.0\r\n\r\n",
+            b"GET /metrics HTTP/1.0 extra\r\n\r\n",
+            b"get /metrics HTTP/1.0\r\n\r\n",
+            b"GET /metrics\r\n\r\n",
+            b"\xff\xfe /metrics HTTP/1.0\r\n\r\n",
+        ] {
+            assert_eq!(route(bad), Route::NotFound, "{bad:?}");
+        }
+        assert!(head_complete(b"GET / HTTP/1.0\r\n\r\n"));
+        assert!(!head_complete(b"GET / HTTP/1.0\r\n"));
+    }
+
+    #[test]
+    fn responses_parse_and_statuses_are_checked() {
+        let ok = response("200 OK", "a 1\n", CONTENT_TYPE);
+        assert_eq!(parse_response(ok.as_bytes()).unwrap(), "a 1\n");
+        let nf = response("404 Not Found", "not found\n", "text/plain");
+        assert!(matches!(
+            parse_response(nf.as_bytes()),
+            Err(FetchError::Status(s)) if s.starts_with("404")
+        ));
+        assert!(matches!(
+            parse_response(b"garbage"),
+            Err(FetchError::Malformed)
+        ));
+    }
+
+    #[test]
+    fn the_endpoint_is_loopback_unless_allowed() {
+        let c = |socket: Option<&str>, listen: Option<&str>, allow| MetricsConfig {
+            socket: socket.map(PathBuf::from),
+            listen: listen.map(str::to_owned),
+            allow_non_loopback: allow,
+        };
+        assert_eq!(
+            c(None, None, false).endpoint(),
+            Ok(Endpoint::Unix(PathBuf::from(DEFAULT_METRICS_SOCKET)))
+        );
+        assert_eq!(
+            c(Some("/m.sock"), None, false).endpoint(),
+            Ok(Endpoint::Unix(PathBuf::from("/m.sock")))
+        );
+        assert!(matches!(
+            c(None, Some("127.0.0.1:9461"), false).endpoint(),
+            Ok(Endpoint::Tcp(_))
+        ));
+        assert!(matches!(
+            c(None, Some("[::1]:9461"), false).endpoint(),
+            Ok(Endpoint::Tcp(_))
+        ));
+        assert!(matches!(
+            c(None, Some("0.0.0.0:9461"), false).endpoint(),
+            Err(MetricsConfigError::NotLoopback(_))
+        ));
+        assert!(matches!(
+            c(None, Some("0.0.0.0:9461"), true).endpoint(),
+            Ok(Endpoint::Tcp(_))
+        ));
+        assert!(matches!(
+            c(None, Some("localhost:9461"), false).endpoint(),
+            Err(MetricsConfigError::BadAddress(_))
+        ));
+        assert_eq!(
+            c(Some("/m"), Some("127.0.0.1:1"), false).endpoint(),
+            Err(MetricsConfigError::Both)
+        );
+    }
+
+    #[tokio::test]
+    async fn serves_a_scrape_over_a_unix_socket_and_404s_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sock");
+        let listener = bind(&Endpoint::Unix(path.clone())).await.unwrap();
+        let metrics = Arc::new(Metrics::default());
+        metrics.error_sent(ErrorCode::Busy);
+        let limits = Limits::new(4, &AdmissionConfig::default()).unwrap();
+        let admission = Arc::new(AdmissionControl::new(limits, Instant::now()));
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, metrics, admission, stop));
+        let body = fetch(&path).await.unwrap();
+        assert_eq!(
+            value(&body, "vkx_errors_sent_total{code=\"busy\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            value(&body, "vkx_admission_limit{limit=\"max_connections\"}").as_deref(),
+            Some("4")
+        );
+        // Anything else: 404. An oversized head: answered, not read forever.
+        for req in [
+            b"GET /other HTTP/1.0\r\n\r\n".to_vec(),
+            vec![b'A'; MAX_REQUEST_HEAD * 4],
+        ] {
+            let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+            let _ = s.write_all(&req).await;
+            let mut reply = Vec::new();
+            let _ = s.read_to_end(&mut reply).await;
+            let reply = String::from_utf8(reply).unwrap();
+            assert!(reply.starts_with("HTTP/1.0 404"), "{reply}");
+        }
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+}
