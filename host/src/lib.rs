@@ -33,6 +33,7 @@
 pub mod admission;
 pub mod attestation;
 pub mod derive;
+pub mod enroll;
 pub mod evidence;
 pub mod keys_cli;
 pub mod keystore;

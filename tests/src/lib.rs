@@ -7,6 +7,8 @@
 
 pub mod agents;
 pub mod node;
+#[cfg(feature = "insecure-soft-tpm")]
+pub mod softtpm;
 pub mod swtpm;
 
 use std::path::PathBuf;

@@ -1,0 +1,1180 @@
+//! The connect storm (`make bench`): N simulated VMs (default 1,024, the
+//! per-node VM count vkx is designed for) hit one `vkx-host serve` at
+//! once, each doing the full handshake, evidence and key release:
+//!
+//!     cargo run --release -p vkx-e2e --features insecure-soft-tpm --example storm [-- N]
+//!
+//! Set-up: a node (`vkx-host init`), N VMs each with its own soft vTPM
+//! (`vkx_e2e::softtpm`: a software ECDSA P-256 AK whose quotes are
+//! byte-compatible with a real vTPM's) enrolled in the registry
+//! (`vkx_host::enroll`), a policy granting `storm-key` to their image (PCRs
+//! 0 and 7 at the soft TPM's fixed values), the key in the key store
+//! (`vkx-host keys generate`), one Unix socket per VM in host.toml, and the
+//! release `vkx-host serve` as its own process.
+//!
+//! A storm: N guests in this process (`vkx_guest::agent`, the guest
+//! agent's own driver, all on one tokio thread) start at once; each
+//! connects, runs TLS 1.3, hello/challenge, quotes and, once attested, asks
+//! for `storm-key` on the session; then it holds the session idle. A guest
+//! the host turns away (`busy`, `rate-limited`) waits the `retry-after`
+//! it was given and tries again, as `vkx-guest` does; after a transport
+//! failure it waits 0.1 to 1 s. Figures: wall time until every guest has
+//! its answer, each guest's latency from its first connect to the key (p50,
+//! p99), the host's CPU time (user+system, /proc/PID/stat) over the storm
+//! divided by N, its peak RSS (VmHWM) and its RSS with the N sessions held
+//! idle (VmRSS). Then every session says goodbye and the host stops.
+//!
+//! The runs:
+//! 1. soft vTPMs, every handshake admitted at once (`[admission]
+//!    max_handshakes = N`): what one attested key release costs the host;
+//! 2. soft vTPMs, the host's default admission control: how long a node's
+//!    worth of VMs takes to be keyed when they all start at once;
+//! 3. the floor, in this process with ring: what one handshake cannot cost
+//!    the host less than: the key exchange of the TLS group the agents
+//!    negotiate (keygen + agreement), the host's TLS signature (ECDSA
+//!    P-256, the node's key), the quote verification (`verify_quote`;
+//!    ring's ECDSA verify alone beside it) and one AES-GCM record seal of a
+//!    key-release carrying a 32-byte key;
+//! 4. real vTPMs: [`REAL_VMS`] VMs, each with its own swtpm provisioned by
+//!    `vkx-host vtpm provision`, [`REAL_ROUNDS`] storms one after another
+//!    (`[admission] peer_connection_burst` raised to let each VM reconnect
+//!    that often).
+//!
+//! It prints one block of figures, then exits non-zero if any guest of any
+//! run did not get the key (released, not refused).
+//!
+//! The guests share the machine's CPUs with the host: wall time and
+//! latencies include the load generator's own TLS and quote work (its CPU
+//! time is printed too); the host CPU figure does not.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss
+)] // A measuring tool.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::{mpsc, watch};
+use vkx_common::retry::Failure;
+use vkx_common::session::CloseReason;
+use vkx_common::session::guest::{Guest, GuestEvent};
+use vkx_common::tpm::{Public, QuoteExpectations, verify_quote};
+use vkx_common::wire::{
+    HashAlg, KeyMaterial, KeyName, KeyRelease, Message, PcrBankSelection, ReleasedKey,
+};
+use vkx_e2e::agents::Agent as Process;
+use vkx_e2e::node::Node;
+use vkx_e2e::softtpm::SoftTpm;
+use vkx_e2e::swtpm::Swtpm;
+use vkx_guest::agent::{Agent, Handler, Reaction};
+use vkx_guest::config::Config;
+use vkx_host::admission::{
+    DEFAULT_BUSY_RETRY_AFTER_MS, DEFAULT_MAX_HANDSHAKES, DEFAULT_RETRY_JITTER_PERCENT,
+};
+
+/// Guests in the storm unless given: the VMs one node is designed for.
+const DEFAULT_GUESTS: usize = 1024;
+/// The most guests: one Unix listener each, and the host serves at most
+/// `vkx_host::serve::MAX_LISTENERS`.
+const MAX_GUESTS: usize = vkx_host::serve::MAX_LISTENERS;
+/// VMs of the real-vTPM run (one swtpm process each).
+const REAL_VMS: usize = 8;
+/// Storms of the real-vTPM run, one after another on the same host: eight
+/// sessions are too few for a CPU figure measured in 10 ms clock ticks.
+const REAL_ROUNDS: usize = 16;
+/// The key every VM asks for, and the image that is granted it.
+const KEY: &str = "storm-key";
+const IMAGE: &str = "storm-img";
+/// The PCRs the policy constrains (sha256 bank): what the host asks for.
+const POLICY_PCRS: [u8; 2] = [0, 7];
+/// Connection attempts one guest makes before it gives up.
+const MAX_ATTEMPTS: u32 = 16;
+/// Wait after a transport failure: uniform in this range (ms), like the
+/// guest daemon's jittered floor.
+const TRANSPORT_RETRY_MS: std::ops::Range<u16> = 100..1000;
+/// Longest wait for every guest's answer.
+const STORM_LIMIT: Duration = Duration::from_secs(300);
+/// Longest wait for the host to bind every socket.
+const HOST_START_LIMIT: Duration = Duration::from_secs(60);
+/// Longest wait for the sessions to end after the stop signal.
+const STOP_LIMIT: Duration = Duration::from_secs(30);
+/// Pause after the last answer before the idle RSS is read: in-flight
+/// buffers are released, only held sessions remain.
+const SETTLE: Duration = Duration::from_secs(1);
+/// Connections the host admits beyond N.
+const CONNECTION_HEADROOM: usize = 64;
+/// File descriptors beyond two per guest (host: listener and connection;
+/// this process: the guest's socket).
+const FD_HEADROOM: u64 = 256;
+/// Each floor primitive runs [`FLOOR_BATCHES`] batches of
+/// [`FLOOR_BATCH`] iterations (after [`FLOOR_WARMUP`]); the fastest
+/// batch's mean counts: a floor is a lower bound, and the other batches
+/// are what the rest of the machine took from it.
+const FLOOR_BATCHES: u32 = 10;
+const FLOOR_BATCH: u32 = 200;
+const FLOOR_WARMUP: u32 = 100;
+const POLL: Duration = Duration::from_millis(20);
+
+/// What a guest reports to the storm.
+#[derive(Debug)]
+enum Outcome {
+    /// The host answered the key request (final).
+    Answered {
+        latency: Duration,
+        released: bool,
+        refusal: Option<String>,
+    },
+    /// An attempt ended before an answer; the guest tries again.
+    TurnedAway(String),
+    /// The guest gave up (final).
+    Failed(String),
+}
+
+/// One guest's session handler: asks for the key once attested, reports
+/// the answer, holds the session.
+struct StormGuest {
+    start: Instant,
+    key: KeyName,
+    tx: mpsc::UnboundedSender<Outcome>,
+    /// The final outcome was sent.
+    done: bool,
+    /// Sessions attested and not yet ended, across all guests.
+    live: Arc<AtomicUsize>,
+}
+
+impl StormGuest {
+    fn finish(&mut self, o: Outcome) {
+        if !self.done {
+            self.done = true;
+            let _ = self.tx.send(o);
+        }
+    }
+}
+
+impl Handler for StormGuest {
+    fn on_event(&mut self, ev: GuestEvent, guest: &mut Guest, now: Instant) -> Reaction {
+        match ev {
+            GuestEvent::Attested { .. } => {
+                self.live.fetch_add(1, Ordering::SeqCst);
+                if let Guest::Established(s) = guest {
+                    match s.request_keys(vec![self.key.clone()], now) {
+                        Ok(out) => {
+                            return Reaction {
+                                out,
+                                ..Reaction::default()
+                            };
+                        }
+                        Err(e) => self.finish(Outcome::Failed(format!("key request: {e}"))),
+                    }
+                }
+            }
+            GuestEvent::Keys(release) => {
+                let latency = self.start.elapsed();
+                let released = release
+                    .released
+                    .iter()
+                    .any(|k| k.name == self.key && !k.material.expose().is_empty());
+                let refusal = release
+                    .refused
+                    .iter()
+                    .map(|r| r.code.to_string())
+                    .next()
+                    .or_else(|| (!released).then(|| "not in the answer".to_owned()));
+                self.finish(Outcome::Answered {
+                    latency,
+                    released,
+                    refusal,
+                });
+            }
+            _ => {}
+        }
+        Reaction::default()
+    }
+}
+
+/// How an attempt ended, without the per-attempt `retry-after` figure:
+/// what failures are grouped by.
+fn cause(detail: &str) -> String {
+    detail
+        .split(" (retry after")
+        .next()
+        .unwrap_or(detail)
+        .to_owned()
+}
+
+/// One guest: attempts until the host answers the key request, honouring
+/// `retry-after`; then holds the session until `stop`. Returns whether
+/// its last session ended with goodbye.
+async fn run_guest(
+    agent: Arc<Agent>,
+    key: KeyName,
+    tx: mpsc::UnboundedSender<Outcome>,
+    live: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+) -> bool {
+    let rng = SystemRandom::new();
+    let mut g = StormGuest {
+        start: Instant::now(),
+        key,
+        tx,
+        done: false,
+        live,
+    };
+    for attempt in 1..=MAX_ATTEMPTS {
+        let a = agent.attempt(&mut g, &mut stop).await;
+        if a.established {
+            g.live.fetch_sub(1, Ordering::SeqCst);
+        }
+        if g.done || *stop.borrow() {
+            return a.established && a.failure().is_none();
+        }
+        let wait = match a.close {
+            CloseReason::Failed(Failure::Code {
+                retry_after: Some(r),
+                ..
+            }) => Some(r),
+            CloseReason::Failed(Failure::Transport) => {
+                let mut b = [0u8; 2];
+                rng.fill(&mut b).unwrap();
+                let span = TRANSPORT_RETRY_MS.end - TRANSPORT_RETRY_MS.start;
+                Some(Duration::from_millis(
+                    (TRANSPORT_RETRY_MS.start + u16::from_be_bytes(b) % span).into(),
+                ))
+            }
+            _ => None,
+        };
+        match wait {
+            Some(w) if attempt < MAX_ATTEMPTS => {
+                let _ = g.tx.send(Outcome::TurnedAway(cause(&a.detail)));
+                tokio::select! {
+                    () = tokio::time::sleep(w) => {}
+                    _ = stop.changed() => return false,
+                }
+            }
+            _ => {
+                g.finish(Outcome::Failed(cause(&a.detail)));
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// The figures of one storm (or of several rounds of one).
+struct StormFigures {
+    /// Sessions, over all rounds.
+    guests: usize,
+    released: usize,
+    refused: BTreeMap<String, usize>,
+    failed: BTreeMap<String, usize>,
+    /// Attempts the host turned away (retried), by cause.
+    turned_away: BTreeMap<String, usize>,
+    /// Per round: from the start until every guest had its answer.
+    walls: Vec<Duration>,
+    /// Sorted latencies (ms) of the answered guests.
+    latencies_ms: Vec<f64>,
+    host_cpu: Duration,
+    self_cpu: Duration,
+    rss_before_kib: u64,
+    rss_held_kib: u64,
+    hwm_kib: u64,
+    held: usize,
+    orderly: usize,
+}
+
+impl StormFigures {
+    fn all_keyed(&self) -> bool {
+        self.released == self.guests
+    }
+
+    /// Adds a later round of the same guests on the same host.
+    fn merge(&mut self, later: Self) {
+        self.guests += later.guests;
+        self.released += later.released;
+        for (mine, theirs) in [
+            (&mut self.refused, later.refused),
+            (&mut self.failed, later.failed),
+            (&mut self.turned_away, later.turned_away),
+        ] {
+            for (k, v) in theirs {
+                *mine.entry(k).or_default() += v;
+            }
+        }
+        self.walls.extend(later.walls);
+        self.latencies_ms.extend(later.latencies_ms);
+        self.latencies_ms.sort_by(f64::total_cmp);
+        self.host_cpu += later.host_cpu;
+        self.self_cpu += later.self_cpu;
+        self.rss_held_kib = later.rss_held_kib;
+        self.hwm_kib = self.hwm_kib.max(later.hwm_kib);
+        self.held = later.held;
+        self.orderly += later.orderly;
+    }
+
+    fn print(&self, out: &mut String) {
+        let n = self.guests;
+        let refused: usize = self.refused.values().sum();
+        let failed: usize = self.failed.values().sum();
+        line(
+            out,
+            "keyed",
+            format!(
+                "{} of {n} sessions got {KEY:?} released ({refused} refused{}, {failed} failed{})",
+                self.released,
+                describe_counts(&self.refused),
+                describe_counts(&self.failed),
+            ),
+        );
+        let turned: usize = self.turned_away.values().sum();
+        if turned > 0 {
+            line(
+                out,
+                "attempts turned away, retried",
+                format!("{turned}{}", describe_counts(&self.turned_away)),
+            );
+        }
+        let mut walls = self.walls.clone();
+        walls.sort();
+        let label = if self.all_keyed() {
+            "wall time to all keyed"
+        } else {
+            "wall time to all answered"
+        };
+        let total: Duration = walls.iter().sum();
+        let busy = format!(
+            "host on CPU {:.0} % of it",
+            100.0 * self.host_cpu.as_secs_f64() / total.as_secs_f64().max(1e-9)
+        );
+        match walls[..] {
+            [] => {}
+            [only] => line(out, label, format!("{:.2} s ({busy})", only.as_secs_f64())),
+            _ => line(
+                out,
+                label,
+                format!(
+                    "median {:.3} s, max {:.3} s over {} rounds ({busy})",
+                    walls[walls.len() / 2].as_secs_f64(),
+                    walls[walls.len() - 1].as_secs_f64(),
+                    walls.len()
+                ),
+            ),
+        }
+        if let [first, .., last] | [first @ last] = &self.latencies_ms[..] {
+            let l = &self.latencies_ms;
+            line(
+                out,
+                "latency, first connect to key",
+                format!(
+                    "p50 {:.1} ms, p99 {:.1} ms (min {first:.1}, max {last:.1})",
+                    percentile(l, 0.50),
+                    percentile(l, 0.99),
+                ),
+            );
+        }
+        line(
+            out,
+            "host CPU per attested key release",
+            format!(
+                "{:.0} us ({:.2} s user+system over {n} sessions{})",
+                self.host_cpu.as_secs_f64() * 1e6 / n as f64,
+                self.host_cpu.as_secs_f64(),
+                if turned > 0 {
+                    " and the attempts turned away"
+                } else {
+                    ""
+                }
+            ),
+        );
+        line(
+            out,
+            "host RSS",
+            format!(
+                "{:.1} MiB before, peak {:.1} MiB (VmHWM), {:.1} MiB with {} idle sessions held ({:.1} KiB each)",
+                mib(self.rss_before_kib),
+                mib(self.hwm_kib),
+                mib(self.rss_held_kib),
+                self.held,
+                self.rss_held_kib.saturating_sub(self.rss_before_kib) as f64
+                    / self.held.max(1) as f64
+            ),
+        );
+        line(
+            out,
+            "load generator CPU",
+            format!(
+                "{:.2} s (the guests' TLS and quotes, same CPUs); {} of {n} sessions ended with goodbye",
+                self.self_cpu.as_secs_f64(),
+                self.orderly,
+            ),
+        );
+    }
+}
+
+/// One figure: label, value.
+fn line(out: &mut String, label: &str, value: String) {
+    let _ = writeln!(out, "    {:<36}{value}", format!("{label}:"));
+}
+
+fn describe_counts(m: &BTreeMap<String, usize>) -> String {
+    if m.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    format!(": {}", parts.join(", "))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Clock ticks per second of /proc/PID/stat times.
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(100)
+}
+
+/// User+system CPU time of `pid` ("self" for this process).
+fn cpu_time(pid: &str, ticks: u64) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let used: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_micros(used * 1_000_000 / ticks)
+}
+
+/// A `kB` line of /proc/PID/status (VmRSS, VmHWM).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Raises this process's soft limit of open files to `need` (children
+/// inherit it), up to the hard limit, with util-linux `prlimit`.
+fn ensure_fd_limit(need: u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    let soft: u64 = nums[0].parse().unwrap_or(u64::MAX);
+    let hard: u64 = nums[1].parse().unwrap_or(u64::MAX);
+    if soft >= need {
+        return;
+    }
+    assert!(
+        hard >= need,
+        "the storm needs {need} open files, the hard limit is {hard}: raise it (ulimit -Hn) or pass a smaller N"
+    );
+    let hard_s = if hard == u64::MAX {
+        "unlimited".to_owned()
+    } else {
+        hard.to_string()
+    };
+    let ok = Command::new("prlimit")
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            &format!("--nofile={need}:{hard_s}"),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "could not raise the open-files limit from {soft} to {need}: run `ulimit -n {need}` first"
+    );
+}
+
+/// Guest config for a VM reached on `socket`.
+fn guest_config(socket: &Path, pin: &str, tcti: Option<&str>) -> Config {
+    let mut text = format!(
+        "host_socket = \"{}\"\nhost_key_sha256 = \"{pin}\"\n",
+        socket.display()
+    );
+    if let Some(t) = tcti {
+        text += &format!("tcti = \"{t}\"\n");
+    }
+    Config::from_toml(&text).unwrap()
+}
+
+/// One node's VMs: policy, key, socket paths; hosts are started on it.
+struct Site {
+    node: Node,
+    vm_ids: Vec<String>,
+    sockets: Vec<PathBuf>,
+    policy: PathBuf,
+    work: tempfile::TempDir,
+    _socket_dir: tempfile::TempDir,
+}
+
+/// A running `vkx-host serve`.
+struct Host {
+    process: Process,
+    pid: u32,
+}
+
+impl Site {
+    /// Writes the policy for `vm_ids` (the image's PCR rules are
+    /// `image_pcrs`; `vm_pcrs[i]`, if given, are VM i's `[[vm.pcr]]`) and
+    /// puts [`KEY`] in the node's key store for [`IMAGE`].
+    fn new(node: Node, vm_ids: Vec<String>, image_pcrs: &str, vm_pcrs: &[String]) -> Self {
+        let work = tempfile::tempdir().unwrap();
+        // Unix socket paths are limited to 107 bytes: a short directory.
+        let socket_dir = tempfile::Builder::new()
+            .prefix("vkx")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut policy =
+            format!("[[image]]\nname = \"{IMAGE}\"\nkeys = [\"{KEY}\"]\n{image_pcrs}\n");
+        for (i, vm) in vm_ids.iter().enumerate() {
+            policy += &format!("[[vm]]\nid = \"{vm}\"\nimage = \"{IMAGE}\"\n");
+            if let Some(p) = vm_pcrs.get(i) {
+                policy += p;
+            }
+        }
+        let policy_path = work.path().join("policy.toml");
+        std::fs::write(&policy_path, policy).unwrap();
+        let o = vkx_e2e::run(
+            "vkx-host",
+            &[
+                "keys",
+                "generate",
+                KEY,
+                "--node-dir",
+                &node.node_dir(),
+                "--allow-image",
+                IMAGE,
+            ],
+            b"",
+        );
+        assert!(
+            o.status.success(),
+            "vkx-host keys generate: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let sockets = (0..vm_ids.len())
+            .map(|i| socket_dir.path().join(format!("{i}.sock")))
+            .collect();
+        Self {
+            node,
+            vm_ids,
+            sockets,
+            policy: policy_path,
+            work,
+            _socket_dir: socket_dir,
+        }
+    }
+
+    /// Writes host-`name`.toml (`admission` is its `[admission]` table, or
+    /// empty for the defaults), starts `vkx-host serve` and waits until it
+    /// listens on every socket.
+    fn start_host(&self, name: &str, admission: &str) -> Host {
+        let mut toml = format!(
+            "node_dir = \"{}\"\nregistry = \"{}\"\npolicy = \"{}\"\nmax_connections = {}\n{admission}\n",
+            self.node.node_dir(),
+            self.node.registry(),
+            self.policy.display(),
+            (self.vm_ids.len() + CONNECTION_HEADROOM).min(65_536),
+        );
+        for (socket, vm) in self.sockets.iter().zip(&self.vm_ids) {
+            toml += &format!(
+                "\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"{vm}\"\n",
+                socket.display()
+            );
+            let _ = std::fs::remove_file(socket);
+        }
+        let config = self.work.path().join(format!("host-{name}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        let process = Process::spawn(
+            "vkx-host",
+            &["serve", "--config", &config.display().to_string()],
+            self.work.path().join(format!("host-{name}.log")),
+        );
+        let pid = process.pid();
+        let start = Instant::now();
+        while !self.sockets.iter().all(|s| s.exists()) {
+            assert!(
+                start.elapsed() < HOST_START_LIMIT,
+                "the host did not listen on all {} sockets: {}",
+                self.sockets.len(),
+                process.log()
+            );
+            std::thread::sleep(POLL);
+        }
+        Host { process, pid }
+    }
+}
+
+impl Host {
+    /// Stops the host; on a shortfall, shows the end of its log.
+    fn finish(self, f: &StormFigures) {
+        if !f.all_keyed() {
+            let log = self.process.log();
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            eprintln!("host log (last lines):");
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+        }
+        let status = self.process.stop();
+        assert!(status.success(), "vkx-host serve exited with {status}");
+    }
+}
+
+/// Drives one guest per agent, all at once, against the host `pid`; holds
+/// the sessions (for [`SETTLE`] if `settle`, to read the idle RSS), then
+/// ends them.
+fn storm(
+    rt: &tokio::runtime::Runtime,
+    agents: &[Arc<Agent>],
+    pid: u32,
+    ticks: u64,
+    settle: bool,
+) -> StormFigures {
+    let n = agents.len();
+    let key = KeyName::new(KEY).unwrap();
+    let rss_before_kib = status_kib(pid, "VmRSS:");
+    rt.block_on(async move {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let live = Arc::new(AtomicUsize::new(0));
+        let host_cpu0 = cpu_time(&pid.to_string(), ticks);
+        let self_cpu0 = cpu_time("self", ticks);
+        let t0 = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for agent in agents {
+            tasks.spawn(run_guest(
+                agent.clone(),
+                key.clone(),
+                tx.clone(),
+                live.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        drop(tx);
+        let mut f = StormFigures {
+            guests: n,
+            released: 0,
+            refused: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            turned_away: BTreeMap::new(),
+            walls: Vec::new(),
+            latencies_ms: Vec::with_capacity(n),
+            host_cpu: Duration::ZERO,
+            self_cpu: Duration::ZERO,
+            rss_before_kib,
+            rss_held_kib: 0,
+            hwm_kib: 0,
+            held: 0,
+            orderly: 0,
+        };
+        let deadline = tokio::time::Instant::now() + STORM_LIMIT;
+        let mut finished = 0;
+        while finished < n {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Outcome::Answered {
+                    latency,
+                    released,
+                    refusal,
+                })) => {
+                    finished += 1;
+                    f.latencies_ms.push(latency.as_secs_f64() * 1e3);
+                    if released {
+                        f.released += 1;
+                    } else {
+                        *f.refused.entry(refusal.unwrap_or_default()).or_default() += 1;
+                    }
+                }
+                Ok(Some(Outcome::TurnedAway(why))) => *f.turned_away.entry(why).or_default() += 1,
+                Ok(Some(Outcome::Failed(why))) => {
+                    finished += 1;
+                    *f.failed.entry(why).or_default() += 1;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    *f.failed
+                        .entry(format!("no answer within {} s", STORM_LIMIT.as_secs()))
+                        .or_default() += n - finished;
+                    break;
+                }
+            }
+        }
+        f.walls.push(t0.elapsed());
+        f.host_cpu = cpu_time(&pid.to_string(), ticks) - host_cpu0;
+        f.self_cpu = cpu_time("self", ticks) - self_cpu0;
+        f.latencies_ms.sort_by(f64::total_cmp);
+        if settle {
+            tokio::time::sleep(SETTLE).await;
+        }
+        f.held = live.load(Ordering::SeqCst);
+        f.rss_held_kib = status_kib(pid, "VmRSS:");
+        f.hwm_kib = status_kib(pid, "VmHWM:");
+        let _ = stop_tx.send(true);
+        let stop_deadline = tokio::time::Instant::now() + STOP_LIMIT;
+        while let Ok(Some(r)) = tokio::time::timeout_at(stop_deadline, tasks.join_next()).await {
+            if matches!(r, Ok(true)) {
+                f.orderly += 1;
+            }
+        }
+        tasks.abort_all();
+        f
+    })
+}
+
+// ------------------------------------------------------------------ floor
+
+/// Time of one `op`: the mean of the fastest of [`FLOOR_BATCHES`]
+/// batches, after a warm-up.
+fn mean(mut op: impl FnMut()) -> Duration {
+    for _ in 0..FLOOR_WARMUP {
+        op();
+    }
+    (0..FLOOR_BATCHES)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..FLOOR_BATCH {
+                op();
+            }
+            t.elapsed() / FLOOR_BATCH
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+/// What the agents negotiate, found by one in-memory handshake with the
+/// agents' own TLS configurations and the node's key.
+struct Negotiated {
+    group: rustls::NamedGroup,
+    suite: rustls::CipherSuite,
+}
+
+fn negotiate(node_dir: &Path, pin: [u8; 32]) -> Negotiated {
+    let (cert, key) = vkx_host::node::load(node_dir).unwrap();
+    let server = vkx_common::tls::server_config(cert, key).unwrap();
+    let client = vkx_common::tls::client_config(pin).unwrap();
+    let mut s = rustls::ServerConnection::new(server).unwrap();
+    let mut c = rustls::ClientConnection::new(client, vkx_common::tls::host_server_name()).unwrap();
+    let mut rounds = 0;
+    while c.is_handshaking() || s.is_handshaking() {
+        rounds += 1;
+        assert!(rounds < 16, "in-memory TLS handshake did not finish");
+        let mut buf = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).unwrap();
+            s.process_new_packets().unwrap();
+        }
+        let mut buf = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+        }
+    }
+    Negotiated {
+        group: s.negotiated_key_exchange_group().unwrap().name(),
+        suite: s.negotiated_cipher_suite().unwrap().suite(),
+    }
+}
+
+struct Floor {
+    negotiated: Negotiated,
+    ecdhe: Duration,
+    sign: Duration,
+    verify_quote: Duration,
+    ring_verify: Duration,
+    aead: Duration,
+    record_len: usize,
+}
+
+impl Floor {
+    fn per_handshake(&self) -> Duration {
+        self.ecdhe + self.sign + self.verify_quote + self.aead
+    }
+}
+
+fn measure_floor(node_dir: &Path, pin: [u8; 32]) -> Floor {
+    use ring::{aead, agreement, signature};
+    let rng = SystemRandom::new();
+    let negotiated = negotiate(node_dir, pin);
+
+    // ECDHE: the host's share and the agreement with the guest's.
+    let group = match negotiated.group {
+        rustls::NamedGroup::X25519 => &agreement::X25519,
+        rustls::NamedGroup::secp256r1 => &agreement::ECDH_P256,
+        rustls::NamedGroup::secp384r1 => &agreement::ECDH_P384,
+        g => panic!("no floor measurement for group {g:?}"),
+    };
+    let peer = agreement::EphemeralPrivateKey::generate(group, &rng)
+        .unwrap()
+        .compute_public_key()
+        .unwrap();
+    let peer = agreement::UnparsedPublicKey::new(group, peer.as_ref().to_vec());
+    let ecdhe = mean(|| {
+        let mine = agreement::EphemeralPrivateKey::generate(group, &rng).unwrap();
+        let share = mine.compute_public_key().unwrap();
+        std::hint::black_box(share.as_ref());
+        agreement::agree_ephemeral(mine, &peer, |k| {
+            std::hint::black_box(k.len());
+        })
+        .unwrap();
+    });
+
+    // The host's CertificateVerify signature, with the node's own key.
+    let pk8 = std::fs::read(node_dir.join(vkx_host::node::NODE_KEY_FILE)).unwrap();
+    let node_key =
+        signature::EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &pk8, &rng)
+            .expect("the node key is ECDSA P-256");
+    let mut to_sign = vec![0x20u8; 64];
+    to_sign.extend_from_slice(b"TLS 1.3, server CertificateVerify\0");
+    to_sign.extend_from_slice(&[0x5a; 48]);
+    let sign = mean(|| {
+        std::hint::black_box(node_key.sign(&rng, &to_sign).unwrap());
+    });
+
+    // The quote: the host's whole verifier, and ring's verify alone.
+    let tpm = SoftTpm::new(0);
+    let selection = vec![PcrBankSelection {
+        hash_alg: HashAlg::Sha256,
+        pcrs: POLICY_PCRS.to_vec(),
+    }];
+    let nonce = [0x33u8; 32];
+    let q = tpm.quote_raw(&selection, &nonce).unwrap();
+    let ak = Public::parse(tpm.ak_public()).unwrap();
+    let expect = QuoteExpectations {
+        qualifying_data: &nonce,
+        pcr_selection: &selection,
+        pcr_values: &q.pcr_values,
+    };
+    let verify_quote = mean(|| {
+        verify_quote(&q.attest, &q.signature, &ak, &expect).unwrap();
+    });
+    let ak_point = {
+        let mut p = vec![0x04];
+        p.extend_from_slice(&tpm.ak_public()[24..56]);
+        p.extend_from_slice(&tpm.ak_public()[58..90]);
+        p
+    };
+    let mut rs = Vec::with_capacity(64);
+    rs.extend_from_slice(&q.signature[6..38]);
+    rs.extend_from_slice(&q.signature[40..72]);
+    let ak_key = signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, ak_point);
+    let ring_verify = mean(|| ak_key.verify(&q.attest, &rs).unwrap());
+
+    // One TLS record: the key-release frame with a 32-byte key, plus the
+    // inner content type byte.
+    let payload = Message::KeyRelease(KeyRelease {
+        released: vec![ReleasedKey {
+            name: KeyName::new(KEY).unwrap(),
+            version: 1,
+            material: KeyMaterial::new(vec![0x42; 32]),
+        }],
+        refused: Vec::new(),
+    })
+    .encode()
+    .unwrap();
+    let record_len = payload.len() + vkx_common::wire::FRAME_HEADER_LEN + 1;
+    let (alg, key_len) = match negotiated.suite {
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => (&aead::AES_256_GCM, 32),
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => (&aead::AES_128_GCM, 16),
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => (&aead::CHACHA20_POLY1305, 32),
+        s => panic!("no floor measurement for suite {s:?}"),
+    };
+    let key = aead::LessSafeKey::new(aead::UnboundKey::new(alg, &[0x17; 32][..key_len]).unwrap());
+    let mut seq = 0u64;
+    let mut record = Vec::with_capacity(record_len + 16);
+    let aead = mean(|| {
+        seq += 1;
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&seq.to_be_bytes());
+        record.clear();
+        record.resize(record_len, 0x61);
+        key.seal_in_place_append_tag(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from([0x17, 0x03, 0x03, 0x00, 0x00]),
+            &mut record,
+        )
+        .unwrap();
+        std::hint::black_box(&record);
+    });
+    Floor {
+        negotiated,
+        ecdhe,
+        sign,
+        verify_quote,
+        ring_verify,
+        aead,
+        record_len,
+    }
+}
+
+// ------------------------------------------------------------------ runs
+
+fn hex_pin(pin: &str) -> [u8; 32] {
+    hex::decode(pin).unwrap().try_into().unwrap()
+}
+
+/// The soft storms: N VMs with soft vTPMs, first all admitted at once,
+/// then under the host's default admission control.
+struct SoftRuns {
+    at_once: StormFigures,
+    default_admission: StormFigures,
+    floor: Floor,
+    note: String,
+}
+
+fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64) -> SoftRuns {
+    let node = Node::new();
+    let floor = measure_floor(Path::new(&node.node_dir()), hex_pin(node.pin()));
+    let registry = vkx_host::registry::Registry::open(Path::new(&node.registry())).unwrap();
+    let t = Instant::now();
+    let tpms: Vec<Arc<SoftTpm>> = (0..n)
+        .map(|i| Arc::new(SoftTpm::new(u32::try_from(i).unwrap())))
+        .collect();
+    let vm_ids: Vec<String> = (0..n).map(|i| format!("storm-{i:04}")).collect();
+    for (tpm, vm) in tpms.iter().zip(&vm_ids) {
+        vkx_host::enroll::enroll_simulated_vm(&registry, vm, tpm.ek_public(), tpm.ak_public())
+            .unwrap();
+    }
+    let note = format!(
+        "{n} soft vTPMs derived and enrolled in {:.1} s; registry on {}",
+        t.elapsed().as_secs_f64(),
+        filesystem(Path::new(&node.registry()))
+    );
+    let mut image_pcrs = String::new();
+    for i in POLICY_PCRS {
+        image_pcrs += &format!(
+            "[[image.pcr]]\nbank = \"sha256\"\nindex = {i}\nallowed = [\"{}\"]\n",
+            hex::encode(SoftTpm::pcr_value(HashAlg::Sha256, i))
+        );
+    }
+    let site = Site::new(node, vm_ids, &image_pcrs, &[]);
+    let agents: Vec<Arc<Agent>> = site
+        .sockets
+        .iter()
+        .zip(&tpms)
+        .map(|(socket, tpm)| {
+            Arc::new(
+                Agent::new(&guest_config(socket, site.node.pin(), None))
+                    .unwrap()
+                    .with_quoter(tpm.clone()),
+            )
+        })
+        .collect();
+    let host = site.start_host("at-once", &format!("[admission]\nmax_handshakes = {n}\n"));
+    let at_once = storm(rt, &agents, host.pid, ticks, true);
+    host.finish(&at_once);
+    let host = site.start_host("default", "");
+    let default_admission = storm(rt, &agents, host.pid, ticks, true);
+    host.finish(&default_admission);
+    SoftRuns {
+        at_once,
+        default_admission,
+        floor,
+        note,
+    }
+}
+
+/// The same storm with real vTPMs: one swtpm per VM, `rounds` storms.
+fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -> StormFigures {
+    let node = Node::new();
+    let tpms: Vec<Swtpm> = (0..m).map(|_| Swtpm::start()).collect();
+    let vm_ids: Vec<String> = (0..m).map(|i| format!("real-{i}")).collect();
+    let selection = vec![PcrBankSelection {
+        hash_alg: HashAlg::Sha256,
+        pcrs: POLICY_PCRS.to_vec(),
+    }];
+    let mut vm_pcrs = Vec::with_capacity(m);
+    for (tpm, vm) in tpms.iter().zip(&vm_ids) {
+        let o = node.provision(tpm, vm, "ecc");
+        assert!(
+            o.status.success(),
+            "provision {vm}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // This vTPM's current PCRs are its reference values.
+        let ev = vkx_guest::tpm::collect_evidence(&tpm.tcti(), &selection, &[0; 32]).unwrap();
+        let mut rules = String::new();
+        for (index, digest) in &ev.pcr_values[0].values {
+            rules += &format!(
+                "[[vm.pcr]]\nbank = \"sha256\"\nindex = {index}\nallowed = [\"{}\"]\n",
+                hex::encode(digest)
+            );
+        }
+        vm_pcrs.push(rules);
+    }
+    let site = Site::new(node, vm_ids, "", &vm_pcrs);
+    let agents: Vec<Arc<Agent>> = site
+        .sockets
+        .iter()
+        .zip(&tpms)
+        .map(|(socket, tpm)| {
+            Arc::new(Agent::new(&guest_config(socket, site.node.pin(), Some(&tpm.tcti()))).unwrap())
+        })
+        .collect();
+    // Each VM reconnects once per round.
+    let host = site.start_host(
+        "real",
+        &format!("[admission]\npeer_connection_burst = {}\n", rounds + 2),
+    );
+    let mut figures = storm(rt, &agents, host.pid, ticks, rounds == 1);
+    for round in 1..rounds {
+        figures.merge(storm(rt, &agents, host.pid, ticks, round + 1 == rounds));
+    }
+    host.finish(&figures);
+    figures
+}
+
+/// The file system `path` is on (`stat -f`): the registry's fsyncs are
+/// part of every attestation.
+fn filesystem(path: &Path) -> String {
+    Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(path)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|t| format!("{} ({})", path.display(), t.trim()))
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+fn main() {
+    let n: usize = std::env::args().nth(1).map_or(DEFAULT_GUESTS, |s| {
+        s.parse().expect("N (the number of guests) is a number")
+    });
+    assert!(
+        (1..=MAX_GUESTS).contains(&n),
+        "N must be 1..={MAX_GUESTS} (one Unix listener per guest)"
+    );
+    ensure_fd_limit(2 * n as u64 + FD_HEADROOM);
+    let ticks = clock_ticks();
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // One thread drives every guest (their quotes run on tokio's blocking
+    // threads): the load generator takes about one CPU, the host the rest.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let soft = soft_runs(&rt, n, ticks);
+    let real = real_run(&rt, REAL_VMS, REAL_ROUNDS, ticks);
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "vkx connect storm: one vkx-host serve (release), Unix sockets, {cpus} CPUs shared with the load generator"
+    );
+    let _ = writeln!(
+        out,
+        "  {n} guests with soft vTPMs (feature insecure-soft-tpm; {}), all started at once",
+        soft.note
+    );
+    let _ = writeln!(
+        out,
+        "  a) every handshake admitted at once ([admission] max_handshakes = {n}): the host's cost"
+    );
+    soft.at_once.print(&mut out);
+    let _ = writeln!(
+        out,
+        "  b) the host's default admission control (max_handshakes {DEFAULT_MAX_HANDSHAKES}; busy, retry-after {} s +{DEFAULT_RETRY_JITTER_PERCENT} % jitter, honoured)",
+        DEFAULT_BUSY_RETRY_AFTER_MS / 1000
+    );
+    soft.default_admission.print(&mut out);
+    let f = &soft.floor;
+    let _ = writeln!(
+        out,
+        "  floor: ring primitives of one handshake, host side (this process; best of {FLOOR_BATCHES} batches of {FLOOR_BATCH})"
+    );
+    let us = |d: Duration| format!("{:>6.1} us", d.as_secs_f64() * 1e6);
+    line(
+        &mut out,
+        &format!("ECDHE {:?}, keygen + agreement", f.negotiated.group),
+        us(f.ecdhe),
+    );
+    line(
+        &mut out,
+        "TLS signature, ECDSA P-256 sign",
+        format!("{} (the node key, a CertificateVerify)", us(f.sign)),
+    );
+    line(
+        &mut out,
+        "quote verification, verify_quote",
+        format!(
+            "{} (ring ECDSA P-256 verify alone: {})",
+            us(f.verify_quote),
+            us(f.ring_verify).trim_start()
+        ),
+    );
+    line(
+        &mut out,
+        &format!("AEAD seal, {} B record", f.record_len),
+        format!("{} ({:?})", us(f.aead), f.negotiated.suite),
+    );
+    let per_release = soft.at_once.host_cpu / u32::try_from(n).unwrap();
+    line(
+        &mut out,
+        "floor per handshake",
+        format!(
+            "{}; host CPU per key release (a) is {:.1}x the floor",
+            us(f.per_handshake()),
+            per_release.as_secs_f64() / f.per_handshake().as_secs_f64()
+        ),
+    );
+    let _ = writeln!(
+        out,
+        "  {REAL_VMS} guests with real vTPMs (one swtpm each, provisioned by vkx-host vtpm provision), all started at once, {REAL_ROUNDS} rounds"
+    );
+    real.print(&mut out);
+    print!("{out}");
+
+    let mut failed = Vec::new();
+    for (what, f) in [
+        ("soft, all admitted", &soft.at_once),
+        ("soft, default admission", &soft.default_admission),
+        ("real vTPMs", &real),
+    ] {
+        if !f.all_keyed() {
+            failed.push(format!(
+                "{what}: {} of {} sessions got {KEY:?}",
+                f.released, f.guests
+            ));
+        }
+    }
+    if !failed.is_empty() {
+        eprintln!("storm: FAILED: {}", failed.join("; "));
+        std::process::exit(1);
+    }
+}
