@@ -12,7 +12,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test lint demo bench deps rust-components fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos lint demo bench deps rust-components fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -34,6 +34,8 @@ rust-components:
 test: deps
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
+	# The software vTPM of the load generator, against our verifier and tpm2_checkquote.
+	$(CARGO) test --locked -p vkx-e2e --features insecure-soft-tpm --test softtpm --lib
 	# The fuzz targets are a separate workspace: make sure they still build.
 	$(CARGO) check --manifest-path fuzz/Cargo.toml --locked --quiet
 	# The protocol model, and proof that it catches seeded bugs.
@@ -42,11 +44,21 @@ test: deps
 	python3 scripts/check-logging.py
 	@echo "make test: all passed"
 
+## chaos: the fault-injection suite at full size (tests/tests/chaos.rs),
+## then its table: each case's measured figure beside its bound. The
+## table is printed even when a case fails; the target then fails too.
+## `make test` runs the same suite at reduced size.
+chaos: deps
+	status=0; VKX_CHAOS_FULL=1 $(CARGO) test -p vkx-e2e --test chaos --locked -- --test-threads=1 || status=$$?; \
+	$(CARGO) run --quiet --locked -p vkx-e2e --example chaos_report || status=1; \
+	exit $$status
+
 ## lint: formatting and clippy with warnings as errors, on everything.
 lint: rust-components
 	$(CARGO) fmt --all -- --check
 	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy -p vkx-e2e --all-targets --features insecure-soft-tpm --locked -- -D warnings
 	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --locked -- -D warnings
 	python3 scripts/check-logging.py --self-test
 	python3 scripts/check-logging.py
@@ -66,6 +78,7 @@ bench: deps
 	$(CARGO) bench -p vkx-common --bench codec -- --noplot
 	$(CARGO) bench -p vkx-common --bench verify -- --noplot
 	$(CARGO) run --release --quiet -p vkx-e2e --example agent_bench
+	$(CARGO) run --release --quiet -p vkx-e2e --features insecure-soft-tpm --example storm
 
 fuzz-tools: rust-components
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2

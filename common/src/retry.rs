@@ -280,7 +280,9 @@ impl RetryPolicy {
     }
 
     fn backoff_delay(&mut self) -> Duration {
-        let exp = self.consecutive.saturating_sub(1).min(63);
+        // §13.2: n is the number of consecutive failures so far (already
+        // counted for this one), so the first wait is U[0, 2 s].
+        let exp = self.consecutive.min(63);
         let ceiling = self
             .config
             .base
@@ -413,12 +415,13 @@ mod tests {
         let mut t = Instant::now();
         let mut p = RetryPolicy::new(RetryConfig::default(), 3);
         let mut max_seen = Duration::ZERO;
-        for n in 0..20u32 {
+        // §13.2: after the n-th failure in a row, U[0, min(cap, base·2^n)].
+        for n in 1..=20u32 {
             assert!(p.attempt(t));
             let next = p.failed(t, Failure::Transport);
             let Next::At(at) = next else { break };
             let d = at - t;
-            let ceiling = (BACKOFF_BASE * 2u32.pow(n.min(20))).min(BACKOFF_CAP);
+            let ceiling = (BACKOFF_BASE * 2u32.pow(n)).min(BACKOFF_CAP);
             assert!(
                 d >= BACKOFF_FLOOR && d <= ceiling.max(BACKOFF_FLOOR),
                 "n={n} d={d:?}"

@@ -69,6 +69,10 @@ pub fn is_transient(e: &tss_esapi::Error) -> bool {
 
 /// Attempts of one TPM command when the TPM answers RETRY, YIELDED or
 /// TESTING: the self-test or the busy spell is over within a few tries.
+/// Each attempt is one ESAPI call, and tpm2-tss's ESAPI itself resubmits
+/// a command answered with those codes (at most 5 submissions per call,
+/// with no pause), so the TPM sees at most 5 x 5 = 25 submissions of one
+/// command (measured by `tests/tests/chaos.rs`, case e).
 pub const MAX_TPM_ATTEMPTS: u32 = 5;
 /// First pause before a retry; doubles each time (50+100+200+400 ms).
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -127,6 +131,13 @@ pub fn describe(e: &tss_esapi::Error) -> String {
             "the TPM was not started (TPM2_Startup): start swtpm with --flags startup-clear"
         }
         TssFault::Tpm(Tss2ResponseCodeKind::Hierarchy) => "the hierarchy is disabled",
+        TssFault::Tpm(
+            Tss2ResponseCodeKind::Retry
+            | Tss2ResponseCodeKind::Yielded
+            | Tss2ResponseCodeKind::Testing,
+        ) => {
+            "the TPM stayed busy through every retry: try again later; if it persists, check its self-test (`tpm2_gettestresult`)"
+        }
         TssFault::Tpm(_) | TssFault::TpmOther => "the TPM refused the command",
         TssFault::Stack => "the TPM software stack refused the command",
         TssFault::Wrapper => "tss-esapi refused a parameter",
@@ -152,6 +163,8 @@ mod tests {
         assert_eq!(classify(&tcti), TssFault::Transport);
         assert!(!is_transient(&tcti));
         assert!(describe(&tcti).contains("0x000a000a"));
+        // A transient code that outlasted the retries says what to do.
+        assert!(describe(&retry).contains("try again later"));
     }
 
     #[test]

@@ -358,6 +358,9 @@ impl Agent {
         let mut pending = first;
         let mut established = false;
         let mut detail = String::from("session closed");
+        // A failure of this side (the TPM) that the session reports as the
+        // code it sent: the cause is ours, not the host's answer.
+        let mut local_cause: Option<String> = None;
         // Each iteration handles the session's events, sends what it asked,
         // then waits for input, a deadline or the stop signal; the
         // session's deadlines bound every wait.
@@ -377,16 +380,36 @@ impl Agent {
                             let quoter = self.quoter.clone();
                             let quote = tokio::task::spawn_blocking(move || {
                                 quoter.quote(&selection, &qualifying_data)
-                            })
-                            .await;
+                            });
+                            // A hung TPM must not hang the agent: the wait
+                            // ends at the session's quote deadline or on
+                            // stop (the blocked thread finishes on its own).
+                            let until = guest.deadline().map_or_else(
+                                tokio::time::Instant::now,
+                                tokio::time::Instant::from_std,
+                            );
+                            let quote = tokio::select! {
+                                q = quote => Some(q),
+                                _ = tokio::time::sleep_until(until) => None,
+                                _ = stop.changed() => None,
+                            };
                             let evidence = match quote {
-                                Ok(Ok(e)) => Some(e),
-                                Ok(Err(e)) => {
+                                Some(Ok(Ok(e))) => Some(e),
+                                Some(Ok(Err(e))) => {
                                     rl_warn!(error = %e, "TPM quote failed");
-                                    detail = format!("TPM quote failed: {e}");
+                                    local_cause = Some(format!("TPM quote failed: {e}"));
                                     None
                                 }
-                                Err(_) => None,
+                                Some(Err(_)) => None,
+                                None => {
+                                    rl_warn!("the TPM did not answer in time");
+                                    local_cause = Some(
+                                        "TPM quote failed: the TPM did not answer within the \
+                                         quote deadline"
+                                            .into(),
+                                    );
+                                    None
+                                }
                             };
                             let (g, o) = guest.on_quote(evidence, Instant::now());
                             guest = g;
@@ -436,7 +459,7 @@ impl Agent {
             if let Some(close) = pending.close.take() {
                 let _ = tls.shutdown().await;
                 if let CloseReason::Failed(f) = &close {
-                    detail = describe(f, &detail);
+                    detail = local_cause.take().unwrap_or_else(|| describe(f, &detail));
                 }
                 return Attempt {
                     established,

@@ -1,23 +1,26 @@
 //! `vkx-guest run`: the guest agent as a daemon. It keeps one attested
 //! session with its host, re-attests when the session asks (the host's
 //! `reattest-after`, or its `goodbye(reattest)`), and reconnects after any
-//! loss, paced by [`RetryPolicy`] (PROTOCOL.md §13): full-jitter backoff,
-//! at most `budget` attempts in any rolling window, `retry-after` honoured,
-//! permanent failures and a spent budget lead to dormancy with one
-//! re-probe per `reprobe_interval`.
+//! loss, paced by [`vkx_common::retry::RetryPolicy`] (PROTOCOL.md §13):
+//! full-jitter backoff, at most `budget` attempts in any rolling window,
+//! `retry-after` honoured, permanent failures and a spent budget lead to
+//! dormancy with one re-probe per `reprobe_interval`.
+//!
+//! The decisions (when to wake, whether to start, what to log and record
+//! after an attempt) are [`Supervisor`]'s, without I/O, so they can be
+//! tested in virtual time; this module is the async driver around it.
 //!
 //! The loop is bounded by construction: every iteration either waits until
 //! the policy's next allowed instant or makes one attempt the policy
 //! recorded, and an attempt is bounded by the transport and session
-//! deadlines. Every log line goes through the rate-limited macros, and the
-//! status file (`vkx-guest status`) says what the daemon is doing.
+//! deadlines. Every log line goes through the rate-limited macros (one
+//! call site per [`LogSite`]), and the status file (`vkx-guest status`)
+//! says what the daemon is doing.
 
 use std::time::Instant;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::watch;
-use vkx_common::retry::{Next, RetryPolicy};
-use vkx_common::session::CloseReason;
 use vkx_common::session::guest::{Guest, GuestEvent};
 use vkx_common::{rl_info, rl_warn};
 
@@ -25,6 +28,7 @@ use crate::agent::{Agent, Handler, Reaction};
 use crate::config::Config;
 use crate::deliver::Deliver;
 use crate::status::{State, Status, StatusFile};
+use crate::supervisor::{LogLine, LogSite, Start, Supervisor};
 
 /// What the daemon does with its session: hold it, keep its keys
 /// delivered and current.
@@ -80,6 +84,18 @@ impl Handler for Hold<'_> {
     }
 }
 
+/// Writes `line` through its call site's rate-limited macro: one macro
+/// invocation, so one limiter, per [`LogSite`].
+fn log(line: &LogLine) {
+    let text = &line.message;
+    match line.site {
+        LogSite::BudgetSpent => rl_warn!("{text}"),
+        LogSite::SessionEnded => rl_info!("{text}"),
+        LogSite::Dormant => rl_warn!("{text}"),
+        LogSite::Retrying => rl_warn!("{text}"),
+    }
+}
+
 /// Runs until `stop` turns true. Fails only on local misconfiguration.
 pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let agent = Agent::new(&config)?;
@@ -89,38 +105,32 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
     SystemRandom::new()
         .fill(&mut seed)
         .map_err(|_| anyhow::anyhow!("no randomness for the retry jitter"))?;
-    let mut policy = RetryPolicy::new(config.retry, u64::from_le_bytes(seed));
+    let mut supervisor = Supervisor::new(config.retry, u64::from_le_bytes(seed));
     let mut status = StatusFile::new(&config.run_dir);
     let (dir, derived_dir) = crate::deliver::open_dirs(&config)?;
     rl_info!(host = ?agent.host(), "vkx-guest running");
     while !*stop.borrow() {
-        let now = Instant::now();
-        let next = policy.next_attempt(now);
-        if next.instant() > now {
-            let state = if policy.is_dormant() {
-                State::Dormant
-            } else {
-                State::BackingOff
-            };
-            let at = StatusFile::at(next.instant());
+        if let Some(wait) = supervisor.next_wake(Instant::now()) {
+            let at = StatusFile::at(wait.until);
             report(&mut status, |s| {
-                s.state = state;
+                s.state = wait.state;
                 s.next_attempt_unix = Some(at);
             });
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(next.instant())) => {}
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wait.until)) => {}
             }
         }
-        if !policy.attempt(Instant::now()) {
-            // The budget is spent: the policy went dormant; the next
-            // iteration waits for the re-probe.
-            rl_warn!(
-                "retry budget spent: {} attempts in {} s; dormant",
-                policy.config().budget,
-                policy.config().window.as_secs()
-            );
-            continue;
+        match supervisor.start_attempt(Instant::now()) {
+            Start::Go => {}
+            // Woke early: the next iteration waits again.
+            Start::NotYet(_) => continue,
+            // The policy went dormant; the next iteration waits for the
+            // re-probe.
+            Start::BudgetSpent(line) => {
+                log(&line);
+                continue;
+            }
         }
         report(&mut status, |s| {
             s.state = State::Connecting;
@@ -137,45 +147,12 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
             ),
         };
         let attempt = agent.attempt(&mut hold, &mut stop).await;
-        if attempt.established {
-            policy.succeeded();
-        }
-        let now = Instant::now();
-        let next = match &attempt.close {
-            CloseReason::Orderly { retry_after } => policy.closed(now, *retry_after),
-            CloseReason::Failed(f) => policy.failed(now, *f),
-        };
-        let wait = next.instant().saturating_duration_since(now);
-        match (&attempt.close, next) {
-            (CloseReason::Orderly { .. }, _) if attempt.established => {
-                rl_info!(
-                    "session ended ({}); next attempt in {} ms",
-                    attempt.detail,
-                    wait.as_millis()
-                );
-            }
-            (_, Next::Dormant(_)) => {
-                rl_warn!(
-                    "{}; dormant: next re-probe in {} s",
-                    attempt.detail,
-                    wait.as_secs()
-                );
-            }
-            _ => {
-                rl_warn!(
-                    "{}; retrying in {} ms (failure {} in a row)",
-                    attempt.detail,
-                    wait.as_millis(),
-                    policy.consecutive_failures()
-                );
-            }
-        }
-        let failures = policy.consecutive_failures();
-        let error = attempt.failure().map(|_| attempt.detail.clone());
+        let ended = supervisor.attempt_ended(&attempt, Instant::now());
+        log(&ended.log);
         report(&mut status, |s| {
-            s.consecutive_failures = failures;
-            if error.is_some() {
-                s.last_error.clone_from(&error);
+            s.consecutive_failures = ended.consecutive_failures;
+            if ended.error.is_some() {
+                s.last_error.clone_from(&ended.error);
             }
         });
     }

@@ -14,6 +14,9 @@
 //!   them and every pushed rotation (with its acknowledgement).
 //! - [`once`]: one attestation over the protocol (`vkx-guest once`).
 //! - [`status`]: the daemon's status file (`vkx-guest status`).
+//! - [`supervisor`]: the daemon's decisions without I/O (when to wake,
+//!   whether to attempt, what to log after an attempt), in virtual time
+//!   for tests.
 //! - [`tpm`]: evidence collection (TPM2_Quote with the provisioned AK, PCR
 //!   values, AK certificate). TPM calls block: call them from a blocking
 //!   thread.
@@ -30,5 +33,6 @@ pub mod get;
 pub mod keys;
 pub mod once;
 pub mod status;
+pub mod supervisor;
 pub mod tpm;
 pub mod transport;

@@ -13,7 +13,9 @@
 //! so at most [`MAX_PCR_READ_CALLS`] per bank), quote rounds
 //! ([`MAX_QUOTE_ROUNDS`]), the AK certificate read from NV
 //! ([`MAX_AK_CERT_NV`]), and retries of transient TPM refusals (RETRY,
-//! YIELDED, TESTING: 5 attempts, 50 ms doubling).
+//! YIELDED, TESTING: 5 attempts, 50 ms doubling; each attempt is an ESAPI
+//! call that resubmits up to 5 times itself, so at most 25 submissions of
+//! one command reach the TPM).
 //!
 //! The API is synchronous: TPM calls block, so async callers run it on a
 //! blocking thread.

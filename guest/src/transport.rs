@@ -324,10 +324,16 @@ async fn connect_vsock(port: u32) -> io::Result<VsockStream> {
     let (connected, source) = tokio::task::spawn_blocking(move || connect_vsock_blocking(port))
         .await
         .map_err(io::Error::other)??;
-    if let SourcePort::Ephemeral(why) = source {
+    // Said once per process: it does not change between attempts, and an
+    // outage must not turn it into a line per attempt.
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let SourcePort::Ephemeral(why) = source
+        && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
         rl_warn!(
             reason = ?why,
-            "vsock: no reserved source port; a host requiring one will refuse this guest"
+            "vsock: no reserved source port; a host requiring one will refuse this guest \
+             (said once)"
         );
     }
     VsockStream::new(connected)

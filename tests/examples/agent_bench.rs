@@ -96,9 +96,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() {
-    let sessions: usize = std::env::args()
-        .nth(1)
-        .map_or(DEFAULT_SESSIONS, |s| s.parse().expect("SESSIONS is a number"));
+    let sessions: usize = std::env::args().nth(1).map_or(DEFAULT_SESSIONS, |s| {
+        s.parse().expect("SESSIONS is a number")
+    });
     let d = Deployment::new("vm-bench", "max_connections = 4096");
     let pin = d.node.pin().to_owned();
     let cfg = d.guest_config("guest.toml", &d.socket(), &pin, "");
