@@ -167,6 +167,23 @@ pub fn transcript_exporter<D>(
     Ok(out)
 }
 
+/// K of a derived shared key (PROTOCOL.md §9.1): `TLS-Exporter(
+/// "EXPORTER-vkx-v1-derive", purpose, length)` of this connection. The
+/// same on both ends of one connection, different on any other.
+pub fn derive_exporter<D>(
+    conn: &rustls::ConnectionCommon<D>,
+    purpose: &str,
+    length: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, TlsError> {
+    let mut key = zeroize::Zeroizing::new(vec![0u8; length]);
+    conn.export_keying_material(
+        key.as_mut_slice(),
+        crate::transcript::DERIVE_EXPORTER_LABEL,
+        Some(purpose.as_bytes()),
+    )?;
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,7 @@ use vkx_common::retry::Failure;
 use vkx_common::session::guest::{Guest, GuestConfig, GuestEvent, RequestRefused};
 use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
-use vkx_common::transcript::{ConfirmRole, DERIVE_EXPORTER_LABEL, confirm_tag};
+use vkx_common::transcript::{ConfirmRole, confirm_tag};
 use vkx_common::wire::{
     AgentName, AgentVersion, Evidence, FrameDecoder, GoodbyeReason, Message, PROTOCOL_VERSION_1,
     PcrBankSelection, Purpose, VersionRange, encode_frame,
@@ -112,18 +112,12 @@ impl Derivations {
         }
         // Bounded by the queue, which only the handler fills.
         while let Some((purpose, length)) = self.queue.pop_front() {
-            let mut key = Zeroizing::new(vec![0u8; usize::from(length)]);
-            if tls
-                .export_keying_material(
-                    key.as_mut_slice(),
-                    DERIVE_EXPORTER_LABEL,
-                    Some(purpose.as_str().as_bytes()),
-                )
-                .is_err()
-            {
+            let Ok(key) =
+                vkx_common::tls::derive_exporter(tls, purpose.as_str(), usize::from(length))
+            else {
                 handler.on_derive_failed(&purpose, "TLS exporter failed");
                 continue;
-            }
+            };
             let guest_tag = confirm_tag(&key, ConfirmRole::Guest, purpose.as_str());
             let host_tag = confirm_tag(&key, ConfirmRole::Host, purpose.as_str());
             match s.request_derive(purpose.clone(), length, guest_tag, host_tag, Instant::now()) {

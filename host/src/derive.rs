@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use vkx_common::policy::VmPolicy;
-use vkx_common::transcript::{ConfirmRole, DERIVE_EXPORTER_LABEL, confirm_tag, verify_confirm_tag};
+use vkx_common::transcript::{ConfirmRole, confirm_tag, verify_confirm_tag};
 use vkx_common::wire::{CONFIRM_TAG_LEN, Purpose, VmId};
 use vkx_common::{rl_info, rl_warn};
 use zeroize::Zeroizing;
@@ -74,17 +74,10 @@ pub fn answer(
     if !vm.is_some_and(|vm| vm.derive.contains(purpose)) {
         return Answer::NotPermitted;
     }
-    let mut key = Zeroizing::new(vec![0u8; usize::from(length)]);
-    if tls
-        .export_keying_material(
-            key.as_mut_slice(),
-            DERIVE_EXPORTER_LABEL,
-            Some(purpose.as_str().as_bytes()),
-        )
-        .is_err()
-    {
+    let Ok(key) = vkx_common::tls::derive_exporter(tls, purpose.as_str(), usize::from(length))
+    else {
         return Answer::NotPermitted;
-    }
+    };
     if !verify_confirm_tag(&key, ConfirmRole::Guest, purpose.as_str(), guest_tag) {
         return Answer::TagMismatch;
     }

@@ -245,3 +245,21 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// Connections waiting in the accept queue of the listening socket at
+/// `path` (from /proc/net/unix: the not yet accepted server ends carry
+/// the listener's path; the listener itself has the flag `__SO_ACCEPTCON`,
+/// 00010000). Lets a test freeze a host (SIGSTOP) and know that a guest's
+/// connection, and so its TLS handshake, is pending.
+pub fn pending_connections(path: &Path) -> usize {
+    let want = path.display().to_string();
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 8 && f[7] == want && f[3] != "00010000"
+        })
+        .count()
+}

@@ -40,7 +40,7 @@ use vkx_common::session::{CloseReason, Output as SessionOutput};
 use vkx_common::wire::{
     AgentName, AgentVersion, HashAlg, PROTOCOL_VERSION_1, PcrBankSelection, VersionRange, VmId,
 };
-use vkx_e2e::agents::{Agent as Process, Deployment};
+use vkx_e2e::agents::{Agent as Process, Deployment, pending_connections};
 use vkx_e2e::run;
 use vkx_guest::agent::{Agent, Attempt, Handler, Reaction};
 use vkx_guest::supervisor::{LogLine, LogSite, Start, Supervisor};
@@ -1004,23 +1004,6 @@ fn e_tpm_faults() {
 
 // ---------------------------------------------------------------------------
 // f. Host and guest killed mid-handshake.
-
-/// Connections waiting in the accept queue of the listening socket at
-/// `path` (from /proc/net/unix: the not yet accepted server ends carry
-/// the listener's path; the listener itself has the flag `__SO_ACCEPTCON`,
-/// 00010000).
-fn pending_connections(path: &Path) -> usize {
-    let want = path.display().to_string();
-    std::fs::read_to_string("/proc/net/unix")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() >= 8 && f[7] == want && f[3] != "00010000"
-        })
-        .count()
-}
 
 /// The PID of the swtpm this deployment started (its command line names
 /// its own state directory).

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vkx_e2e::agents::{Agent, Deployment};
+use vkx_e2e::agents::{Agent, Deployment, pending_connections};
 use vkx_e2e::run;
 
 /// Generous bound for anything the daemon does after a change (its
@@ -22,23 +22,6 @@ const FAST_RETRY: &str = "[retry]\nbase_ms = 100\ncap_ms = 1000\nfloor_ms = 50\n
 
 fn count(log: &str, needle: &str) -> usize {
     log.matches(needle).count()
-}
-
-/// Connections waiting in the accept queue of the listening socket at
-/// `path` (from /proc/net/unix: the not yet accepted server ends carry
-/// the listener's path; the listener itself has the flag `__SO_ACCEPTCON`,
-/// 00010000).
-fn pending_connections(path: &Path) -> usize {
-    let want = path.display().to_string();
-    std::fs::read_to_string("/proc/net/unix")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() >= 8 && f[7] == want && f[3] != "00010000"
-        })
-        .count()
 }
 
 fn status(config: &Path) -> String {
