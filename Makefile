@@ -49,7 +49,7 @@ test: deps
 ## table is printed even when a case fails; the target then fails too.
 ## `make test` runs the same suite at reduced size.
 chaos: deps
-	status=0; VKX_CHAOS_FULL=1 $(CARGO) test -p vkx-e2e --test chaos --locked -- --test-threads=1 || status=$$?; \
+	status=0; VKX_CHAOS_FULL=1 $(CARGO) test -p vkx-e2e --test chaos --test chaos_cd --locked -- --test-threads=1 || status=$$?; \
 	$(CARGO) run --quiet --locked -p vkx-e2e --example chaos_report || status=1; \
 	exit $$status
 
