@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agents;
+pub mod chaos;
 pub mod node;
 #[cfg(feature = "insecure-soft-tpm")]
 pub mod softtpm;

@@ -41,94 +41,15 @@ use vkx_common::wire::{
     AgentName, AgentVersion, HashAlg, PROTOCOL_VERSION_1, PcrBankSelection, VersionRange, VmId,
 };
 use vkx_e2e::agents::{Agent as Process, Deployment, pending_connections};
+use vkx_e2e::chaos::{Row, size};
 use vkx_e2e::run;
 use vkx_guest::agent::{Agent, Attempt, Handler, Reaction};
 use vkx_guest::supervisor::{LogLine, LogSite, Start, Supervisor};
 
-/// Set to 1 for the full-size run (`make chaos`).
-const FULL_ENV: &str = "VKX_CHAOS_FULL";
 const HOUR: Duration = Duration::from_secs(3600);
 /// Guard against a simulation that stops advancing: far above the steps
 /// any horizon here needs (one per attempt or wake).
 const MAX_SIM_STEPS: usize = 1_000_000;
-
-fn full() -> bool {
-    std::env::var(FULL_ENV).is_ok_and(|v| v == "1")
-}
-
-/// The size of this run: `full` or `reduced`.
-fn size<T>(full_size: T, reduced: T) -> T {
-    if full() { full_size } else { reduced }
-}
-
-// ---------------------------------------------------------------------------
-// Rows of the table.
-
-/// Where the rows go: `<target>/chaos`.
-fn results_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("chaos")
-}
-
-/// One case's row. Written by [`Row::finish`]; if the test panics before
-/// that, dropping the row writes it as failed.
-struct Row {
-    case: &'static str,
-    title: &'static str,
-    bound: String,
-    done: bool,
-}
-
-impl Row {
-    fn start(case: &'static str, title: &'static str, bound: impl Into<String>) -> Self {
-        let _ = std::fs::remove_file(Self::path(case));
-        Self {
-            case,
-            title,
-            bound: bound.into(),
-            done: false,
-        }
-    }
-
-    fn path(case: &str) -> PathBuf {
-        results_dir().join(format!("{case}.json"))
-    }
-
-    fn write(&self, figure: &str, pass: bool) {
-        let row = serde_json::json!({
-            "case": self.case,
-            "title": self.title,
-            "figure": figure,
-            "bound": self.bound,
-            "pass": pass,
-            "run": size("full", "reduced"),
-        });
-        std::fs::create_dir_all(results_dir()).unwrap();
-        std::fs::write(Self::path(self.case), format!("{row}\n")).unwrap();
-    }
-
-    /// Writes the row and prints the figure; the caller asserts after.
-    fn finish(mut self, figure: &str, pass: bool) {
-        self.write(figure, pass);
-        self.done = true;
-        println!(
-            "chaos {}: {figure} (bound: {}) {}",
-            self.case,
-            self.bound,
-            if pass { "PASS" } else { "FAIL" }
-        );
-    }
-}
-
-impl Drop for Row {
-    fn drop(&mut self) {
-        if !self.done {
-            self.write("the test failed before it measured: see its output", false);
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Virtual time: the daemon's decisions, driven without sleeping.

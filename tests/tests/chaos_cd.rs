@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -33,88 +33,12 @@ use vkx_common::wire::{
     AgentName, AgentVersion, FrameDecoder, Hello, MAX_FRAME_PAYLOAD, Message, encode_frame,
 };
 use vkx_e2e::agents::{Agent as Process, Deployment};
+use vkx_e2e::chaos::{Row, size};
 use vkx_e2e::run;
 
-/// Set to 1 for the full-size run (`make chaos`).
-const FULL_ENV: &str = "VKX_CHAOS_FULL";
 /// Bound on waiting for the host to notice something.
 const LIMIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
-
-fn full() -> bool {
-    std::env::var(FULL_ENV).is_ok_and(|v| v == "1")
-}
-
-fn size<T>(full_size: T, reduced: T) -> T {
-    if full() { full_size } else { reduced }
-}
-
-// ---------------------------------------------------------------------------
-// Rows of the table (the same writer as tests/chaos.rs).
-
-fn results_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("chaos")
-}
-
-/// One case's row. Written by [`Row::finish`]; if the test panics before
-/// that, dropping the row writes it as failed.
-struct Row {
-    case: &'static str,
-    title: &'static str,
-    bound: String,
-    done: bool,
-}
-
-impl Row {
-    fn start(case: &'static str, title: &'static str, bound: impl Into<String>) -> Self {
-        let _ = std::fs::remove_file(Self::path(case));
-        Self {
-            case,
-            title,
-            bound: bound.into(),
-            done: false,
-        }
-    }
-
-    fn path(case: &str) -> PathBuf {
-        results_dir().join(format!("{case}.json"))
-    }
-
-    fn write(&self, figure: &str, pass: bool) {
-        let row = serde_json::json!({
-            "case": self.case,
-            "title": self.title,
-            "figure": figure,
-            "bound": self.bound,
-            "pass": pass,
-            "run": size("full", "reduced"),
-        });
-        std::fs::create_dir_all(results_dir()).unwrap();
-        std::fs::write(Self::path(self.case), format!("{row}\n")).unwrap();
-    }
-
-    fn finish(mut self, figure: &str, pass: bool) {
-        self.write(figure, pass);
-        self.done = true;
-        println!(
-            "chaos {}: {figure} (bound: {}) {}",
-            self.case,
-            self.bound,
-            if pass { "PASS" } else { "FAIL" }
-        );
-    }
-}
-
-impl Drop for Row {
-    fn drop(&mut self) {
-        if !self.done {
-            self.write("the test failed before it measured: see its output", false);
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Raw clients and the host's figures.
@@ -293,13 +217,13 @@ fn d_hostile_peer_memory_logs_and_service_stay_bounded() {
     assert_eq!(o.status.code(), Some(0), "{o:?}\n{}", host.log());
     let baseline_kib = status_kib(pid, "VmHWM");
     let bound_kib = baseline_kib + D_MAX_OPEN as u64 * D_PER_CONNECTION_KIB;
-    row.bound = format!(
+    row.set_bound(format!(
         "peak RSS <= {} KiB (baseline {baseline_kib} KiB + max_open {D_MAX_OPEN} x {D_PER_CONNECTION_KIB} KiB); \
          <= {} lines per call site naming the peer (PEER_BURST; summaries ride on the next admitted line); \
          every good guest attests",
         bound_kib,
         vkx_common::ratelimit::PEER_BURST
-    );
+    ));
 
     // Before the flood, while the peer still has connection tokens: an
     // oversize length prefix, and the deepest nesting a frame can carry.
