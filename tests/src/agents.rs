@@ -263,3 +263,39 @@ pub fn pending_connections(path: &Path) -> usize {
         })
         .count()
 }
+
+/// `vkx-host metrics --socket` against a running host: the Prometheus text.
+pub fn scrape(metrics: &Path) -> String {
+    let o = run(
+        "vkx-host",
+        &["metrics", "--socket", &metrics.display().to_string()],
+        b"",
+    );
+    assert!(o.status.success(), "vkx-host metrics: {o:?}");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The value of one series, e.g. `vkx_errors_sent_total{code="busy"}`.
+pub fn value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Scrapes until `series` reads `want` (bounded by [`STARTUP_LIMIT`]).
+pub fn wait_value(metrics: &Path, series: &str, want: u64) -> String {
+    let t = Instant::now();
+    loop {
+        let text = scrape(metrics);
+        if value(&text, series) == want {
+            return text;
+        }
+        assert!(
+            t.elapsed() < STARTUP_LIMIT,
+            "{series} never reached {want}:\n{text}"
+        );
+        std::thread::sleep(POLL);
+    }
+}

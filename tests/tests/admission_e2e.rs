@@ -30,7 +30,7 @@ use vkx_common::errors::ErrorCode;
 use vkx_common::wire::{
     AgentName, AgentVersion, ErrorMessage, FrameDecoder, Hello, Message, encode_frame,
 };
-use vkx_e2e::agents::{Agent, Deployment};
+use vkx_e2e::agents::{Agent, Deployment, scrape, value, wait_value};
 use vkx_e2e::run;
 
 /// Bound on waiting for the host to notice something (a closed client).
@@ -153,41 +153,6 @@ fn start(d: &Deployment, metrics: &Path) -> Agent {
         std::thread::sleep(POLL);
     }
     host
-}
-
-fn scrape(metrics: &Path) -> String {
-    let o = run(
-        "vkx-host",
-        &["metrics", "--socket", &metrics.display().to_string()],
-        b"",
-    );
-    assert!(o.status.success(), "vkx-host metrics: {}", stderr(&o));
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// The value of one series, e.g. `vkx_errors_sent_total{code="busy"}`.
-fn value(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .unwrap()
-}
-
-/// Waits until `series` reads `want`.
-fn wait_value(metrics: &Path, series: &str, want: u64) -> String {
-    let t = Instant::now();
-    loop {
-        let text = scrape(metrics);
-        if value(&text, series) == want {
-            return text;
-        }
-        assert!(
-            t.elapsed() < LIMIT,
-            "{series} never reached {want}:\n{text}"
-        );
-        std::thread::sleep(POLL);
-    }
 }
 
 fn guest_once(d: &Deployment) -> Output {

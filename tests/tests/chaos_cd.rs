@@ -32,7 +32,7 @@ use vkx_common::errors::ErrorCode;
 use vkx_common::wire::{
     AgentName, AgentVersion, FrameDecoder, Hello, MAX_FRAME_PAYLOAD, Message, encode_frame,
 };
-use vkx_e2e::agents::{Agent as Process, Deployment};
+use vkx_e2e::agents::{Agent as Process, Deployment, value, wait_value};
 use vkx_e2e::chaos::{Row, size};
 use vkx_e2e::run;
 
@@ -92,40 +92,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .trim()
         .parse()
         .unwrap()
-}
-
-fn scrape(metrics: &Path) -> String {
-    let o = run(
-        "vkx-host",
-        &["metrics", "--socket", &metrics.display().to_string()],
-        b"",
-    );
-    assert!(o.status.success(), "vkx-host metrics: {o:?}");
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// The value of one series, e.g. `vkx_errors_sent_total{code="busy"}`.
-fn value(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .unwrap()
-}
-
-fn wait_value(metrics: &Path, series: &str, want: u64) -> String {
-    let t = Instant::now();
-    loop {
-        let text = scrape(metrics);
-        if value(&text, series) == want {
-            return text;
-        }
-        assert!(
-            t.elapsed() < LIMIT,
-            "{series} never reached {want}:\n{text}"
-        );
-        std::thread::sleep(POLL);
-    }
 }
 
 fn start_host(d: &Deployment, metrics: &Path) -> Process {
