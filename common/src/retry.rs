@@ -2,12 +2,19 @@
 //!
 //! The driver asks [`RetryPolicy::next_attempt`] when it may try again,
 //! records each attempt with [`RetryPolicy::attempt`], and reports how it
-//! ended with [`RetryPolicy::succeeded`] or [`RetryPolicy::failed`]. The
-//! policy never sleeps and never reads a clock: time is passed in.
+//! ended with [`RetryPolicy::succeeded`], [`RetryPolicy::closed`],
+//! [`RetryPolicy::failed`] or, for an established session that broke,
+//! [`RetryPolicy::lost`]. The policy never sleeps and never reads a clock:
+//! time is passed in.
 //!
 //! What it guarantees, whatever the sequence of failures:
 //! - backoff with full jitter: `uniform(0, min(cap, base * 2^n))`, at least
 //!   the floor;
+//! - a lost session (the host vanished under an established session) is
+//!   reconnected at `uniform(0, reconnect_spread)`, and the backoff goes on
+//!   from there: a node's guests, which all lose their host at the same
+//!   instant when it crashes, come back spread over two minutes, not in one
+//!   burst (§13.2, the worked bound of §13.10);
 //! - at most `budget` attempts in any rolling `window`; when the budget is
 //!   spent the policy is dormant and allows one re-probe per
 //!   `reprobe_interval` (plus jitter);
@@ -37,6 +44,12 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 pub const RETRY_AFTER_JITTER_DIVISOR: u32 = 10;
 /// Largest budget a configuration may set: it bounds the policy's memory.
 pub const MAX_RETRY_BUDGET: u32 = 1000;
+/// §13.2 `RECONNECT_N`: the backoff exponent after a lost session, so the
+/// first reconnection waits `U[0, BACKOFF_BASE * 2^7]` = `U[0, 128 s]`.
+pub const RECONNECT_N: u32 = 7;
+/// The default spread of the first reconnection after a lost session:
+/// `BACKOFF_BASE * 2^RECONNECT_N`.
+pub const RECONNECT_SPREAD: Duration = Duration::from_secs(1 << RECONNECT_N);
 
 /// Tunables, validated by [`RetryConfig::validate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +63,9 @@ pub struct RetryConfig {
     pub reprobe_jitter: Duration,
     pub default_retry_after: Duration,
     pub max_retry_after: Duration,
+    /// The first reconnection after a lost session waits up to this long
+    /// (rounded up to `base` times a power of two, at most `cap`).
+    pub reconnect_spread: Duration,
 }
 
 impl Default for RetryConfig {
@@ -64,6 +80,7 @@ impl Default for RetryConfig {
             reprobe_jitter: REPROBE_JITTER,
             default_retry_after: DEFAULT_RETRY_AFTER,
             max_retry_after: MAX_RETRY_AFTER,
+            reconnect_spread: RECONNECT_SPREAD,
         }
     }
 }
@@ -83,7 +100,20 @@ impl RetryConfig {
         if self.window.is_zero() || self.reprobe_interval.is_zero() {
             return Err("window and reprobe interval must be above zero");
         }
+        if self.reconnect_spread > self.cap {
+            return Err("need reconnect spread <= cap");
+        }
         Ok(())
+    }
+
+    /// The backoff exponent a lost session starts from: the smallest n with
+    /// `base * 2^n >= reconnect_spread` ([`RECONNECT_N`] by default).
+    pub fn reconnect_exponent(&self) -> u32 {
+        let mut n = 0;
+        while n < 63 && exp_ceiling(self.base, self.cap, n) < self.reconnect_spread {
+            n += 1;
+        }
+        n
     }
 
     /// The most attempts any rolling window can hold: the budget plus the
@@ -156,6 +186,13 @@ impl Jitter {
     }
 }
 
+/// `min(cap, base * 2^n)`, saturating.
+fn exp_ceiling(base: Duration, cap: Duration, n: u32) -> Duration {
+    base.checked_mul(1u32.checked_shl(n.min(31)).unwrap_or(u32::MAX))
+        .unwrap_or(cap)
+        .min(cap)
+}
+
 /// The retry state of one guest towards its host.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -163,6 +200,9 @@ pub struct RetryPolicy {
     jitter: Jitter,
     /// Failures since the last success.
     consecutive: u32,
+    /// The backoff exponent n of §13.2: `consecutive`, except that a lost
+    /// session raises it to the reconnect exponent.
+    exponent: u32,
     /// Start times of the attempts in the current window, oldest first; at
     /// most `budget` entries.
     recent: VecDeque<Instant>,
@@ -182,6 +222,7 @@ impl RetryPolicy {
             config,
             jitter: Jitter(seed),
             consecutive: 0,
+            exponent: 0,
             recent: VecDeque::with_capacity(config.budget as usize),
             next: None,
         }
@@ -227,6 +268,7 @@ impl RetryPolicy {
     /// The attempt that started last succeeded: leave backoff and dormancy.
     pub fn succeeded(&mut self) {
         self.consecutive = 0;
+        self.exponent = 0;
         self.next = None;
     }
 
@@ -252,6 +294,29 @@ impl RetryPolicy {
     /// The attempt failed at `now`; returns when the next may start.
     pub fn failed(&mut self, now: Instant, failure: Failure) -> Next {
         self.consecutive = self.consecutive.saturating_add(1);
+        self.exponent = self.exponent.saturating_add(1);
+        self.failure(now, failure)
+    }
+
+    /// An established session (reported with [`RetryPolicy::succeeded`])
+    /// ended at `now` by `failure` instead of a `goodbye`: the host
+    /// crashed, the connection broke, a keepalive went unanswered. §13.2:
+    /// n is raised to the reconnect exponent, so the first reconnection
+    /// waits `U[0, reconnect_spread]` (128 s by default) and later ones go
+    /// on doubling from there. Every guest of a node loses its session at
+    /// the same instant when the host dies; this is what spreads their
+    /// return. A `retry-after` the failure carries still applies (§13.6),
+    /// and a permanent failure still goes dormant.
+    pub fn lost(&mut self, now: Instant, failure: Failure) -> Next {
+        self.consecutive = self.consecutive.saturating_add(1);
+        self.exponent = self
+            .exponent
+            .saturating_add(1)
+            .max(self.config.reconnect_exponent());
+        self.failure(now, failure)
+    }
+
+    fn failure(&mut self, now: Instant, failure: Failure) -> Next {
         self.expire(now);
         let next = match failure {
             Failure::Permanent => self.dormant_until(now),
@@ -281,14 +346,9 @@ impl RetryPolicy {
 
     fn backoff_delay(&mut self) -> Duration {
         // §13.2: n is the number of consecutive failures so far (already
-        // counted for this one), so the first wait is U[0, 2 s].
-        let exp = self.consecutive.min(63);
-        let ceiling = self
-            .config
-            .base
-            .checked_mul(1u32.checked_shl(exp).unwrap_or(u32::MAX))
-            .unwrap_or(self.config.cap)
-            .min(self.config.cap);
+        // counted for this one), so the first wait is U[0, 2 s]; after a
+        // lost session it starts at the reconnect exponent instead.
+        let ceiling = exp_ceiling(self.config.base, self.config.cap, self.exponent);
         self.jitter.upto(ceiling).max(self.config.floor)
     }
 
@@ -439,6 +499,129 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_session_reconnects_within_the_spread_and_backs_off_from_there() {
+        let cfg = RetryConfig::default();
+        assert_eq!(cfg.reconnect_exponent(), RECONNECT_N);
+        let t = Instant::now();
+        let (mut lo, mut hi) = (Duration::MAX, Duration::ZERO);
+        for seed in 0..2000 {
+            let mut p = RetryPolicy::new(cfg, seed);
+            assert!(p.attempt(t));
+            p.succeeded();
+            let Next::At(at) = p.lost(t, Failure::Transport) else {
+                panic!("a lost session is not dormant")
+            };
+            let d = at - t;
+            assert!(d >= BACKOFF_FLOOR && d <= RECONNECT_SPREAD, "{d:?}");
+            lo = lo.min(d);
+            hi = hi.max(d);
+            assert_eq!(p.consecutive_failures(), 1);
+            // The reconnection fails too: n = 8, up to 256 s.
+            assert!(p.attempt(at));
+            let Next::At(at2) = p.failed(at, Failure::Transport) else {
+                panic!("dormant after two failures")
+            };
+            assert!(at2 - at <= Duration::from_secs(256));
+            // It succeeds at last: back to the ordinary first backoff.
+            assert!(p.attempt(at2));
+            p.succeeded();
+            let Next::At(at3) = p.failed(at2, Failure::Transport) else {
+                panic!()
+            };
+            assert!(at3 - at2 <= Duration::from_secs(2));
+        }
+        // Full jitter: the draws cover the spread.
+        assert!(lo < Duration::from_secs(2), "{lo:?}");
+        assert!(hi > Duration::from_secs(126), "{hi:?}");
+    }
+
+    #[test]
+    fn a_lost_session_still_honours_retry_after_and_permanent_errors() {
+        let t = Instant::now();
+        let mut p = RetryPolicy::new(RetryConfig::default(), 5);
+        assert!(p.attempt(t));
+        p.succeeded();
+        let hint = Duration::from_secs(600);
+        let at = p.lost(t, code(ErrorCode::Busy, Some(600_000))).instant();
+        assert!(at >= t + hint && at <= t + hint + hint / 10, "{:?}", at - t);
+        let mut p = RetryPolicy::new(RetryConfig::default(), 6);
+        assert!(p.attempt(t));
+        p.succeeded();
+        assert!(matches!(
+            p.lost(t, Failure::Permanent),
+            Next::Dormant(d) if d >= t + REPROBE_INTERVAL
+        ));
+    }
+
+    #[test]
+    fn the_reconnect_spread_is_tunable_and_bounded_by_the_cap() {
+        let mut cfg = RetryConfig {
+            reconnect_spread: Duration::from_secs(20),
+            ..RetryConfig::default()
+        };
+        // Rounded up to base * 2^n: 32 s.
+        assert_eq!(cfg.reconnect_exponent(), 5);
+        cfg.reconnect_spread = Duration::ZERO;
+        assert_eq!(cfg.reconnect_exponent(), 0);
+        cfg.reconnect_spread = BACKOFF_CAP + Duration::from_secs(1);
+        assert!(cfg.validate().is_err());
+    }
+
+    /// The herd of chaos case c in virtual time: `guests` policies lose
+    /// their session at the same instant, the host is back after `outage`;
+    /// returns every attempt's offset from the loss.
+    fn herd(guests: u64, outage: Duration, seed: u64) -> Vec<Duration> {
+        let t0 = Instant::now();
+        let mut starts = Vec::new();
+        for g in 0..guests {
+            let mut p = RetryPolicy::new(RetryConfig::default(), seed ^ (g << 20));
+            assert!(p.attempt(t0));
+            p.succeeded();
+            let mut t = p.lost(t0, Failure::Transport).instant();
+            loop {
+                assert!(p.attempt(t));
+                starts.push(t - t0);
+                if t - t0 >= outage {
+                    break;
+                }
+                t = p.failed(t, Failure::Transport).instant();
+            }
+        }
+        starts.sort();
+        starts
+    }
+
+    /// Most attempts in any 1-s window (sliding, half-open).
+    fn busiest_second(starts: &[Duration]) -> usize {
+        let mut lo = 0;
+        let mut most = 0;
+        for hi in 0..starts.len() {
+            while starts[hi] - starts[lo] >= Duration::from_secs(1) {
+                lo += 1;
+            }
+            most = most.max(hi - lo + 1);
+        }
+        most
+    }
+
+    #[test]
+    fn a_herd_of_1024_reconnects_with_at_most_3_percent_in_any_second() {
+        // §13.10: whatever the outage, no 1-s window holds more than 3 % of
+        // the herd's attempts, nor more than 3 % of its guests.
+        for outage_s in [0, 5, 30, 120, 600] {
+            for seed in 0..4 {
+                let starts = herd(1024, Duration::from_secs(outage_s), seed);
+                let most = busiest_second(&starts);
+                assert!(
+                    most * 100 <= starts.len() * 3 && most * 100 <= 1024 * 3,
+                    "outage {outage_s} s, seed {seed}: {most} of {} attempts in one second",
+                    starts.len()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn host_unreachable_for_an_hour_stays_within_the_budget() {
         let t0 = Instant::now();
         let mut p = RetryPolicy::new(RetryConfig::default(), 11);
@@ -463,6 +646,8 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Step {
         Fail(Failure),
+        /// An established session breaks.
+        Lost(Failure),
         Succeed,
         /// The driver wakes early and tries anyway.
         Early(u64),
@@ -476,6 +661,7 @@ mod tests {
             3 => (codes, proptest::option::of(0u64..200_000))
                 .prop_map(|(c, ms)| Step::Fail(code(c, ms))),
             1 => Just(Step::Fail(Failure::Permanent)),
+            1 => Just(Step::Lost(Failure::Transport)),
             1 => Just(Step::Succeed),
             1 => (0u64..10_000).prop_map(Step::Early),
         ]
@@ -517,6 +703,11 @@ mod tests {
                             prop_assert!(matches!(next, Next::Dormant(_)));
                             prop_assert!(next.instant() >= t + cfg.reprobe_interval);
                         }
+                    }
+                    Step::Lost(f) => {
+                        p.succeeded();
+                        let next = p.lost(t, f);
+                        prop_assert!(next.instant() >= t + cfg.floor);
                     }
                     Step::Succeed => p.succeeded(),
                     Step::Early(_) => unreachable!(),

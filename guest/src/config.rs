@@ -29,6 +29,7 @@
 //! window_s = 3600
 //! reprobe_interval_s = 1800
 //! reprobe_jitter_s = 300
+//! reconnect_spread_s = 128   # after a lost session: first retry U[0, this]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -107,6 +108,7 @@ struct RetryFile {
     window_s: Option<u64>,
     reprobe_interval_s: Option<u64>,
     reprobe_jitter_s: Option<u64>,
+    reconnect_spread_s: Option<u64>,
 }
 
 /// A validated `guest.toml`.
@@ -165,14 +167,17 @@ impl Config {
         let r = f.retry;
         let ms = |v: Option<u64>, dflt: Duration| v.map_or(dflt, Duration::from_millis);
         let s = |v: Option<u64>, dflt: Duration| v.map_or(dflt, Duration::from_secs);
+        let cap = ms(r.cap_ms, d.cap);
         let retry = RetryConfig {
             base: ms(r.base_ms, d.base),
-            cap: ms(r.cap_ms, d.cap),
+            cap,
             floor: ms(r.floor_ms, d.floor),
             budget: r.budget.unwrap_or(d.budget),
             window: s(r.window_s, d.window),
             reprobe_interval: s(r.reprobe_interval_s, d.reprobe_interval),
             reprobe_jitter: s(r.reprobe_jitter_s, d.reprobe_jitter),
+            // Unset, it follows a lowered cap down.
+            reconnect_spread: s(r.reconnect_spread_s, d.reconnect_spread.min(cap)),
             ..d
         };
         retry
@@ -261,6 +266,7 @@ mod tests {
             format!("host_key_sha256 = \"{PIN}\"\n[retry]\nfloor_ms = 0"),
             format!("host_key_sha256 = \"{PIN}\"\n[retry]\nbase_ms = 10\ncap_ms = 5"),
             format!("host_key_sha256 = \"{PIN}\"\n[retry]\nbugdet = 3"),
+            format!("host_key_sha256 = \"{PIN}\"\n[retry]\nreconnect_spread_s = 301"),
         ] {
             assert!(Config::from_toml(&bad).is_err(), "{bad}");
         }
@@ -275,5 +281,11 @@ mod tests {
         assert_eq!(c.host, Target::Unix("/tmp/h.sock".into()));
         assert_eq!(c.retry.base, Duration::from_millis(200));
         assert_eq!(c.retry.budget, 30);
+        assert_eq!(c.retry.reconnect_spread, Duration::from_secs(1));
+        let c = Config::from_toml(&format!(
+            "host_key_sha256 = \"{PIN}\"\n[retry]\nreconnect_spread_s = 20"
+        ))
+        .unwrap();
+        assert_eq!(c.retry.reconnect_spread, Duration::from_secs(20));
     }
 }

@@ -176,6 +176,9 @@ impl Supervisor {
         }
         let next = match &attempt.close {
             CloseReason::Orderly { retry_after } => self.policy.closed(now, *retry_after),
+            // The host vanished under an attested session: every guest of
+            // the node may be seeing the same; spread the return (§13.2).
+            CloseReason::Failed(f) if attempt.established => self.policy.lost(now, *f),
             CloseReason::Failed(f) => self.policy.failed(now, *f),
         };
         let wait = next.instant().saturating_duration_since(now);
@@ -298,6 +301,43 @@ mod tests {
         );
         assert_eq!(e.error, None);
         assert_eq!(e.consecutive_failures, 0);
+    }
+
+    #[test]
+    fn a_lost_session_reconnects_within_the_spread() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(RetryConfig::default(), 5);
+        assert_eq!(s.start_attempt(t0), Start::Go);
+        let e = s.attempt_ended(
+            &Attempt {
+                established: true,
+                close: CloseReason::Failed(Failure::Transport),
+                detail: "connection lost".into(),
+            },
+            t0,
+        );
+        assert_eq!(e.log.site, LogSite::Retrying);
+        assert_eq!(e.consecutive_failures, 1);
+        let wait = e.next.instant() - t0;
+        assert!(
+            wait <= vkx_common::retry::RECONNECT_SPREAD && wait >= Duration::from_millis(100),
+            "{wait:?}"
+        );
+        // Not the ordinary first backoff (U[0, 2 s]) for some seed.
+        let far = (0..64).any(|seed| {
+            let mut s = Supervisor::new(RetryConfig::default(), seed);
+            let _ = s.start_attempt(t0);
+            let e = s.attempt_ended(
+                &Attempt {
+                    established: true,
+                    close: CloseReason::Failed(Failure::Transport),
+                    detail: "connection lost".into(),
+                },
+                t0,
+            );
+            e.next.instant() - t0 > Duration::from_secs(2)
+        });
+        assert!(far);
     }
 
     #[test]

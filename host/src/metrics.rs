@@ -230,6 +230,11 @@ impl Metrics {
         EstablishedGuard(self.clone())
     }
 
+    /// Sessions established now.
+    pub fn sessions_established(&self) -> u64 {
+        get(&self.established)
+    }
+
     pub fn handshake(&self, outcome: HandshakeOutcome) {
         add(&self.handshakes[outcome.index()], 1);
     }

@@ -31,6 +31,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -69,6 +70,13 @@ use crate::vsock::{Admission, CidMap, VsockListenerConfig, admit};
 pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 /// How long live sessions get to say goodbye at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Guests per second an orderly shutdown asks back: the `retry-after` of
+/// each session's `goodbye` is drawn from `[R, R + sessions / this]`
+/// (PROTOCOL.md §13.2), so a restarted host is not met by its whole node
+/// at once.
+pub const SHUTDOWN_RECONNECT_RATE: u64 = 8;
+/// Longest spread of those `retry-after`s.
+pub const MAX_SHUTDOWN_SPREAD: Duration = Duration::from_secs(300);
 /// `retry-after` told to guests on feature refusals.
 pub const FEATURE_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Bytes read from the socket at a time.
@@ -238,6 +246,9 @@ struct Shared {
     config: Arc<HostConfig>,
     rng: SystemRandom,
     shutdown_retry_after: Duration,
+    /// Set once when the shutdown starts: the spread of the sessions'
+    /// `retry-after`s, from the number of sessions then.
+    shutdown_spread_ms: AtomicU64,
     admission: Arc<AdmissionControl>,
     metrics: Arc<Metrics>,
 }
@@ -245,6 +256,12 @@ struct Shared {
 impl Shared {
     fn store(&self) -> Option<&dyn KeyStore> {
         self.keys.as_deref().map(|k| k as &dyn KeyStore)
+    }
+
+    /// The `retry-after` one session is told at shutdown.
+    fn shutdown_retry_after(&self) -> Duration {
+        let spread = Duration::from_millis(self.shutdown_spread_ms.load(Ordering::Relaxed));
+        shutdown_retry_after(self.shutdown_retry_after, spread, self.draw())
     }
 
     /// A uniform 64-bit draw for jitter; without randomness, no jitter
@@ -299,6 +316,7 @@ pub async fn serve(
         }),
         rng: SystemRandom::new(),
         shutdown_retry_after: Duration::from_secs(config.shutdown_retry_after_s.into()),
+        shutdown_spread_ms: AtomicU64::new(0),
         admission: admission.clone(),
         metrics: metrics.clone(),
     });
@@ -374,7 +392,18 @@ pub async fn serve(
     }
     rl_info!("vkx-host serving {count} listener(s)");
     shutdown.await;
-    rl_info!("shutting down: no new connections, goodbye to live sessions");
+    let sessions = shared.metrics.sessions_established();
+    let spread = shutdown_spread(sessions);
+    shared.shutdown_spread_ms.store(
+        u64::try_from(spread.as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+    rl_info!(
+        "shutting down: no new connections, goodbye to {sessions} live session(s), \
+         reconnections spread over {} s from {} s",
+        spread.as_secs(),
+        shared.shutdown_retry_after.as_secs()
+    );
     let _ = stop_tx.send(true);
     let deadline = TokioInstant::now() + SHUTDOWN_GRACE;
     while let Ok(Some(_)) = timeout_at(deadline, tasks.join_next()).await {}
@@ -386,6 +415,21 @@ pub async fn serve(
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// The spread of the shutdown `retry-after`s for `sessions` live
+/// sessions: one guest per 1/[`SHUTDOWN_RECONNECT_RATE`] s, at most
+/// [`MAX_SHUTDOWN_SPREAD`].
+pub fn shutdown_spread(sessions: u64) -> Duration {
+    Duration::from_millis(sessions.saturating_mul(1000) / SHUTDOWN_RECONNECT_RATE)
+        .min(MAX_SHUTDOWN_SPREAD)
+}
+
+/// One session's shutdown `retry-after`: `base + U[0, spread]` from a
+/// uniform 64-bit `draw`.
+pub fn shutdown_retry_after(base: Duration, spread: Duration, draw: u64) -> Duration {
+    let span = u64::try_from(spread.as_millis()).unwrap_or(u64::MAX);
+    base + Duration::from_millis(draw % span.saturating_add(1))
 }
 
 /// A listening socket and how it names its peers.
@@ -782,7 +826,7 @@ async fn connection<S>(
         let out;
         tokio::select! {
             _ = stop.changed() => {
-                let (h, o) = host.shutdown(shared.shutdown_retry_after);
+                let (h, o) = host.shutdown(shared.shutdown_retry_after());
                 host = h;
                 out = o;
             }
@@ -1170,6 +1214,29 @@ mod tests {
             PathBuf::from("/run/vm.vsock_7861")
         );
         assert_eq!(c.shutdown_retry_after_s, 30);
+    }
+
+    #[test]
+    fn shutdown_spreads_the_reconnections_by_the_number_of_sessions() {
+        assert_eq!(shutdown_spread(0), Duration::ZERO);
+        assert_eq!(shutdown_spread(1), Duration::from_millis(125));
+        assert_eq!(shutdown_spread(1024), Duration::from_secs(128));
+        assert_eq!(shutdown_spread(1_000_000), MAX_SHUTDOWN_SPREAD);
+        let base = Duration::from_secs(30);
+        assert_eq!(shutdown_retry_after(base, Duration::ZERO, u64::MAX), base);
+        let spread = shutdown_spread(1024);
+        let mut draw = 0x1234_5678_9abc_def0_u64;
+        let (mut lo, mut hi) = (Duration::MAX, Duration::ZERO);
+        for _ in 0..4096 {
+            draw = draw
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let r = shutdown_retry_after(base, spread, draw);
+            assert!(r >= base && r <= base + spread, "{r:?}");
+            lo = lo.min(r);
+            hi = hi.max(r);
+        }
+        assert!(lo < base + Duration::from_secs(1) && hi > base + Duration::from_secs(127));
     }
 
     #[test]
