@@ -57,7 +57,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -72,31 +72,25 @@ use vkx_common::tpm::{Public, QuoteExpectations, verify_quote};
 use vkx_common::wire::{
     HashAlg, KeyMaterial, KeyName, KeyRelease, Message, PcrBankSelection, ReleasedKey,
 };
-use vkx_e2e::agents::Agent as Process;
+use vkx_e2e::agents::status_kib;
+use vkx_e2e::herd::{
+    Host, KEY, MAX_VMS, POLICY_PCRS, Site, SoftSite, ensure_fd_limit, guest_config,
+};
 use vkx_e2e::node::Node;
 use vkx_e2e::softtpm::SoftTpm;
 use vkx_e2e::swtpm::Swtpm;
 use vkx_guest::agent::{Agent, Handler, Reaction};
-use vkx_guest::config::Config;
 use vkx_host::admission::{
     DEFAULT_BUSY_RETRY_AFTER_MS, DEFAULT_MAX_HANDSHAKES, DEFAULT_RETRY_JITTER_PERCENT,
 };
 
 /// Guests in the storm unless given: the VMs one node is designed for.
 const DEFAULT_GUESTS: usize = 1024;
-/// The most guests: one Unix listener each, and the host serves at most
-/// `vkx_host::serve::MAX_LISTENERS`.
-const MAX_GUESTS: usize = vkx_host::serve::MAX_LISTENERS;
 /// VMs of the real-vTPM run (one swtpm process each).
 const REAL_VMS: usize = 8;
 /// Storms of the real-vTPM run, one after another on the same host: eight
 /// sessions are too few for a CPU figure measured in 10 ms clock ticks.
 const REAL_ROUNDS: usize = 16;
-/// The key every VM asks for, and the image that is granted it.
-const KEY: &str = "storm-key";
-const IMAGE: &str = "storm-img";
-/// The PCRs the policy constrains (sha256 bank): what the host asks for.
-const POLICY_PCRS: [u8; 2] = [0, 7];
 /// Connection attempts one guest makes before it gives up.
 const MAX_ATTEMPTS: u32 = 16;
 /// Wait after a transport failure: uniform in this range (ms), like the
@@ -104,15 +98,11 @@ const MAX_ATTEMPTS: u32 = 16;
 const TRANSPORT_RETRY_MS: std::ops::Range<u16> = 100..1000;
 /// Longest wait for every guest's answer.
 const STORM_LIMIT: Duration = Duration::from_secs(300);
-/// Longest wait for the host to bind every socket.
-const HOST_START_LIMIT: Duration = Duration::from_secs(60);
 /// Longest wait for the sessions to end after the stop signal.
 const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// Pause after the last answer before the idle RSS is read: in-flight
 /// buffers are released, only held sessions remain.
 const SETTLE: Duration = Duration::from_secs(1);
-/// Connections the host admits beyond N.
-const CONNECTION_HEADROOM: usize = 64;
 /// File descriptors beyond two per guest (host: listener and connection;
 /// this process: the guest's socket).
 const FD_HEADROOM: u64 = 256;
@@ -123,7 +113,6 @@ const FD_HEADROOM: u64 = 256;
 const FLOOR_BATCHES: u32 = 10;
 const FLOOR_BATCH: u32 = 200;
 const FLOOR_WARMUP: u32 = 100;
-const POLL: Duration = Duration::from_millis(20);
 
 /// What a guest reports to the storm.
 #[derive(Debug)]
@@ -465,187 +454,9 @@ fn cpu_time(pid: &str, ticks: u64) -> Duration {
     Duration::from_micros(used * 1_000_000 / ticks)
 }
 
-/// A `kB` line of /proc/PID/status (VmRSS, VmHWM).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// Raises this process's soft limit of open files to `need` (children
-/// inherit it), up to the hard limit, with util-linux `prlimit`.
-fn ensure_fd_limit(need: u64) {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
-    let soft: u64 = nums[0].parse().unwrap_or(u64::MAX);
-    let hard: u64 = nums[1].parse().unwrap_or(u64::MAX);
-    if soft >= need {
-        return;
-    }
-    assert!(
-        hard >= need,
-        "the storm needs {need} open files, the hard limit is {hard}: raise it (ulimit -Hn) or pass a smaller N"
-    );
-    let hard_s = if hard == u64::MAX {
-        "unlimited".to_owned()
-    } else {
-        hard.to_string()
-    };
-    let ok = Command::new("prlimit")
-        .args([
-            "--pid",
-            &std::process::id().to_string(),
-            &format!("--nofile={need}:{hard_s}"),
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "could not raise the open-files limit from {soft} to {need}: run `ulimit -n {need}` first"
-    );
-}
-
-/// Guest config for a VM reached on `socket`.
-fn guest_config(socket: &Path, pin: &str, tcti: Option<&str>) -> Config {
-    let mut text = format!(
-        "host_socket = \"{}\"\nhost_key_sha256 = \"{pin}\"\n",
-        socket.display()
-    );
-    if let Some(t) = tcti {
-        text += &format!("tcti = \"{t}\"\n");
-    }
-    Config::from_toml(&text).unwrap()
-}
-
-/// One node's VMs: policy, key, socket paths; hosts are started on it.
-struct Site {
-    node: Node,
-    vm_ids: Vec<String>,
-    sockets: Vec<PathBuf>,
-    policy: PathBuf,
-    work: tempfile::TempDir,
-    _socket_dir: tempfile::TempDir,
-}
-
-/// A running `vkx-host serve`.
-struct Host {
-    process: Process,
-    pid: u32,
-}
-
-impl Site {
-    /// Writes the policy for `vm_ids` (the image's PCR rules are
-    /// `image_pcrs`; `vm_pcrs[i]`, if given, are VM i's `[[vm.pcr]]`) and
-    /// puts [`KEY`] in the node's key store for [`IMAGE`].
-    fn new(node: Node, vm_ids: Vec<String>, image_pcrs: &str, vm_pcrs: &[String]) -> Self {
-        let work = tempfile::tempdir().unwrap();
-        // Unix socket paths are limited to 107 bytes: a short directory.
-        let socket_dir = tempfile::Builder::new()
-            .prefix("vkx")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let mut policy =
-            format!("[[image]]\nname = \"{IMAGE}\"\nkeys = [\"{KEY}\"]\n{image_pcrs}\n");
-        for (i, vm) in vm_ids.iter().enumerate() {
-            policy += &format!("[[vm]]\nid = \"{vm}\"\nimage = \"{IMAGE}\"\n");
-            if let Some(p) = vm_pcrs.get(i) {
-                policy += p;
-            }
-        }
-        let policy_path = work.path().join("policy.toml");
-        std::fs::write(&policy_path, policy).unwrap();
-        let o = vkx_e2e::run(
-            "vkx-host",
-            &[
-                "keys",
-                "generate",
-                KEY,
-                "--node-dir",
-                &node.node_dir(),
-                "--allow-image",
-                IMAGE,
-            ],
-            b"",
-        );
-        assert!(
-            o.status.success(),
-            "vkx-host keys generate: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let sockets = (0..vm_ids.len())
-            .map(|i| socket_dir.path().join(format!("{i}.sock")))
-            .collect();
-        Self {
-            node,
-            vm_ids,
-            sockets,
-            policy: policy_path,
-            work,
-            _socket_dir: socket_dir,
-        }
-    }
-
-    /// Writes host-`name`.toml (`admission` is its `[admission]` table, or
-    /// empty for the defaults), starts `vkx-host serve` and waits until it
-    /// listens on every socket.
-    fn start_host(&self, name: &str, admission: &str) -> Host {
-        let mut toml = format!(
-            "node_dir = \"{}\"\nregistry = \"{}\"\npolicy = \"{}\"\nmax_connections = {}\n{admission}\n",
-            self.node.node_dir(),
-            self.node.registry(),
-            self.policy.display(),
-            (self.vm_ids.len() + CONNECTION_HEADROOM).min(65_536),
-        );
-        for (socket, vm) in self.sockets.iter().zip(&self.vm_ids) {
-            toml += &format!(
-                "\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"{vm}\"\n",
-                socket.display()
-            );
-            let _ = std::fs::remove_file(socket);
-        }
-        let config = self.work.path().join(format!("host-{name}.toml"));
-        std::fs::write(&config, toml).unwrap();
-        let process = Process::spawn(
-            "vkx-host",
-            &["serve", "--config", &config.display().to_string()],
-            self.work.path().join(format!("host-{name}.log")),
-        );
-        let pid = process.pid();
-        let start = Instant::now();
-        while !self.sockets.iter().all(|s| s.exists()) {
-            assert!(
-                start.elapsed() < HOST_START_LIMIT,
-                "the host did not listen on all {} sockets: {}",
-                self.sockets.len(),
-                process.log()
-            );
-            std::thread::sleep(POLL);
-        }
-        Host { process, pid }
-    }
-}
-
-impl Host {
-    /// Stops the host; on a shortfall, shows the end of its log.
-    fn finish(self, f: &StormFigures) {
-        if !f.all_keyed() {
-            let log = self.process.log();
-            let tail: Vec<&str> = log.lines().rev().take(12).collect();
-            eprintln!("host log (last lines):");
-            for l in tail.iter().rev() {
-                eprintln!("  {l}");
-            }
-        }
-        let status = self.process.stop();
-        assert!(status.success(), "vkx-host serve exited with {status}");
-    }
+/// Stops the host; on a shortfall, shows the end of its log.
+fn finish_host(host: Host, f: &StormFigures) {
+    host.stop(!f.all_keyed());
 }
 
 /// Drives one guest per agent, all at once, against the host `pid`; holds
@@ -660,7 +471,7 @@ fn storm(
 ) -> StormFigures {
     let n = agents.len();
     let key = KeyName::new(KEY).unwrap();
-    let rss_before_kib = status_kib(pid, "VmRSS:");
+    let rss_before_kib = status_kib(pid, "VmRSS");
     rt.block_on(async move {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -734,8 +545,8 @@ fn storm(
             tokio::time::sleep(SETTLE).await;
         }
         f.held = live.load(Ordering::SeqCst);
-        f.rss_held_kib = status_kib(pid, "VmRSS:");
-        f.hwm_kib = status_kib(pid, "VmHWM:");
+        f.rss_held_kib = status_kib(pid, "VmRSS");
+        f.hwm_kib = status_kib(pid, "VmHWM");
         let _ = stop_tx.send(true);
         let stop_deadline = tokio::time::Instant::now() + STOP_LIMIT;
         while let Ok(Some(r)) = tokio::time::timeout_at(stop_deadline, tasks.join_next()).await {
@@ -957,49 +768,19 @@ struct SoftRuns {
 }
 
 fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64) -> SoftRuns {
-    let node = Node::new();
-    let floor = measure_floor(Path::new(&node.node_dir()), hex_pin(node.pin()));
-    let registry = vkx_host::registry::Registry::open(Path::new(&node.registry())).unwrap();
-    let t = Instant::now();
-    let tpms: Vec<Arc<SoftTpm>> = (0..n)
-        .map(|i| Arc::new(SoftTpm::new(u32::try_from(i).unwrap())))
-        .collect();
-    let vm_ids: Vec<String> = (0..n).map(|i| format!("storm-{i:04}")).collect();
-    for (tpm, vm) in tpms.iter().zip(&vm_ids) {
-        vkx_host::enroll::enroll_simulated_vm(&registry, vm, tpm.ek_public(), tpm.ak_public())
-            .unwrap();
-    }
-    let note = format!(
-        "{n} soft vTPMs derived and enrolled in {:.1} s; registry on {}",
-        t.elapsed().as_secs_f64(),
-        filesystem(Path::new(&node.registry()))
+    let soft = SoftSite::new(n, "storm");
+    let floor = measure_floor(
+        Path::new(&soft.site.node.node_dir()),
+        hex_pin(soft.site.node.pin()),
     );
-    let mut image_pcrs = String::new();
-    for i in POLICY_PCRS {
-        image_pcrs += &format!(
-            "[[image.pcr]]\nbank = \"sha256\"\nindex = {i}\nallowed = [\"{}\"]\n",
-            hex::encode(SoftTpm::pcr_value(HashAlg::Sha256, i))
-        );
-    }
-    let site = Site::new(node, vm_ids, &image_pcrs, &[]);
-    let agents: Vec<Arc<Agent>> = site
-        .sockets
-        .iter()
-        .zip(&tpms)
-        .map(|(socket, tpm)| {
-            Arc::new(
-                Agent::new(&guest_config(socket, site.node.pin(), None))
-                    .unwrap()
-                    .with_quoter(tpm.clone()),
-            )
-        })
-        .collect();
+    let agents = soft.agents();
+    let (site, note) = (&soft.site, soft.note.clone());
     let host = site.start_host("at-once", &format!("[admission]\nmax_handshakes = {n}\n"));
     let at_once = storm(rt, &agents, host.pid, ticks, true);
-    host.finish(&at_once);
+    finish_host(host, &at_once);
     let host = site.start_host("default", "");
     let default_admission = storm(rt, &agents, host.pid, ticks, true);
-    host.finish(&default_admission);
+    finish_host(host, &default_admission);
     SoftRuns {
         at_once,
         default_admission,
@@ -1054,21 +835,8 @@ fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -
     for round in 1..rounds {
         figures.merge(storm(rt, &agents, host.pid, ticks, round + 1 == rounds));
     }
-    host.finish(&figures);
+    finish_host(host, &figures);
     figures
-}
-
-/// The file system `path` is on (`stat -f`): the registry's fsyncs are
-/// part of every attestation.
-fn filesystem(path: &Path) -> String {
-    Command::new("stat")
-        .args(["-f", "-c", "%T"])
-        .arg(path)
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|t| format!("{} ({})", path.display(), t.trim()))
-        .unwrap_or_else(|| path.display().to_string())
 }
 
 fn main() {
@@ -1076,8 +844,8 @@ fn main() {
         s.parse().expect("N (the number of guests) is a number")
     });
     assert!(
-        (1..=MAX_GUESTS).contains(&n),
-        "N must be 1..={MAX_GUESTS} (one Unix listener per guest)"
+        (1..=MAX_VMS).contains(&n),
+        "N must be 1..={MAX_VMS} (one Unix listener per guest)"
     );
     ensure_fd_limit(2 * n as u64 + FD_HEADROOM);
     let ticks = clock_ticks();

@@ -264,6 +264,20 @@ pub fn pending_connections(path: &Path) -> usize {
         .count()
 }
 
+/// A `kB` field of /proc/PID/status (`VmRSS`, `VmHWM`), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} for {pid}"))
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// `vkx-host metrics --socket` against a running host: the Prometheus text.
 pub fn scrape(metrics: &Path) -> String {
     let o = run(

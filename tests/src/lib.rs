@@ -7,6 +7,8 @@
 
 pub mod agents;
 pub mod chaos;
+#[cfg(feature = "insecure-soft-tpm")]
+pub mod herd;
 pub mod node;
 #[cfg(feature = "insecure-soft-tpm")]
 pub mod softtpm;

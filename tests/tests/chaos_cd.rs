@@ -32,7 +32,7 @@ use vkx_common::errors::ErrorCode;
 use vkx_common::wire::{
     AgentName, AgentVersion, FrameDecoder, Hello, MAX_FRAME_PAYLOAD, Message, encode_frame,
 };
-use vkx_e2e::agents::{Agent as Process, Deployment, value, wait_value};
+use vkx_e2e::agents::{Agent as Process, Deployment, status_kib, value, wait_value};
 use vkx_e2e::chaos::{Row, size};
 use vkx_e2e::run;
 
@@ -78,20 +78,6 @@ fn only_error(msgs: &[Message]) -> ErrorCode {
         [Message::Error(e)] => e.code,
         other => panic!("expected one error, got {other:?}"),
     }
-}
-
-/// A field of /proc/PID/status in KiB (`VmHWM`, `VmRSS`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {field} for {pid}"))
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 fn start_host(d: &Deployment, metrics: &Path) -> Process {
