@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | a | the host is unreachable for 1 h | the daemon's real decisions ([`Supervisor`]) in virtual time; the failure each attempt ends in comes from the real [`Agent`] connecting to a socket nobody serves; every line the daemon would write goes through the real limiter ([`CallSite`], one per call site) |
 //! | b | the host answers `unknown-message` or `unsupported-version` | the same, with each attempt's outcome produced by the real guest and host sessions exchanging real frames; the host's lines go through its call site's limiter keyed by the peer |
-//! | c, d | reconnect herd, hostile peer | built elsewhere: their rows appear when their files exist |
+//! | c, d | reconnect herd, hostile peer | in `tests/chaos_cd.rs` (c with `--features insecure-soft-tpm`): their rows appear when their files exist |
 //! | e | TPM faults | real `vkx-guest` processes against `vkx-host serve`, with the vTPM missing, refusing, hanging up, or answering transient codes through a fault-injecting proxy in front of swtpm |
 //! | f | host and guest killed mid-handshake | real processes, killed with SIGKILL at points held open with SIGSTOP, restarted; then every piece of persistent state is checked |
 //!

@@ -1,15 +1,23 @@
-//! Fault-injection case d (issue #6, item 5; case c, the reconnect herd,
-//! is to come here too), beside `tests/chaos.rs` (cases a, b, e, f),
-//! writing its row in the same format to `target/chaos/<case>.json`
-//! (`examples/chaos_report.rs` prints them):
+//! Fault-injection cases c and d (issue #6, item 5), beside
+//! `tests/chaos.rs` (cases a, b, e, f), writing their rows in the same
+//! format to `target/chaos/<case>.json` (`examples/chaos_report.rs` prints
+//! them):
 //! `{"case":"d","title":"...","figure":"...","bound":"...","pass":true,"run":"full"}`.
-//! `VKX_CHAOS_FULL=1` runs the full size (a 10 s attack); without it a
-//! reduced one (3 s). The bounds are the same.
+//! `VKX_CHAOS_FULL=1` runs the full size; without it a reduced one. The
+//! bounds are the same.
 //!
+//! - c, reconnect herd (module [`c`], only with `--features
+//!   insecure-soft-tpm`): 1,024 guests with soft vTPMs hold sessions with a
+//!   real `vkx-host serve`; the host crashes (SIGKILL, 10 s outage), then
+//!   restarts in order (SIGTERM). Every guest must come back, no 1-s
+//!   window may hold more than 3 % of the herd's attempts or guests, and
+//!   the host stays within its limits. Full: real time, about 8 minutes;
+//!   reduced: the guests' clock 8 times faster, about 1.5 minutes.
 //! - d, hostile peer: a real `vkx-host serve` with its own listener for the
 //!   hostile VM identity (`vm-evil`). From that one peer, at once: a flood
 //!   of TLS connections, half of them writing malformed frames (10,000 a
-//!   second in all, reconnecting whenever the host closes), a sender trickling a `hello` at 1 byte/s, idle transports that never
+//!   second in all, reconnecting whenever the host closes), a sender
+//!   trickling a `hello` at 1 byte/s, idle transports that never
 //!   start TLS, and, before the flood, an oversize length prefix and a
 //!   maximally nested payload. Meanwhile the well-behaved `vm-1` runs
 //!   `vkx-guest once` again and again and must attest each time. Asserted:
@@ -348,4 +356,523 @@ fn site_of(line: &str) -> String {
     let rest = line.split_once(": ").map_or(line, |(_, r)| r);
     let end = rest.find(" peer=").unwrap_or(rest.len());
     rest[..end].to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// c: the reconnect herd.
+
+/// Case c, in its own module: it needs the soft vTPM (`--features
+/// insecure-soft-tpm`), a thousand TPMs being more than swtpm processes
+/// this machine can run at once.
+///
+/// A real `vkx-host serve` and [`GUESTS`] guests in this process, each
+/// the guest agent's own attempt driver (`vkx_guest::agent::Agent` with a
+/// soft vTPM) paced by the daemon's own decisions
+/// (`vkx_guest::supervisor::Supervisor`, the default retry policy, its own
+/// seed). Every guest attests and holds its session. Then:
+///
+/// 1. crash: the host is SIGKILLed, so every guest loses its session at
+///    the same instant; a new host is started after [`OUTAGE`];
+/// 2. orderly restart: the host is stopped (SIGTERM: `goodbye` with its
+///    spread `retry-after` to every session) and started again at once.
+///
+/// After each, every guest must attest again. Measured per event: every
+/// attempt's start time, the most attempts in any 1-s window (sliding),
+/// as a share of all the herd's attempts and of its guests (both must be
+/// at most 3 %); the host's handshakes in progress and connections
+/// (sampled every [`SAMPLE`] from its metrics endpoint) against its
+/// limits, and its `busy` refusals.
+///
+/// The guests' clock: the full run (`make chaos`) is real time, about 8
+/// minutes. The reduced run (`make test`) runs the guests' clock
+/// [`REDUCED_SPEED`] times faster than real time (their decisions see
+/// guest time; the host and the sockets are real), about a minute: the
+/// host then sees the herd 8 times denser than it would, which makes its
+/// limits harder to keep, not easier.
+#[cfg(feature = "insecure-soft-tpm")]
+mod c {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use tokio::sync::watch;
+    use vkx_common::retry::{BACKOFF_CAP, RECONNECT_SPREAD, RetryConfig};
+    use vkx_common::session::guest::{Guest, GuestEvent};
+    use vkx_e2e::agents::{status_kib, value};
+    use vkx_e2e::chaos::{Row, size};
+    use vkx_e2e::herd::{Host, SoftSite, ensure_fd_limit};
+    use vkx_guest::agent::{Agent, Handler, Reaction};
+    use vkx_guest::supervisor::{Start, Supervisor};
+
+    /// The herd: the VMs one node is designed for.
+    const GUESTS: usize = 1024;
+    /// The bound: at most this share (percent) of the herd's attempts,
+    /// and of its guests, in any 1-s window.
+    const MAX_PERCENT_PER_SECOND: usize = 3;
+    /// How long the crashed host stays down (guest time).
+    const OUTAGE: Duration = Duration::from_secs(10);
+    /// Guest clock speed of the reduced run.
+    const REDUCED_SPEED: u32 = 8;
+    /// The host's `shutdown_retry_after_s` (its default): R of the
+    /// orderly restart's `retry-after`s.
+    const SHUTDOWN_RETRY_AFTER: Duration = Duration::from_secs(30);
+    /// Longest the first attestation of every guest may take (guest time):
+    /// they start at once, and the host's admission control sends most of
+    /// them away with 5-10 s `retry-after`s.
+    const ATTACH_LIMIT: Duration = Duration::from_secs(180);
+    /// Longest a herd may take to be back (guest time): a first
+    /// reconnection within the spread, a failed one and a second within
+    /// twice that, a third within the cap, and a minute for the rest.
+    const RETURN_LIMIT: Duration =
+        Duration::from_secs(RECONNECT_SPREAD.as_secs() * 3 + BACKOFF_CAP.as_secs() + 60);
+    /// The orderly restart: R, the host's spread for 1,024 sessions
+    /// (128 s), the guest's 10 % jitter on top, and a minute.
+    const ORDERLY_LIMIT: Duration = Duration::from_secs(30 + 128 + 16 + 60);
+    /// Metrics sampling period (real time).
+    const SAMPLE: Duration = Duration::from_millis(50);
+    /// Open files beyond two per guest.
+    const FD_HEADROOM: u64 = 256;
+    /// Longest the guests take to end their sessions at the end.
+    const STOP_LIMIT: Duration = Duration::from_secs(30);
+
+    /// Guest time: `speed` times real time since `real0`.
+    #[derive(Debug, Clone, Copy)]
+    struct Clock {
+        real0: Instant,
+        speed: u32,
+    }
+
+    impl Clock {
+        fn now(&self) -> Instant {
+            self.real0 + self.real0.elapsed() * self.speed
+        }
+
+        /// The real instant at which guest time reaches `t`.
+        fn real(&self, t: Instant) -> Instant {
+            self.real0 + t.saturating_duration_since(self.real0) / self.speed
+        }
+
+        /// A guest-time span in real time.
+        fn real_span(&self, d: Duration) -> Duration {
+            d / self.speed
+        }
+    }
+
+    #[derive(Debug)]
+    enum Ev {
+        /// A guest started an attempt at this guest time.
+        Attempt(Instant),
+        /// Guest `id` attested at this guest time.
+        Attested(usize, Instant),
+        /// An attempt that did not attest ended: how (no peer bytes).
+        Failed(String),
+        /// Guest `id` went dormant: a bound failed.
+        Dormant(usize),
+    }
+
+    struct HerdGuest {
+        id: usize,
+        clock: Clock,
+        tx: mpsc::Sender<Ev>,
+    }
+
+    impl Handler for HerdGuest {
+        fn on_event(&mut self, ev: GuestEvent, _: &mut Guest, _: Instant) -> Reaction {
+            if let GuestEvent::Attested { .. } = ev {
+                let _ = self.tx.send(Ev::Attested(self.id, self.clock.now()));
+            }
+            Reaction::default()
+        }
+    }
+
+    /// One guest, as `vkx-guest run` drives it: wait for the supervisor,
+    /// attempt, report, until `stop`.
+    async fn run_guest(
+        agent: Arc<Agent>,
+        id: usize,
+        clock: Clock,
+        tx: mpsc::Sender<Ev>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let seed = 0x6865_7264_0000_0000 ^ u64::try_from(id).unwrap();
+        let mut sup = Supervisor::new(RetryConfig::default(), seed);
+        let mut h = HerdGuest {
+            id,
+            clock,
+            tx: tx.clone(),
+        };
+        while !*stop.borrow() {
+            let now = clock.now();
+            if let Some(w) = sup.next_wake(now) {
+                let until = tokio::time::Instant::from_std(clock.real(w.until));
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            match sup.start_attempt(now) {
+                Start::Go => {
+                    let _ = tx.send(Ev::Attempt(now));
+                    let a = agent.attempt(&mut h, &mut stop).await;
+                    if !a.established {
+                        let _ = tx.send(Ev::Failed(a.detail.clone()));
+                    }
+                    // The line the daemon would log is not this case's
+                    // figure (case a counts lines).
+                    let _line = sup.attempt_ended(&a, clock.now()).log;
+                    if sup.policy().is_dormant() && !*stop.borrow() {
+                        let _ = tx.send(Ev::Dormant(id));
+                    }
+                }
+                Start::NotYet(_) => {}
+                Start::BudgetSpent(_) => {
+                    let _ = tx.send(Ev::Dormant(id));
+                }
+            }
+        }
+    }
+
+    /// How an attempt failed, without what differs per guest (its socket
+    /// path, the `retry-after` it got): what failures are grouped by.
+    fn cause(detail: &str) -> String {
+        let detail = detail.split(" (").next().unwrap_or(detail);
+        match detail.strip_prefix("connect ") {
+            Some(rest) => format!("connect: {}", rest.rsplit(": ").next().unwrap_or(rest)),
+            None => detail.to_owned(),
+        }
+    }
+
+    /// What the guests reported, by guest time.
+    #[derive(Default)]
+    struct Log {
+        attempts: Vec<Instant>,
+        /// Per guest: its last attestation.
+        attested: Vec<Option<Instant>>,
+        failed: BTreeMap<String, usize>,
+        /// Guests that went dormant (none may).
+        dormant: std::collections::BTreeSet<usize>,
+    }
+
+    impl Log {
+        fn take(&mut self, ev: Ev) {
+            match ev {
+                Ev::Attempt(t) => self.attempts.push(t),
+                Ev::Attested(id, t) => self.attested[id] = Some(t),
+                Ev::Failed(why) => {
+                    *self.failed.entry(cause(&why)).or_default() += 1;
+                }
+                Ev::Dormant(id) => {
+                    self.dormant.insert(id);
+                }
+            }
+        }
+
+        /// Guests attested at or after `since`.
+        fn back(&self, since: Instant) -> usize {
+            self.attested
+                .iter()
+                .filter(|t| t.is_some_and(|t| t >= since))
+                .count()
+        }
+
+        /// Reads events until every guest attested at or after `since`,
+        /// or `limit` (real time) passes. Returns the guests back.
+        fn wait_back(&mut self, rx: &mpsc::Receiver<Ev>, since: Instant, limit: Duration) -> usize {
+            let deadline = Instant::now() + limit;
+            while self.back(since) < self.attested.len() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                    Ok(ev) => self.take(ev),
+                    Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            self.back(since)
+        }
+    }
+
+    /// The host's figures over one event, from its metrics endpoint.
+    #[derive(Debug, Default, Clone, Copy)]
+    struct HostPeaks {
+        handshakes: u64,
+        connections: u64,
+        max_handshakes: u64,
+        max_connections: u64,
+        refused: u64,
+        samples: u64,
+    }
+
+    /// Samples `socket` every [`SAMPLE`] until `done`.
+    fn sample_host(socket: PathBuf, done: Arc<AtomicBool>) -> std::thread::JoinHandle<HostPeaks> {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut p = HostPeaks::default();
+            while !done.load(Ordering::SeqCst) {
+                if let Ok(text) = rt.block_on(vkx_host::metrics::fetch(&socket)) {
+                    p.samples += 1;
+                    p.handshakes = p.handshakes.max(value(&text, "vkx_handshakes_in_progress"));
+                    p.connections = p.connections.max(value(&text, "vkx_connections"));
+                    p.max_handshakes =
+                        value(&text, "vkx_admission_limit{limit=\"max_handshakes\"}");
+                    p.max_connections =
+                        value(&text, "vkx_admission_limit{limit=\"max_connections\"}");
+                    // Every refusal, whatever its reason (busy for a
+                    // limit, rate-limited for a peer).
+                    p.refused = text
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("vkx_admissions_refused_total{"))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                        .sum();
+                }
+                std::thread::sleep(SAMPLE);
+            }
+            p
+        })
+    }
+
+    /// The most attempts in any 1-s window (sliding, half-open) of the
+    /// sorted `starts`.
+    fn busiest_second(starts: &[Instant]) -> usize {
+        let mut lo = 0;
+        let mut most = 0;
+        for hi in 0..starts.len() {
+            while starts[hi].duration_since(starts[lo]) >= Duration::from_secs(1) {
+                lo += 1;
+            }
+            most = most.max(hi - lo + 1);
+        }
+        most
+    }
+
+    /// One event's figures.
+    struct Herd {
+        attempts: usize,
+        busiest: usize,
+        back: usize,
+        /// Guest time from the event to the last guest back, and the median.
+        last: Duration,
+        median: Duration,
+        host: HostPeaks,
+    }
+
+    impl Herd {
+        fn measure(log: &Log, since: Instant, back: usize, host: HostPeaks) -> Self {
+            let mut starts: Vec<Instant> =
+                log.attempts.iter().copied().filter(|t| *t >= since).collect();
+            starts.sort();
+            let mut returns: Vec<Duration> = log
+                .attested
+                .iter()
+                .filter_map(|t| t.filter(|t| *t >= since).map(|t| t - since))
+                .collect();
+            returns.sort();
+            Self {
+                attempts: starts.len(),
+                busiest: busiest_second(&starts),
+                back,
+                last: returns.last().copied().unwrap_or_default(),
+                median: returns.get(returns.len() / 2).copied().unwrap_or_default(),
+                host,
+            }
+        }
+
+        fn within(&self) -> bool {
+            self.back == GUESTS
+                && self.busiest * 100 <= self.attempts * MAX_PERCENT_PER_SECOND
+                && self.busiest * 100 <= GUESTS * MAX_PERCENT_PER_SECOND
+                && self.host.samples > 0
+                && self.host.handshakes <= self.host.max_handshakes
+                && self.host.connections <= self.host.max_connections
+        }
+
+        fn describe(&self, what: &str) -> String {
+            let pct = |n: usize, of: usize| 100.0 * n as f64 / of.max(1) as f64;
+            format!(
+                "{what}: {}/{GUESTS} back (median {:.0} s, last {:.0} s); {} attempts, busiest second {} \
+                 ({:.2} % of attempts, {:.2} % of guests); host peaks {} handshakes in progress \
+                 (limit {}), {} connections (limit {}), {} admissions refused",
+                self.back,
+                self.median.as_secs_f64(),
+                self.last.as_secs_f64(),
+                self.attempts,
+                self.busiest,
+                pct(self.busiest, self.attempts),
+                pct(self.busiest, GUESTS),
+                self.host.handshakes,
+                self.host.max_handshakes,
+                self.host.connections,
+                self.host.max_connections,
+                self.host.refused,
+            )
+        }
+    }
+
+    /// Starts the host with its metrics socket and a sampler on it.
+    fn start(
+        soft: &SoftSite,
+        name: &str,
+    ) -> (Host, Arc<AtomicBool>, std::thread::JoinHandle<HostPeaks>) {
+        let metrics = soft.site.work.path().join(format!("metrics-{name}.sock"));
+        let host = soft.site.start_host(
+            name,
+            &format!("[metrics]\nsocket = \"{}\"\n", metrics.display()),
+        );
+        let t = Instant::now();
+        while !metrics.exists() {
+            assert!(t.elapsed() < Duration::from_secs(30), "no metrics socket");
+            std::thread::sleep(SAMPLE);
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = sample_host(metrics, done.clone());
+        (host, done, sampler)
+    }
+
+    fn end_sampling(done: &AtomicBool, sampler: std::thread::JoinHandle<HostPeaks>) -> HostPeaks {
+        done.store(true, Ordering::SeqCst);
+        sampler.join().unwrap()
+    }
+
+    #[test]
+    fn c_reconnect_herd() {
+        #![allow(clippy::cast_precision_loss)] // Percentages for a report.
+        let speed = size(1, REDUCED_SPEED);
+        let mut row = Row::start(
+            "c",
+            "1,024 guests lose the host at once and reconnect (crash, then orderly restart)",
+            format!(
+                "every guest back; <= {MAX_PERCENT_PER_SECOND} % of attempts and of guests in any 1-s window; \
+                 host within max_handshakes and max_connections"
+            ),
+        );
+        ensure_fd_limit(2 * GUESTS as u64 + FD_HEADROOM);
+        let soft = SoftSite::new(GUESTS, "herd");
+        let agents = soft.agents();
+        let clock = Clock {
+            real0: Instant::now(),
+            speed,
+        };
+        let (tx, rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut log = Log {
+            attested: vec![None; GUESTS],
+            ..Log::default()
+        };
+
+        // Every guest attests and holds its session.
+        let (host, done, sampler) = start(&soft, "attach");
+        let t_start = clock.now();
+        // The guests run on one tokio thread of their own (their quotes on
+        // its blocking pool); this thread kills and restarts the host.
+        let guests = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut set = tokio::task::JoinSet::new();
+                for (id, agent) in agents.into_iter().enumerate() {
+                    set.spawn(run_guest(agent, id, clock, tx.clone(), stop_rx.clone()));
+                }
+                drop(tx);
+                let mut stop = stop_rx;
+                while !*stop.borrow() {
+                    if stop.changed().await.is_err() {
+                        break;
+                    }
+                }
+                let deadline = tokio::time::Instant::now() + STOP_LIMIT;
+                while let Ok(Some(_)) = tokio::time::timeout_at(deadline, set.join_next()).await {}
+                set.abort_all();
+            });
+        });
+        let attached = log.wait_back(&rx, t_start, clock.real_span(ATTACH_LIMIT));
+        let attach = Herd::measure(&log, t_start, attached, end_sampling(&done, sampler));
+        println!("chaos c: {} ({})", attach.describe("attach, all at once"), soft.note);
+        assert_eq!(attached, GUESTS, "not every guest attested: {:?}", log.failed);
+
+        // 1. Crash: every session lost at the same instant.
+        let t_crash = clock.now();
+        host.process.kill();
+        std::thread::sleep(clock.real_span(OUTAGE));
+        let (host, done, sampler) = start(&soft, "after-crash");
+        let back = log.wait_back(&rx, t_crash, clock.real_span(RETURN_LIMIT));
+        let crash = Herd::measure(&log, t_crash, back, end_sampling(&done, sampler));
+        println!("chaos c: {}", crash.describe("crash"));
+
+        // 2. Orderly restart: goodbye with a spread retry-after, and the
+        //    host back at once.
+        let t_stop = clock.now();
+        let hwm = status_kib(host.pid, "VmHWM");
+        host.stop(false);
+        let stopped_log =
+            std::fs::read_to_string(soft.site.work.path().join("host-after-crash.log")).unwrap();
+        let (host, done, sampler) = start(&soft, "after-stop");
+        let back = log.wait_back(&rx, t_stop, clock.real_span(ORDERLY_LIMIT));
+        let orderly = Herd::measure(&log, t_stop, back, end_sampling(&done, sampler));
+        println!("chaos c: {}", orderly.describe("orderly restart"));
+        let spread_said = format!(
+            "goodbye to {GUESTS} live session(s), reconnections spread over {} s from {} s",
+            vkx_host::serve::shutdown_spread(GUESTS as u64).as_secs(),
+            SHUTDOWN_RETRY_AFTER.as_secs()
+        );
+
+        let _ = stop_tx.send(true);
+        guests.join().unwrap();
+        while let Ok(ev) = rx.try_recv() {
+            log.take(ev);
+        }
+        host.stop(false);
+
+        let pass = crash.within()
+            && orderly.within()
+            && log.dormant.is_empty()
+            && stopped_log.contains(&spread_said);
+        row.set_bound(format!(
+            "every guest back; <= {MAX_PERCENT_PER_SECOND} % of attempts and <= {} attempts \
+             ({MAX_PERCENT_PER_SECOND} % of guests) in any 1-s window; host <= max_handshakes, \
+             <= max_connections",
+            GUESTS * MAX_PERCENT_PER_SECOND / 100
+        ));
+        let figure = format!(
+            "{}. {}. Not bounded here, the cold start of all {GUESTS} at once: {} attempts, {} turned \
+             away by admission control, all attested within {:.0} s. Guest clock {speed}x real \
+             time; peak host RSS with {GUESTS} sessions {:.1} MiB; failed attempts over the whole \
+             run: {:?}; dormant guests: {}",
+            crash.describe(&format!("crash (SIGKILL, {} s outage)", OUTAGE.as_secs())),
+            orderly.describe("orderly restart (SIGTERM)"),
+            attach.attempts,
+            attach.host.refused,
+            attach.last.as_secs_f64(),
+            hwm as f64 / 1024.0,
+            log.failed,
+            log.dormant.len()
+        );
+        row.finish(&figure, pass);
+        assert!(
+            stopped_log.contains(&spread_said),
+            "the stopping host did not say {spread_said:?}"
+        );
+        assert!(log.dormant.is_empty(), "guests went dormant: {:?}", log.dormant);
+        for (what, h) in [("crash", &crash), ("orderly restart", &orderly)] {
+            assert_eq!(h.back, GUESTS, "{what}: not every guest came back");
+            assert!(
+                h.busiest * 100 <= h.attempts * MAX_PERCENT_PER_SECOND
+                    && h.busiest * 100 <= GUESTS * MAX_PERCENT_PER_SECOND,
+                "{what}: {} of {} attempts in one second",
+                h.busiest,
+                h.attempts
+            );
+            assert!(h.host.samples > 0, "{what}: the host's metrics were never read");
+            assert!(h.host.handshakes <= h.host.max_handshakes, "{what}: {:?}", h.host);
+            assert!(h.host.connections <= h.host.max_connections, "{what}: {:?}", h.host);
+        }
+    }
 }
