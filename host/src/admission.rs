@@ -5,14 +5,20 @@
 //! Every accepted transport connection meets [`AdmissionControl::admit`]
 //! once, in this order:
 //!
-//! 1. **Hard ceiling** (`max_open`, default 2 × `max_connections`): every
+//! 1. **The peer's open transports** (`max_open_per_peer`, default 16):
+//!    every connection one peer holds, served or being refused. Over it the
+//!    transport is closed at once, before it can take one of the shared
+//!    slots below: one VM holding idle transports cannot crowd out the
+//!    node (a well-behaved guest holds one session, plus a one-shot `get`
+//!    or a re-attestation now and then).
+//! 2. **Hard ceiling** (`max_open`, default 2 × `max_connections`): every
 //!    connection the host holds, served or being refused. Over it the host
 //!    cannot afford even a TLS handshake and closes the transport at once
 //!    (the guest sees a transport failure and backs off, §13.2).
-//! 2. **The peer's connection rate**: one token bucket per peer identity
+//! 3. **The peer's connection rate**: one token bucket per peer identity
 //!    (vm-id, or `cid:N` for an unmapped vsock peer). Empty: `rate-limited`.
-//! 3. **`max_connections`**: connections being served. Full: `busy`.
-//! 4. **`max_handshakes`**: served connections not yet Established. Full:
+//! 4. **`max_connections`**: connections being served. Full: `busy`.
+//! 5. **`max_handshakes`**: served connections not yet Established. Full:
 //!    `busy`. The slot is released when the session reaches Established
 //!    ([`Ticket::established`]) or the connection ends.
 //!
@@ -26,9 +32,10 @@
 //! Sessions also get a message budget ([`AdmissionControl::message_bucket`]):
 //! a session whose guest sends faster is answered `rate-limited` and closed.
 //!
-//! Bounds: the peer table holds at most `max_peers` buckets; when full, the
-//! idlest peer whose bucket has refilled (it carries no state) makes room,
-//! and if there is none the newcomer shares one overflow bucket. Slots are
+//! Bounds: the peer table holds at most `max_peers` entries; when full, the
+//! idlest peer whose bucket has refilled and who holds no transport (it
+//! carries no state) makes room, and if there is none the newcomer shares
+//! one overflow entry (one bucket, one `max_open_per_peer`). Slots are
 //! atomics with RAII guards, so a slot is released on every path a
 //! connection task can take, panics included.
 //!
@@ -71,6 +78,8 @@ pub const DEFAULT_SESSION_MESSAGE_REFILL_MS: u32 = 500;
 pub const MAX_BURST: u32 = 10_000;
 /// Longest refill interval accepted for either bucket: a day.
 pub const MAX_REFILL_MS: u32 = 86_400_000;
+/// Default transports one peer may hold open at once.
+pub const DEFAULT_MAX_OPEN_PER_PEER: usize = 16;
 /// Default number of peer buckets kept (1,000 VMs per node with room).
 pub const DEFAULT_MAX_PEERS: usize = 8_192;
 /// Largest `max_peers` accepted.
@@ -87,6 +96,10 @@ pub struct AdmissionConfig {
     /// over it the transport is closed at once. Default 2 × max_connections.
     #[serde(default)]
     pub max_open: Option<usize>,
+    /// Connections one peer may hold (served or being refused); over it
+    /// the transport is closed at once. Default 16, or `max_open` if lower.
+    #[serde(default)]
+    pub max_open_per_peer: Option<usize>,
     /// Base `retry-after` of `busy` and `rate-limited`, in ms.
     #[serde(default = "default_busy_retry_after_ms")]
     pub busy_retry_after_ms: u32,
@@ -141,6 +154,7 @@ impl Default for AdmissionConfig {
         Self {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_open: None,
+            max_open_per_peer: None,
             busy_retry_after_ms: DEFAULT_BUSY_RETRY_AFTER_MS,
             retry_jitter_percent: DEFAULT_RETRY_JITTER_PERCENT,
             peer_connection_burst: DEFAULT_PEER_CONNECTION_BURST,
@@ -188,6 +202,7 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_handshakes: usize,
     pub max_open: usize,
+    pub max_open_per_peer: usize,
     pub busy_retry_after: Duration,
     pub retry_jitter_percent: u32,
     pub peer_connection_burst: u32,
@@ -209,6 +224,15 @@ impl Limits {
         // At least max_connections: otherwise the ceiling, not the
         // connection limit, would decide, and nobody would be told `busy`.
         check("max_open", wide(max_open), wide(max_connections), slots)?;
+        let max_open_per_peer = c
+            .max_open_per_peer
+            .unwrap_or(DEFAULT_MAX_OPEN_PER_PEER.min(max_open));
+        check(
+            "max_open_per_peer",
+            wide(max_open_per_peer),
+            1,
+            wide(max_open),
+        )?;
         check(
             "busy_retry_after_ms",
             c.busy_retry_after_ms.into(),
@@ -257,6 +281,7 @@ impl Limits {
             max_connections,
             max_handshakes: c.max_handshakes,
             max_open,
+            max_open_per_peer,
             busy_retry_after: Duration::from_millis(c.busy_retry_after_ms.into()),
             retry_jitter_percent: c.retry_jitter_percent,
             peer_connection_burst: c.peer_connection_burst,
@@ -351,18 +376,23 @@ impl TokenBucket {
 #[derive(Debug)]
 struct PeerEntry {
     bucket: TokenBucket,
+    /// The transports the peer holds.
+    open: Arc<Slots>,
     last_seen: Instant,
 }
 
-/// Per-peer connection buckets, at most `max` of them.
+/// Per-peer connection buckets and open-transport counts, at most `max`
+/// peers.
 #[derive(Debug)]
 struct PeerTable {
     peers: HashMap<Box<str>, PeerEntry>,
     /// Shared by peers that found the table full of active peers.
     overflow: TokenBucket,
+    overflow_open: Arc<Slots>,
     max: usize,
     burst: u32,
     refill: Duration,
+    max_open_per_peer: usize,
 }
 
 impl PeerTable {
@@ -374,14 +404,17 @@ impl PeerTable {
                 limits.peer_connection_refill,
                 now,
             ),
+            overflow_open: Slots::new(limits.max_open_per_peer),
             max: limits.max_peers,
             burst: limits.peer_connection_burst,
             refill: limits.peer_connection_refill,
+            max_open_per_peer: limits.max_open_per_peer,
         }
     }
 
-    /// Makes room by evicting the idlest peer if its bucket is full again.
-    /// O(peers), and only when the table is full.
+    /// Makes room by evicting the idlest peer if its bucket is full again
+    /// and it holds no transport. O(peers), and only when the table is
+    /// full.
     fn evict_one(&mut self, now: Instant) -> bool {
         let idlest = self
             .peers
@@ -394,23 +427,41 @@ impl PeerTable {
         let refilled = self
             .peers
             .get_mut(&key)
-            .is_some_and(|e| e.bucket.is_full(now));
+            .is_some_and(|e| e.open.in_use() == 0 && e.bucket.is_full(now));
         if refilled {
             self.peers.remove(&key);
         }
         refilled
     }
 
-    fn take(&mut self, peer: &str, now: Instant) -> Result<(), Duration> {
+    /// The peer's entry, made if there is room.
+    fn enter(&mut self, peer: &str, now: Instant) {
         if !self.peers.contains_key(peer) && (self.peers.len() < self.max || self.evict_one(now)) {
             self.peers.insert(
                 peer.into(),
                 PeerEntry {
                     bucket: TokenBucket::full(self.burst, self.refill, now),
+                    open: Slots::new(self.max_open_per_peer),
                     last_seen: now,
                 },
             );
         }
+    }
+
+    /// One of the peer's open-transport slots, if it has one free.
+    fn open(&mut self, peer: &str, now: Instant) -> Option<Slot> {
+        self.enter(peer, now);
+        match self.peers.get_mut(peer) {
+            Some(e) => {
+                e.last_seen = now;
+                e.open.try_acquire()
+            }
+            None => self.overflow_open.try_acquire(),
+        }
+    }
+
+    fn take(&mut self, peer: &str, now: Instant) -> Result<(), Duration> {
+        self.enter(peer, now);
         match self.peers.get_mut(peer) {
             Some(e) => {
                 e.last_seen = now;
@@ -464,6 +515,9 @@ impl Drop for Slot {
 /// Why a connection was not served (metrics label, log text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefuseReason {
+    /// The peer holds `max_open_per_peer` transports: closed at once, no
+    /// TLS.
+    PeerOpen,
     /// Over the hard ceiling: closed at once, no TLS.
     MaxOpen,
     /// `max_connections` in use: `busy`.
@@ -475,7 +529,8 @@ pub enum RefuseReason {
 }
 
 impl RefuseReason {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
+        Self::PeerOpen,
         Self::MaxOpen,
         Self::MaxConnections,
         Self::MaxHandshakes,
@@ -485,6 +540,7 @@ impl RefuseReason {
     /// The metrics label.
     pub fn label(self) -> &'static str {
         match self {
+            Self::PeerOpen => "peer_open",
             Self::MaxOpen => "max_open",
             Self::MaxConnections => "max_connections",
             Self::MaxHandshakes => "max_handshakes",
@@ -500,13 +556,15 @@ pub enum Decision {
     Admit(Ticket),
     /// Complete TLS, send the refusal, close.
     Refuse(Refused),
-    /// Over the hard ceiling: close the transport now.
-    Close,
+    /// Over the peer's open transports or the hard ceiling (which one
+    /// is said): close the transport now.
+    Close(RefuseReason),
 }
 
 /// The slots of a served connection. Dropping it releases them.
 #[derive(Debug)]
 pub struct Ticket {
+    _peer_open: Slot,
     _open: Slot,
     _connection: Slot,
     handshake: Option<Slot>,
@@ -531,6 +589,7 @@ pub struct Refused {
     pub reason: RefuseReason,
     /// Jittered, at least the configured base.
     pub retry_after: Duration,
+    _peer_open: Slot,
     _open: Slot,
 }
 
@@ -573,30 +632,30 @@ impl AdmissionControl {
     /// a uniform 64-bit random value; it is called only to jitter a
     /// refusal's `retry-after`.
     pub fn admit(&self, peer: &str, now: Instant, draw: impl FnOnce() -> u64) -> Decision {
-        let Some(open) = self.open.try_acquire() else {
-            return Decision::Close;
+        let Some(peer_open) = self.with_peers(|t| t.open(peer, now)) else {
+            return Decision::Close(RefuseReason::PeerOpen);
         };
-        let refuse = |refusal, reason, wait: Duration, open| {
+        let Some(open) = self.open.try_acquire() else {
+            return Decision::Close(RefuseReason::MaxOpen);
+        };
+        // The two open slots travel together into whatever is decided.
+        let held = (peer_open, open);
+        let refuse = |refusal, reason, wait: Duration, (peer_open, open): (Slot, Slot)| {
             Decision::Refuse(Refused {
                 refusal,
                 reason,
                 retry_after: self.retry_after(wait, draw()),
+                _peer_open: peer_open,
                 _open: open,
             })
         };
-        let rate = match self.peers.lock() {
-            Ok(mut t) => t.take(peer, now),
-            // A panic while holding the lock cannot leave a bucket
-            // half-updated in a way that matters; serve rather than refuse
-            // everyone from now on.
-            Err(poisoned) => poisoned.into_inner().take(peer, now),
-        };
+        let rate = self.with_peers(|t| t.take(peer, now));
         if let Err(wait) = rate {
             return refuse(
                 Refusal::RateLimited,
                 RefuseReason::PeerConnectionRate,
                 wait,
-                open,
+                held,
             );
         }
         let Some(connection) = self.connections.try_acquire() else {
@@ -604,7 +663,7 @@ impl AdmissionControl {
                 Refusal::Busy,
                 RefuseReason::MaxConnections,
                 Duration::ZERO,
-                open,
+                held,
             );
         };
         let Some(handshake) = self.handshakes.try_acquire() else {
@@ -612,14 +671,26 @@ impl AdmissionControl {
                 Refusal::Busy,
                 RefuseReason::MaxHandshakes,
                 Duration::ZERO,
-                open,
+                held,
             );
         };
+        let (peer_open, open) = held;
         Decision::Admit(Ticket {
+            _peer_open: peer_open,
             _open: open,
             _connection: connection,
             handshake: Some(handshake),
         })
+    }
+
+    /// Runs `f` on the peer table. A panic while holding the lock cannot
+    /// leave a bucket half-updated in a way that matters; serve rather
+    /// than refuse everyone from then on.
+    fn with_peers<T>(&self, f: impl FnOnce(&mut PeerTable) -> T) -> T {
+        match self.peers.lock() {
+            Ok(mut t) => f(&mut t),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
     }
 
     /// The `retry-after` for a refusal whose condition clears in `wait`:
@@ -685,6 +756,7 @@ mod tests {
         let l = Limits::new(2048, &AdmissionConfig::default()).unwrap();
         assert_eq!(l.max_handshakes, 256);
         assert_eq!(l.max_open, 4096);
+        assert_eq!(l.max_open_per_peer, 16);
         assert_eq!(l.busy_retry_after, 5 * S);
         assert_eq!(l.retry_jitter_percent, 100);
         assert_eq!(
@@ -710,6 +782,25 @@ mod tests {
         };
         bad(|c| c.max_handshakes = 0, "max_handshakes");
         bad(|c| c.max_open = Some(15), "max_open");
+        bad(|c| c.max_open_per_peer = Some(0), "max_open_per_peer");
+        bad(
+            |c| {
+                c.max_open = Some(20);
+                c.max_open_per_peer = Some(21);
+            },
+            "max_open_per_peer",
+        );
+        // Unset, it follows a low max_open down.
+        let low = AdmissionConfig {
+            max_open: Some(16),
+            ..AdmissionConfig::default()
+        };
+        assert_eq!(Limits::new(8, &low).unwrap().max_open_per_peer, 16);
+        let lower = AdmissionConfig {
+            max_open: Some(10),
+            ..AdmissionConfig::default()
+        };
+        assert_eq!(Limits::new(8, &lower).unwrap().max_open_per_peer, 10);
         bad(|c| c.busy_retry_after_ms = 0, "busy_retry_after_ms");
         bad(|c| c.retry_jitter_percent = 101, "retry_jitter_percent");
         bad(|c| c.peer_connection_burst = 0, "peer_connection_burst");
@@ -840,7 +931,7 @@ mod tests {
         let mut draw = draws(2);
         let held: Vec<_> = (0..2).map(|_| a.admit("vm-1", t0, &mut draw)).collect();
         assert!(held.iter().all(|d| matches!(d, Decision::Admit(_))));
-        let refused = a.admit("vm-1", t0, &mut draw);
+        let refused = a.admit("vm-2", t0, &mut draw);
         assert!(matches!(
             &refused,
             Decision::Refuse(Refused {
@@ -850,10 +941,13 @@ mod tests {
             })
         ));
         // Two served and one being refused: the next one is not even told.
-        assert!(matches!(a.admit("vm-1", t0, &mut draw), Decision::Close));
+        assert!(matches!(
+            a.admit("vm-3", t0, &mut draw),
+            Decision::Close(RefuseReason::MaxOpen)
+        ));
         drop(refused);
         assert!(matches!(
-            a.admit("vm-1", t0, &mut draw),
+            a.admit("vm-3", t0, &mut draw),
             Decision::Refuse(_)
         ));
         drop(held);
@@ -913,7 +1007,7 @@ mod tests {
             let now = t0 + Duration::from_millis(i.into());
             let d = a.admit(&format!("vm-{i}"), now, &mut draw);
             assert!(a.usage().peers <= 100);
-            assert!(!matches!(d, Decision::Close));
+            assert!(!matches!(d, Decision::Close(_)));
         }
         assert_eq!(a.usage().peers, 100);
         // A table full of peers that have not refilled: newcomers share the
@@ -946,6 +1040,75 @@ mod tests {
         // A known peer keeps its own bucket.
         assert!(matches!(
             b.admit("vm-0", now, &mut draw),
+            Decision::Admit(_)
+        ));
+    }
+
+    #[test]
+    fn one_peer_cannot_hold_more_than_its_open_transports() {
+        let t0 = Instant::now();
+        let a = AdmissionControl::new(
+            limits(|c| {
+                c.max_open = Some(64);
+                c.max_open_per_peer = Some(4);
+                c.peer_connection_burst = 100;
+            }),
+            t0,
+        );
+        let mut draw = draws(5);
+        // vm-evil holds 4 (served or refused alike); the 5th is closed at
+        // once and takes no shared slot.
+        let held: Vec<_> = (0..4).map(|_| a.admit("vm-evil", t0, &mut draw)).collect();
+        assert!(held.iter().all(|d| !matches!(d, Decision::Close(_))));
+        for _ in 0..100 {
+            assert!(matches!(
+                a.admit("vm-evil", t0, &mut draw),
+                Decision::Close(RefuseReason::PeerOpen)
+            ));
+        }
+        assert_eq!(a.usage().open, 4);
+        // Everyone else is served.
+        assert!(matches!(a.admit("vm-1", t0, &mut draw), Decision::Admit(_)));
+        // One closed by vm-evil frees one of its slots.
+        let mut held = held;
+        held.pop();
+        assert!(!matches!(
+            a.admit("vm-evil", t0, &mut draw),
+            Decision::Close(_)
+        ));
+    }
+
+    #[test]
+    fn a_peer_holding_transports_is_never_evicted() {
+        let t0 = Instant::now();
+        let a = AdmissionControl::new(
+            limits(|c| {
+                c.max_peers = 1;
+                c.max_open_per_peer = Some(2);
+                c.peer_connection_burst = 10;
+                c.peer_connection_refill_ms = 1;
+            }),
+            t0,
+        );
+        let mut draw = draws(6);
+        let held = a.admit("vm-1", t0, &mut draw);
+        assert!(matches!(held, Decision::Admit(_)));
+        // Long after, its bucket is full again, but it holds a transport:
+        // a newcomer shares the overflow entry instead of evicting it.
+        let later = t0 + 60 * S;
+        let other = a.admit("vm-2", later, &mut draw);
+        assert!(matches!(other, Decision::Admit(_)));
+        let second = a.admit("vm-1", later, &mut draw);
+        assert!(matches!(second, Decision::Admit(_)));
+        // vm-1 keeps its count: its third is closed.
+        assert!(matches!(
+            a.admit("vm-1", later, &mut draw),
+            Decision::Close(RefuseReason::PeerOpen)
+        ));
+        drop((held, second));
+        // Holding nothing, it may be evicted now.
+        assert!(matches!(
+            a.admit("vm-3", later, &mut draw),
             Decision::Admit(_)
         ));
     }

@@ -180,6 +180,7 @@ fn refuse_index(r: RefuseReason) -> usize {
         RefuseReason::MaxConnections => 1,
         RefuseReason::MaxHandshakes => 2,
         RefuseReason::PeerConnectionRate => 3,
+        RefuseReason::PeerOpen => 4,
     }
 }
 
@@ -196,7 +197,7 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; HANDSHAKE_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
     errors_sent: [AtomicU64; ERROR_SLOTS],
-    refused: [AtomicU64; 4],
+    refused: [AtomicU64; RefuseReason::ALL.len()],
     sessions_rate_limited: AtomicU64,
     keys_released: AtomicU64,
     updates_pushed: AtomicU64,

@@ -4,8 +4,9 @@
 //! with the registry, the quote verifier and the policy.
 //!
 //! Bounded by construction. Every accepted connection meets
-//! [`crate::admission`] first: over the hard ceiling (`[admission]
-//! max_open`) it is closed at once; over `max_connections`,
+//! [`crate::admission`] first: over its peer's open transports
+//! (`[admission] max_open_per_peer`) or the hard ceiling (`max_open`) it
+//! is closed at once; over `max_connections`,
 //! `max_handshakes` or its peer's connection rate it completes TLS (bounded
 //! by the TLS handshake timeout), is told `busy` or `rate-limited` with a
 //! jittered `retry-after` and closed (PROTOCOL.md §11.6, Accepted). A
@@ -505,12 +506,18 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
         match decision {
             // Cannot afford even a TLS handshake: close the transport (the
             // guest backs off as from any transport failure, §11.6).
-            Decision::Close => {
-                shared.metrics.refused(RefuseReason::MaxOpen);
-                rl_warn!(
-                    peer: peer,
-                    "connection closed at once: hard ceiling (admission.max_open) reached"
-                );
+            Decision::Close(reason) => {
+                shared.metrics.refused(reason);
+                match reason {
+                    RefuseReason::PeerOpen => rl_warn!(
+                        peer: peer,
+                        "connection closed at once: the peer holds admission.max_open_per_peer connections"
+                    ),
+                    _ => rl_warn!(
+                        peer: peer,
+                        "connection closed at once: hard ceiling (admission.max_open) reached"
+                    ),
+                }
             }
             Decision::Refuse(refused) => {
                 shared.metrics.refused(refused.reason);

@@ -105,7 +105,7 @@ fn main() {
     let d = Deployment::new(
         "vm-bench",
         "max_connections = 4096\n[admission]\npeer_connection_burst = 10000\n\
-         peer_connection_refill_ms = 1\nmax_handshakes = 4096",
+         peer_connection_refill_ms = 1\nmax_handshakes = 4096\nmax_open_per_peer = 8192",
     );
     let pin = d.node.pin().to_owned();
     let cfg = d.guest_config("guest.toml", &d.socket(), &pin, "");

@@ -10,6 +10,7 @@ pub mod chaos;
 #[cfg(feature = "insecure-soft-tpm")]
 pub mod herd;
 pub mod node;
+pub mod raw;
 #[cfg(feature = "insecure-soft-tpm")]
 pub mod softtpm;
 pub mod swtpm;

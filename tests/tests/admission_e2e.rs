@@ -31,27 +31,12 @@ use vkx_common::wire::{
     AgentName, AgentVersion, ErrorMessage, FrameDecoder, Hello, Message, encode_frame,
 };
 use vkx_e2e::agents::{Agent, Deployment, scrape, value, wait_value};
+use vkx_e2e::raw::{Tls, read_all, read_messages, send};
 use vkx_e2e::run;
 
 /// Bound on waiting for the host to notice something (a closed client).
 const LIMIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
-
-type Tls = rustls::StreamOwned<rustls::ClientConnection, UnixStream>;
-
-/// A TLS connection to the host with the pinned key, handshake done.
-fn connect(socket: &Path, pin: &str) -> std::io::Result<Tls> {
-    let pin: [u8; 32] = hex::decode(pin).unwrap().try_into().unwrap();
-    let config = vkx_common::tls::client_config(pin).unwrap();
-    let conn = rustls::ClientConnection::new(config, vkx_common::tls::host_server_name()).unwrap();
-    let sock = UnixStream::connect(socket)?;
-    sock.set_read_timeout(Some(LIMIT))?;
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    while tls.conn.is_handshaking() {
-        tls.conn.complete_io(&mut tls.sock)?;
-    }
-    Ok(tls)
-}
 
 fn hello() -> Vec<u8> {
     Message::Hello(Hello {
@@ -66,47 +51,18 @@ fn hello() -> Vec<u8> {
     .to_vec()
 }
 
-fn send(tls: &mut Tls, payload: &[u8]) {
-    let mut frame = Vec::new();
-    encode_frame(payload, &mut frame).unwrap();
-    tls.write_all(&frame).unwrap();
-    tls.flush().unwrap();
-}
-
-/// Reads whole frames until `n` messages arrived (or the stream ended).
-fn read_messages(tls: &mut Tls, n: usize) -> Vec<Message> {
-    let mut d = FrameDecoder::new();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while out.len() < n {
-        let got = match tls.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => k,
-        };
-        let mut input = &buf[..got];
-        while let Ok(Some(p)) = d.decode(&mut input) {
-            out.push(Message::decode(p).unwrap());
-        }
-    }
-    out
-}
-
 /// TLS, the given frames, then everything the host says until it closes.
 fn exchange(socket: &Path, pin: &str, frames: &[Vec<u8>]) -> Vec<Message> {
     let mut tls = connect(socket, pin).unwrap();
     for f in frames {
         send(&mut tls, f);
     }
-    let mut bytes = Vec::new();
-    // Ends at the host's close_notify (or a reset); bounded by the timeout.
-    let _ = tls.read_to_end(&mut bytes);
-    let mut d = FrameDecoder::new();
-    let mut input = &bytes[..];
-    let mut out = Vec::new();
-    while let Ok(Some(p)) = d.decode(&mut input) {
-        out.push(Message::decode(p).unwrap());
-    }
-    out
+    read_all(&mut tls)
+}
+
+/// [`vkx_e2e::raw::connect`] with this file's time limit.
+fn connect(socket: &Path, pin: &str) -> std::io::Result<Tls> {
+    vkx_e2e::raw::connect(socket, pin, LIMIT)
 }
 
 /// A client that completes TLS, says `hello`, reads the `challenge`, and
@@ -311,16 +267,33 @@ fn sessions_and_peers_over_their_rates_are_told_rate_limited() {
     }
 }
 
+/// `extra` for host.toml, plus a second listener for `vm-2` (not
+/// provisioned: its connections are admitted or closed, never attested).
+fn with_second_vm(d_path: &Path, extra: &str) -> String {
+    format!(
+        "{extra}\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"vm-2\"\n",
+        d_path.display()
+    )
+}
+
 #[test]
 fn over_the_hard_ceiling_the_transport_is_closed_without_tls() {
-    let (d, metrics) = deploy("max_connections = 1\n[admission]\nmax_open = 1\n");
+    let d = Deployment::new("vm-1", "");
+    let metrics = d.path("metrics.sock");
+    let second = d.path("vm-2.sock");
+    d.write_host_config(&format!(
+        "{}\n[metrics]\nsocket = \"{}\"\n",
+        with_second_vm(&second, "max_connections = 1\n[admission]\nmax_open = 1\n"),
+        metrics.display()
+    ));
     let _host = start(&d, &metrics);
     let pin = d.node.pin().to_owned();
     let socket = d.socket();
 
     let slow = slow_client(&socket, &pin);
-    // No TLS for the next one: the host closes the transport.
-    assert!(connect(&socket, &pin).is_err());
+    // No TLS for the next one, from another VM: the host closes the
+    // transport.
+    assert!(connect(&second, &pin).is_err());
     drop(slow);
     wait_value(&metrics, "vkx_connections_open", 0);
     let o = guest_once(&d);
@@ -329,11 +302,69 @@ fn over_the_hard_ceiling_the_transport_is_closed_without_tls() {
     let text = wait_value(&metrics, "vkx_connections_open", 0);
     for (series, want) in [
         ("vkx_admissions_refused_total{reason=\"max_open\"}", 1),
+        ("vkx_admissions_refused_total{reason=\"peer_open\"}", 0),
         ("vkx_errors_sent_total{code=\"busy\"}", 0),
         ("vkx_handshakes_total{outcome=\"attested\"}", 1),
     ] {
         assert_eq!(value(&text, series), want, "{series}\n{text}");
     }
+}
+
+#[test]
+fn one_vm_holding_idle_transports_is_capped_and_others_are_served() {
+    let d = Deployment::new("vm-1", "");
+    let metrics = d.path("metrics.sock");
+    let second = d.path("vm-2.sock");
+    d.write_host_config(&format!(
+        "{}\n[metrics]\nsocket = \"{}\"\n",
+        with_second_vm(&second, "[admission]\nmax_open_per_peer = 2\n"),
+        metrics.display()
+    ));
+    let host = start(&d, &metrics);
+    let pin = d.node.pin().to_owned();
+    let socket = d.socket();
+
+    // vm-1 holds two transports that never start TLS.
+    let idle: Vec<UnixStream> = (0..2)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    wait_value(&metrics, "vkx_connections_open", 2);
+    // Its third is closed at once, before TLS; its own agent fails too
+    // (a VM that hoards transports only hurts itself).
+    assert!(connect(&socket, &pin).is_err());
+    let o = guest_once(&d);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    // Another VM is served: TLS completes, its hello is answered.
+    let mut other = connect(&second, &pin).unwrap();
+    vkx_e2e::raw::send(&mut other, &hello());
+    let got = read_messages(&mut other, 1);
+    assert!(
+        !got.is_empty(),
+        "vm-2 got no answer while vm-1 was capped:\n{}",
+        host.log()
+    );
+    drop(other);
+    // vm-1 lets go: its agent attests again.
+    drop(idle);
+    wait_value(&metrics, "vkx_connections_open", 0);
+    let o = guest_once(&d);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", stderr(&o), host.log());
+
+    let text = scrape(&metrics);
+    for (series, want) in [
+        ("vkx_admissions_refused_total{reason=\"peer_open\"}", 2),
+        ("vkx_admissions_refused_total{reason=\"max_open\"}", 0),
+        ("vkx_handshakes_total{outcome=\"attested\"}", 1),
+    ] {
+        assert_eq!(value(&text, series), want, "{series}\n{text}");
+    }
+    // The host said why, naming the limit, and no more than its burst.
+    let lines = host
+        .log()
+        .lines()
+        .filter(|l| l.contains("max_open_per_peer"))
+        .count();
+    assert!((1..=2).contains(&lines), "{lines} lines:\n{}", host.log());
 }
 
 #[test]
