@@ -401,7 +401,8 @@ fn keepalive_keeps_an_idle_session_alive_until_reattestation() {
         p.advance(Duration::from_secs(120));
         assert!(p.established());
     }
-    // 3600 s after attestation the guest re-attests (orderly).
+    // At reattest-after (3600 s less this session's spread, §6.6) the
+    // guest re-attests (orderly).
     p.advance(Duration::from_secs(120));
     assert_eq!(
         p.guest_closed,

@@ -28,8 +28,8 @@ use crate::transcript::{TRANSCRIPT_EXPORTER_LEN, TRANSCRIPT_HASH_LEN, transcript
 use crate::wire::{
     AttestationResult, CONFIRM_TAG_LEN, Challenge, DeriveConfirm, ErrorMessage, Evidence,
     FeatureState, FeatureUpdate, Features, GoodbyeReason, KeyName, KeyRelease, KeyUpdate,
-    MAX_RETRY_AFTER_MS, Message, NONCE_LEN, PcrBankSelection, Pong, Purpose, ReleasedKey,
-    SESSION_ID_LEN, VersionRange, VmId, feature,
+    MAX_RETRY_AFTER_MS, MIN_REATTEST_AFTER_S, Message, NONCE_LEN, PcrBankSelection, Pong, Purpose,
+    ReleasedKey, SESSION_ID_LEN, VersionRange, VmId, feature,
 };
 
 /// §11.1 host timers.
@@ -62,6 +62,26 @@ pub struct PeerContext {
     pub features: Features,
     /// When the transport accepted the connection.
     pub accepted_at: Instant,
+}
+
+/// Share of `reattest-after` a session's value may fall short of the
+/// configured one: 10 % (PROTOCOL.md §6.6).
+pub const REATTEST_SPREAD_DIVISOR: u32 = 10;
+
+/// This session's `reattest-after`: the configured `r` minus up to
+/// 1/[`REATTEST_SPREAD_DIVISOR`] of it, never below the wire minimum.
+/// Guests that attested together (a node's boot, the return after a
+/// crash) then re-attest spread over minutes, not together. The draw is
+/// the session id's first 8 bytes: random, host-chosen, and already sent
+/// to the guest, so nothing else needs drawing.
+pub fn spread_reattest(r: u32, session_id: &[u8; SESSION_ID_LEN]) -> u32 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&session_id[..8]);
+    let draw = u128::from(u64::from_le_bytes(first));
+    let span = u128::from(r / REATTEST_SPREAD_DIVISOR);
+    // span * draw / 2^64 < span <= u32::MAX / 10: fits.
+    let cut = u32::try_from((span * draw) >> 64).unwrap_or(0);
+    r.saturating_sub(cut).max(MIN_REATTEST_AFTER_S.min(r))
 }
 
 /// Fresh random values for one session, drawn by the driver.
@@ -310,15 +330,16 @@ impl Host {
         };
         match verdict {
             Verdict::Accepted => {
+                let reattest_after_s = spread_reattest(s.config.reattest_after_s, &s.session_id);
                 out.send(AttestationResult {
                     session_id: s.session_id,
-                    reattest_after_s: s.config.reattest_after_s,
+                    reattest_after_s,
                 });
                 out.event(HostEvent::Attested {
                     vm_id: s.vm_id.clone(),
                     session_id: s.session_id,
                 });
-                let reattest = Duration::from_secs(s.config.reattest_after_s.into());
+                let reattest = Duration::from_secs(reattest_after_s.into());
                 let next = Established {
                     config: s.config,
                     vm_id: s.vm_id,
@@ -725,6 +746,30 @@ mod tests {
             session_id: [2; SESSION_ID_LEN],
         };
         Host::start(config, peer, [3; TRANSCRIPT_EXPORTER_LEN], random, now)
+    }
+
+    #[test]
+    fn reattest_after_is_spread_over_the_last_tenth_and_never_below_the_minimum() {
+        let mut id = [0u8; SESSION_ID_LEN];
+        assert_eq!(spread_reattest(3600, &id), 3600);
+        id[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(spread_reattest(3600, &id), 3241);
+        // The minimum stays the minimum.
+        assert_eq!(spread_reattest(MIN_REATTEST_AFTER_S, &id), MIN_REATTEST_AFTER_S);
+        assert_eq!(spread_reattest(320, &id), MIN_REATTEST_AFTER_S);
+        // Over many session ids: within [0.9 R, R], and spread across it.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut x = 0x0123_4567_89ab_cdef_u64;
+        for _ in 0..1000 {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            id[..8].copy_from_slice(&x.to_le_bytes());
+            let r = spread_reattest(3600, &id);
+            assert!((3240..=3600).contains(&r), "{r}");
+            seen.insert(r / 36);
+        }
+        assert!(seen.len() >= 9, "{seen:?}");
     }
 
     #[test]
