@@ -46,6 +46,27 @@ pub const MAX_VMS: usize = 16 * 1024;
 pub const MAX_ALLOWED_VALUES: usize = 16;
 /// Keys or purposes granted by one image or VM entry.
 pub const MAX_GRANTS: usize = 64;
+/// Longest image name.
+pub const MAX_IMAGE_NAME: usize = 64;
+
+/// Checks an image name: 1 to [`MAX_IMAGE_NAME`] characters of
+/// `[A-Za-z0-9._:+-]`, the wire's name alphabet. The policy and the key
+/// store's allow-lists (`vkx-host keys --allow-image`) both use it, so a
+/// name one accepts the other does too, and a name is always safe to log.
+pub fn check_image_name(image: &str) -> Result<(), String> {
+    if image.is_empty() || image.len() > MAX_IMAGE_NAME {
+        return Err(format!(
+            "image name must have 1..={MAX_IMAGE_NAME} characters"
+        ));
+    }
+    if !image
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'+' | b'-'))
+    {
+        return Err("image name has a character outside [A-Za-z0-9._:+-]".into());
+    }
+    Ok(())
+}
 
 /// Why a policy file was refused. The message names the place.
 #[derive(Debug, thiserror::Error)]
@@ -263,10 +284,14 @@ impl Policy {
         }
         let mut images = BTreeMap::new();
         for img in &file.image {
-            let at = format!("image {:?}", img.name);
-            if img.name.is_empty() || img.name.len() > 64 {
-                return Err(invalid(format!("{at}: name must have 1..64 characters")));
-            }
+            let at = format!(
+                "image {:?}",
+                img.name
+                    .chars()
+                    .take(MAX_IMAGE_NAME + 8)
+                    .collect::<String>()
+            );
+            check_image_name(&img.name).map_err(|e| invalid(format!("{at}: {e}")))?;
             let pcrs = parse_pcrs(&img.pcr, &at)?;
             let keys = parse_grants(&img.keys, &at, "key", KeyName::new)?;
             let derive = parse_grants(&img.derive, &at, "purpose", Purpose::new)?;
@@ -499,6 +524,18 @@ allowed = ["{C}"]
                 "bad name",
             ),
             (policy().replace("index = 0", "index = 7"), "listed twice"),
+            // The key store's alphabet: an image a key could never name.
+            (
+                policy().replace("name = \"deb12\"", "name = \"deb 12\""),
+                "outside [A-Za-z0-9._:+-]",
+            ),
+            (
+                policy().replace(
+                    "name = \"deb12\"",
+                    &format!("name = \"{}\"", "d".repeat(65)),
+                ),
+                "1..=64 characters",
+            ),
             (
                 "[[image]]\nname = \"x\"\n[[vm]]\nid = \"v\"\nimage = \"x\"\n".to_owned(),
                 "no PCR rules",

@@ -133,8 +133,8 @@ pub const MIN_KEY_MATERIAL: usize = 1;
 /// Entries per allow-list (VMs, images): keys meant for more VMs belong to
 /// an image.
 pub const MAX_ALLOWED_ENTRIES: usize = 64;
-/// Longest image name in an allow-list, as in the policy.
-pub const MAX_IMAGE_NAME: usize = 64;
+/// Longest image name in an allow-list: the policy's.
+pub use vkx_common::policy::MAX_IMAGE_NAME;
 /// Largest key file read. The largest valid file (1 KiB of material, two
 /// full allow-lists of 64-character names, pretty-printed) is about
 /// 12 KiB.
@@ -274,23 +274,6 @@ fn check_dotless(name: &KeyName) -> Result<(), KeyStoreError> {
     Ok(())
 }
 
-/// Checks an image name for an allow-list: 1 to [`MAX_IMAGE_NAME`]
-/// characters of `[A-Za-z0-9._:+-]`.
-fn check_image_name(image: &str) -> Result<(), String> {
-    if image.is_empty() || image.len() > MAX_IMAGE_NAME {
-        return Err(format!(
-            "image name must have 1..={MAX_IMAGE_NAME} characters"
-        ));
-    }
-    if !image
-        .bytes()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'+' | b'-'))
-    {
-        return Err("image name has a character outside [A-Za-z0-9._:+-]".into());
-    }
-    Ok(())
-}
-
 fn check_material_len(len: usize) -> Result<(), String> {
     if (MIN_KEY_MATERIAL..=MAX_KEY_MATERIAL).contains(&len) {
         Ok(())
@@ -343,7 +326,7 @@ impl AllowList {
             .iter()
             .map(|i| {
                 let i = i.as_ref();
-                check_image_name(i).map_err(|e| {
+                vkx_common::policy::check_image_name(i).map_err(|e| {
                     invalid(format!(
                         "{:?}: {e}",
                         i.chars().take(MAX_IMAGE_NAME + 8).collect::<String>()

@@ -755,7 +755,10 @@ mod tests {
         id[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(spread_reattest(3600, &id), 3241);
         // The minimum stays the minimum.
-        assert_eq!(spread_reattest(MIN_REATTEST_AFTER_S, &id), MIN_REATTEST_AFTER_S);
+        assert_eq!(
+            spread_reattest(MIN_REATTEST_AFTER_S, &id),
+            MIN_REATTEST_AFTER_S
+        );
         assert_eq!(spread_reattest(320, &id), MIN_REATTEST_AFTER_S);
         // Over many session ids: within [0.9 R, R], and spread across it.
         let mut seen = std::collections::BTreeSet::new();
