@@ -306,16 +306,17 @@ mod tests {
     #[test]
     fn a_lost_session_reconnects_within_the_spread() {
         let t0 = Instant::now();
-        let mut s = Supervisor::new(RetryConfig::default(), 5);
-        assert_eq!(s.start_attempt(t0), Start::Go);
-        let e = s.attempt_ended(
-            &Attempt {
-                established: true,
-                close: CloseReason::Failed(Failure::Transport),
-                detail: "connection lost".into(),
-            },
-            t0,
-        );
+        let lost = Attempt {
+            established: true,
+            close: CloseReason::Failed(Failure::Transport),
+            detail: "connection lost".into(),
+        };
+        let ended = |seed| {
+            let mut s = Supervisor::new(RetryConfig::default(), seed);
+            assert_eq!(s.start_attempt(t0), Start::Go);
+            s.attempt_ended(&lost, t0)
+        };
+        let e = ended(5);
         assert_eq!(e.log.site, LogSite::Retrying);
         assert_eq!(e.consecutive_failures, 1);
         let wait = e.next.instant() - t0;
@@ -324,20 +325,7 @@ mod tests {
             "{wait:?}"
         );
         // Not the ordinary first backoff (U[0, 2 s]) for some seed.
-        let far = (0..64).any(|seed| {
-            let mut s = Supervisor::new(RetryConfig::default(), seed);
-            let _ = s.start_attempt(t0);
-            let e = s.attempt_ended(
-                &Attempt {
-                    established: true,
-                    close: CloseReason::Failed(Failure::Transport),
-                    detail: "connection lost".into(),
-                },
-                t0,
-            );
-            e.next.instant() - t0 > Duration::from_secs(2)
-        });
-        assert!(far);
+        assert!((0..64).any(|seed| ended(seed).next.instant() - t0 > Duration::from_secs(2)));
     }
 
     #[test]

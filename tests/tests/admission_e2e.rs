@@ -267,25 +267,24 @@ fn sessions_and_peers_over_their_rates_are_told_rate_limited() {
     }
 }
 
-/// `extra` for host.toml, plus a second listener for `vm-2` (not
+/// A deployment like [`deploy`]'s, plus a second listener for `vm-2` (not
 /// provisioned: its connections are admitted or closed, never attested).
-fn with_second_vm(d_path: &Path, extra: &str) -> String {
-    format!(
-        "{extra}\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"vm-2\"\n",
-        d_path.display()
-    )
-}
-
-#[test]
-fn over_the_hard_ceiling_the_transport_is_closed_without_tls() {
+/// Returns the deployment, the metrics socket and vm-2's socket.
+fn deploy_two_vms(extra: &str) -> (Deployment, PathBuf, PathBuf) {
     let d = Deployment::new("vm-1", "");
     let metrics = d.path("metrics.sock");
     let second = d.path("vm-2.sock");
     d.write_host_config(&format!(
-        "{}\n[metrics]\nsocket = \"{}\"\n",
-        with_second_vm(&second, "max_connections = 1\n[admission]\nmax_open = 1\n"),
+        "{extra}\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"vm-2\"\n\n[metrics]\nsocket = \"{}\"\n",
+        second.display(),
         metrics.display()
     ));
+    (d, metrics, second)
+}
+
+#[test]
+fn over_the_hard_ceiling_the_transport_is_closed_without_tls() {
+    let (d, metrics, second) = deploy_two_vms("max_connections = 1\n[admission]\nmax_open = 1\n");
     let _host = start(&d, &metrics);
     let pin = d.node.pin().to_owned();
     let socket = d.socket();
@@ -312,14 +311,7 @@ fn over_the_hard_ceiling_the_transport_is_closed_without_tls() {
 
 #[test]
 fn one_vm_holding_idle_transports_is_capped_and_others_are_served() {
-    let d = Deployment::new("vm-1", "");
-    let metrics = d.path("metrics.sock");
-    let second = d.path("vm-2.sock");
-    d.write_host_config(&format!(
-        "{}\n[metrics]\nsocket = \"{}\"\n",
-        with_second_vm(&second, "[admission]\nmax_open_per_peer = 2\n"),
-        metrics.display()
-    ));
+    let (d, metrics, second) = deploy_two_vms("[admission]\nmax_open_per_peer = 2\n");
     let host = start(&d, &metrics);
     let pin = d.node.pin().to_owned();
     let socket = d.socket();
