@@ -85,8 +85,9 @@ impl Handler for Hold<'_> {
 }
 
 /// Writes `line` through its call site's rate-limited macro: one macro
-/// invocation, so one limiter, per [`LogSite`].
-fn log(line: &LogLine) {
+/// invocation, so one limiter, per [`LogSite`]. `once --retry-for` writes
+/// its lines here too.
+pub(crate) fn log(line: &LogLine) {
     let text = &line.message;
     match line.site {
         LogSite::BudgetSpent => rl_warn!("{text}"),

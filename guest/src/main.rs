@@ -33,10 +33,15 @@ enum Command {
         config: PathBuf,
     },
     /// Attest once against the host and exit: 0 attested, 2 permanent
-    /// failure (do not retry), 3 retryable failure.
+    /// failure (do not retry), 3 retryable failure, 4 a key refused.
     Once {
         #[arg(long)]
         config: PathBuf,
+        /// Retry retryable failures for up to this many seconds (at most a
+        /// day), paced by the [retry] policy (jittered backoff, budget); 0,
+        /// the default, makes one attempt. For boot units.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        retry_for: u64,
     },
     /// Show what the daemon is doing: state, last success, next attempt,
     /// last error (from its status file in the run directory).
@@ -77,7 +82,7 @@ enum Command {
 fn main() -> ExitCode {
     let command = Cli::parse().command;
     match &command {
-        Command::Once { config } => return once(config),
+        Command::Once { config, retry_for } => return once(config, *retry_for),
         Command::Run { config } => return run(config),
         Command::Get { name, config } => return get(name, config),
         _ => {}
@@ -194,6 +199,18 @@ fn status(config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves on SIGTERM or SIGINT (never, if the handler cannot be set).
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 fn run(config: &Path) -> ExitCode {
     let config = match load(config) {
         Ok(c) => c,
@@ -207,15 +224,7 @@ fn run(config: &Path) -> ExitCode {
     let result = rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let signals = async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+            terminated().await;
             let _ = stop_tx.send(true);
             // Keep the sender alive until the daemon has seen it.
             std::future::pending::<()>().await;
@@ -275,7 +284,7 @@ fn get(name: &str, config: &Path) -> ExitCode {
     ExitCode::from(outcome.exit_code())
 }
 
-fn once(config: &Path) -> ExitCode {
+fn once(config: &Path, retry_for: u64) -> ExitCode {
     let config = match load(config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -285,7 +294,30 @@ fn once(config: &Path) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let outcome = rt.block_on(vkx_guest::once::once(config));
+    let retry_for = std::time::Duration::from_secs(retry_for);
+    if retry_for > vkx_guest::once::MAX_RETRY_FOR {
+        eprintln!(
+            "vkx-guest: --retry-for is at most {} s",
+            vkx_guest::once::MAX_RETRY_FOR.as_secs()
+        );
+        return ExitCode::from(2);
+    }
+    let outcome = rt.block_on(async {
+        if retry_for.is_zero() {
+            return vkx_guest::once::once(config).await;
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let signals = async move {
+            terminated().await;
+            let _ = stop_tx.send(true);
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            (o, _) = vkx_guest::once::once_retrying(config, retry_for, stop_rx) => o,
+            // Not reached: the signal task never ends.
+            () = signals => vkx_guest::once::Outcome::Retryable("stopped".into()),
+        }
+    });
     match &outcome {
         vkx_guest::once::Outcome::Attested {
             session_id,

@@ -2,8 +2,10 @@
 //! before an encrypted disk is opened). One [`Agent::attempt`] whose
 //! handler ends the session with `goodbye` as soon as it is attested.
 //!
-//! It makes exactly one attempt: retrying with backoff is the daemon's job
-//! (`run`, with the retry policy), or systemd's, guided by the exit code:
+//! By default it makes exactly one attempt. With `--retry-for SECONDS`
+//! ([`once_retrying`], for boot) it retries retryable failures within that
+//! time, paced by the daemon's own retry policy, never systemd's fixed
+//! restart delay. The exit code:
 //! 0 attested (and every configured key delivered), 2 permanent failure
 //! (do not retry), 3 retryable failure, 4 attested but a configured key
 //! was refused or could not be installed.
@@ -18,9 +20,12 @@ use vkx_common::session::guest::{Guest, GuestEvent};
 
 use vkx_common::wire::KeyName;
 
-use crate::agent::{Agent, Handler, Reaction};
+use crate::agent::{Agent, Attempt, Handler, Reaction};
 use crate::config::Config;
 use crate::deliver::Deliver;
+use crate::keys::KeyDir;
+use crate::status::State;
+use crate::supervisor::{Start, Supervisor};
 
 /// How one attempt ended.
 #[derive(Debug)]
@@ -86,14 +91,107 @@ impl Handler for Once<'_> {
 
 /// One attestation attempt.
 pub async fn once(config: Config) -> Outcome {
-    let agent = match Agent::new(&config) {
-        Ok(a) => a,
-        Err(e) => return Outcome::Permanent(format!("{e:#}")),
+    let (agent, dirs) = match prepare(&config) {
+        Ok(p) => p,
+        Err(o) => return o,
     };
-    let (dir, derived_dir) = match crate::deliver::open_dirs(&config) {
-        Ok(d) => d,
-        Err(e) => return Outcome::Permanent(format!("{e:#}")),
+    let (_keep, mut stop) = watch::channel(false);
+    one(&agent, &config, &dirs, &mut stop).await.0
+}
+
+/// Longest `--retry-for`: a day.
+pub const MAX_RETRY_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// `once --retry-for D`, for boot (a disk to unlock while the host may be
+/// restarting): attempts until one attests, a failure is permanent or a
+/// key is refused, or the next attempt would start more than `retry_for`
+/// after the first. The pacing is the daemon's own, [`Supervisor`] with
+/// the configured [`vkx_common::retry::RetryConfig`]: full-jitter backoff,
+/// `retry-after` honoured, the attempt budget, and no attempt at all once
+/// the policy is dormant; each failed attempt writes one line through the
+/// daemon's rate-limited call sites. `stop` (SIGTERM) ends the wait.
+/// Returns the last outcome and the number of attempts.
+pub async fn once_retrying(
+    config: Config,
+    retry_for: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> (Outcome, u32) {
+    let (agent, dirs) = match prepare(&config) {
+        Ok(p) => p,
+        Err(o) => return (o, 0),
     };
+    let mut seed = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).is_err() {
+        return (
+            Outcome::Permanent("no randomness for the retry jitter".into()),
+            0,
+        );
+    }
+    let mut sup = Supervisor::new(config.retry, u64::from_le_bytes(seed));
+    let deadline = Instant::now() + retry_for.min(MAX_RETRY_FOR);
+    let mut attempts = 0;
+    let mut last = Outcome::Retryable("no attempt made".into());
+    loop {
+        if let Some(wait) = sup.next_wake(Instant::now()) {
+            if wait.state == State::Dormant || wait.until > deadline {
+                let why = match &last {
+                    Outcome::Retryable(w) => w.clone(),
+                    other => format!("{other:?}"),
+                };
+                let because = if wait.state == State::Dormant {
+                    "the retry policy went dormant"
+                } else {
+                    "the next attempt would fall after --retry-for"
+                };
+                return (
+                    Outcome::Retryable(format!(
+                        "{why}; gave up after {attempts} attempt(s): {because}"
+                    )),
+                    attempts,
+                );
+            }
+            tokio::select! {
+                _ = stop.changed() => return (last, attempts),
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(wait.until)) => {}
+            }
+        }
+        match sup.start_attempt(Instant::now()) {
+            Start::Go => {}
+            Start::NotYet(_) => continue,
+            Start::BudgetSpent(line) => {
+                crate::daemon::log(&line);
+                continue;
+            }
+        }
+        attempts += 1;
+        let (outcome, attempt) = one(&agent, &config, &dirs, &mut stop).await;
+        match outcome {
+            Outcome::Retryable(_) if !*stop.borrow() => {
+                let ended = sup.attempt_ended(&attempt, Instant::now());
+                crate::daemon::log(&ended.log);
+                last = outcome;
+            }
+            done => return (done, attempts),
+        }
+    }
+}
+
+type Dirs = (Option<KeyDir>, Option<KeyDir>);
+
+fn prepare(config: &Config) -> Result<(Agent, Dirs), Outcome> {
+    let agent = Agent::new(config).map_err(|e| Outcome::Permanent(format!("{e:#}")))?;
+    let dirs =
+        crate::deliver::open_dirs(config).map_err(|e| Outcome::Permanent(format!("{e:#}")))?;
+    Ok((agent, dirs))
+}
+
+/// One attempt, its outcome and how it ended (for the retry policy).
+async fn one(
+    agent: &Agent,
+    config: &Config,
+    (dir, derived_dir): &Dirs,
+    stop: &mut watch::Receiver<bool>,
+) -> (Outcome, Attempt) {
     let mut handler = Once {
         attested: None,
         deliver: Deliver::new(
@@ -103,8 +201,7 @@ pub async fn once(config: Config) -> Outcome {
             derived_dir.as_ref(),
         ),
     };
-    let (_keep, mut stop) = watch::channel(false);
-    let attempt = agent.attempt(&mut handler, &mut stop).await;
+    let attempt = agent.attempt(&mut handler, stop).await;
     if let Some((session_id, reattest_after)) = handler.attested {
         let d = handler.deliver;
         if !d.failed.is_empty()
@@ -116,22 +213,26 @@ pub async fn once(config: Config) -> Outcome {
                 .iter()
                 .map(|(k, why)| format!("{k}: {why}"))
                 .collect();
-            return Outcome::KeysMissing(what.join("; "));
+            return (Outcome::KeysMissing(what.join("; ")), attempt);
         }
-        return Outcome::Attested {
-            session_id,
-            reattest_after,
-            keys: d.installed,
-        };
+        return (
+            Outcome::Attested {
+                session_id,
+                reattest_after,
+                keys: d.installed,
+            },
+            attempt,
+        );
     }
     let permanent = match attempt.close {
         CloseReason::Failed(Failure::Permanent) => true,
         CloseReason::Failed(Failure::Code { code, .. }) => code.class() == RetryClass::Permanent,
         CloseReason::Failed(Failure::Transport) | CloseReason::Orderly { .. } => false,
     };
-    if permanent {
-        Outcome::Permanent(attempt.detail)
+    let outcome = if permanent {
+        Outcome::Permanent(attempt.detail.clone())
     } else {
-        Outcome::Retryable(attempt.detail)
-    }
+        Outcome::Retryable(attempt.detail.clone())
+    };
+    (outcome, attempt)
 }

@@ -207,6 +207,11 @@ impl Agent {
         let _ = self.child.wait();
     }
 
+    /// Waits (bounded by `limit`) for the process to exit by itself.
+    pub fn wait_exit(mut self, limit: Duration) -> std::process::ExitStatus {
+        self.wait(limit)
+    }
+
     fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
         let start = Instant::now();
         loop {

@@ -3,7 +3,8 @@
 //! session; survives a host killed mid-handshake, a host killed while the
 //! session is held and a graceful host restart (honouring its
 //! `retry-after`); stops with a goodbye on SIGTERM; and goes dormant,
-//! without retrying, on a permanent refusal.
+//! without retrying, on a permanent refusal. Also `vkx-guest once
+//! --retry-for`, the boot-time one-shot that retries with the same policy.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
 
@@ -148,4 +149,79 @@ fn a_refused_guest_goes_dormant_instead_of_retrying() {
     let refusals = count(&host.log(), "attestation refused");
     assert_eq!(refusals, 1, "{}", host.log());
     assert!(guest.stop().success());
+}
+
+/// `once --retry-for`: started before the host exists, it retries with
+/// the daemon's policy and attests once the host is up.
+#[test]
+fn once_retry_for_waits_for_a_host_that_is_not_up_yet() {
+    let d = Deployment::new("vm-1", "");
+    let pin = d.node.pin().to_owned();
+    let config = d.guest_config("guest.toml", &d.socket(), &pin, FAST_RETRY);
+    let cfg = config.display().to_string();
+    let once = Agent::spawn(
+        "vkx-guest",
+        &["once", "--config", &cfg, "--retry-for", "60"],
+        d.path("once.log"),
+    );
+    // A few attempts fail (nothing listens) before the host starts.
+    let failed = once.wait_log(LIMIT, "two failed attempts", |l| {
+        count(l, "retrying in") >= 2
+    });
+    assert!(count(&failed, "retrying in") >= 2, "{failed}");
+    let _host = d.start_host("host.log");
+    let log_path = d.path("once.log");
+    let status = once.wait_exit(LIMIT);
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+}
+
+/// `once --retry-for`: with no host at all it gives up within its time,
+/// retryable (exit 3), saying how many attempts it made; a permanent
+/// failure (the wrong host key) ends it after one attempt (exit 2).
+#[test]
+fn once_retry_for_is_bounded_and_stops_at_a_permanent_failure() {
+    let d = Deployment::new("vm-1", "");
+    let pin = d.node.pin().to_owned();
+    let config = d.guest_config("guest.toml", &d.socket(), &pin, FAST_RETRY);
+    let cfg = config.display().to_string();
+    let t = Instant::now();
+    let o = run(
+        "vkx-guest",
+        &["once", "--config", &cfg, "--retry-for", "3"],
+        b"",
+    );
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(took < Duration::from_secs(3) + LIMIT / 3, "took {took:?}");
+    let attempts: u32 = err
+        .split("gave up after ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no attempt count in {err}"));
+    // Backoff from 50 ms doubling to 1 s: a handful in 3 s, never the budget.
+    assert!((2..=30).contains(&attempts), "{attempts} attempts: {err}");
+    assert!(err.contains("--retry-for"), "{err}");
+
+    // The wrong pin: permanent, one attempt, although time remains.
+    let _host = d.start_host("host.log");
+    let wrong = d.guest_config("wrong.toml", &d.socket(), &"00".repeat(32), FAST_RETRY);
+    let t = Instant::now();
+    let o = run(
+        "vkx-guest",
+        &[
+            "once",
+            "--config",
+            &wrong.display().to_string(),
+            "--retry-for",
+            "60",
+        ],
+        b"",
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(t.elapsed() < LIMIT, "{err}");
+    assert_eq!(count(&err, "retrying in"), 0, "{err}");
 }
