@@ -29,6 +29,25 @@ pub fn bin(name: &str) -> PathBuf {
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--bins", "-p", "vkx-host", "-p", "vkx-guest"])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo gives a test process the variables of its own package
+        // (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...). A build script that
+        // watches one of them (ring's watches CARGO_MANIFEST_DIR) would
+        // see it change between `make`'s builds and this one, and every
+        // crate above it would be rebuilt each time.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k == "CARGO_MANIFEST_DIR"
+                || k == "CARGO_MANIFEST_PATH"
+                || k == "CARGO_CRATE_NAME"
+                || k == "CARGO_PRIMARY_PACKAGE"
+                || k == "CARGO_TARGET_TMPDIR"
+                || k == "CARGO_RUSTC_CURRENT_DIR"
+                || k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_EXE_")
+            {
+                cmd.env_remove(&key);
+            }
+        }
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
