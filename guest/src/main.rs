@@ -199,6 +199,23 @@ fn status(config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `work` with a stop flag that SIGTERM or SIGINT raises, and waits
+/// for it to wind down and return once it sees the flag.
+async fn stop_on_signal<F: std::future::Future>(
+    work: impl FnOnce(tokio::sync::watch::Receiver<bool>) -> F,
+) -> F::Output {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let work = work(stop_rx);
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => out,
+        () = terminated() => {
+            let _ = stop_tx.send(true);
+            work.await
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT (never, if the handler cannot be set).
 async fn terminated() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -221,19 +238,7 @@ fn run(config: &Path) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let result = rt.block_on(async {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let signals = async move {
-            terminated().await;
-            let _ = stop_tx.send(true);
-            // Keep the sender alive until the daemon has seen it.
-            std::future::pending::<()>().await;
-        };
-        tokio::select! {
-            r = vkx_guest::daemon::run(config, stop_rx) => r,
-            () = signals => Ok(()),
-        }
-    });
+    let result = rt.block_on(stop_on_signal(|stop| vkx_guest::daemon::run(config, stop)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -306,17 +311,9 @@ fn once(config: &Path, retry_for: u64) -> ExitCode {
         if retry_for.is_zero() {
             return vkx_guest::once::once(config).await;
         }
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let signals = async move {
-            terminated().await;
-            let _ = stop_tx.send(true);
-            std::future::pending::<()>().await;
-        };
-        tokio::select! {
-            (o, _) = vkx_guest::once::once_retrying(config, retry_for, stop_rx) => o,
-            // Not reached: the signal task never ends.
-            () = signals => vkx_guest::once::Outcome::Retryable("stopped".into()),
-        }
+        stop_on_signal(|stop| vkx_guest::once::once_retrying(config, retry_for, stop))
+            .await
+            .0
     });
     match &outcome {
         vkx_guest::once::Outcome::Attested {
