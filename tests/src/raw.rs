@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use vkx_common::wire::{FrameDecoder, Message, encode_frame};
+use vkx_common::wire::{AgentName, AgentVersion, FrameDecoder, Hello, Message, encode_frame};
 
 /// A client TLS stream over a Unix socket.
 pub type Tls = rustls::StreamOwned<rustls::ClientConnection, UnixStream>;
@@ -67,4 +67,21 @@ pub fn read_all(tls: &mut Tls) -> Vec<Message> {
         out.push(Message::decode(p).unwrap());
     }
     out
+}
+
+/// The longest `hello` there is (32-byte agent name and version), framed:
+/// what a slow sender trickles.
+pub fn long_hello_frame() -> Vec<u8> {
+    let hello = Message::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        agent_name: AgentName::new("a".repeat(32)).unwrap(),
+        agent_version: AgentVersion::new("1".repeat(32)).unwrap(),
+        guest_nonce: [7; 32],
+    })
+    .encode()
+    .unwrap();
+    let mut frame = Vec::new();
+    encode_frame(&hello, &mut frame).unwrap();
+    frame
 }

@@ -27,9 +27,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use vkx_common::errors::ErrorCode;
-use vkx_common::wire::{
-    AgentName, AgentVersion, ErrorMessage, FrameDecoder, Hello, Message, encode_frame,
-};
+use vkx_common::wire::{AgentName, AgentVersion, ErrorMessage, FrameDecoder, Hello, Message};
 use vkx_e2e::agents::{Agent, Deployment, scrape, value, wait_value};
 use vkx_e2e::raw::{Tls, read_all, read_messages, send};
 use vkx_e2e::run;
@@ -366,17 +364,7 @@ fn a_client_trickling_one_byte_a_second_is_cut_off_at_its_deadline() {
     let pin = d.node.pin().to_owned();
     let socket = d.socket();
     // The longest hello there is: 32-byte agent name and version.
-    let long_hello = Message::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        agent_name: AgentName::new("a".repeat(32)).unwrap(),
-        agent_version: AgentVersion::new("1".repeat(32)).unwrap(),
-        guest_nonce: [7; 32],
-    })
-    .encode()
-    .unwrap();
-    let mut frame = Vec::new();
-    encode_frame(&long_hello, &mut frame).unwrap();
+    let frame = vkx_e2e::raw::long_hello_frame();
 
     // TLS done, then the hello one byte (one TLS record) per second, until
     // the host stops taking it.

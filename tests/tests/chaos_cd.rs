@@ -39,10 +39,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vkx_common::errors::ErrorCode;
-use vkx_common::wire::{AgentName, AgentVersion, Hello, MAX_FRAME_PAYLOAD, Message, encode_frame};
+use vkx_common::wire::{MAX_FRAME_PAYLOAD, Message, encode_frame};
 use vkx_e2e::agents::{Agent as Process, Deployment, status_kib, value, wait_value};
 use vkx_e2e::chaos::{Row, size};
-use vkx_e2e::raw::{Tls, read_all};
+use vkx_e2e::raw::{Tls, long_hello_frame, read_all};
 use vkx_e2e::run;
 
 /// Bound on waiting for the host to notice something.
@@ -111,21 +111,6 @@ fn one_shot(socket: &Path, pin: &str, bytes: &[u8]) -> Vec<Message> {
     tls.write_all(bytes).unwrap();
     tls.flush().unwrap();
     read_all(&mut tls)
-}
-
-fn long_hello_frame() -> Vec<u8> {
-    let hello = Message::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        agent_name: AgentName::new("a".repeat(32)).unwrap(),
-        agent_version: AgentVersion::new("1".repeat(32)).unwrap(),
-        guest_nonce: [7; 32],
-    })
-    .encode()
-    .unwrap();
-    let mut frame = Vec::new();
-    encode_frame(&hello, &mut frame).unwrap();
-    frame
 }
 
 #[test]
