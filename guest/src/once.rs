@@ -131,6 +131,9 @@ pub async fn once_retrying(
     let deadline = Instant::now() + retry_for.min(MAX_RETRY_FOR);
     let mut attempts = 0;
     let mut last = Outcome::Retryable("no attempt made".into());
+    // Bounded: each pass waits for the policy, makes one attempt (at most
+    // the budget's worth in all) or returns; a wait that would end past
+    // the deadline, or dormancy, returns.
     loop {
         if let Some(wait) = sup.next_wake(Instant::now()) {
             if wait.state == State::Dormant || wait.until > deadline {
