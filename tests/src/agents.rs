@@ -135,25 +135,22 @@ impl Deployment {
 
     /// Starts `vkx-host serve` and waits for its Unix socket.
     pub fn start_host(&self, log: &str) -> Agent {
-        let _ = std::fs::remove_file(self.socket());
-        let agent = Agent::spawn(
-            "vkx-host",
+        self.start_host_with(
             &[
                 "serve",
                 "--config",
                 &self.host_config().display().to_string(),
             ],
-            self.path(log),
-        );
-        let start = Instant::now();
-        while !self.socket().exists() {
-            assert!(
-                start.elapsed() < STARTUP_LIMIT,
-                "host did not listen: {}",
-                agent.log()
-            );
-            std::thread::sleep(POLL);
-        }
+            log,
+        )
+    }
+
+    /// Starts `vkx-host` with `args` (a `serve` command line) and waits
+    /// for this deployment's Unix socket.
+    pub fn start_host_with(&self, args: &[&str], log: &str) -> Agent {
+        let _ = std::fs::remove_file(self.socket());
+        let agent = Agent::spawn("vkx-host", args, self.path(log));
+        agent.wait_for_path(&self.socket());
         agent
     }
 }
@@ -205,6 +202,21 @@ impl Agent {
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits (bounded by [`STARTUP_LIMIT`]) until `path` exists: a socket
+    /// this process creates. On a timeout, the failure shows its log.
+    pub fn wait_for_path(&self, path: &Path) {
+        let start = Instant::now();
+        while !path.exists() {
+            assert!(
+                start.elapsed() < STARTUP_LIMIT,
+                "{} never appeared: {}",
+                path.display(),
+                self.log()
+            );
+            std::thread::sleep(POLL);
+        }
     }
 
     /// Waits (bounded by `limit`) for the process to exit by itself.

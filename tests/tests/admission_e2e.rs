@@ -24,7 +24,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vkx_common::errors::ErrorCode;
 use vkx_common::wire::{AgentName, AgentVersion, ErrorMessage, FrameDecoder, Hello, Message};
@@ -34,7 +34,6 @@ use vkx_e2e::run;
 
 /// Bound on waiting for the host to notice something (a closed client).
 const LIMIT: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(50);
 
 fn hello() -> Vec<u8> {
     Message::Hello(Hello {
@@ -101,11 +100,7 @@ fn deploy(extra: &str) -> (Deployment, PathBuf) {
 
 fn start(d: &Deployment, metrics: &Path) -> Agent {
     let host = d.start_host("host.log");
-    let t = Instant::now();
-    while !metrics.exists() {
-        assert!(t.elapsed() < LIMIT, "no metrics socket: {}", host.log());
-        std::thread::sleep(POLL);
-    }
+    host.wait_for_path(metrics);
     host
 }
 

@@ -66,11 +66,7 @@ fn only_error(msgs: &[Message]) -> ErrorCode {
 
 fn start_host(d: &Deployment, metrics: &Path) -> Process {
     let host = d.start_host("host.log");
-    let t = Instant::now();
-    while !metrics.exists() {
-        assert!(t.elapsed() < LIMIT, "no metrics socket: {}", host.log());
-        std::thread::sleep(POLL);
-    }
+    host.wait_for_path(metrics);
     host
 }
 
@@ -703,11 +699,7 @@ mod c {
             name,
             &format!("[metrics]\nsocket = \"{}\"\n", metrics.display()),
         );
-        let t = Instant::now();
-        while !metrics.exists() {
-            assert!(t.elapsed() < Duration::from_secs(30), "no metrics socket");
-            std::thread::sleep(SAMPLE);
-        }
+        host.process.wait_for_path(&metrics);
         let done = Arc::new(AtomicBool::new(false));
         let sampler = sample_host(metrics, done.clone());
         (host, done, sampler)

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vkx_e2e::agents::{Agent, Deployment};
 use vkx_e2e::bin;
@@ -102,16 +102,7 @@ fn every_units_command_line_does_its_job() {
     assert_eq!(name, "vkx-host");
     assert_eq!(args[0], "serve");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let host = Agent::spawn(&name, &args, d.path("host.log"));
-    let t = Instant::now();
-    while !d.socket().exists() {
-        assert!(
-            t.elapsed() < LIMIT,
-            "the host did not listen: {}",
-            host.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let host = d.start_host_with(&args, "host.log");
 
     // The boot one-shot attests (with its --retry-for) and exits 0.
     let (name, args) = command(UNITS[2]);
