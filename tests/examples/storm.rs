@@ -74,7 +74,7 @@ use vkx_common::wire::{
 };
 use vkx_e2e::agents::status_kib;
 use vkx_e2e::herd::{
-    Host, KEY, MAX_VMS, POLICY_PCRS, Site, SoftSite, ensure_fd_limit, guest_config,
+    Host, KEY, MAX_VMS, POLICY_PCRS, Site, SoftSite, ensure_fd_limit, failure_cause, guest_config,
 };
 use vkx_e2e::node::Node;
 use vkx_e2e::softtpm::SoftTpm;
@@ -191,16 +191,6 @@ impl Handler for StormGuest {
     }
 }
 
-/// How an attempt ended, without the per-attempt `retry-after` figure:
-/// what failures are grouped by.
-fn cause(detail: &str) -> String {
-    detail
-        .split(" (retry after")
-        .next()
-        .unwrap_or(detail)
-        .to_owned()
-}
-
 /// One guest: attempts until the host answers the key request, honouring
 /// `retry-after`; then holds the session until `stop`. Returns whether
 /// its last session ended with goodbye.
@@ -244,14 +234,14 @@ async fn run_guest(
         };
         match wait {
             Some(w) if attempt < MAX_ATTEMPTS => {
-                let _ = g.tx.send(Outcome::TurnedAway(cause(&a.detail)));
+                let _ = g.tx.send(Outcome::TurnedAway(failure_cause(&a.detail)));
                 tokio::select! {
                     () = tokio::time::sleep(w) => {}
                     _ = stop.changed() => return false,
                 }
             }
             _ => {
-                g.finish(Outcome::Failed(cause(&a.detail)));
+                g.finish(Outcome::Failed(failure_cause(&a.detail)));
                 return false;
             }
         }

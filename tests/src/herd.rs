@@ -211,6 +211,17 @@ impl Host {
     }
 }
 
+/// How a guest's attempt failed, without what differs per guest (its
+/// socket path, the `retry-after` it got): what a herd's failures are
+/// grouped by in a report.
+pub fn failure_cause(detail: &str) -> String {
+    let detail = detail.split(" (").next().unwrap_or(detail);
+    match detail.strip_prefix("connect ") {
+        Some(rest) => format!("connect: {}", rest.rsplit(": ").next().unwrap_or(rest)),
+        None => detail.to_owned(),
+    }
+}
+
 /// A site of `n` VMs named `<prefix>-NNNN`, each with its own soft vTPM
 /// enrolled in the registry, the policy constraining [`POLICY_PCRS`] to
 /// the soft TPM's values.

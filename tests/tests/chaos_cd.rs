@@ -373,7 +373,7 @@ mod c {
     use vkx_common::session::guest::{Guest, GuestEvent};
     use vkx_e2e::agents::{status_kib, value};
     use vkx_e2e::chaos::{Row, size};
-    use vkx_e2e::herd::{Host, SoftSite, ensure_fd_limit};
+    use vkx_e2e::herd::{Host, SoftSite, ensure_fd_limit, failure_cause};
     use vkx_guest::agent::{Agent, Handler, Reaction};
     use vkx_guest::supervisor::{Start, Supervisor};
 
@@ -506,16 +506,6 @@ mod c {
         }
     }
 
-    /// How an attempt failed, without what differs per guest (its socket
-    /// path, the `retry-after` it got): what failures are grouped by.
-    fn cause(detail: &str) -> String {
-        let detail = detail.split(" (").next().unwrap_or(detail);
-        match detail.strip_prefix("connect ") {
-            Some(rest) => format!("connect: {}", rest.rsplit(": ").next().unwrap_or(rest)),
-            None => detail.to_owned(),
-        }
-    }
-
     /// What the guests reported, by guest time.
     #[derive(Default)]
     struct Log {
@@ -533,7 +523,7 @@ mod c {
                 Ev::Attempt(t) => self.attempts.push(t),
                 Ev::Attested(id, t) => self.attested[id] = Some(t),
                 Ev::Failed(why) => {
-                    *self.failed.entry(cause(&why)).or_default() += 1;
+                    *self.failed.entry(failure_cause(&why)).or_default() += 1;
                 }
                 Ev::Dormant(id) => {
                     self.dormant.insert(id);
