@@ -18,6 +18,8 @@
 //!   text endpoint (Unix socket or loopback TCP).
 //! - [`node`]: the node identity (`vkx-host init`): TLS key guests pin,
 //!   vTPM CA.
+//! - [`publish`]: watch a source, publish on a `tokio::sync::watch`
+//!   (key versions, rollout sources).
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
 //!   certificate digest).
 //! - [`release`]: which keys an attested VM gets (policy grant and the
@@ -39,6 +41,7 @@ pub mod keys_cli;
 pub mod keystore;
 pub mod metrics;
 pub mod node;
+pub mod publish;
 pub mod registry;
 pub mod release;
 pub mod serve;

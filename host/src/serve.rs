@@ -1160,35 +1160,26 @@ pub const KEY_POLL_INTERVAL: Duration = Duration::from_secs(2);
 async fn watch_key_versions(
     store: Arc<DirKeyStore>,
     tx: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(KEY_POLL_INTERVAL) => {}
-        }
+    let poll = move || {
         let store = store.clone();
-        let listed = tokio::task::spawn_blocking(move || store.list()).await;
-        let current: BTreeMap<KeyName, u32> = match listed {
-            Ok(Ok(keys)) => keys
-                .into_iter()
-                .map(|k| (k.name, k.current_version))
-                .collect(),
-            Ok(Err(e)) => {
-                rl_warn!(error = %e, "key store listing failed");
-                continue;
+        async move {
+            match tokio::task::spawn_blocking(move || store.list()).await {
+                Ok(Ok(keys)) => Some(Arc::new(
+                    keys.into_iter()
+                        .map(|k| (k.name, k.current_version))
+                        .collect::<BTreeMap<KeyName, u32>>(),
+                )),
+                Ok(Err(e)) => {
+                    rl_warn!(error = %e, "key store listing failed");
+                    None
+                }
+                Err(_) => None,
             }
-            Err(_) => continue,
-        };
-        tx.send_if_modified(|old| {
-            if **old == current {
-                false
-            } else {
-                *old = Arc::new(current);
-                true
-            }
-        });
-    }
+        }
+    };
+    crate::publish::poll_and_publish(KEY_POLL_INTERVAL, poll, tx, stop).await;
 }
 
 #[cfg(test)]
