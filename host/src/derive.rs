@@ -144,35 +144,29 @@ impl LocalConfig {
     }
 }
 
-/// Serves the local socket until `stop`.
+/// Serves the local socket until `stop`; at most [`MAX_LOCAL_CLIENTS`]
+/// at once, each for at most [`LOCAL_CLIENT_TIMEOUT`].
 pub async fn serve_local(
     listener: UnixListener,
     config: LocalConfig,
     keys: Arc<DerivedKeys>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_LOCAL_CLIENTS));
     let config = Arc::new(config);
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.changed() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(crate::serve::ACCEPT_ERROR_PAUSE).await;
-            continue;
-        };
+    let serve = move |stream: UnixStream| {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             rl_warn!("local socket: too many clients; closing one");
-            continue;
+            return None;
         };
         let (config, keys) = (config.clone(), keys.clone());
-        tokio::spawn(async move {
+        Some(async move {
             let _ =
                 tokio::time::timeout(LOCAL_CLIENT_TIMEOUT, client(stream, &config, &keys)).await;
             drop(permit);
-        });
-    }
+        })
+    };
+    crate::listen::accept_loop(listener, "local", serve, stop).await;
 }
 
 async fn client(mut stream: UnixStream, config: &LocalConfig, keys: &DerivedKeys) {
@@ -222,15 +216,6 @@ fn parse_request(line: &[u8]) -> Option<(VmId, Purpose)> {
         return None;
     };
     Some((VmId::new(vm).ok()?, Purpose::new(purpose).ok()?))
-}
-
-/// Binds the local socket with mode 0660.
-pub fn bind_local(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(l)
 }
 
 /// The client side (`vkx-host derived get`): the derived key, raw.

@@ -6,6 +6,9 @@
 //!   buckets, jittered `retry-after`.
 //! - [`attestation`]: the decision on a guest's evidence: registry AK,
 //!   quote verification, policy.
+//! - [`config`]: host.toml, typed and checked at load.
+//! - [`connection`]: one guest connection's driver (TLS, session, sends
+//!   under deadlines) and the refusal of a connection after TLS.
 //! - [`derive`]: derived shared keys (§9): the host's answer, the table
 //!   of live sessions' keys, the local socket for host processes.
 //! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
@@ -14,6 +17,8 @@
 //! - [`keystore`]: the host's key store: one directory per key, one
 //!   AES-256-GCM sealed file per version under the node's master key,
 //!   crash-safe writes; the [`keystore::KeyStore`] trait the agent reads.
+//! - [`listen`]: the one accept loop of every listener (guests, metrics,
+//!   derived keys), which owns and awaits its connection tasks.
 //! - [`metrics`]: counters and gauges of `serve`, and its Prometheus
 //!   text endpoint (Unix socket or loopback TCP).
 //! - [`node`]: the node identity (`vkx-host init`): TLS key guests pin,
@@ -25,6 +30,8 @@
 //! - [`release`]: which keys an attested VM gets (policy grant and the
 //!   key's allow-list).
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
+//! - [`service`]: the shared service context of `serve` and its answers
+//!   to session events (verify, release, derive, rotate).
 //! - [`vsock`]: AF_VSOCK listener configuration and admission by CID;
 //!   the hybrid-vsock CONNECT preamble (host to guest).
 //! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
@@ -34,16 +41,20 @@
 
 pub mod admission;
 pub mod attestation;
+pub mod config;
+pub mod connection;
 pub mod derive;
 pub mod enroll;
 pub mod evidence;
 pub mod keys_cli;
 pub mod keystore;
+pub mod listen;
 pub mod metrics;
 pub mod node;
 pub mod publish;
 pub mod registry;
 pub mod release;
 pub mod serve;
+pub mod service;
 pub mod vsock;
 pub mod vtpm;

@@ -481,7 +481,7 @@ fn evidence(cmd: EvidenceCommand) -> anyhow::Result<bool> {
 }
 
 fn serve(config: &std::path::Path) -> anyhow::Result<bool> {
-    let config = vkx_host::serve::ServeConfig::load(config)?;
+    let config = vkx_host::config::ServeConfig::load(config)?;
     let level = config
         .log_level
         .as_deref()

@@ -594,41 +594,28 @@ pub enum MetricsListener {
 /// a TCP listener.
 pub async fn bind(endpoint: &Endpoint) -> std::io::Result<MetricsListener> {
     match endpoint {
-        Endpoint::Unix(path) => crate::derive::bind_local(path).map(MetricsListener::Unix),
+        Endpoint::Unix(path) => crate::listen::bind_local(path).map(MetricsListener::Unix),
         Endpoint::Tcp(addr) => TcpListener::bind(addr).await.map(MetricsListener::Tcp),
     }
 }
 
-/// Serves scrapes until `stop` turns true.
+/// Serves scrapes until `stop` turns true: at most
+/// [`MAX_METRICS_CONNECTIONS`] at once, each for at most
+/// [`EXCHANGE_TIMEOUT`].
 pub async fn serve(
     listener: MetricsListener,
     metrics: Arc<Metrics>,
     admission: Arc<AdmissionControl>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let slots = Slots::new(MAX_METRICS_CONNECTIONS);
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        // Each iteration accepts one scrape, reaps one, or stops.
-        let accepted = tokio::select! {
-            _ = stop.changed() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            a = accept(&listener) => a,
-        };
-        let stream = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                rl_warn!(error = %e, "metrics: accept failed; pausing");
-                tokio::time::sleep(crate::serve::ACCEPT_ERROR_PAUSE).await;
-                continue;
-            }
-        };
+    let serve = move |stream: Stream| {
         let Some(slot) = slots.try_acquire() else {
             rl_warn!("metrics: too many scrapes at once; closing one");
-            continue;
+            return None;
         };
         let (metrics, admission) = (metrics.clone(), admission.clone());
-        conns.spawn(async move {
+        Some(async move {
             let done = match stream {
                 Stream::Unix(s) => {
                     tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(s, &metrics, &admission)).await
@@ -641,20 +628,26 @@ pub async fn serve(
                 rl_warn!(error = %e, "metrics: scrape failed");
             }
             drop(slot);
-        });
-    }
-    conns.abort_all();
+        })
+    };
+    crate::listen::accept_loop(listener, "metrics", serve, stop).await;
 }
 
-enum Stream {
+/// One accepted scrape connection.
+#[derive(Debug)]
+pub enum Stream {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
 }
 
-async fn accept(l: &MetricsListener) -> std::io::Result<Stream> {
-    match l {
-        MetricsListener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
-        MetricsListener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+impl crate::listen::Accept for MetricsListener {
+    type Conn = Stream;
+
+    async fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            MetricsListener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+            MetricsListener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+        }
     }
 }
 

@@ -97,7 +97,10 @@ mod tests {
         assert_eq!(*rx.borrow_and_update(), 2);
         assert_eq!(looks.load(Ordering::Relaxed), 4, "one change per look");
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert!(!rx.has_changed().unwrap(), "an unchanged value wakes no one");
+        assert!(
+            !rx.has_changed().unwrap(),
+            "an unchanged value wakes no one"
+        );
         stop_tx.send(true).unwrap();
         task.await.unwrap();
     }

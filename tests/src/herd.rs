@@ -27,8 +27,8 @@ pub const IMAGE: &str = "storm-img";
 /// The PCRs the policy constrains (sha256 bank): what the host asks for.
 pub const POLICY_PCRS: [u8; 2] = [0, 7];
 /// The most VMs of one site: one Unix listener each, and the host serves
-/// at most `vkx_host::serve::MAX_LISTENERS`.
-pub const MAX_VMS: usize = vkx_host::serve::MAX_LISTENERS;
+/// at most `vkx_host::config::MAX_LISTENERS`.
+pub const MAX_VMS: usize = vkx_host::config::MAX_LISTENERS;
 /// Longest wait for the host to bind every socket.
 const HOST_START_LIMIT: Duration = Duration::from_secs(60);
 /// Connections the host admits beyond N.

@@ -788,7 +788,7 @@ mod c {
         println!("chaos c: {}", orderly.describe("orderly restart"));
         let spread_said = format!(
             "goodbye to {GUESTS} live session(s), reconnections spread over {} s from {} s",
-            vkx_host::serve::shutdown_spread(GUESTS as u64).as_secs(),
+            vkx_host::service::shutdown_spread(GUESTS as u64).as_secs(),
             SHUTDOWN_RETRY_AFTER.as_secs()
         );
 

@@ -1,0 +1,250 @@
+//! `host.toml`, the configuration of `vkx-host serve`: typed, with safe
+//! defaults, loaded completely and checked at start
+//! (`deny_unknown_fields` everywhere, so a misspelt key fails loudly
+//! instead of being ignored).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::admission::{AdmissionConfig, Limits};
+use crate::metrics::MetricsConfig;
+use crate::vsock::VsockListenerConfig;
+
+/// Default connection limit: one per VM of a large node, with headroom.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
+/// Most Unix listeners one host serves (one per VM in development).
+pub const MAX_LISTENERS: usize = 4096;
+
+/// `host.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The directory `vkx-host init` made.
+    pub node_dir: PathBuf,
+    pub registry: PathBuf,
+    pub policy: PathBuf,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_reattest")]
+    pub reattest_after_s: u32,
+    /// `retry-after` in the `goodbye` live sessions get at shutdown: how
+    /// long guests wait before reconnecting (plus up to 10 % jitter).
+    /// Short for a quick restart; longer for a planned outage.
+    #[serde(default = "default_shutdown_retry_after")]
+    pub shutdown_retry_after_s: u32,
+    /// Development transport: one socket per VM (PROTOCOL.md §2.4).
+    #[serde(default)]
+    pub unix_listener: Vec<UnixListenerConfig>,
+    /// Hybrid vsock (Firecracker, Cloud Hypervisor, vhost-device-vsock):
+    /// the guest's connections to host port P arrive on `<path>_<P>`
+    /// (PROTOCOL.md §2.3.1); the socket is the VM's identity.
+    #[serde(default)]
+    pub hybrid_vsock: Vec<HybridVsockConfig>,
+    /// AF_VSOCK (§2.2): listen on every CID at `port`; the peer's CID,
+    /// set by the hypervisor, is the VM's identity.
+    #[serde(default)]
+    pub vsock: Option<VsockListenerConfig>,
+    /// The key store directory; default `<node_dir>/keys`. Sealed under
+    /// the node's master key (`<node_dir>/master.key`).
+    #[serde(default)]
+    pub key_store: Option<PathBuf>,
+    /// Log level: error, warn, info (default), debug or trace. Even at
+    /// trace, no key material and no raw peer bytes are logged.
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// The local socket for derived keys (§9.4); none by default.
+    #[serde(default)]
+    pub local: Option<crate::derive::LocalConfig>,
+    /// Admission control and rate limits (`[admission]`); every key has a
+    /// default (see [`crate::admission`]).
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    /// The metrics endpoint (`[metrics]`); none without the table.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HybridVsockConfig {
+    /// The VM's vsock Unix socket as the VMM names it (without `_<port>`).
+    pub path: PathBuf,
+    pub vm_id: String,
+    #[serde(default = "default_port")]
+    pub port: u32,
+}
+
+fn default_port() -> u32 {
+    vkx_common::session::transport::VKX_PORT
+}
+
+impl HybridVsockConfig {
+    /// The socket the host listens on: `<path>_<port>`.
+    pub fn listen_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!("_{}", self.port));
+        PathBuf::from(p)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixListenerConfig {
+    pub path: PathBuf,
+    pub vm_id: String,
+}
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_reattest() -> u32 {
+    3600
+}
+
+fn default_shutdown_retry_after() -> u32 {
+    30
+}
+
+/// Largest `shutdown_retry_after_s`: a day, the guests' own cap.
+pub const MAX_SHUTDOWN_RETRY_AFTER_S: u32 = 24 * 3600;
+
+impl ServeConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
+        let c: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Some(v) = &c.vsock {
+            v.validate()
+                .map_err(|e| anyhow::anyhow!("{}: [vsock]: {e}", path.display()))?;
+        }
+        if let Some(l) = &c.log_level {
+            l.parse::<tracing::Level>().map_err(|_| {
+                anyhow::anyhow!("log_level {l:?}: use error, warn, info, debug or trace")
+            })?;
+        }
+        let listeners =
+            c.unix_listener.len() + c.hybrid_vsock.len() + usize::from(c.vsock.is_some());
+        anyhow::ensure!(listeners > 0, "{}: no listener configured", path.display());
+        anyhow::ensure!(
+            listeners <= MAX_LISTENERS,
+            "more than {MAX_LISTENERS} listeners"
+        );
+        anyhow::ensure!(
+            (1..=65_536).contains(&c.max_connections),
+            "max_connections must be 1..=65536"
+        );
+        anyhow::ensure!(
+            (1..=MAX_SHUTDOWN_RETRY_AFTER_S).contains(&c.shutdown_retry_after_s),
+            "shutdown_retry_after_s must be 1..={MAX_SHUTDOWN_RETRY_AFTER_S}"
+        );
+        c.limits()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Some(m) = &c.metrics {
+            m.endpoint()
+                .map_err(|e| anyhow::anyhow!("{}: [metrics]: {e}", path.display()))?;
+        }
+        Ok(c)
+    }
+
+    /// The checked admission limits.
+    pub fn limits(&self) -> Result<Limits, crate::admission::AdmissionConfigError> {
+        Limits::new(self.max_connections, &self.admission)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Duration;
+
+    fn load(extra: &str) -> anyhow::Result<ServeConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.toml");
+        std::fs::write(
+            &path,
+            format!("node_dir = \"/n\"\nregistry = \"/r\"\npolicy = \"/p\"\n{extra}"),
+        )
+        .unwrap();
+        ServeConfig::load(&path)
+    }
+
+    #[test]
+    fn each_transport_alone_is_a_listener() {
+        assert!(load("").is_err(), "no listener at all");
+        let c = load("[vsock]\nvm = [ { cid = 17, vm_id = \"vm-17\" } ]\n").unwrap();
+        let v = c.vsock.unwrap();
+        assert_eq!(v.port, vkx_common::session::transport::VKX_PORT);
+        assert!(!v.require_privileged_port);
+        assert_eq!(v.cid_map().unwrap().get(17).unwrap().as_str(), "vm-17");
+        let c = load("[[hybrid_vsock]]\npath = \"/run/vm.vsock\"\nvm_id = \"vm-1\"\n").unwrap();
+        assert_eq!(
+            c.hybrid_vsock[0].listen_path(),
+            PathBuf::from("/run/vm.vsock_7861")
+        );
+        assert_eq!(c.shutdown_retry_after_s, 30);
+    }
+
+    #[test]
+    fn refuses_what_makes_no_sense() {
+        for bad in [
+            "[vsock]\nport = 80\nvm = [ { cid = 17, vm_id = \"vm-17\" } ]\n",
+            "[vsock]\nvm = [ { cid = 2, vm_id = \"vm-17\" } ]\n",
+            "[vsock]\nvm = [ { cid = 17, vm_id = \"a\" }, { cid = 17, vm_id = \"b\" } ]\n",
+            "[vsock]\nvm = [ { cid = 17, vm_id = \"vm-17\" } ]\nports = 1\n",
+            "shutdown_retry_after_s = 0\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
+            "max_connections = 0\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
+        }
+    }
+
+    const UNIX: &str = "[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n";
+
+    #[test]
+    fn admission_and_metrics_have_safe_defaults() {
+        let c = load(UNIX).unwrap();
+        let l = c.limits().unwrap();
+        assert_eq!(l.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(l.max_open, 2 * DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(l.max_handshakes, crate::admission::DEFAULT_MAX_HANDSHAKES);
+        assert!(c.metrics.is_none(), "no endpoint unless configured");
+        let c = load(&format!(
+            "max_connections = 10\n[admission]\nmax_handshakes = 3\nmax_open = 12\n\
+             busy_retry_after_ms = 900\n[metrics]\n{UNIX}"
+        ))
+        .unwrap();
+        let l = c.limits().unwrap();
+        assert_eq!((l.max_handshakes, l.max_open), (3, 12));
+        assert_eq!(l.busy_retry_after, Duration::from_millis(900));
+        assert_eq!(
+            c.metrics.unwrap().endpoint().unwrap(),
+            crate::metrics::Endpoint::Unix(PathBuf::from(crate::metrics::DEFAULT_METRICS_SOCKET))
+        );
+        let c = load(&format!(
+            "[metrics]\nlisten = \"0.0.0.0:9461\"\nallow_non_loopback = true\n{UNIX}"
+        ))
+        .unwrap();
+        assert!(c.metrics.is_some());
+    }
+
+    #[test]
+    fn refuses_admission_and_metrics_that_make_no_sense() {
+        for bad in [
+            "[admission]\nmax_handshakes = 0\n",
+            "[admission]\nbogus = 1\n",
+            "max_connections = 10\n[admission]\nmax_open = 9\n",
+            "[admission]\nretry_jitter_percent = 500\n",
+            "[admission]\npeer_connection_refill_ms = 0\n",
+            "[metrics]\nlisten = \"0.0.0.0:9461\"\n",
+            "[metrics]\nlisten = \"localhost:9461\"\n",
+            "[metrics]\nsocket = \"/m\"\nlisten = \"127.0.0.1:9461\"\n",
+            "[metrics]\nport = 1\n",
+        ] {
+            assert!(load(&format!("{bad}{UNIX}")).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! One guest connection's driver: TLS, then the sans-I/O host session
+//! ([`vkx_common::session::host::Host`]) fed with frames, timer expiries,
+//! key rotations and the stop signal; the session's events answered by
+//! [`crate::service`]; its sends written under a deadline. Also the short
+//! life of a connection admission control refused after TLS.
+//!
+//! Bounds: the TLS handshake has its timeout, the whole handshake holds
+//! its admission slot for at most [`MAX_HANDSHAKE_HOLD`], every batch of
+//! sends has [`WRITE_TIMEOUT`] (a guest that stops reading cannot hold the
+//! connection by back-pressure), the frame decoder buffers at most one
+//! frame, and the session's message budget answers a flood with
+//! `rate-limited` before the session sees the frame.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ring::rand::SecureRandom;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{Instant as TokioInstant, timeout_at};
+use vkx_common::errors::ErrorCode;
+use vkx_common::rl_info;
+use vkx_common::rl_warn;
+use vkx_common::session::host::{
+    HANDSHAKE_DEADLINE, Host, HostEvent, PeerContext, SessionRandom, Verdict,
+};
+use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
+use vkx_common::session::{CloseReason, Output};
+use vkx_common::wire::{FrameDecoder, Message, MessageType, VmId, encode_frame};
+use zeroize::Zeroizing;
+
+use crate::admission::{Refused, Ticket};
+use crate::metrics::{EstablishedGuard, HandshakeOutcome, Metrics};
+use crate::service::{
+    ConnState, Shared, features, handle_event, push_rotations, verify_and_record,
+};
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// Longest one batch of sends (and the close after it) may take: a guest
+/// that stops reading cannot hold its connection by back-pressure.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a served connection holds its handshake slot: the TLS handshake
+/// and the session's handshake both start at accept, and a send during the
+/// handshake is cut at this bound too.
+pub const MAX_HANDSHAKE_HOLD: Duration = TLS_HANDSHAKE_TIMEOUT.saturating_add(HANDSHAKE_DEADLINE);
+/// After a refusal, how long the host keeps reading (and discarding) what
+/// the guest still sends, until it closes: closing on its unread `hello`
+/// could otherwise reset the connection before the error is read.
+pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// Most bytes discarded while lingering after a refusal.
+pub const MAX_LINGER_BYTES: usize = 64 * 1024;
+
+/// Who is on the other end, as the transport says (§2.5).
+#[derive(Debug, Clone)]
+pub(crate) struct TransportPeer {
+    /// `None`: the host cannot admit this peer by identity (§2.6).
+    pub(crate) vm_id: Option<VmId>,
+    pub(crate) cid: Option<u32>,
+    /// How log lines name the peer: the vm-id, or e.g. `cid:17`.
+    pub(crate) label: String,
+}
+
+impl TransportPeer {
+    pub(crate) fn vm(vm_id: VmId) -> Self {
+        Self {
+            label: vm_id.as_str().to_owned(),
+            vm_id: Some(vm_id),
+            cid: None,
+        }
+    }
+}
+
+impl AsRef<str> for TransportPeer {
+    fn as_ref(&self) -> &str {
+        &self.label
+    }
+}
+
+/// What one served connection counts, on every path out of it: the
+/// handshake's outcome and latency, the established gauge, the errors
+/// sent. Owns the connection's admission slots; dropping it releases them.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    ticket: Ticket,
+    accepted_at: std::time::Instant,
+    metrics: Arc<Metrics>,
+    /// How the handshake ends unless it reaches Established.
+    outcome: HandshakeOutcome,
+    established: Option<EstablishedGuard>,
+}
+
+impl Tracker {
+    pub(crate) fn new(
+        ticket: Ticket,
+        accepted_at: std::time::Instant,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            ticket,
+            accepted_at,
+            metrics,
+            outcome: HandshakeOutcome::Failed,
+            established: None,
+        }
+    }
+
+    fn sent_error(&mut self, code: ErrorCode) {
+        self.metrics.error_sent(code);
+        if self.ticket.in_handshake() {
+            self.outcome = HandshakeOutcome::for_code(code);
+        }
+    }
+
+    /// Gives the handshake slot back once the session is Established.
+    fn check_established(&mut self, host: &Host) {
+        if self.ticket.in_handshake() && matches!(host, Host::Established(_)) {
+            self.ticket.established();
+            self.metrics.handshake(HandshakeOutcome::Attested);
+            self.metrics.handshake_latency(self.accepted_at.elapsed());
+            self.established = Some(self.metrics.established());
+        }
+    }
+
+    /// The deadline of a batch of sends starting now: [`WRITE_TIMEOUT`],
+    /// and during the handshake no later than [`MAX_HANDSHAKE_HOLD`] after
+    /// accept.
+    fn write_deadline(&self) -> TokioInstant {
+        let now = TokioInstant::now();
+        let d = now + WRITE_TIMEOUT;
+        if self.ticket.in_handshake() {
+            d.min(TokioInstant::from_std(self.accepted_at) + MAX_HANDSHAKE_HOLD)
+        } else {
+            d
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if self.ticket.in_handshake() {
+            self.metrics.handshake(self.outcome);
+        }
+    }
+}
+
+/// The code of an `error` payload this host encoded, if it is one: our
+/// encoder writes the envelope as `[13, {...}]`, i.e. `0x82 0x0d`.
+fn sent_error_code(payload: &[u8]) -> Option<ErrorCode> {
+    if payload.get(..2)? != [0x82, MessageType::Error.code()] {
+        return None;
+    }
+    match Message::decode(payload) {
+        Ok(Message::Error(e)) => Some(e.code),
+        _ => None,
+    }
+}
+
+/// Sends `payloads` as frames and flushes, by `deadline`; `on_error` sees
+/// the code of every `error` written. False: the connection is gone.
+async fn send_all<W>(
+    w: &mut W,
+    payloads: &[Zeroizing<Vec<u8>>],
+    deadline: TokioInstant,
+    peer: &TransportPeer,
+    mut on_error: impl FnMut(ErrorCode),
+) -> bool
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let work = async {
+        for payload in payloads {
+            vkx_common::rl_log!(
+                trace,
+                peer: peer,
+                bytes = payload.len(),
+                msg_type = ?Message::envelope_type(payload),
+                "frame sent"
+            );
+            let mut frame = Zeroizing::new(Vec::with_capacity(payload.len() + 4));
+            if encode_frame(payload, &mut frame).is_err() || w.write_all(&frame).await.is_err() {
+                return false;
+            }
+            if let Some(code) = sent_error_code(payload) {
+                on_error(code);
+            }
+        }
+        let _ = w.flush().await;
+        true
+    };
+    match timeout_at(deadline, work).await {
+        Ok(sent) => sent,
+        Err(_) => {
+            rl_warn!(peer: peer, "send timed out: the guest is not reading; closing");
+            false
+        }
+    }
+}
+
+/// A connection admission control refused (§11.6, Accepted): TLS (bounded
+/// by its timeout), then `busy` or `rate-limited` with the jittered
+/// `retry-after` without reading `hello`, close, and a short linger so the
+/// error is not lost to a reset. `refused` holds the connection's place
+/// under the hard ceiling until the end.
+pub(crate) async fn refuse<S>(stream: S, peer: TransportPeer, refused: Refused, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let metrics = &shared.metrics;
+    let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(stream)).await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            rl_warn!(peer: peer, error = %e, "TLS handshake failed (refused connection)");
+            metrics.handshake(HandshakeOutcome::Failed);
+            return;
+        }
+        Err(_) => {
+            rl_warn!(peer: peer, "TLS handshake timed out (refused connection)");
+            metrics.handshake(HandshakeOutcome::Timeout);
+            return;
+        }
+    };
+    let (_, out) = Host::refuse(refused.refusal, refused.retry_after);
+    let deadline = TokioInstant::now() + WRITE_TIMEOUT;
+    let mut outcome = HandshakeOutcome::Failed;
+    let sent = send_all(&mut tls, &out.send, deadline, &peer, |code| {
+        metrics.error_sent(code);
+        outcome = HandshakeOutcome::for_code(code);
+    })
+    .await;
+    metrics.handshake(outcome);
+    if sent && timeout_at(deadline, tls.shutdown()).await.is_ok() {
+        let linger = async {
+            let mut buf = [0u8; 1024];
+            let mut left = MAX_LINGER_BYTES;
+            while left > 0 {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+    }
+    drop(refused);
+}
+
+pub(crate) async fn connection<S>(
+    stream: S,
+    peer_id: TransportPeer,
+    mut track: Tracker,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let vm_id = &peer_id;
+    let accepted_at = track.accepted_at;
+    let tls = match tokio::time::timeout_at(
+        TokioInstant::from_std(accepted_at) + TLS_HANDSHAKE_TIMEOUT,
+        shared.tls.accept(stream),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            rl_warn!(peer: vm_id, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            rl_warn!(peer: vm_id, "TLS handshake timed out");
+            track.outcome = HandshakeOutcome::Timeout;
+            return;
+        }
+    };
+    let exporter = match vkx_common::tls::transcript_exporter(tls.get_ref().1) {
+        Ok(x) => x,
+        Err(e) => {
+            rl_warn!(peer: vm_id, error = %e, "TLS exporter failed");
+            return;
+        }
+    };
+    let mut random = SessionRandom {
+        host_nonce: [0; 32],
+        session_id: [0; 16],
+    };
+    if shared.rng.fill(&mut random.host_nonce).is_err()
+        || shared.rng.fill(&mut random.session_id).is_err()
+    {
+        rl_warn!(peer: vm_id, "no randomness: closing");
+        return;
+    }
+    // A VM the policy does not know is served as unmapped: refused after
+    // hello, opaquely.
+    let selection = peer_id
+        .vm_id
+        .as_ref()
+        .and_then(|vm| shared.policy.selection(vm).map(|s| (vm.clone(), s)));
+    let peer = PeerContext {
+        vm_id: selection.as_ref().map(|(vm, _)| vm.clone()),
+        cid: peer_id.cid,
+        selection: selection.map(|(_, s)| s).unwrap_or_default(),
+        features: features(),
+        accepted_at,
+    };
+    let mut host = Host::start(
+        shared.config.clone(),
+        peer,
+        exporter,
+        random,
+        std::time::Instant::now(),
+    );
+    let mut tls = tls;
+    let mut conn = ConnState::default();
+    let mut versions = shared.key_versions.subscribe();
+    let mut frames = FrameDecoder::new();
+    let mut budget = shared.admission.message_bucket(std::time::Instant::now());
+    let mut buf = vec![0u8; READ_CHUNK];
+    // Each iteration consumes input, a timer expiry, a key rotation or the
+    // stop signal; the session's deadlines bound how long it can wait.
+    while let Some(deadline) = host.deadline() {
+        let wake = TokioInstant::from_std(deadline);
+        let out;
+        tokio::select! {
+            _ = stop.changed() => {
+                let (h, o) = host.shutdown(shared.shutdown_retry_after());
+                host = h;
+                out = o;
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                let (h, o) = host.on_timeout(std::time::Instant::now());
+                host = h;
+                out = o;
+            }
+            Ok(()) = versions.changed() => {
+                let current = versions.borrow_and_update().clone();
+                out = push_rotations(&mut host, &mut conn, &current, &shared);
+            }
+            n = tls.read(&mut buf) => {
+                let now = std::time::Instant::now();
+                match n {
+                    Ok(0) | Err(_) => {
+                        if let Err(e) = frames.finish() {
+                            rl_warn!(peer: vm_id, error = %e, "stream ended inside a frame");
+                        }
+                        let (h, o) = host.on_transport_closed();
+                        host = h;
+                        out = o;
+                    }
+                    Ok(n) => {
+                        let mut input = &buf[..n];
+                        let mut acc = Output::default();
+                        // Every frame consumes at least one byte.
+                        loop {
+                            match frames.decode(&mut input) {
+                                Ok(Some(payload)) => {
+                                    vkx_common::rl_log!(
+                                        trace,
+                                        peer: vm_id,
+                                        bytes = payload.len(),
+                                        msg_type = ?Message::envelope_type(payload),
+                                        "frame received"
+                                    );
+                                    // The message budget comes before the
+                                    // session looks at the frame.
+                                    let (h, o) = match budget.try_take(now) {
+                                        Ok(()) => host.on_payload(payload, now),
+                                        Err(wait) => {
+                                            rl_warn!(peer: vm_id, "message rate exceeded: rate-limited");
+                                            shared.metrics.session_rate_limited();
+                                            let retry = shared.admission.retry_after(wait, shared.draw());
+                                            host.rate_limited(retry)
+                                        }
+                                    };
+                                    host = h;
+                                    acc.absorb(o);
+                                    if acc.close.is_some() { break; }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    rl_warn!(peer: vm_id, error = %e, "frame refused");
+                                    acc.frame_error(&e);
+                                    host = Host::Closed;
+                                    break;
+                                }
+                            }
+                        }
+                        out = acc;
+                    }
+                }
+            }
+        }
+        let closing = out.close.clone();
+        let mut pending = out;
+        // Local work the session asked for, answered at once: each event
+        // yields at most one follow-up output, so this is bounded.
+        for _ in 0..8 {
+            let events = std::mem::take(&mut pending.events);
+            if events.is_empty() {
+                break;
+            }
+            for ev in events {
+                let (h, o) = match ev {
+                    // Quote verification and the registry write (an
+                    // fsync) run on the blocking pool: a thousand guests
+                    // attesting at once must not stall every other
+                    // session on the runtime thread. At most
+                    // `max_handshakes` run at once.
+                    HostEvent::Verify {
+                        vm_id,
+                        transcript_hash,
+                        selection,
+                        evidence,
+                    } => {
+                        let s = shared.clone();
+                        let verdict = tokio::task::spawn_blocking(move || {
+                            verify_and_record(&s, &vm_id, &transcript_hash, &selection, &evidence)
+                        })
+                        .await
+                        .unwrap_or(Verdict::LocalFailure);
+                        host.on_verdict(verdict, std::time::Instant::now())
+                    }
+                    ev => handle_event(host, ev, &shared, &mut conn, tls.get_ref().1),
+                };
+                host = h;
+                pending.absorb(o);
+            }
+        }
+        let deadline = track.write_deadline();
+        if !send_all(&mut tls, &pending.send, deadline, vm_id, |c| {
+            track.sent_error(c)
+        })
+        .await
+        {
+            conn.forget(&shared);
+            return;
+        }
+        track.check_established(&host);
+        if let Some(reason) = closing.or(pending.close) {
+            if let CloseReason::Failed(f) = reason {
+                rl_info!(peer: vm_id, reason = ?f, "session closed");
+            }
+            let _ = timeout_at(deadline, tls.shutdown()).await;
+            break;
+        }
+    }
+    conn.forget(&shared);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use vkx_common::session::host::HostConfig;
+    use vkx_common::wire::{PROTOCOL_VERSION_1, VersionRange};
+
+    #[test]
+    fn errors_sent_are_recognised_by_their_envelope() {
+        use vkx_common::session::host::Refusal;
+        let (_, out) = Host::refuse(Refusal::Busy, Duration::from_secs(5));
+        assert_eq!(sent_error_code(&out.send[0]), Some(ErrorCode::Busy));
+        let pong = Message::Pong(vkx_common::wire::Pong { sequence: 13 })
+            .encode()
+            .unwrap();
+        assert_eq!(sent_error_code(&pong), None);
+        assert_eq!(sent_error_code(&[]), None);
+        assert_eq!(sent_error_code(&[0x82, 0x0d]), None);
+    }
+
+    #[test]
+    fn the_handshake_hold_is_bounded_by_the_tls_and_session_deadlines() {
+        assert_eq!(
+            MAX_HANDSHAKE_HOLD,
+            TLS_HANDSHAKE_TIMEOUT + HANDSHAKE_DEADLINE
+        );
+        // A session started at accept never waits past HANDSHAKE_DEADLINE
+        // in a handshake state, whatever arrives (one byte at a time or
+        // nothing at all).
+        let t0 = std::time::Instant::now();
+        let host = Host::start(
+            Arc::new(HostConfig {
+                versions: VersionRange {
+                    min: PROTOCOL_VERSION_1,
+                    max: PROTOCOL_VERSION_1,
+                },
+                reattest_after_s: 3600,
+                feature_retry_after: crate::service::FEATURE_RETRY_AFTER,
+            }),
+            PeerContext {
+                vm_id: None,
+                cid: None,
+                selection: Vec::new(),
+                features: crate::service::features(),
+                accepted_at: t0,
+            },
+            [0; 32],
+            SessionRandom {
+                host_nonce: [0; 32],
+                session_id: [0; 16],
+            },
+            t0 + TLS_HANDSHAKE_TIMEOUT,
+        );
+        assert!(host.deadline().unwrap() <= t0 + HANDSHAKE_DEADLINE);
+    }
+}

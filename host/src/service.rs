@@ -1,0 +1,358 @@
+//! The host agent's shared service context and its answers to session
+//! events: what every connection of `serve` reads (TLS acceptor, registry,
+//! policy, key store, derived-key table, admission control, metrics) and
+//! the local work a session asks for (verify evidence, release keys,
+//! confirm a derivation, push rotations, record update acks).
+//!
+//! Nothing here does socket I/O: the connection driver
+//! ([`crate::connection`]) feeds the session and sends what these answers
+//! return. Verification and the registry write block (file reads, an
+//! fsync): the driver runs them on the blocking pool.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::watch;
+use vkx_common::policy::Policy;
+use vkx_common::session::Output;
+use vkx_common::session::host::{DeriveAnswer, Host, HostConfig, HostEvent, Verdict};
+use vkx_common::wire::{FeatureState, Features, KeyName, Purpose, ReleasedKey, VmId, feature};
+use vkx_common::{rl_info, rl_warn};
+
+use crate::admission::AdmissionControl;
+use crate::attestation::{record_quote, verify_evidence};
+use crate::derive::{self, DerivedKeys};
+use crate::keystore::{DirKeyStore, KeyStore};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::release;
+
+/// Guests per second an orderly shutdown asks back: the `retry-after` of
+/// each session's `goodbye` is drawn from `[R, R + sessions / this]`
+/// (PROTOCOL.md §13.2), so a restarted host is not met by its whole node
+/// at once.
+pub const SHUTDOWN_RECONNECT_RATE: u64 = 8;
+/// Longest spread of those `retry-after`s.
+pub const MAX_SHUTDOWN_SPREAD: Duration = Duration::from_secs(300);
+/// `retry-after` told to guests on feature refusals.
+pub const FEATURE_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+pub(crate) struct Shared {
+    pub(crate) tls: tokio_rustls::TlsAcceptor,
+    pub(crate) keys: Option<Arc<DirKeyStore>>,
+    pub(crate) key_versions: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
+    pub(crate) derived: Arc<DerivedKeys>,
+    pub(crate) registry: Registry,
+    pub(crate) policy: Policy,
+    pub(crate) config: Arc<HostConfig>,
+    pub(crate) rng: SystemRandom,
+    pub(crate) shutdown_retry_after: Duration,
+    /// Set once when the shutdown starts: the spread of the sessions'
+    /// `retry-after`s, from the number of sessions then.
+    pub(crate) shutdown_spread_ms: AtomicU64,
+    pub(crate) admission: Arc<AdmissionControl>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    pub(crate) fn store(&self) -> Option<&dyn KeyStore> {
+        self.keys.as_deref().map(|k| k as &dyn KeyStore)
+    }
+
+    /// The `retry-after` one session is told at shutdown.
+    pub(crate) fn shutdown_retry_after(&self) -> Duration {
+        let spread = Duration::from_millis(self.shutdown_spread_ms.load(Ordering::Relaxed));
+        shutdown_retry_after(self.shutdown_retry_after, spread, self.draw())
+    }
+
+    /// A uniform 64-bit draw for jitter; without randomness, no jitter
+    /// (the base `retry-after` still holds).
+    pub(crate) fn draw(&self) -> u64 {
+        let mut b = [0u8; 8];
+        match self.rng.fill(&mut b) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => 0,
+        }
+    }
+}
+
+/// The spread of the shutdown `retry-after`s for `sessions` live
+/// sessions: one guest per 1/[`SHUTDOWN_RECONNECT_RATE`] s, at most
+/// [`MAX_SHUTDOWN_SPREAD`].
+pub fn shutdown_spread(sessions: u64) -> Duration {
+    Duration::from_millis(sessions.saturating_mul(1000) / SHUTDOWN_RECONNECT_RATE)
+        .min(MAX_SHUTDOWN_SPREAD)
+}
+
+/// One session's shutdown `retry-after`: `base + U[0, spread]` from a
+/// uniform 64-bit `draw`.
+pub fn shutdown_retry_after(base: Duration, spread: Duration, draw: u64) -> Duration {
+    let span = u64::try_from(spread.as_millis()).unwrap_or(u64::MAX);
+    base + Duration::from_millis(draw % span.saturating_add(1))
+}
+
+pub(crate) fn features() -> Features {
+    [
+        (feature::KEY_RELEASE, FeatureState::Enabled),
+        (feature::KEY_DERIVATION, FeatureState::Enabled),
+        (feature::KEY_ROTATION, FeatureState::Enabled),
+    ]
+    .into()
+}
+
+/// What one connection remembers beyond its session state.
+#[derive(Debug, Default)]
+pub(crate) struct ConnState {
+    /// Keys this guest holds, and their versions: rotation pushes go to
+    /// these.
+    pub(crate) released: BTreeMap<KeyName, u32>,
+    /// Derived keys this session made available locally.
+    pub(crate) derived: Vec<(VmId, Purpose)>,
+}
+
+impl ConnState {
+    /// A derived key is specific to its connection (§9.4): it goes with it.
+    pub(crate) fn forget(&mut self, shared: &Shared) {
+        for (vm, purpose) in self.derived.drain(..) {
+            shared.derived.remove(&vm, &purpose);
+        }
+    }
+}
+
+/// Pushes the new current version of every key this guest holds that
+/// changed (§6.11), if the guest is still entitled to it. Bounded by the
+/// keys the guest holds and by the session's outstanding-update limit.
+pub(crate) fn push_rotations(
+    host: &mut Host,
+    conn: &mut ConnState,
+    current: &BTreeMap<KeyName, u32>,
+    shared: &Shared,
+) -> Output<HostEvent> {
+    let mut out = Output::default();
+    let Host::Established(s) = host else {
+        return out;
+    };
+    let (Some(store), Some(vm)) = (shared.store(), shared.policy.vm(s.vm_id())) else {
+        return out;
+    };
+    let now = std::time::Instant::now();
+    for (name, held) in &mut conn.released {
+        if current.get(name).is_none_or(|v| v <= held) {
+            continue;
+        }
+        let key = match release::entitled(store, vm, name) {
+            Ok(k) => k,
+            Err(why) => {
+                rl_warn!(peer: vm.vm_id, key = %name, reason = %why, "rotation not pushed");
+                continue;
+            }
+        };
+        let version = key.version;
+        let pushed = s.push_key_update(
+            ReleasedKey {
+                name: name.clone(),
+                version,
+                material: key.material,
+            },
+            now,
+        );
+        match pushed {
+            Ok(o) => {
+                shared.metrics.update_pushed();
+                rl_info!(peer: vm.vm_id, key = %name, version, "key update pushed");
+                // Not pushed again unless it changes again; the ack says
+                // whether the guest installed it.
+                *held = version;
+                out.absorb(o);
+            }
+            Err(e) => rl_warn!(peer: vm.vm_id, key = %name, error = %e, "key update not pushed"),
+        }
+    }
+    out
+}
+
+/// The verdict on one guest's evidence (registry AK, quote, policy), and
+/// the accepted quote's counters recorded for rewind detection. Blocking:
+/// file reads and an fsync.
+pub(crate) fn verify_and_record(
+    shared: &Shared,
+    vm: &VmId,
+    transcript_hash: &[u8; vkx_common::transcript::TRANSCRIPT_HASH_LEN],
+    selection: &[vkx_common::wire::PcrBankSelection],
+    evidence: &vkx_common::wire::Evidence,
+) -> Verdict {
+    match verify_evidence(
+        &shared.registry,
+        &shared.policy,
+        vm,
+        transcript_hash,
+        selection,
+        evidence,
+    ) {
+        Ok(accepted) => {
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            match record_quote(&shared.registry, vm, &accepted.quote, unix) {
+                Ok(Some(rewind)) => {
+                    rl_warn!(peer: vm, rewind = %rewind, "TPM state rewound: snapshot restore or clone")
+                }
+                Ok(None) => {}
+                Err(e) => rl_warn!(peer: vm, error = %e, "could not record the quote"),
+            }
+            rl_info!(peer: vm, "attested");
+            Verdict::Accepted
+        }
+        Err(e) if e.is_local() => {
+            rl_warn!(peer: vm, error = %e, "verification failed locally");
+            Verdict::LocalFailure
+        }
+        Err(e) => {
+            // The reason stays here; the guest learns only
+            // attestation-failed.
+            rl_warn!(peer: vm, reason = %e, "attestation refused");
+            Verdict::Rejected
+        }
+    }
+}
+
+pub(crate) fn handle_event(
+    host: Host,
+    ev: HostEvent,
+    shared: &Shared,
+    conn: &mut ConnState,
+    tls: &rustls::ServerConnection,
+) -> (Host, Output<HostEvent>) {
+    match ev {
+        HostEvent::Verify { .. } => {
+            // Answered by the caller on the blocking pool.
+            (host, Output::default())
+        }
+        HostEvent::KeyRequest { vm_id, names } => {
+            let mut host = host;
+            let mut out = Output::default();
+            if let (Host::Established(s), Some(vm)) = (&mut host, shared.policy.vm(&vm_id)) {
+                let (answer, versions) = release::decide(shared.store(), vm, names);
+                shared.metrics.keys_released(answer.released.len());
+                conn.released.extend(versions);
+                out = s.answer_keys(answer);
+            }
+            (host, out)
+        }
+        HostEvent::DeriveRequest {
+            vm_id,
+            purpose,
+            length,
+            guest_tag,
+        } => {
+            let mut host = host;
+            let mut out = Output::default();
+            let mut open = true;
+            if let Host::Established(s) = &mut host {
+                let answer =
+                    derive::answer(tls, shared.policy.vm(&vm_id), &purpose, length, &guest_tag);
+                let reply = match answer {
+                    derive::Answer::Confirm { key, host_tag } => {
+                        shared.derived.insert(&vm_id, &purpose, key);
+                        conn.derived.push((vm_id.clone(), purpose.clone()));
+                        rl_info!(peer: vm_id, purpose = %purpose, "derived key confirmed");
+                        DeriveAnswer::Confirm(host_tag)
+                    }
+                    derive::Answer::NotPermitted => {
+                        rl_warn!(peer: vm_id, purpose = %purpose, "derivation purpose not granted");
+                        DeriveAnswer::NotPermitted
+                    }
+                    derive::Answer::TagMismatch => {
+                        rl_warn!(peer: vm_id, purpose = %purpose, "derivation tags differ: not the same channel");
+                        DeriveAnswer::TagMismatch
+                    }
+                };
+                let (o, oo) = s.answer_derive(reply);
+                open = o;
+                out = oo;
+            }
+            (if open { host } else { Host::Closed }, out)
+        }
+        HostEvent::UpdateAcked {
+            vm_id,
+            name,
+            version,
+            error,
+            ..
+        } => {
+            shared.metrics.update_acked(error.is_none());
+            match error {
+                None => rl_info!(peer: vm_id, key = %name, version, "key update installed"),
+                Some(code) => {
+                    rl_warn!(peer: vm_id, key = %name, version, code = %code, "key update not installed")
+                }
+            }
+            (host, Output::default())
+        }
+        HostEvent::Attested { .. } => (host, Output::default()),
+    }
+}
+
+/// How often `serve` looks at the key store for rotated keys: a rotation
+/// reaches live guests within this (plus the push itself).
+pub const KEY_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Publishes the store's current versions whenever they change. One
+/// listing per interval (no decryption), whatever the number of sessions;
+/// each session then pushes to its own guest.
+pub(crate) async fn watch_key_versions(
+    store: Arc<DirKeyStore>,
+    tx: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
+    stop: watch::Receiver<bool>,
+) {
+    let poll = move || {
+        let store = store.clone();
+        async move {
+            match tokio::task::spawn_blocking(move || store.list()).await {
+                Ok(Ok(keys)) => Some(Arc::new(
+                    keys.into_iter()
+                        .map(|k| (k.name, k.current_version))
+                        .collect::<BTreeMap<KeyName, u32>>(),
+                )),
+                Ok(Err(e)) => {
+                    rl_warn!(error = %e, "key store listing failed");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    };
+    crate::publish::poll_and_publish(KEY_POLL_INTERVAL, poll, tx, stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn shutdown_spreads_the_reconnections_by_the_number_of_sessions() {
+        assert_eq!(shutdown_spread(0), Duration::ZERO);
+        assert_eq!(shutdown_spread(1), Duration::from_millis(125));
+        assert_eq!(shutdown_spread(1024), Duration::from_secs(128));
+        assert_eq!(shutdown_spread(1_000_000), MAX_SHUTDOWN_SPREAD);
+        let base = Duration::from_secs(30);
+        assert_eq!(shutdown_retry_after(base, Duration::ZERO, u64::MAX), base);
+        let spread = shutdown_spread(1024);
+        let mut draw = 0x1234_5678_9abc_def0_u64;
+        let (mut lo, mut hi) = (Duration::MAX, Duration::ZERO);
+        for _ in 0..4096 {
+            draw = draw
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let r = shutdown_retry_after(base, spread, draw);
+            assert!(r >= base && r <= base + spread, "{r:?}");
+            lo = lo.min(r);
+            hi = hi.max(r);
+        }
+        assert!(lo < base + Duration::from_secs(1) && hi > base + Duration::from_secs(127));
+    }
+}
