@@ -25,7 +25,14 @@
 //! `vkx_errors_sent_total{code}`, `vkx_admissions_refused_total{reason}`,
 //! `vkx_sessions_rate_limited_total`, `vkx_log_lines_suppressed_total`,
 //! `vkx_keys_released_total`, `vkx_key_updates_pushed_total`,
-//! `vkx_key_updates_acked_total{result}`.
+//! `vkx_key_updates_acked_total{result}`; for the rollout and kill switch
+//! `vkx_feature_sessions{feature,state}`, `vkx_rollout_feature_killed`,
+//! `vkx_rollout_feature_stage`, `vkx_rollout_revision`,
+//! `vkx_rollout_issued_timestamp_seconds`,
+//! `vkx_rollout_accepted_timestamp_seconds`, `vkx_rollout_source_up`,
+//! `vkx_rollout_source_last_ok_timestamp_seconds`,
+//! `vkx_feature_updates_sent_total`,
+//! `vkx_rollout_documents_refused_total{reason}`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -40,6 +47,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use vkx_common::errors::{ErrorCode, REGISTRY};
 use vkx_common::rl_warn;
+use vkx_common::wire::{FeatureState, Features, feature};
 
 use crate::admission::{AdmissionControl, RefuseReason, Slots, Usage};
 
@@ -203,6 +211,164 @@ pub struct Metrics {
     updates_pushed: AtomicU64,
     updates_installed: AtomicU64,
     updates_failed: AtomicU64,
+    /// The rollout and kill switch ([`RolloutMetrics`]).
+    pub rollout: RolloutMetrics,
+}
+
+/// The v1 features, in the order of the rollout series.
+pub const FEATURES: [(u16, &str); 3] = [
+    (feature::KEY_RELEASE, "key-release"),
+    (feature::KEY_DERIVATION, "key-derivation"),
+    (feature::KEY_ROTATION, "key-rotation"),
+];
+
+/// The feature states, in the order of the rollout series.
+const STATES: [(FeatureState, &str); 3] = [
+    (FeatureState::Enabled, "enabled"),
+    (FeatureState::Disabled, "disabled"),
+    (FeatureState::NotYet, "not-yet"),
+];
+
+/// Why a rollout document was not accepted, as counted (the labels of
+/// `crate::rollout`'s refusals; anything else is `other`).
+pub const ROLLOUT_REFUSALS: [&str; 7] = [
+    "malformed",
+    "replay",
+    "unsigned-widening",
+    "bad-signature",
+    "unknown-key",
+    "persist-failed",
+    "other",
+];
+
+/// What the rollout machinery of `serve` counts: the accepted document,
+/// its source's health, refusals, the feature updates sent, and how many
+/// live sessions see each feature in each state.
+#[derive(Debug, Default)]
+pub struct RolloutMetrics {
+    /// Live Established sessions by [feature][state].
+    sessions: [[AtomicU64; 3]; 3],
+    updates_sent: AtomicU64,
+    revision: AtomicU64,
+    issued_unix: AtomicU64,
+    accepted_unix: AtomicU64,
+    /// 1 while the source answers, 0 while it is down (the last accepted
+    /// document is served meanwhile).
+    source_up: AtomicU64,
+    source_last_ok_unix: AtomicU64,
+    refused: [AtomicU64; ROLLOUT_REFUSALS.len()],
+    /// Per feature: killed (document or local override).
+    killed: [AtomicU64; 3],
+    /// Per feature: the stage ring's index + 1 (0: no stage).
+    stage: [AtomicU64; 3],
+}
+
+fn feature_index(id: u16) -> Option<usize> {
+    FEATURES.iter().position(|(f, _)| *f == id)
+}
+
+fn state_index(s: FeatureState) -> usize {
+    STATES.iter().position(|(x, _)| *x == s).unwrap_or(1)
+}
+
+impl RolloutMetrics {
+    /// A `feature-update` was sent to one session.
+    pub fn update_sent(&self) {
+        add(&self.updates_sent, 1);
+    }
+
+    pub fn updates_sent(&self) -> u64 {
+        get(&self.updates_sent)
+    }
+
+    /// A document was accepted: its revision and times (Unix seconds).
+    pub fn accepted(&self, revision: u64, issued_unix: u64, accepted_unix: u64) {
+        self.revision.store(revision, Ordering::Relaxed);
+        self.issued_unix.store(issued_unix, Ordering::Relaxed);
+        self.accepted_unix.store(accepted_unix, Ordering::Relaxed);
+    }
+
+    pub fn source(&self, up: bool, last_ok_unix: Option<u64>) {
+        self.source_up.store(u64::from(up), Ordering::Relaxed);
+        if let Some(t) = last_ok_unix {
+            self.source_last_ok_unix.store(t, Ordering::Relaxed);
+        }
+    }
+
+    /// A document was refused; `label` names why.
+    pub fn refused(&self, label: &str) {
+        let i = ROLLOUT_REFUSALS
+            .iter()
+            .position(|l| *l == label)
+            .unwrap_or(ROLLOUT_REFUSALS.len() - 1);
+        add(&self.refused[i], 1);
+    }
+
+    pub fn refusals(&self, label: &str) -> u64 {
+        ROLLOUT_REFUSALS
+            .iter()
+            .position(|l| *l == label)
+            .map_or(0, |i| get(&self.refused[i]))
+    }
+
+    /// The node-wide state of `feature`: killed, and its stage ring's
+    /// index (`None`: no stage).
+    pub fn feature(&self, feature: u16, killed: bool, stage: Option<usize>) {
+        if let Some(i) = feature_index(feature) {
+            self.killed[i].store(u64::from(killed), Ordering::Relaxed);
+            self.stage[i].store(
+                stage.map_or(0, |s| wide(s).saturating_add(1)),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn count(&self, features: &Features, delta: i64) {
+        for (i, (id, _)) in FEATURES.iter().enumerate() {
+            let state = features.get(id).copied().unwrap_or(FeatureState::Disabled);
+            let c = &self.sessions[i][state_index(state)];
+            if delta > 0 {
+                c.fetch_add(1, Ordering::Relaxed);
+            } else {
+                c.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Live sessions that see `feature` in `state`.
+    pub fn sessions(&self, feature: u16, state: FeatureState) -> u64 {
+        feature_index(feature).map_or(0, |i| get(&self.sessions[i][state_index(state)]))
+    }
+}
+
+/// One Established session's feature map, counted in
+/// [`RolloutMetrics`] while it lives.
+#[derive(Debug)]
+pub struct FeatureGauge {
+    metrics: Arc<Metrics>,
+    features: Features,
+}
+
+impl FeatureGauge {
+    pub fn new(metrics: Arc<Metrics>, features: Features) -> Self {
+        metrics.rollout.count(&features, 1);
+        Self { metrics, features }
+    }
+
+    /// The session now has `features`.
+    pub fn set(&mut self, features: &Features) {
+        if *features != self.features {
+            self.metrics.rollout.count(&self.features, -1);
+            self.metrics.rollout.count(features, 1);
+            self.features = features.clone();
+        }
+    }
+}
+
+impl Drop for FeatureGauge {
+    fn drop(&mut self) {
+        self.metrics.rollout.count(&self.features, -1);
+    }
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -494,7 +660,112 @@ pub fn render(m: &Metrics, usage: &Usage, suppressed: u64) -> String {
         "result=\"failed\"",
         get(&m.updates_failed),
     );
+    render_rollout(&mut o, &m.rollout);
     o
+}
+
+fn render_rollout(o: &mut String, r: &RolloutMetrics) {
+    family(
+        o,
+        "vkx_feature_sessions",
+        "gauge",
+        "Established sessions by the state their feature map gives each feature.",
+    );
+    for (fi, (_, fname)) in FEATURES.iter().enumerate() {
+        for (si, (_, sname)) in STATES.iter().enumerate() {
+            sample(
+                o,
+                "vkx_feature_sessions",
+                &format!("feature=\"{fname}\",state=\"{sname}\""),
+                get(&r.sessions[fi][si]),
+            );
+        }
+    }
+    family(
+        o,
+        "vkx_rollout_feature_killed",
+        "gauge",
+        "1 if the feature is killed on this node (rollout document or local override).",
+    );
+    for (fi, (_, fname)) in FEATURES.iter().enumerate() {
+        sample(
+            o,
+            "vkx_rollout_feature_killed",
+            &format!("feature=\"{fname}\""),
+            get(&r.killed[fi]),
+        );
+    }
+    family(
+        o,
+        "vkx_rollout_feature_stage",
+        "gauge",
+        "The feature's stage: index of the last enabled ring plus one (0: no ring).",
+    );
+    for (fi, (_, fname)) in FEATURES.iter().enumerate() {
+        sample(
+            o,
+            "vkx_rollout_feature_stage",
+            &format!("feature=\"{fname}\""),
+            get(&r.stage[fi]),
+        );
+    }
+    let gauges: [(&str, &str, u64); 5] = [
+        (
+            "vkx_rollout_revision",
+            "Revision of the accepted rollout document (0: none).",
+            get(&r.revision),
+        ),
+        (
+            "vkx_rollout_issued_timestamp_seconds",
+            "issued_at of the accepted rollout document (Unix time; its age is now minus this).",
+            get(&r.issued_unix),
+        ),
+        (
+            "vkx_rollout_accepted_timestamp_seconds",
+            "When this host accepted its rollout document (Unix time).",
+            get(&r.accepted_unix),
+        ),
+        (
+            "vkx_rollout_source_up",
+            "1 while the rollout source answers; 0 while the last accepted document is served without it.",
+            get(&r.source_up),
+        ),
+        (
+            "vkx_rollout_source_last_ok_timestamp_seconds",
+            "Last time the rollout source answered (Unix time).",
+            get(&r.source_last_ok_unix),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        family(o, name, "gauge", help);
+        sample(o, name, "", v);
+    }
+    family(
+        o,
+        "vkx_feature_updates_sent_total",
+        "counter",
+        "feature-update messages sent to live sessions.",
+    );
+    sample(
+        o,
+        "vkx_feature_updates_sent_total",
+        "",
+        get(&r.updates_sent),
+    );
+    family(
+        o,
+        "vkx_rollout_documents_refused_total",
+        "counter",
+        "Rollout documents not accepted, by reason (the previous state is kept).",
+    );
+    for (i, label) in ROLLOUT_REFUSALS.iter().enumerate() {
+        sample(
+            o,
+            "vkx_rollout_documents_refused_total",
+            &format!("reason=\"{label}\""),
+            get(&r.refused[i]),
+        );
+    }
 }
 
 /// What a request asks for.
@@ -754,6 +1025,20 @@ mod tests {
         m.update_acked(false);
         m.session_rate_limited();
         let guard = m.established();
+        let all_on: Features = FEATURES
+            .iter()
+            .map(|(f, _)| (*f, FeatureState::Enabled))
+            .collect();
+        let mut gauge = FeatureGauge::new(m.clone(), all_on.clone());
+        let _other = FeatureGauge::new(m.clone(), all_on.clone());
+        let mut killed = all_on.clone();
+        killed.insert(feature::KEY_RELEASE, FeatureState::Disabled);
+        gauge.set(&killed);
+        m.rollout.update_sent();
+        m.rollout.refused("replay");
+        m.rollout.refused("no-such-label");
+        m.rollout.accepted(7, 100, 200);
+        m.rollout.feature(feature::KEY_RELEASE, true, Some(2));
         let t = render(&m, &usage(), 42);
         for (series, v) in [
             ("vkx_connections_open", "5"),
@@ -781,11 +1066,42 @@ mod tests {
             ("vkx_key_updates_pushed_total", "1"),
             ("vkx_key_updates_acked_total{result=\"installed\"}", "1"),
             ("vkx_key_updates_acked_total{result=\"failed\"}", "1"),
+            (
+                "vkx_feature_sessions{feature=\"key-release\",state=\"enabled\"}",
+                "1",
+            ),
+            (
+                "vkx_feature_sessions{feature=\"key-release\",state=\"disabled\"}",
+                "1",
+            ),
+            (
+                "vkx_feature_sessions{feature=\"key-rotation\",state=\"enabled\"}",
+                "2",
+            ),
+            ("vkx_feature_updates_sent_total", "1"),
+            (
+                "vkx_rollout_documents_refused_total{reason=\"replay\"}",
+                "1",
+            ),
+            ("vkx_rollout_documents_refused_total{reason=\"other\"}", "1"),
+            ("vkx_rollout_revision", "7"),
+            ("vkx_rollout_feature_killed{feature=\"key-release\"}", "1"),
+            ("vkx_rollout_feature_stage{feature=\"key-release\"}", "3"),
         ] {
             assert_eq!(value(&t, series).as_deref(), Some(v), "{series}\n{t}");
         }
         drop(guard);
+        drop(gauge);
         let t = render(&m, &usage(), 42);
+        assert_eq!(
+            value(
+                &t,
+                "vkx_feature_sessions{feature=\"key-release\",state=\"disabled\"}"
+            )
+            .as_deref(),
+            Some("0"),
+            "a session's gauge goes with it"
+        );
         assert_eq!(value(&t, "vkx_sessions_established").as_deref(), Some("0"));
         // Every registry code has its series.
         for r in REGISTRY {
