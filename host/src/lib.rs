@@ -25,6 +25,8 @@
 //! - [`release`]: which keys an attested VM gets (policy grant and the
 //!   key's allow-list).
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
+//! - [`source`]: where the rollout document is read from (a watched file
+//!   or an etcd key), fail-static, bounded; and written to (`rollout push`).
 //! - [`vsock`]: AF_VSOCK listener configuration and admission by CID;
 //!   the hybrid-vsock CONNECT preamble (host to guest).
 //! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
@@ -45,5 +47,6 @@ pub mod publish;
 pub mod registry;
 pub mod release;
 pub mod serve;
+pub mod source;
 pub mod vsock;
 pub mod vtpm;
