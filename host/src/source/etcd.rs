@@ -219,20 +219,23 @@ pub async fn watch_etcd(
     let mut tracker = Tracker::default();
     let mut need_get = true;
     let mut first = true;
+    // For `closed()`: the task ends when every receiver is gone.
+    let tx = publisher.tx.clone();
     // No end while the host runs (see the module primer): each iteration
     // is one connection, bounded by the call timeouts until the watch is
     // established, and the policy spaces the iterations (at most its
     // budget per window, then one per cap).
     loop {
-        if *stop.borrow() || publisher.tx.is_closed() {
+        if *stop.borrow() || tx.is_closed() {
             return;
         }
         let now = tokio::time::Instant::now();
         let at = tokio::time::Instant::from_std(policy.next_attempt(now.into_std()).instant());
         if at > now {
             tokio::select! {
-                changed = stop.changed() => if changed.is_err() { return } else { continue },
-                _ = tokio::time::sleep_until(at) => {}
+                () = stop_requested(&mut stop) => return,
+                () = tx.closed() => return,
+                () = tokio::time::sleep_until(at) => {}
             }
         }
         if !policy.attempt(tokio::time::Instant::now().into_std()) {
@@ -242,18 +245,15 @@ pub async fn watch_etcd(
             SourceCounters::bump(&publisher.counters.reconnects);
         }
         first = false;
-        let outcome = session(
-            &config,
-            &mut tracker,
-            &mut need_get,
-            &mut publisher,
-            &mut policy,
-            &mut stop,
-        )
-        .await;
+        // Stopping drops the session wherever it is: the tracker is
+        // consistent after every applied event.
+        let outcome = tokio::select! {
+            o = session(&config, &mut tracker, &mut need_get, &mut publisher, &mut policy) => o,
+            () = stop_requested(&mut stop) => return,
+            () = tx.closed() => return,
+        };
         let now = tokio::time::Instant::now().into_std();
         match outcome {
-            Outcome::Stopped => return,
             Outcome::Compacted => {
                 SourceCounters::bump(&publisher.counters.compaction_rereads);
                 rl_info!(
@@ -346,7 +346,6 @@ pub(super) async fn read(config: &EtcdConfig) -> Result<Option<(Vec<u8>, Version
 /// How one connection ended.
 #[derive(Debug)]
 enum Outcome {
-    Stopped,
     /// The watch was cancelled because its start revision was compacted.
     Compacted,
     Failed {
@@ -389,7 +388,6 @@ async fn session(
     need_get: &mut bool,
     publisher: &mut Publisher,
     policy: &mut RetryPolicy,
-    stop: &mut watch::Receiver<bool>,
 ) -> Outcome {
     let failed = |e: SourceError| Outcome::Failed {
         established: false,
@@ -450,16 +448,7 @@ async fn session(
     // One iteration per watch response, for as long as the watch lives;
     // a dead connection ends it through the keepalive.
     loop {
-        let message = tokio::select! {
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    return Outcome::Stopped;
-                }
-                continue;
-            }
-            m = stream.message() => m,
-        };
-        let resp = match message {
+        let resp = match stream.message().await {
             Ok(Some(resp)) => resp,
             Ok(None) => return lost(SourceError::Etcd("watch stream ended".into())),
             Err(e) => return lost(etcd_error(e)),
@@ -485,8 +474,18 @@ async fn session(
             }
         }
         publisher.up(tracker, SystemTime::now());
-        if publisher.tx.is_closed() {
-            return Outcome::Stopped;
+    }
+}
+
+/// Ends when `stop` turns true or its sender is gone (one wake-up per
+/// change of `stop`, so not a busy loop).
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
         }
     }
 }
