@@ -150,6 +150,33 @@ impl Etcd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Puts `value` at `key` with `etcdctl`, the value on stdin (any size
+    /// etcd takes, independent of the code under test).
+    pub fn put(&self, key: &str, value: &[u8]) {
+        let mut child = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .arg(format!("--command-timeout={ETCDCTL_TIMEOUT}"))
+            .args(["put", key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run etcdctl put");
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(value)
+            .expect("write the value to etcdctl");
+        let out = child.wait_with_output().expect("wait for etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl put {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The store's current revision.
     pub fn revision(&self) -> i64 {
         let out = self.etcdctl_ok(&["endpoint", "status", "-w", "json"]);

@@ -307,6 +307,20 @@ async fn etcd_source_reads_then_sees_each_put_within_a_second() {
     src.wait(SEEN_WITHIN, "cas put", |s| has(s, b"cas")).await;
     let (bytes, rv) = source::read(&config).await.unwrap().unwrap();
     assert_eq!((bytes.as_slice(), rv), (&b"cas"[..], v));
+    // An over-size value put by another writer: refused, the last value
+    // kept, down until a good value arrives.
+    etcd.put(DOC_KEY, &vec![b'z'; MAX_SOURCE_BYTES + 1]);
+    let (s, _) = src.wait(SEEN_WITHIN, "over-size refused", is_down).await;
+    assert!(has(&s, b"cas"), "{}", describe(&s));
+    assert!(matches!(
+        source::read(&config).await,
+        Err(SourceError::TooLarge { .. })
+    ));
+    etcd.put(DOC_KEY, b"good-again");
+    src.wait(SEEN_WITHIN, "good value after refusal", |s| {
+        s.is_healthy() && has(s, b"good-again")
+    })
+    .await;
     // A delete is a value too: none.
     etcd.etcdctl_ok(&["del", DOC_KEY]);
     let (s, _) = src.wait(SEEN_WITHIN, "delete", |s| s.value.is_none()).await;
@@ -314,7 +328,11 @@ async fn etcd_source_reads_then_sees_each_put_within_a_second() {
     assert!(source::read(&config).await.unwrap().is_none());
     assert!(source::write_if(&config, b"new", None).await.is_ok());
     let c = src.counters.snapshot();
-    assert_eq!((c.errors, c.reconnects), (0, 0), "{c:?}");
+    assert_eq!(
+        (c.errors, c.reconnects),
+        (1, 0),
+        "one refusal, no reconnect: {c:?}"
+    );
     src.stop().await;
 }
 
