@@ -486,6 +486,7 @@ async fn etcd_source_resumes_after_a_partition_and_rereads_after_compaction() {
     let c = src.counters.snapshot();
     println!("counters: {c:?}");
     assert_eq!(c.compaction_rereads, 1, "{c:?}");
+    assert!(c.reconnects >= 2 && c.watch_restarts >= 2, "{c:?}");
     // Still watching after the re-read.
     source::write(&direct, b"p21").await.unwrap();
     src.wait(SEEN_WITHIN, "put after re-read", |s| has(s, b"p21"))

@@ -218,7 +218,8 @@ pub async fn watch_etcd(
     };
     let mut tracker = Tracker::default();
     let mut need_get = true;
-    let mut first = true;
+    // The last connection failed: the next one is a reconnect.
+    let mut failed = false;
     // For `closed()`: the task ends when every receiver is gone.
     let tx = publisher.tx.clone();
     // No end while the host runs (see the module primer): each iteration
@@ -241,10 +242,9 @@ pub async fn watch_etcd(
         if !policy.attempt(tokio::time::Instant::now().into_std()) {
             continue;
         }
-        if !first {
+        if failed {
             SourceCounters::bump(&publisher.counters.reconnects);
         }
-        first = false;
         // Stopping drops the session wherever it is: the tracker is
         // consistent after every applied event.
         let outcome = tokio::select! {
@@ -253,6 +253,7 @@ pub async fn watch_etcd(
             () = tx.closed() => return,
         };
         let now = tokio::time::Instant::now().into_std();
+        failed = matches!(outcome, Outcome::Failed { .. });
         match outcome {
             Outcome::Compacted => {
                 SourceCounters::bump(&publisher.counters.compaction_rereads);
