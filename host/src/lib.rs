@@ -32,6 +32,8 @@
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
 //! - [`service`]: the shared service context of `serve` and its answers
 //!   to session events (verify, release, derive, rotate).
+//! - [`source`]: where the rollout document is read from (a watched file
+//!   or an etcd key), fail-static, bounded; and written to (`rollout push`).
 //! - [`vsock`]: AF_VSOCK listener configuration and admission by CID;
 //!   the hybrid-vsock CONNECT preamble (host to guest).
 //! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
@@ -56,5 +58,6 @@ pub mod registry;
 pub mod release;
 pub mod serve;
 pub mod service;
+pub mod source;
 pub mod vsock;
 pub mod vtpm;

@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod chaos;
+pub mod etcd;
 #[cfg(feature = "insecure-soft-tpm")]
 pub mod herd;
 pub mod node;
