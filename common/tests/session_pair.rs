@@ -680,7 +680,11 @@ fn a_malformed_error_is_never_answered() {
 // `feature-update`, and for any hold still running, before it uses the
 // feature again, and says so once with `FeatureUsable`.
 
-fn feature_map(release: FeatureState, derivation: FeatureState, rotation: FeatureState) -> Features {
+fn feature_map(
+    release: FeatureState,
+    derivation: FeatureState,
+    rotation: FeatureState,
+) -> Features {
     [
         (feature::KEY_RELEASE, release),
         (feature::KEY_DERIVATION, derivation),
@@ -761,9 +765,7 @@ fn a_reenabled_feature_is_usable_only_after_its_drawn_delay() {
     // Before it: enabled, but held back until that instant.
     let now = p.now;
     assert_eq!(
-        p.guest_established()
-            .request_keys(disk(), now)
-            .unwrap_err(),
+        p.guest_established().request_keys(disk(), now).unwrap_err(),
         RequestRefused::FeatureHeld {
             feature: feature::KEY_RELEASE,
             until: at
@@ -878,9 +880,7 @@ fn a_disabling_update_cancels_a_pending_reenable() {
     assert!(p.usable_events().is_empty());
     let now = p.now;
     assert_eq!(
-        p.guest_established()
-            .request_keys(disk(), now)
-            .unwrap_err(),
+        p.guest_established().request_keys(disk(), now).unwrap_err(),
         RequestRefused::FeatureOff {
             feature: feature::KEY_RELEASE,
             state: FeatureState::Disabled
@@ -933,6 +933,7 @@ fn feature_usable_waits_for_an_outstanding_request() {
     assert_eq!(p.usable_events(), [feature::KEY_DERIVATION]);
     let i = |pred: fn(&GuestEvent) -> bool| p.guest_events.iter().position(pred).unwrap();
     assert!(
-        i(|e| matches!(e, GuestEvent::Keys(_))) < i(|e| matches!(e, GuestEvent::FeatureUsable { .. }))
+        i(|e| matches!(e, GuestEvent::Keys(_)))
+            < i(|e| matches!(e, GuestEvent::FeatureUsable { .. }))
     );
 }

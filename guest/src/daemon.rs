@@ -6,6 +6,14 @@
 //! `retry-after` honoured, permanent failures and a spent budget lead to
 //! dormancy with one re-probe per `reprobe_interval`.
 //!
+//! In a session, keys and derivations whose feature is off (or that the
+//! host refused for its rollout state) are asked for again once the
+//! feature becomes usable ([`GuestEvent::FeatureUsable`]: after the
+//! re-enable delay of §12.3), exactly once per enablement, on the same
+//! session ([`Deliver::resuming`]). While a feature is off nothing is sent
+//! for it and nothing is logged per request: one line when the host
+//! changes the feature states.
+//!
 //! The decisions (when to wake, whether to start, what to log and record
 //! after an attempt) are [`Supervisor`]'s, without I/O, so they can be
 //! tested in virtual time; this module is the async driver around it.
@@ -21,7 +29,7 @@ use std::time::Instant;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::watch;
-use vkx_common::session::guest::{Guest, GuestEvent};
+use vkx_common::session::guest::{Guest, GuestEvent, RequestRefused};
 use vkx_common::{rl_info, rl_warn};
 
 use crate::agent::{Agent, Handler, Reaction};
@@ -51,11 +59,12 @@ impl Handler for Hold<'_> {
             GuestEvent::Attested {
                 session_id,
                 reattest_after,
-                ..
+                features,
             } => {
                 rl_info!(
                     session = %hex::encode(session_id),
                     reattest_after_s = reattest_after.as_secs(),
+                    features = ?features,
                     "attested"
                 );
                 let t = StatusFile::at(Instant::now());
@@ -81,6 +90,15 @@ impl Handler for Hold<'_> {
 
     fn on_derive_failed(&mut self, purpose: &vkx_common::wire::Purpose, why: &str) {
         self.deliver.on_derive_failed(purpose, why);
+    }
+
+    fn on_derive_not_sent(
+        &mut self,
+        purpose: &vkx_common::wire::Purpose,
+        length: u8,
+        why: RequestRefused,
+    ) {
+        self.deliver.on_derive_not_sent(purpose, length, why);
     }
 }
 
@@ -145,7 +163,8 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
                 dir.as_ref(),
                 &config.derive,
                 derived_dir.as_ref(),
-            ),
+            )
+            .resuming(),
         };
         let attempt = agent.attempt(&mut hold, &mut stop).await;
         let ended = supervisor.attempt_ended(&attempt, Instant::now());

@@ -34,5 +34,7 @@ pub mod keys;
 pub mod once;
 pub mod status;
 pub mod supervisor;
+#[cfg(test)]
+mod testutil;
 pub mod tpm;
 pub mod transport;

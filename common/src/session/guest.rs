@@ -166,6 +166,16 @@ pub fn feature_off_code(state: FeatureState) -> Option<ErrorCode> {
     }
 }
 
+/// The state a host's refusal code stands for (§12.2): `disabled` for
+/// `feature-disabled`, `not-yet` for `feature-not-enabled`.
+pub fn feature_off_state(code: ErrorCode) -> Option<FeatureState> {
+    match code {
+        ErrorCode::FeatureDisabled => Some(FeatureState::Disabled),
+        ErrorCode::FeatureNotEnabled => Some(FeatureState::NotYet),
+        _ => None,
+    }
+}
+
 /// What a person reading a refusal needs: which feature, which state,
 /// whose decision, and that the VM is not at fault.
 pub fn feature_off_text(feature: u16, state: FeatureState) -> String {
