@@ -937,3 +937,39 @@ fn feature_usable_waits_for_an_outstanding_request() {
             < i(|e| matches!(e, GuestEvent::FeatureUsable { .. }))
     );
 }
+
+#[test]
+fn refusals_and_feature_maps_name_the_feature_and_its_state() {
+    let off = |state| RequestRefused::FeatureOff {
+        feature: feature::KEY_RELEASE,
+        state,
+    };
+    assert_eq!(
+        off(FeatureState::Disabled).code(),
+        Some(ErrorCode::FeatureDisabled)
+    );
+    assert_eq!(
+        off(FeatureState::NotYet).code(),
+        Some(ErrorCode::FeatureNotEnabled)
+    );
+    assert_eq!(
+        off(FeatureState::Disabled).to_string(),
+        "key-release is disabled by the host's kill switch; nothing to fix on this VM"
+    );
+    assert!(off(FeatureState::NotYet).is_feature_wait());
+    assert!(!RequestRefused::Busy.is_feature_wait());
+    for code in [ErrorCode::FeatureDisabled, ErrorCode::FeatureNotEnabled] {
+        let state = guest::feature_off_state(code).unwrap();
+        assert_eq!(guest::feature_off_code(state), Some(code));
+    }
+    let map: Features = [
+        (feature::KEY_RELEASE, FeatureState::Disabled),
+        (feature::KEY_DERIVATION, FeatureState::Enabled),
+        (7, FeatureState::NotYet),
+    ]
+    .into();
+    assert_eq!(
+        guest::describe_features(&map),
+        "key-release=disabled, key-derivation=enabled, feature-7=not-yet"
+    );
+}

@@ -140,11 +140,15 @@ impl RequestRefused {
 
 /// The name of a feature id (§12.1), for people.
 pub fn feature_name(feature: u16) -> &'static str {
-    match feature {
-        feature::KEY_RELEASE => "key-release",
-        feature::KEY_DERIVATION => "key-derivation",
-        feature::KEY_ROTATION => "key-rotation",
-        _ => "an unknown feature",
+    known_feature_name(feature).unwrap_or("an unknown feature")
+}
+
+fn known_feature_name(id: u16) -> Option<&'static str> {
+    match id {
+        feature::KEY_RELEASE => Some("key-release"),
+        feature::KEY_DERIVATION => Some("key-derivation"),
+        feature::KEY_ROTATION => Some("key-rotation"),
+        _ => None,
     }
 }
 
@@ -155,6 +159,23 @@ pub fn state_name(state: FeatureState) -> &'static str {
         FeatureState::Disabled => "disabled",
         FeatureState::NotYet => "not-yet",
     }
+}
+
+/// A feature map for people: `key-release=disabled, key-derivation=enabled`
+/// (unknown ids as `feature-7=...`; at most `MAX_FEATURES` entries).
+pub fn describe_features(features: &Features) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    for (id, state) in features {
+        let sep = if text.is_empty() { "" } else { ", " };
+        let state = state_name(*state);
+        // Writing to a String cannot fail.
+        let _ = match known_feature_name(*id) {
+            Some(name) => write!(text, "{sep}{name}={state}"),
+            None => write!(text, "{sep}feature-{id}={state}"),
+        };
+    }
+    text
 }
 
 /// The refusal code that stands for a state (§12.2); `None` for enabled.
