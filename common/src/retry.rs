@@ -163,10 +163,15 @@ impl Next {
 
 /// A small deterministic generator (SplitMix64): jitter needs spread, not
 /// secrecy. Seed it from the OS in the agents and from a constant in tests.
+/// The guest session draws its re-enable delay (§12.3) with it too.
 #[derive(Debug, Clone)]
-struct Jitter(u64);
+pub(crate) struct Jitter(u64);
 
 impl Jitter {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
     fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -176,7 +181,7 @@ impl Jitter {
     }
 
     /// Uniform in `[0, max]`.
-    fn upto(&mut self, max: Duration) -> Duration {
+    pub(crate) fn upto(&mut self, max: Duration) -> Duration {
         let nanos = max.as_nanos();
         if nanos == 0 {
             return Duration::ZERO;

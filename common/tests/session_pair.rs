@@ -76,6 +76,17 @@ fn host_config() -> Arc<HostConfig> {
 
 impl Pair {
     fn new(guest_versions: (u16, u16), vm_id: Option<&str>, release: FeatureState) -> Self {
+        Self::with_nonce(guest_versions, vm_id, features(release), [3; 32])
+    }
+
+    /// A pair with a chosen feature map and guest nonce (which seeds the
+    /// guest's jitter).
+    fn with_nonce(
+        guest_versions: (u16, u16),
+        vm_id: Option<&str>,
+        features: Features,
+        guest_nonce: [u8; 32],
+    ) -> Self {
         let now = Instant::now();
         let exporter = [7u8; 32];
         let host = Host::start(
@@ -84,7 +95,7 @@ impl Pair {
                 vm_id: vm_id.map(|v| VmId::new(v).unwrap()),
                 cid: Some(42),
                 selection: selection(),
-                features: features(release),
+                features,
                 accepted_at: now,
             },
             exporter,
@@ -97,7 +108,7 @@ impl Pair {
         let (guest, out) = Guest::start(
             guest_config(guest_versions.0, guest_versions.1),
             exporter,
-            [3; 32],
+            guest_nonce,
             now,
         );
         let mut p = Pair {
@@ -480,7 +491,10 @@ fn kill_switch_holds_requests_without_ending_the_session() {
     assert_eq!(
         s.request_keys(vec![KeyName::new("disk").unwrap()], p.now)
             .unwrap_err(),
-        RequestRefused::FeatureNotEnabled
+        RequestRefused::FeatureOff {
+            feature: feature::KEY_RELEASE,
+            state: FeatureState::Disabled
+        }
     );
 
     // A guest that raced the flip is told to wait, and holds off.
@@ -659,5 +673,303 @@ fn a_malformed_error_is_never_answered() {
             code: ErrorCode::Malformed,
             retry_after: None
         }
+    );
+}
+
+// Re-enabling a feature (§12.3): the guest waits U[0, 10 s] after the
+// `feature-update`, and for any hold still running, before it uses the
+// feature again, and says so once with `FeatureUsable`.
+
+fn feature_map(
+    release: FeatureState,
+    derivation: FeatureState,
+    rotation: FeatureState,
+) -> Features {
+    [
+        (feature::KEY_RELEASE, release),
+        (feature::KEY_DERIVATION, derivation),
+        (feature::KEY_ROTATION, rotation),
+    ]
+    .into()
+}
+
+impl Pair {
+    /// The host changes the VM's map; the guest receives it now.
+    fn host_updates(&mut self, features: Features) {
+        let Host::Established(h) = &mut self.host else {
+            panic!("host not established")
+        };
+        let out = h.update_features(features);
+        self.take_host(out);
+        self.run();
+    }
+
+    fn guest_established(&mut self) -> &mut guest::Established {
+        let Guest::Established(s) = &mut self.guest else {
+            panic!("guest not established")
+        };
+        s
+    }
+
+    /// The features announced usable so far, in order.
+    fn usable_events(&self) -> Vec<u16> {
+        self.guest_events
+            .iter()
+            .filter_map(|e| match e {
+                GuestEvent::FeatureUsable { feature } => Some(*feature),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Moves virtual time to `t` and lets both sides act.
+    fn advance_to(&mut self, t: Instant) {
+        let d = t.saturating_duration_since(self.now);
+        self.advance(d);
+    }
+}
+
+/// A pair attested with key release off (`off`), the rest enabled.
+fn pair_with_release(off: FeatureState, nonce: [u8; 32]) -> Pair {
+    let on = FeatureState::Enabled;
+    let mut p = Pair::with_nonce((1, 1), Some("vm-1"), feature_map(off, on, on), nonce);
+    p.run();
+    assert!(p.established());
+    p
+}
+
+fn all_enabled() -> Features {
+    let on = FeatureState::Enabled;
+    feature_map(on, on, on)
+}
+
+fn disk() -> Vec<KeyName> {
+    vec![KeyName::new("disk").unwrap()]
+}
+
+#[test]
+fn a_reenabled_feature_is_usable_only_after_its_drawn_delay() {
+    let mut p = pair_with_release(FeatureState::Disabled, [3; 32]);
+    let t0 = p.now;
+    // Nothing is pending: the deadline is the keepalive.
+    assert_eq!(p.guest.deadline(), Some(t0 + guest::KEEPALIVE_INTERVAL));
+    p.host_updates(all_enabled());
+    assert!(matches!(
+        p.guest_events.last(),
+        Some(GuestEvent::Features(_))
+    ));
+    // The guest wakes at the drawn instant, within the jitter.
+    let at = p.guest.deadline().unwrap();
+    assert!(at - t0 <= guest::FEATURE_REENABLE_JITTER, "{:?}", at - t0);
+    assert!(at > t0, "this seed draws a delay above zero");
+    // Before it: enabled, but held back until that instant.
+    let now = p.now;
+    assert_eq!(
+        p.guest_established().request_keys(disk(), now).unwrap_err(),
+        RequestRefused::FeatureHeld {
+            feature: feature::KEY_RELEASE,
+            until: at
+        }
+    );
+    p.advance_to(at - Duration::from_millis(1));
+    assert!(p.usable_events().is_empty());
+    // At it: announced once (key rotation is never delayed or announced).
+    p.advance_to(at);
+    assert_eq!(p.usable_events(), [feature::KEY_RELEASE]);
+    assert_eq!(p.guest.deadline(), Some(t0 + guest::KEEPALIVE_INTERVAL));
+    for _ in 0..3 {
+        p.advance(Duration::from_secs(30));
+    }
+    assert_eq!(p.usable_events(), [feature::KEY_RELEASE]);
+    let now = p.now;
+    let out = p.guest_established().request_keys(disk(), now).unwrap();
+    p.take_guest(out);
+    p.run();
+    assert!(
+        p.guest_events
+            .iter()
+            .any(|e| matches!(e, GuestEvent::Keys(k) if k.released.len() == 1))
+    );
+}
+
+#[test]
+fn reenable_delays_spread_over_the_jitter() {
+    let mut delays = Vec::new();
+    for seed in 0u8..=200 {
+        let mut p = pair_with_release(FeatureState::NotYet, [seed; 32]);
+        let t0 = p.now;
+        p.host_updates(all_enabled());
+        let d = p.guest.deadline().unwrap() - t0;
+        assert!(d <= guest::FEATURE_REENABLE_JITTER, "seed {seed}: {d:?}");
+        delays.push(d);
+    }
+    delays.sort();
+    let (lo, hi) = (delays[0], delays[delays.len() - 1]);
+    assert!(lo < Duration::from_secs(1), "lowest {lo:?}");
+    assert!(hi > Duration::from_secs(9), "highest {hi:?}");
+    delays.dedup();
+    assert!(delays.len() > 190, "only {} distinct delays", delays.len());
+    // Same seed, same draw: tests and replays are deterministic.
+    let draw = |seed| {
+        let mut p = pair_with_release(FeatureState::Disabled, [seed; 32]);
+        let t0 = p.now;
+        p.host_updates(all_enabled());
+        p.guest.deadline().unwrap() - t0
+    };
+    assert_eq!(draw(9), draw(9));
+}
+
+#[test]
+fn a_reenable_waits_for_a_running_hold() {
+    let mut p = pair_with_release(FeatureState::Enabled, [3; 32]);
+    let t0 = p.now;
+    // The guest asks just as the host kills key release: the update and
+    // the refusal (retry-after 300 s) cross the request.
+    let out = p.guest_established().request_keys(disk(), t0).unwrap();
+    p.take_guest(out);
+    let off = feature_map(
+        FeatureState::Disabled,
+        FeatureState::Enabled,
+        FeatureState::Enabled,
+    );
+    let Host::Established(h) = &mut p.host else {
+        panic!()
+    };
+    let update = h.update_features(off);
+    p.take_host(update);
+    p.run();
+    let until = t0 + Duration::from_secs(300);
+    assert!(p.guest_events.iter().any(|e| matches!(
+        e,
+        GuestEvent::FeatureHeld { feature: feature::KEY_RELEASE, until: u, code: ErrorCode::FeatureDisabled }
+            if *u == until
+    )));
+    // The unkill comes 5 s later: the hold outlasts any draw.
+    p.advance(Duration::from_secs(5));
+    p.host_updates(all_enabled());
+    // The next wake-up is the keepalive (the request went out at t0), not
+    // the drawn instant: that one waits for the hold.
+    assert_eq!(p.guest.deadline(), Some(t0 + guest::KEEPALIVE_INTERVAL));
+    p.advance_to(until - Duration::from_millis(1));
+    assert!(p.usable_events().is_empty());
+    let now = p.now;
+    assert!(matches!(
+        p.guest_established().request_keys(disk(), now),
+        Err(RequestRefused::FeatureHeld { until: u, .. }) if u == until
+    ));
+    p.advance_to(until);
+    assert_eq!(p.usable_events(), [feature::KEY_RELEASE]);
+    assert!(p.established());
+}
+
+#[test]
+fn a_disabling_update_cancels_a_pending_reenable() {
+    let mut p = pair_with_release(FeatureState::Disabled, [3; 32]);
+    let t0 = p.now;
+    p.host_updates(all_enabled());
+    let at = p.guest.deadline().unwrap();
+    assert!(at < t0 + guest::FEATURE_REENABLE_JITTER + Duration::from_millis(1));
+    // Killed again before the delay ran out.
+    p.host_updates(feature_map(
+        FeatureState::Disabled,
+        FeatureState::Enabled,
+        FeatureState::Enabled,
+    ));
+    assert_eq!(p.guest.deadline(), Some(t0 + guest::KEEPALIVE_INTERVAL));
+    p.advance(guest::FEATURE_REENABLE_JITTER + Duration::from_secs(1));
+    assert!(p.usable_events().is_empty());
+    let now = p.now;
+    assert_eq!(
+        p.guest_established().request_keys(disk(), now).unwrap_err(),
+        RequestRefused::FeatureOff {
+            feature: feature::KEY_RELEASE,
+            state: FeatureState::Disabled
+        }
+    );
+    // A later unkill draws afresh and is announced once.
+    let t1 = p.now;
+    p.host_updates(all_enabled());
+    let at = p.guest.deadline().unwrap();
+    assert!(at >= t1 && at - t1 <= guest::FEATURE_REENABLE_JITTER);
+    p.advance(guest::FEATURE_REENABLE_JITTER);
+    assert_eq!(p.usable_events(), [feature::KEY_RELEASE]);
+}
+
+#[test]
+fn an_update_that_keeps_a_feature_enabled_does_not_delay_it() {
+    let mut p = pair_with_release(FeatureState::Enabled, [3; 32]);
+    // Key rotation goes off: key release stays enabled and usable at once.
+    p.host_updates(feature_map(
+        FeatureState::Enabled,
+        FeatureState::Enabled,
+        FeatureState::Disabled,
+    ));
+    let now = p.now;
+    assert!(p.guest_established().request_keys(disk(), now).is_ok());
+    assert!(p.usable_events().is_empty());
+}
+
+#[test]
+fn feature_usable_waits_for_an_outstanding_request() {
+    let on = FeatureState::Enabled;
+    let off = FeatureState::Disabled;
+    let mut p = Pair::with_nonce((1, 1), Some("vm-1"), feature_map(on, off, on), [3; 32]);
+    p.run();
+    let t0 = p.now;
+    p.host_updates(all_enabled());
+    let at = p.guest.deadline().unwrap();
+    // A key request is outstanding when the delay runs out.
+    let out = p.guest_established().request_keys(disk(), t0).unwrap();
+    assert_eq!(p.guest.deadline(), Some(t0 + guest::REQUEST_TIMEOUT));
+    let guest = std::mem::replace(&mut p.guest, Guest::Closed);
+    let (g, o) = guest.on_timeout(at.max(t0 + Duration::from_millis(1)));
+    p.guest = g;
+    p.take_guest(o);
+    assert!(p.usable_events().is_empty());
+    // The answer frees the session: key derivation is announced with it.
+    p.now = at;
+    p.take_guest(out);
+    p.run();
+    assert_eq!(p.usable_events(), [feature::KEY_DERIVATION]);
+    let i = |pred: fn(&GuestEvent) -> bool| p.guest_events.iter().position(pred).unwrap();
+    assert!(
+        i(|e| matches!(e, GuestEvent::Keys(_)))
+            < i(|e| matches!(e, GuestEvent::FeatureUsable { .. }))
+    );
+}
+
+#[test]
+fn refusals_and_feature_maps_name_the_feature_and_its_state() {
+    let off = |state| RequestRefused::FeatureOff {
+        feature: feature::KEY_RELEASE,
+        state,
+    };
+    assert_eq!(
+        off(FeatureState::Disabled).code(),
+        Some(ErrorCode::FeatureDisabled)
+    );
+    assert_eq!(
+        off(FeatureState::NotYet).code(),
+        Some(ErrorCode::FeatureNotEnabled)
+    );
+    assert_eq!(
+        off(FeatureState::Disabled).to_string(),
+        "key-release is disabled by the host's kill switch; nothing to fix on this VM"
+    );
+    assert!(off(FeatureState::NotYet).is_feature_wait());
+    assert!(!RequestRefused::Busy.is_feature_wait());
+    for code in [ErrorCode::FeatureDisabled, ErrorCode::FeatureNotEnabled] {
+        let state = guest::feature_off_state(code).unwrap();
+        assert_eq!(guest::feature_off_code(state), Some(code));
+    }
+    let map: Features = [
+        (feature::KEY_RELEASE, FeatureState::Disabled),
+        (feature::KEY_DERIVATION, FeatureState::Enabled),
+        (7, FeatureState::NotYet),
+    ]
+    .into();
+    assert_eq!(
+        guest::describe_features(&map),
+        "key-release=disabled, key-derivation=enabled, feature-7=not-yet"
     );
 }

@@ -22,7 +22,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use vkx_common::retry::Failure;
-use vkx_common::session::guest::{Guest, GuestConfig, GuestEvent, RequestRefused};
+use vkx_common::session::guest::{
+    Guest, GuestConfig, GuestEvent, RequestRefused, feature_off_state,
+};
 use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
 use vkx_common::transcript::{ConfirmRole, confirm_tag};
@@ -53,8 +55,18 @@ pub trait Handler {
     /// confirmed by the host: `key` is K of PROTOCOL.md §9.
     fn on_derived(&mut self, _purpose: &Purpose, _key: &[u8]) {}
 
-    /// A derivation did not happen (refused, feature off, failed locally).
+    /// A derivation did not happen (refused, failed locally).
     fn on_derive_failed(&mut self, _purpose: &Purpose, _why: &str) {}
+
+    /// A derivation was not sent because the session refused it: key
+    /// derivation is off or held back ([`RequestRefused::is_feature_wait`];
+    /// a host refusal arrives as [`RequestRefused::FeatureOff`] with the
+    /// state its code stands for), or another local reason. By default a
+    /// failure; a handler that waits for [`GuestEvent::FeatureUsable`] asks
+    /// again then.
+    fn on_derive_not_sent(&mut self, purpose: &Purpose, _length: u8, why: RequestRefused) {
+        self.on_derive_failed(purpose, &why.to_string());
+    }
 }
 
 /// Derivations asked for and not yet answered; one runs at a time (the
@@ -82,15 +94,27 @@ impl Derivations {
                 }
                 handler.on_derive_failed(purpose, "the host refused the purpose");
             }
-            GuestEvent::FeatureHeld { feature, .. }
-                if *feature == vkx_common::wire::feature::KEY_DERIVATION =>
-            {
-                for (p, _) in self.running.take().into_iter().chain(
-                    std::mem::take(&mut self.queue)
-                        .into_iter()
-                        .map(|(p, l)| (p, Zeroizing::new(vec![0; usize::from(l)]))),
-                ) {
-                    handler.on_derive_failed(&p, "key derivation is held back by the host");
+            GuestEvent::FeatureHeld {
+                feature,
+                until,
+                code,
+            } if *feature == vkx_common::wire::feature::KEY_DERIVATION => {
+                let why = match feature_off_state(*code) {
+                    Some(state) => RequestRefused::FeatureOff {
+                        feature: *feature,
+                        state,
+                    },
+                    None => RequestRefused::FeatureHeld {
+                        feature: *feature,
+                        until: *until,
+                    },
+                };
+                let running = self
+                    .running
+                    .take()
+                    .map(|(p, key)| (p, u8::try_from(key.len()).unwrap_or(u8::MAX)));
+                for (p, length) in running.into_iter().chain(std::mem::take(&mut self.queue)) {
+                    handler.on_derive_not_sent(&p, length, why);
                 }
             }
             _ => {}
@@ -130,7 +154,7 @@ impl Derivations {
                     self.queue.push_front((purpose, length));
                     return Output::default();
                 }
-                Err(e) => handler.on_derive_failed(&purpose, &e.to_string()),
+                Err(e) => handler.on_derive_not_sent(&purpose, length, e),
             }
         }
         Output::default()

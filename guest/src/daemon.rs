@@ -6,6 +6,14 @@
 //! `retry-after` honoured, permanent failures and a spent budget lead to
 //! dormancy with one re-probe per `reprobe_interval`.
 //!
+//! In a session, keys and derivations whose feature is off (or that the
+//! host refused for its rollout state) are asked for again once the
+//! feature becomes usable ([`GuestEvent::FeatureUsable`]: after the
+//! re-enable delay of §12.3), exactly once per enablement, on the same
+//! session ([`Deliver::resuming`]). While a feature is off nothing is sent
+//! for it and nothing is logged per request: one line when the host
+//! changes the feature states.
+//!
 //! The decisions (when to wake, whether to start, what to log and record
 //! after an attempt) are [`Supervisor`]'s, without I/O, so they can be
 //! tested in virtual time; this module is the async driver around it.
@@ -21,7 +29,7 @@ use std::time::Instant;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::watch;
-use vkx_common::session::guest::{Guest, GuestEvent};
+use vkx_common::session::guest::{Guest, GuestEvent, RequestRefused, describe_features};
 use vkx_common::{rl_info, rl_warn};
 
 use crate::agent::{Agent, Handler, Reaction};
@@ -51,11 +59,12 @@ impl Handler for Hold<'_> {
             GuestEvent::Attested {
                 session_id,
                 reattest_after,
-                ..
+                features,
             } => {
                 rl_info!(
                     session = %hex::encode(session_id),
                     reattest_after_s = reattest_after.as_secs(),
+                    features = %describe_features(&features),
                     "attested"
                 );
                 let t = StatusFile::at(Instant::now());
@@ -68,7 +77,10 @@ impl Handler for Hold<'_> {
                 });
             }
             GuestEvent::Features(f) => {
-                rl_info!(features = ?f, "the host changed the feature states");
+                rl_info!(
+                    features = %describe_features(&f),
+                    "the host changed the feature states"
+                );
             }
             _ => {}
         }
@@ -81,6 +93,15 @@ impl Handler for Hold<'_> {
 
     fn on_derive_failed(&mut self, purpose: &vkx_common::wire::Purpose, why: &str) {
         self.deliver.on_derive_failed(purpose, why);
+    }
+
+    fn on_derive_not_sent(
+        &mut self,
+        purpose: &vkx_common::wire::Purpose,
+        length: u8,
+        why: RequestRefused,
+    ) {
+        self.deliver.on_derive_not_sent(purpose, length, why);
     }
 }
 
@@ -145,7 +166,8 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
                 dir.as_ref(),
                 &config.derive,
                 derived_dir.as_ref(),
-            ),
+            )
+            .resuming(),
         };
         let attempt = agent.attempt(&mut hold, &mut stop).await;
         let ended = supervisor.attempt_ended(&attempt, Instant::now());
@@ -163,4 +185,76 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
     });
     rl_info!("vkx-guest stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use vkx_common::session::Output;
+    use vkx_common::session::guest::FEATURE_REENABLE_JITTER;
+    use vkx_common::wire::{FeatureState, KeyName, Message};
+
+    use super::*;
+    use crate::testutil::{established, feature_update, features, logs};
+
+    const ON: FeatureState = FeatureState::Enabled;
+    const OFF: FeatureState = FeatureState::Disabled;
+
+    #[test]
+    fn a_kill_and_an_unkill_cost_one_line_each_and_one_key_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut status = StatusFile::new(dir.path());
+        let names = vec![KeyName::new("disk").unwrap()];
+        let mut hold = Hold {
+            status: &mut status,
+            deliver: Deliver::new(&names, None, &[], None).resuming(),
+        };
+        let t0 = Instant::now();
+        let (mut guest, attested) = established(features(OFF, ON), 3, t0);
+        let mut sent = Vec::new();
+        let ((), log) = logs(|| {
+            let mut feed =
+                |hold: &mut Hold<'_>, guest: &mut Guest, out: Output<GuestEvent>, now| {
+                    for ev in out.events {
+                        let r = hold.on_event(ev, guest, now);
+                        sent.extend(r.out.send.iter().map(|b| Message::decode(b).unwrap()));
+                    }
+                };
+            let r = hold.on_event(attested, &mut guest, t0);
+            assert!(r.out.send.is_empty());
+            // Key derivation is killed too, then both come back; time
+            // passes past the re-enable delay.
+            let mut now = t0;
+            for map in [features(OFF, OFF), features(ON, ON)] {
+                let (g, out) = guest.on_payload(&feature_update(map), now);
+                guest = g;
+                feed(&mut hold, &mut guest, out, now);
+            }
+            now += FEATURE_REENABLE_JITTER;
+            let (g, out) = guest.on_timeout(now);
+            guest = g;
+            feed(&mut hold, &mut guest, out, now);
+        });
+        assert!(
+            matches!(&sent[..], [Message::KeyRequest(r)] if r.names == names),
+            "{sent:?}"
+        );
+        assert!(!log.contains("WARN"), "{log}");
+        let info: Vec<&str> = log.lines().filter(|l| l.contains(" INFO ")).collect();
+        assert_eq!(info.len(), 3, "{log}");
+        assert!(
+            info[0].contains("attested")
+                && info[0].contains("key-release=disabled, key-derivation=enabled"),
+            "{log}"
+        );
+        assert!(
+            info[1].contains("the host changed the feature states")
+                && info[1].contains("key-release=disabled, key-derivation=disabled"),
+            "{log}"
+        );
+        assert!(
+            info[2].contains("key-release=enabled, key-derivation=enabled"),
+            "{log}"
+        );
+    }
 }

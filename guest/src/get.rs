@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use vkx_common::errors::{ErrorCode, RetryClass};
 use vkx_common::retry::Failure;
 use vkx_common::session::CloseReason;
-use vkx_common::session::guest::{Guest, GuestEvent, RequestRefused};
+use vkx_common::session::guest::{Guest, GuestEvent};
 use vkx_common::wire::{KeyMaterial, KeyName, KeyRelease};
 
 use crate::agent::{Agent, Attempt, Handler, Reaction};
@@ -109,14 +109,11 @@ impl Handler for GetKey {
                         ..Reaction::default()
                     },
                     Err(e) => {
-                        match e {
-                            RequestRefused::FeatureNotEnabled => {
-                                self.result = Some(Err(ErrorCode::FeatureNotEnabled));
-                            }
-                            RequestRefused::FeatureHeld => {
-                                self.result = Some(Err(ErrorCode::FeatureDisabled));
-                            }
-                            e => self.local = Some(format!("key request not sent: {e}")),
+                        // Key release off for this VM: the code the host
+                        // would have refused with (its state, exactly).
+                        match e.code() {
+                            Some(code) => self.result = Some(Err(code)),
+                            None => self.local = Some(format!("key request not sent: {e}")),
                         }
                         Self::finish()
                     }
@@ -126,8 +123,8 @@ impl Handler for GetKey {
                 self.on_release(release);
                 Self::finish()
             }
-            GuestEvent::FeatureHeld { .. } => {
-                self.result = Some(Err(ErrorCode::FeatureDisabled));
+            GuestEvent::FeatureHeld { code, .. } => {
+                self.result = Some(Err(code));
                 Self::finish()
             }
             _ => Reaction::default(),
@@ -171,14 +168,10 @@ fn outcome(handler: GetKey, attempt: &Attempt) -> GetOutcome {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use vkx_common::session::guest::GuestConfig;
     use vkx_common::wire::{
-        AgentName, AgentVersion, AttestationResult, Challenge, ErrorMessage, Evidence,
-        FeatureState, Features, HashAlg, KeyRefusal, MIN_AK_NAME, Message, PcrBankSelection,
-        PcrBankValues, ReleasedKey, VersionRange, VmId, feature,
+        ErrorMessage, FeatureState, Features, KeyRefusal, Message, ReleasedKey, feature,
     };
 
     use super::*;
@@ -191,55 +184,9 @@ mod tests {
         [(feature::KEY_RELEASE, release)].into()
     }
 
-    /// A guest session driven to Established by hand-made host messages
-    /// (the host's checks are not the point here).
+    /// A session attested with key release in `release`.
     fn established(release: FeatureState, now: Instant) -> (Guest, GuestEvent) {
-        let config = Arc::new(GuestConfig {
-            versions: VersionRange { min: 1, max: 1 },
-            agent_name: AgentName::new("vkx-guest").unwrap(),
-            agent_version: AgentVersion::new("0.1.0").unwrap(),
-        });
-        let (g, out) = Guest::start(config, [7; 32], [3; 32], now);
-        assert!(out.close.is_none());
-        let challenge = Message::Challenge(Challenge {
-            version: 1,
-            host_nonce: [1; 32],
-            vm_id: VmId::new("vm-17").unwrap(),
-            cid: None,
-            pcr_selection: vec![PcrBankSelection {
-                hash_alg: HashAlg::Sha256,
-                pcrs: vec![0],
-            }],
-            features: features(release),
-        })
-        .encode()
-        .unwrap();
-        let (g, out) = g.on_payload(&challenge, now);
-        assert!(out.close.is_none());
-        let evidence = Evidence {
-            tpm_attest: vec![1],
-            tpm_signature: vec![2],
-            ak_name: vec![0; MIN_AK_NAME],
-            ak_cert: None,
-            pcr_values: vec![PcrBankValues {
-                hash_alg: HashAlg::Sha256,
-                values: [(0, vec![0; 32])].into(),
-            }],
-        };
-        let (g, out) = g.on_quote(Some(evidence), now);
-        assert!(out.close.is_none(), "{out:?}");
-        let result = Message::AttestationResult(AttestationResult {
-            session_id: [2; 16],
-            reattest_after_s: 3600,
-        })
-        .encode()
-        .unwrap();
-        let (g, mut out) = g.on_payload(&result, now);
-        assert!(g.is_established());
-        assert_eq!(out.events.len(), 1);
-        let ev = out.events.remove(0);
-        assert!(matches!(ev, GuestEvent::Attested { .. }));
-        (g, ev)
+        crate::testutil::established(features(release), 3, now)
     }
 
     fn release(released: &[(&str, &[u8])], refused: &[(&str, ErrorCode)]) -> GuestEvent {
@@ -288,9 +235,30 @@ mod tests {
     }
 
     #[test]
+    fn a_rollout_refusal_says_which_feature_which_state_and_whose_switch() {
+        use crate::deliver::describe_refusal;
+        assert_eq!(
+            describe_refusal(feature::KEY_RELEASE, ErrorCode::FeatureDisabled),
+            "feature-disabled (8): key-release is disabled by the host's kill switch; \
+             nothing to fix on this VM"
+        );
+        let not_yet = describe_refusal(feature::KEY_RELEASE, ErrorCode::FeatureNotEnabled);
+        assert!(
+            not_yet.starts_with("feature-not-enabled (9): key-release is not-yet enabled")
+                && not_yet.contains("staged rollout")
+                && not_yet.ends_with("nothing to fix on this VM"),
+            "{not_yet}"
+        );
+        assert_eq!(
+            describe_refusal(feature::KEY_RELEASE, ErrorCode::NotPermitted),
+            ErrorCode::NotPermitted.to_string()
+        );
+    }
+
+    #[test]
     fn attested_without_key_release_is_refused_locally() {
         for (state, code) in [
-            (FeatureState::Disabled, ErrorCode::FeatureNotEnabled),
+            (FeatureState::Disabled, ErrorCode::FeatureDisabled),
             (FeatureState::NotYet, ErrorCode::FeatureNotEnabled),
         ] {
             let now = Instant::now();
@@ -337,32 +305,31 @@ mod tests {
     }
 
     #[test]
-    fn a_host_hold_over_the_session_is_feature_disabled() {
-        let now = Instant::now();
-        let (mut g, ev) = established(FeatureState::Enabled, now);
-        let mut h = GetKey::new(name("disk"));
-        h.on_event(ev, &mut g, now);
-        let held = Message::Error(ErrorMessage {
-            retry_after_ms: Some(5000),
-            ..ErrorMessage::new(ErrorCode::FeatureDisabled)
-        })
-        .encode()
-        .unwrap();
-        let (mut g, mut out) = g.on_payload(&held, now);
-        assert!(out.close.is_none());
-        let ev = out.events.remove(0);
-        assert!(matches!(ev, GuestEvent::FeatureHeld { .. }));
-        let r = h.on_event(ev, &mut g, now);
-        assert!(r.finish);
-        let o = outcome(
-            h,
-            &closed_attempt(CloseReason::Orderly { retry_after: None }),
-        );
-        assert!(
-            matches!(o, GetOutcome::Refused(ErrorCode::FeatureDisabled)),
-            "{o:?}"
-        );
-        assert_eq!(o.exit_code(), 4);
+    fn a_host_hold_over_the_session_keeps_the_hosts_code() {
+        for code in [ErrorCode::FeatureDisabled, ErrorCode::FeatureNotEnabled] {
+            let now = Instant::now();
+            let (mut g, ev) = established(FeatureState::Enabled, now);
+            let mut h = GetKey::new(name("disk"));
+            h.on_event(ev, &mut g, now);
+            let held = Message::Error(ErrorMessage {
+                retry_after_ms: Some(5000),
+                ..ErrorMessage::new(code)
+            })
+            .encode()
+            .unwrap();
+            let (mut g, mut out) = g.on_payload(&held, now);
+            assert!(out.close.is_none());
+            let ev = out.events.remove(0);
+            assert!(matches!(ev, GuestEvent::FeatureHeld { .. }));
+            let r = h.on_event(ev, &mut g, now);
+            assert!(r.finish);
+            let o = outcome(
+                h,
+                &closed_attempt(CloseReason::Orderly { retry_after: None }),
+            );
+            assert!(matches!(o, GetOutcome::Refused(c) if c == code), "{o:?}");
+            assert_eq!(o.exit_code(), 4);
+        }
     }
 
     #[test]
@@ -415,6 +382,7 @@ mod tests {
             GuestEvent::FeatureHeld {
                 feature: feature::KEY_RELEASE,
                 until: now + Duration::from_secs(60),
+                code: ErrorCode::FeatureDisabled,
             },
             &mut g,
             now,

@@ -11,7 +11,8 @@
 //! - [`keys`]: key delivery: released keys as files in a tmpfs directory,
 //!   replaced atomically, versions recorded.
 //! - [`deliver`]: asks for the configured keys once attested, installs
-//!   them and every pushed rotation (with its acknowledgement).
+//!   them and every pushed rotation (with its acknowledgement); in the
+//!   daemon, asks again once a feature that was off becomes usable.
 //! - [`once`]: one attestation over the protocol (`vkx-guest once`).
 //! - [`status`]: the daemon's status file (`vkx-guest status`).
 //! - [`supervisor`]: the daemon's decisions without I/O (when to wake,
@@ -34,5 +35,7 @@ pub mod keys;
 pub mod once;
 pub mod status;
 pub mod supervisor;
+#[cfg(test)]
+mod testutil;
 pub mod tpm;
 pub mod transport;

@@ -277,7 +277,10 @@ fn get(name: &str, config: &Path) -> ExitCode {
             }
         }
         vkx_guest::get::GetOutcome::Refused(code) => {
-            eprintln!("vkx-guest: the host refused the key: {code}")
+            eprintln!(
+                "vkx-guest: the host refused the key: {}",
+                vkx_guest::deliver::describe_refusal(vkx_common::wire::feature::KEY_RELEASE, *code)
+            )
         }
         vkx_guest::get::GetOutcome::Permanent(why) => {
             eprintln!("vkx-guest: permanent failure, not retrying: {why}")

@@ -8,7 +8,10 @@
 //! restart delay. The exit code:
 //! 0 attested (and every configured key delivered), 2 permanent failure
 //! (do not retry), 3 retryable failure, 4 attested but a configured key
-//! was refused or could not be installed.
+//! was refused or could not be installed. A key or derivation whose feature
+//! the host has off is such a refusal: the text names the code
+//! (`feature-disabled` or `feature-not-enabled`), the feature and its state
+//! (`once` does not wait for the feature to come back).
 
 use std::time::{Duration, Instant};
 
@@ -86,6 +89,15 @@ impl Handler for Once<'_> {
 
     fn on_derive_failed(&mut self, purpose: &vkx_common::wire::Purpose, why: &str) {
         self.deliver.on_derive_failed(purpose, why);
+    }
+
+    fn on_derive_not_sent(
+        &mut self,
+        purpose: &vkx_common::wire::Purpose,
+        length: u8,
+        why: vkx_common::session::guest::RequestRefused,
+    ) {
+        self.deliver.on_derive_not_sent(purpose, length, why);
     }
 }
 

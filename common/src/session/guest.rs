@@ -7,6 +7,18 @@
 //! make requests. Connection attempts, backoff and dormancy belong to the
 //! driver and [`crate::retry::RetryPolicy`], fed with [`CloseReason`].
 //!
+//! Feature rollout (§12.3): a request for a feature that is not `enabled`
+//! in the current map is refused locally ([`RequestRefused::FeatureOff`],
+//! naming the state), and so is one the host asked to hold off
+//! ([`RequestRefused::FeatureHeld`]). When a `feature-update` turns a
+//! requested feature (key release, key derivation) on again, the session
+//! keeps it back for U[0, [`FEATURE_REENABLE_JITTER`]] after receipt, and
+//! at least until a running hold ends, so that a node's guests do not all
+//! act at the instant of an unkill; [`Guest::deadline`] includes that
+//! instant, and [`GuestEvent::FeatureUsable`] says when it has come (once
+//! per re-enable). The draw comes from a generator seeded with the guest
+//! nonce the driver passed in: jitter needs spread, not secrecy.
+//!
 //! Trusts nothing the host sends beyond what the pinned TLS channel
 //! guarantees: every message is strictly decoded and checked against the
 //! state; every wait has a deadline.
@@ -17,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::{CloseReason, Output, after, decode_or_close};
 use crate::errors::{ErrorCode, RetryClass};
-use crate::retry::Failure;
+use crate::retry::{Failure, Jitter};
 use crate::transcript::{TRANSCRIPT_EXPORTER_LEN, transcript_hash};
 use crate::wire::{
     AgentName, AgentVersion, CONFIRM_TAG_LEN, DeriveRequest, ErrorMessage, Evidence, FeatureState,
@@ -32,6 +44,14 @@ pub const QUOTE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const AWAIT_RESULT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(120);
+/// §12.3: most delay before using a feature a `feature-update` enabled
+/// again, drawn uniformly so a node's guests do not act at one instant.
+pub const FEATURE_REENABLE_JITTER: Duration = Duration::from_secs(10);
+
+/// The features the guest uses by its own requests (§12.3), the only ones
+/// a re-enable delays: key rotation is pushed by the host and answered at
+/// once.
+const REQUESTED_FEATURES: [u16; 2] = [feature::KEY_RELEASE, feature::KEY_DERIVATION];
 
 /// What the guest says about itself.
 #[derive(Debug, Clone)]
@@ -60,8 +80,18 @@ pub enum GuestEvent {
     Keys(KeyRelease),
     /// The host derived the same key for `purpose` (tags verified).
     Derived { purpose: Purpose },
-    /// The host refused a request for a while (kill switch or rollout).
-    FeatureHeld { feature: u16, until: Instant },
+    /// The host refused a request for a while (kill switch or rollout):
+    /// `code` is its `feature-disabled` or `feature-not-enabled`.
+    FeatureHeld {
+        feature: u16,
+        until: Instant,
+        code: ErrorCode,
+    },
+    /// A requested feature a `feature-update` enabled again is usable now
+    /// (§12.3: its re-enable delay and any hold have elapsed, and no
+    /// request is outstanding). Once per re-enable; a disabling update
+    /// before then cancels it.
+    FeatureUsable { feature: u16 },
     /// The host refused a derivation purpose.
     PurposeRefused { purpose: Purpose },
     /// Install a rotated key, then call [`Established::ack_update`].
@@ -74,14 +104,113 @@ pub enum GuestEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RequestRefused {
-    #[error("the host has not enabled this feature for this VM")]
-    FeatureNotEnabled,
-    #[error("the host asked to wait before using this feature again")]
-    FeatureHeld,
+    /// The feature is not `enabled` in the current map (absent counts as
+    /// `disabled`, §12.1).
+    #[error("{}", feature_off_text(*feature, *state))]
+    FeatureOff { feature: u16, state: FeatureState },
+    /// The feature is enabled but must not be used before `until`: the
+    /// host's `retry-after` or the re-enable delay (§12.3).
+    #[error(
+        "{} is held back until the host's retry-after or the re-enable delay has passed",
+        feature_name(*feature)
+    )]
+    FeatureHeld { feature: u16, until: Instant },
     #[error("a request is already outstanding")]
     Busy,
     #[error("the request is not valid: {0}")]
     Invalid(&'static str),
+}
+
+impl RequestRefused {
+    /// The code the host would have refused the request with (§12.2), for
+    /// a feature that is off: `feature-disabled` or `feature-not-enabled`.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::FeatureOff { state, .. } => feature_off_code(*state),
+            _ => None,
+        }
+    }
+
+    /// The feature is off or held back: the request makes sense again only
+    /// after [`GuestEvent::FeatureUsable`].
+    pub fn is_feature_wait(&self) -> bool {
+        matches!(self, Self::FeatureOff { .. } | Self::FeatureHeld { .. })
+    }
+}
+
+/// The name of a feature id (§12.1), for people.
+pub fn feature_name(feature: u16) -> &'static str {
+    known_feature_name(feature).unwrap_or("an unknown feature")
+}
+
+fn known_feature_name(id: u16) -> Option<&'static str> {
+    match id {
+        feature::KEY_RELEASE => Some("key-release"),
+        feature::KEY_DERIVATION => Some("key-derivation"),
+        feature::KEY_ROTATION => Some("key-rotation"),
+        _ => None,
+    }
+}
+
+/// The name of a feature state (§12.1), for people.
+pub fn state_name(state: FeatureState) -> &'static str {
+    match state {
+        FeatureState::Enabled => "enabled",
+        FeatureState::Disabled => "disabled",
+        FeatureState::NotYet => "not-yet",
+    }
+}
+
+/// A feature map for people: `key-release=disabled, key-derivation=enabled`
+/// (unknown ids as `feature-7=...`; at most `MAX_FEATURES` entries).
+pub fn describe_features(features: &Features) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    for (id, state) in features {
+        let sep = if text.is_empty() { "" } else { ", " };
+        let state = state_name(*state);
+        // Writing to a String cannot fail.
+        let _ = match known_feature_name(*id) {
+            Some(name) => write!(text, "{sep}{name}={state}"),
+            None => write!(text, "{sep}feature-{id}={state}"),
+        };
+    }
+    text
+}
+
+/// The refusal code that stands for a state (§12.2); `None` for enabled.
+pub fn feature_off_code(state: FeatureState) -> Option<ErrorCode> {
+    match state {
+        FeatureState::Enabled => None,
+        FeatureState::Disabled => Some(ErrorCode::FeatureDisabled),
+        FeatureState::NotYet => Some(ErrorCode::FeatureNotEnabled),
+    }
+}
+
+/// The state a host's refusal code stands for (§12.2): `disabled` for
+/// `feature-disabled`, `not-yet` for `feature-not-enabled`.
+pub fn feature_off_state(code: ErrorCode) -> Option<FeatureState> {
+    match code {
+        ErrorCode::FeatureDisabled => Some(FeatureState::Disabled),
+        ErrorCode::FeatureNotEnabled => Some(FeatureState::NotYet),
+        _ => None,
+    }
+}
+
+/// What a person reading a refusal needs: which feature, which state,
+/// whose decision, and that the VM is not at fault.
+pub fn feature_off_text(feature: u16, state: FeatureState) -> String {
+    let name = feature_name(feature);
+    match state {
+        FeatureState::Enabled => format!("{name} is enabled"),
+        FeatureState::Disabled => {
+            format!("{name} is disabled by the host's kill switch; nothing to fix on this VM")
+        }
+        FeatureState::NotYet => format!(
+            "{name} is not-yet enabled: the host's staged rollout has not reached this VM; \
+             nothing to fix on this VM"
+        ),
+    }
 }
 
 type Out = Output<GuestEvent>;
@@ -99,6 +228,7 @@ pub enum Guest {
 #[derive(Debug)]
 pub struct AwaitChallenge {
     config: Arc<GuestConfig>,
+    jitter: Jitter,
     exporter: [u8; TRANSCRIPT_EXPORTER_LEN],
     hello: Vec<u8>,
     deadline: Instant,
@@ -107,12 +237,14 @@ pub struct AwaitChallenge {
 #[derive(Debug)]
 pub struct Quoting {
     features: Features,
+    jitter: Jitter,
     deadline: Instant,
 }
 
 #[derive(Debug)]
 pub struct AwaitResult {
     features: Features,
+    jitter: Jitter,
     deadline: Instant,
 }
 
@@ -141,7 +273,13 @@ impl Request {
 pub struct Established {
     session_id: [u8; SESSION_ID_LEN],
     features: Features,
+    /// Holds the host asked for (feature-disabled / feature-not-enabled
+    /// with retry-after), by feature; at most one per requested feature.
     held: BTreeMap<u16, Instant>,
+    /// Requested features a `feature-update` enabled again, and when they
+    /// become usable (§12.3); at most one per requested feature.
+    reenable: BTreeMap<u16, Instant>,
+    jitter: Jitter,
     request: Option<Request>,
     ping: Option<(u64, Instant)>,
     next_ping_seq: u64,
@@ -151,7 +289,8 @@ pub struct Established {
 }
 
 impl Guest {
-    /// Sends `hello` on a fresh TLS connection.
+    /// Sends `hello` on a fresh TLS connection. `guest_nonce` must be
+    /// fresh random bytes; it also seeds the session's jitter (§12.3).
     pub fn start(
         config: Arc<GuestConfig>,
         exporter: [u8; TRANSCRIPT_EXPORTER_LEN],
@@ -170,8 +309,12 @@ impl Guest {
             Ok(bytes) => {
                 let kept = bytes.to_vec();
                 out.send.push(bytes);
+                let seed = guest_nonce
+                    .first_chunk::<8>()
+                    .map_or(0, |b| u64::from_le_bytes(*b));
                 let state = AwaitChallenge {
                     config,
+                    jitter: Jitter::new(seed),
                     exporter,
                     hello: kept,
                     deadline: after(now, AWAIT_CHALLENGE_TIMEOUT),
@@ -216,6 +359,7 @@ impl Guest {
                     && s.request_scoped(e)
                 {
                     s.on_request_error(e, now, &mut out);
+                    s.poll_usable(now, &mut out);
                     return (Self::Established(s), out);
                 }
                 out.close(CloseReason::Failed(Failure::Code {
@@ -243,6 +387,7 @@ impl Guest {
             }
             Self::Established(mut s) => {
                 if s.on_message(msg, &mut out, now) {
+                    s.poll_usable(now, &mut out);
                     (Self::Established(s), out)
                 } else {
                     (Self::Closed, out)
@@ -267,6 +412,7 @@ impl Guest {
                 out.send(Message::Evidence(ev));
                 let next = AwaitResult {
                     features: s.features,
+                    jitter: s.jitter,
                     deadline: after(now, AWAIT_RESULT_TIMEOUT),
                 };
                 (Self::AwaitResult(next), out)
@@ -366,6 +512,7 @@ impl AwaitChallenge {
         });
         let next = Quoting {
             features: c.features,
+            jitter: self.jitter,
             deadline: after(now, QUOTE_TIMEOUT),
         };
         Guest::Quoting(next)
@@ -388,6 +535,8 @@ impl AwaitResult {
             session_id: r.session_id,
             features: self.features,
             held: BTreeMap::new(),
+            reenable: BTreeMap::new(),
+            jitter: self.jitter,
             request: None,
             ping: None,
             next_ping_seq: 1,
@@ -418,20 +567,83 @@ impl Established {
         if let Some((_, pd)) = self.ping {
             d = d.min(pd);
         }
+        // A re-enabled feature is announced only while no request is
+        // outstanding (the request's deadline covers that time).
+        if self.request.is_none()
+            && let Some(at) = self.reenable.values().min()
+        {
+            d = d.min(*at);
+        }
         d
     }
 
+    /// The state of `feature` in the current map (absent is disabled).
+    pub fn feature_state(&self, feature: u16) -> FeatureState {
+        self.features
+            .get(&feature)
+            .copied()
+            .unwrap_or(FeatureState::Disabled)
+    }
+
     fn usable(&self, feature: u16, now: Instant) -> Result<(), RequestRefused> {
-        if self.features.get(&feature) != Some(&FeatureState::Enabled) {
-            return Err(RequestRefused::FeatureNotEnabled);
+        let state = self.feature_state(feature);
+        if state != FeatureState::Enabled {
+            return Err(RequestRefused::FeatureOff { feature, state });
         }
-        if self.held.get(&feature).is_some_and(|until| now < *until) {
-            return Err(RequestRefused::FeatureHeld);
+        let until = self
+            .held
+            .get(&feature)
+            .into_iter()
+            .chain(self.reenable.get(&feature))
+            .max();
+        if let Some(until) = until
+            && now < *until
+        {
+            return Err(RequestRefused::FeatureHeld {
+                feature,
+                until: *until,
+            });
         }
         if self.request.is_some() {
             return Err(RequestRefused::Busy);
         }
         Ok(())
+    }
+
+    /// Replaces the feature map (§6.16) and starts the re-enable delay of
+    /// every requested feature it turns on again (§12.3); one it turns off
+    /// loses a pending re-enable.
+    fn replace_features(&mut self, features: Features, now: Instant) {
+        let enabled = |map: &Features, f| map.get(&f) == Some(&FeatureState::Enabled);
+        for f in REQUESTED_FEATURES {
+            match (enabled(&self.features, f), enabled(&features, f)) {
+                (_, false) => {
+                    self.reenable.remove(&f);
+                }
+                (false, true) => {
+                    let jittered = after(now, self.jitter.upto(FEATURE_REENABLE_JITTER));
+                    let at = self.held.get(&f).map_or(jittered, |h| jittered.max(*h));
+                    self.reenable.insert(f, at);
+                }
+                (true, true) => {}
+            }
+        }
+        self.features = features;
+    }
+
+    /// Announces the re-enabled features whose time has come, once each,
+    /// while no request is outstanding.
+    fn poll_usable(&mut self, now: Instant, out: &mut Out) {
+        if self.request.is_some() {
+            return;
+        }
+        self.reenable.retain(|feature, at| {
+            let due = now >= *at;
+            if due {
+                out.event(GuestEvent::FeatureUsable { feature: *feature });
+            }
+            !due
+        });
     }
 
     /// Asks for keys (§6.7). Names are sorted and deduplicated here.
@@ -455,6 +667,7 @@ impl Established {
             names,
             deadline: after(now, REQUEST_TIMEOUT),
         });
+        self.reenable.remove(&feature::KEY_RELEASE);
         self.last_sent = now;
         Ok(out)
     }
@@ -484,6 +697,7 @@ impl Established {
             host_tag: expected_host_tag,
             deadline: after(now, REQUEST_TIMEOUT),
         });
+        self.reenable.remove(&feature::KEY_DERIVATION);
         self.last_sent = now;
         Ok(out)
     }
@@ -540,7 +754,15 @@ impl Established {
                     .min(crate::retry::MAX_RETRY_AFTER);
                 let until = after(now, hint);
                 self.held.insert(feature, until);
-                out.event(GuestEvent::FeatureHeld { feature, until });
+                // A re-enable still pending waits for the hold too.
+                if let Some(at) = self.reenable.get_mut(&feature) {
+                    *at = (*at).max(until);
+                }
+                out.event(GuestEvent::FeatureHeld {
+                    feature,
+                    until,
+                    code: e.code,
+                });
             }
         }
     }
@@ -620,7 +842,7 @@ impl Established {
                 true
             }
             Message::FeatureUpdate(f) => {
-                self.features = f.features.clone();
+                self.replace_features(f.features.clone(), now);
                 out.event(GuestEvent::Features(f.features));
                 true
             }
@@ -668,6 +890,7 @@ impl Established {
             self.ping = Some((seq, after(now, REQUEST_TIMEOUT)));
             self.last_sent = now;
         }
+        self.poll_usable(now, out);
         true
     }
 }

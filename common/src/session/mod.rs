@@ -6,7 +6,8 @@
 //! quote, a verification verdict, a key lookup) together with the current
 //! time, and answers with an [`Output`]: payloads to send, events for the
 //! driver, and whether to close. It never does I/O, never reads a clock and
-//! never draws random numbers: nonces and ids are passed in.
+//! never asks the system for random numbers: nonces and ids are passed in
+//! (the guest seeds its jitter from its nonce).
 //!
 //! Each protocol state is its own type holding only what that state needs;
 //! a transition consumes the state. Out-of-order or unknown messages are
@@ -40,9 +41,6 @@ pub mod transport {
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     /// Both sides: the TLS handshake.
     pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-    /// Guest: most delay before using a re-enabled feature (§12.3), drawn
-    /// uniformly so a fleet does not stampede.
-    pub const FEATURE_REENABLE_JITTER: Duration = Duration::from_secs(10);
 }
 
 /// Why a session closed, in the terms the retry policy needs.
