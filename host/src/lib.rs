@@ -24,6 +24,9 @@
 //!   certificate digest).
 //! - [`release`]: which keys an attested VM gets (policy grant and the
 //!   key's allow-list).
+//! - [`rollout`]: staged rollout and kill switch: the signed rollout
+//!   document, rings, per-VM feature maps, admission (revisions only go
+//!   up; widening needs a trusted signature), persistence.
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
 //! - [`vsock`]: AF_VSOCK listener configuration and admission by CID;
 //!   the hybrid-vsock CONNECT preamble (host to guest).
@@ -44,6 +47,7 @@ pub mod node;
 pub mod publish;
 pub mod registry;
 pub mod release;
+pub mod rollout;
 pub mod serve;
 pub mod vsock;
 pub mod vtpm;
