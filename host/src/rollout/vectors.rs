@@ -166,6 +166,27 @@ fn check_every_vector_file() {
     assert_eq!(seen, want, "rollout vector files missing");
 }
 
+/// The descriptive JSON Schema states the same limits as the code.
+#[test]
+fn schema_limits_match_the_code() {
+    use super::document::{MAX_RING_MEMBERS, MAX_RING_NAME, MAX_RINGS};
+    let path = dir().join("../rollout.schema.json");
+    let schema: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let defs = &schema["$defs"];
+    let max_rings = defs["document"]["properties"]["rings"]["maxItems"].as_u64();
+    assert_eq!(max_rings, u64::try_from(MAX_RINGS).ok());
+    let max_members = defs["nameList"]["maxItems"].as_u64();
+    assert_eq!(max_members, u64::try_from(MAX_RING_MEMBERS).ok());
+    assert_eq!(
+        defs["ringName"]["pattern"].as_str(),
+        Some(format!("^[a-z0-9._-]{{1,{MAX_RING_NAME}}}$").as_str())
+    );
+    assert_eq!(
+        defs["ring"]["properties"]["buckets_below"]["maximum"].as_u64(),
+        Some(u64::from(super::document::BUCKETS))
+    );
+}
+
 fn check_buckets(v: &Obj) {
     assert_eq!(hex::decode(v.str("domain_hex")).unwrap(), BUCKET_DOMAIN);
     for case in v.list("cases") {
