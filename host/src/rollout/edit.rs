@@ -5,7 +5,7 @@
 //!
 //! What it trusts: the current document is a validated value. What it
 //! guarantees: the result is valid (a stage always names a ring). Whether
-//! the result needs a signature is [`super::admit`]'s decision: a kill
+//! the result needs a signature is [`super::admit()`]'s decision: a kill
 //! never does, an unkill or a raised stage does.
 
 use super::document::{Document, Feature, FeatureRollout};

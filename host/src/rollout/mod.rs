@@ -5,9 +5,9 @@
 //! What it is: pure functions and plain values. A document is parsed
 //! strictly and validated ([`document`]); a VM's ring and feature map are
 //! computed from the document, the node's local override file and
-//! host.toml's generally-available list ([`resolve`]); a candidate
+//! host.toml's generally-available list ([`mod@resolve`]); a candidate
 //! document from a source is admitted or refused against the last
-//! accepted one ([`admit`]): revisions only go up, and a change that can
+//! accepted one ([`mod@admit`]): revisions only go up, and a change that can
 //! widen the set of VMs with a feature enabled must carry a signature
 //! from a trusted key, while one that provably narrows it need not.
 //! Operators' edits ([`edit`]) are pure functions from one document to
@@ -17,7 +17,7 @@
 //!
 //! What it trusts: host.toml's trusted keys and generally-available list,
 //! the local override file, and the file it persisted itself. Everything
-//! a source delivers is untrusted until [`admit`] says otherwise.
+//! a source delivers is untrusted until [`admit()`] says otherwise.
 //!
 //! What it bounds: every size and count of a document (named constants
 //! in [`document`]), checked before the work they would cause. No
@@ -40,14 +40,14 @@ pub use admit::{Accepted, Admitted, MAX_UNSIGNED_REVISION_STEP, Refusal, admit};
 pub use document::{Document, DocumentError, Feature, FeatureRollout, Ring};
 pub use edit::{EditError, kill, set_stage, unkill};
 pub use envelope::{
-    KeyError, SIGNING_CONTEXT, TrustedKey, TrustedKeys, keygen, load_signing_key, public_key_hex,
-    sign, unsigned, write_signing_key,
+    Envelope, KeyError, SIGNING_CONTEXT, Signature, TrustedKey, TrustedKeys, keygen,
+    load_signing_key, public_key_hex, sign, signed_message, unsigned, write_signing_key,
 };
 pub use local_override::{Override, OverrideError};
 pub use persist::{ACCEPTED_FILE, PersistError, load, store};
 pub use resolve::{
     Explanation, FeatureExplanation, Membership, Placement, RingRow, VmFacts, bucket, explain,
-    resolve, resolve_at, ring_of, ring_table,
+    resolve, resolve_at, ring_of, ring_table, state_name,
 };
 
 /// A short, escaped prefix of an untrusted string, safe to put in an
