@@ -29,6 +29,9 @@
 //!   certificate digest).
 //! - [`release`]: which keys an attested VM gets (policy grant and the
 //!   key's allow-list).
+//! - [`rollout`]: staged rollout and kill switch: the signed rollout
+//!   document, rings, per-VM feature maps, admission (revisions only go
+//!   up; widening needs a trusted signature), persistence.
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
 //! - [`service`]: the shared service context of `serve` and its answers
 //!   to session events (verify, release, derive, rotate).
@@ -56,6 +59,7 @@ pub mod node;
 pub mod publish;
 pub mod registry;
 pub mod release;
+pub mod rollout;
 pub mod serve;
 pub mod service;
 pub mod source;
