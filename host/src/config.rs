@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::admission::{AdmissionConfig, Limits};
 use crate::metrics::MetricsConfig;
+use crate::rollout::service::{RolloutConfig, Settings};
 use crate::vsock::VsockListenerConfig;
 
 /// Default connection limit: one per VM of a large node, with headroom.
@@ -63,6 +64,13 @@ pub struct ServeConfig {
     /// The metrics endpoint (`[metrics]`); none without the table.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Staged rollout and kill switch (`[rollout]`, spec/ROLLOUT.md):
+    /// where the rollout document comes from, who may sign a widening,
+    /// which features are generally available. Without the table: no
+    /// source, every feature generally available, the local override file
+    /// at `<node_dir>/rollout/override.toml`.
+    #[serde(default)]
+    pub rollout: Option<RolloutConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +148,8 @@ impl ServeConfig {
             (1..=MAX_SHUTDOWN_RETRY_AFTER_S).contains(&c.shutdown_retry_after_s),
             "shutdown_retry_after_s must be 1..={MAX_SHUTDOWN_RETRY_AFTER_S}"
         );
+        c.rollout()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         c.limits()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if let Some(m) = &c.metrics {
@@ -147,6 +157,11 @@ impl ServeConfig {
                 .map_err(|e| anyhow::anyhow!("{}: [metrics]: {e}", path.display()))?;
         }
         Ok(c)
+    }
+
+    /// The checked `[rollout]` settings.
+    pub fn rollout(&self) -> anyhow::Result<Settings> {
+        Settings::new(self.rollout.as_ref(), &self.node_dir)
     }
 
     /// The checked admission limits.

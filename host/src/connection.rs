@@ -30,10 +30,8 @@ use vkx_common::wire::{FrameDecoder, Message, MessageType, VmId, encode_frame};
 use zeroize::Zeroizing;
 
 use crate::admission::{Refused, Ticket};
-use crate::metrics::{EstablishedGuard, HandshakeOutcome, Metrics};
-use crate::service::{
-    ConnState, Shared, features, handle_event, push_rotations, verify_and_record,
-};
+use crate::metrics::{EstablishedGuard, FeatureGauge, HandshakeOutcome, Metrics};
+use crate::service::{ConnState, Shared, handle_event, push_rotations, verify_and_record};
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
@@ -297,11 +295,17 @@ pub(crate) async fn connection<S>(
         .vm_id
         .as_ref()
         .and_then(|vm| shared.policy.selection(vm).map(|s| (vm.clone(), s)));
+    // The VM's feature map now; the session is told every change of it
+    // once Established (PROTOCOL.md §12.2).
+    let vm = selection.as_ref().map(|(vm, _)| vm.clone());
+    let mut rollout = shared.rollout.clone();
+    let mut features = shared.feature_map(&rollout.borrow_and_update(), vm.as_ref());
+    let mut gauge: Option<FeatureGauge> = None;
     let peer = PeerContext {
-        vm_id: selection.as_ref().map(|(vm, _)| vm.clone()),
+        vm_id: vm.clone(),
         cid: peer_id.cid,
         selection: selection.map(|(_, s)| s).unwrap_or_default(),
-        features: features(),
+        features: features.clone(),
         accepted_at,
     };
     let mut host = Host::start(
@@ -317,8 +321,9 @@ pub(crate) async fn connection<S>(
     let mut frames = FrameDecoder::new();
     let mut budget = shared.admission.message_bucket(std::time::Instant::now());
     let mut buf = vec![0u8; READ_CHUNK];
-    // Each iteration consumes input, a timer expiry, a key rotation or the
-    // stop signal; the session's deadlines bound how long it can wait.
+    // Each iteration consumes input, a timer expiry, a key rotation, a
+    // rollout change or the stop signal; the session's deadlines bound how
+    // long it can wait.
     while let Some(deadline) = host.deadline() {
         let wake = TokioInstant::from_std(deadline);
         let out;
@@ -336,6 +341,23 @@ pub(crate) async fn connection<S>(
             Ok(()) = versions.changed() => {
                 let current = versions.borrow_and_update().clone();
                 out = push_rotations(&mut host, &mut conn, &current, &shared);
+            }
+            // A rollout change waits (its flag stays set) until the
+            // session is Established: the challenge carried the map of
+            // its moment, and only an Established session takes updates.
+            Ok(()) = rollout.changed(), if matches!(host, Host::Established(_)) => {
+                let map = shared.feature_map(&rollout.borrow_and_update(), vm.as_ref());
+                out = match &mut host {
+                    Host::Established(s) => s.update_features(map.clone()),
+                    _ => Output::default(),
+                };
+                if !out.send.is_empty() {
+                    shared.metrics.rollout.update_sent();
+                }
+                if let Some(g) = &mut gauge {
+                    g.set(&map);
+                }
+                features = map;
             }
             n = tls.read(&mut buf) => {
                 let now = std::time::Instant::now();
@@ -437,6 +459,9 @@ pub(crate) async fn connection<S>(
             return;
         }
         track.check_established(&host);
+        if gauge.is_none() && matches!(host, Host::Established(_)) {
+            gauge = Some(FeatureGauge::new(shared.metrics.clone(), features.clone()));
+        }
         if let Some(reason) = closing.or(pending.close) {
             if let CloseReason::Failed(f) = reason {
                 rl_info!(peer: vm_id, reason = ?f, "session closed");
@@ -491,7 +516,7 @@ mod tests {
                 vm_id: None,
                 cid: None,
                 selection: Vec::new(),
-                features: crate::service::features(),
+                features: vkx_common::wire::Features::new(),
                 accepted_at: t0,
             },
             [0; 32],

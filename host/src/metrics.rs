@@ -231,9 +231,10 @@ const STATES: [(FeatureState, &str); 3] = [
 
 /// Why a rollout document was not accepted, as counted (the labels of
 /// `crate::rollout`'s refusals; anything else is `other`).
-pub const ROLLOUT_REFUSALS: [&str; 7] = [
+pub const ROLLOUT_REFUSALS: [&str; 8] = [
     "malformed",
     "replay",
+    "revision-jump",
     "unsigned-widening",
     "bad-signature",
     "unknown-key",

@@ -43,6 +43,7 @@ use crate::keystore::{DirKeyStore, KeyStore};
 use crate::listen::{Accept, accept_loop};
 use crate::metrics::{Metrics, MetricsConfig};
 use crate::registry::Registry;
+use crate::rollout::service::Rollout;
 use crate::service::{FEATURE_RETRY_AFTER, Shared, shutdown_spread, watch_key_versions};
 use crate::vsock::{Admission, CidMap, admit};
 
@@ -73,6 +74,9 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("[admission]: {e}"))?;
     let admission = Arc::new(AdmissionControl::new(limits, std::time::Instant::now()));
     let metrics = Arc::new(Metrics::default());
+    // The rollout state is restored before any listener exists: the
+    // first guest already sees the persisted document and the override.
+    let (rollout, rollout_view) = Rollout::restore(config.rollout()?, metrics.clone())?;
     let shared = Arc::new(Shared {
         tls: tokio_rustls::TlsAcceptor::from(tls),
         keys: Some(store.clone()),
@@ -93,6 +97,7 @@ pub async fn serve(
         shutdown_spread_ms: AtomicU64::new(0),
         admission: admission.clone(),
         metrics: metrics.clone(),
+        rollout: rollout_view,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -127,6 +132,7 @@ pub async fn serve(
         });
     }
     let count = listeners.len();
+    tasks.spawn(rollout.run(stop_rx.clone()));
     tasks.spawn(watch_key_versions(
         store,
         shared.key_versions.clone(),

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use vkx_common::policy::Policy;
 use vkx_common::session::Output;
 use vkx_common::session::host::{DeriveAnswer, Host, HostConfig, HostEvent, Verdict};
-use vkx_common::wire::{FeatureState, Features, KeyName, Purpose, ReleasedKey, VmId, feature};
+use vkx_common::wire::{Features, KeyName, Purpose, ReleasedKey, VmId};
 use vkx_common::{rl_info, rl_warn};
 
 use crate::admission::AdmissionControl;
@@ -29,6 +29,7 @@ use crate::keystore::{DirKeyStore, KeyStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::release;
+use crate::rollout::service::View;
 
 /// Guests per second an orderly shutdown asks back: the `retry-after` of
 /// each session's `goodbye` is drawn from `[R, R + sessions / this]`
@@ -55,9 +56,21 @@ pub(crate) struct Shared {
     pub(crate) shutdown_spread_ms: AtomicU64,
     pub(crate) admission: Arc<AdmissionControl>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The rollout state every session resolves its feature map from.
+    pub(crate) rollout: watch::Receiver<Arc<View>>,
 }
 
 impl Shared {
+    /// The feature map `vm` gets under `view`: what the session announces
+    /// (challenge, `feature-update`) and enforces. A peer the policy does
+    /// not know gets none (it is refused after hello anyway).
+    pub(crate) fn feature_map(&self, view: &View, vm: Option<&VmId>) -> Features {
+        match vm {
+            Some(vm) => view.features_for(vm, self.policy.vm(vm).map(|p| p.image.as_str())),
+            None => Features::new(),
+        }
+    }
+
     pub(crate) fn store(&self) -> Option<&dyn KeyStore> {
         self.keys.as_deref().map(|k| k as &dyn KeyStore)
     }
@@ -92,15 +105,6 @@ pub fn shutdown_spread(sessions: u64) -> Duration {
 pub fn shutdown_retry_after(base: Duration, spread: Duration, draw: u64) -> Duration {
     let span = u64::try_from(spread.as_millis()).unwrap_or(u64::MAX);
     base + Duration::from_millis(draw % span.saturating_add(1))
-}
-
-pub(crate) fn features() -> Features {
-    [
-        (feature::KEY_RELEASE, FeatureState::Enabled),
-        (feature::KEY_DERIVATION, FeatureState::Enabled),
-        (feature::KEY_ROTATION, FeatureState::Enabled),
-    ]
-    .into()
 }
 
 /// What one connection remembers beyond its session state.

@@ -30,6 +30,7 @@ pub mod envelope;
 pub mod local_override;
 pub mod persist;
 pub mod resolve;
+pub mod service;
 
 #[cfg(test)]
 mod proptests;

@@ -1,0 +1,447 @@
+//! The rollout machinery of `vkx-host serve`: the `[rollout]` table of
+//! host.toml, the node's rollout state restored before the first guest is
+//! served, and the task that follows the document source and the local
+//! override file and publishes the resulting [`View`] on a
+//! `tokio::sync::watch`. Every live session reads the view: it resolves
+//! its VM's feature map from it and sends `feature-update` when the map
+//! changes (`crate::connection`).
+//!
+//! Rules (spec/ROLLOUT.md): a candidate document from the source is
+//! admitted or refused by [`super::admit`] against the accepted one;
+//! an admitted one is persisted in the node directory and published at
+//! once; a refused one, or a source that is down, changes nothing
+//! (fail-static: the last accepted document stays in force, and is
+//! restored from the node directory after a restart). The local override
+//! file always wins for killing; an override file that cannot be read or
+//! parsed kills every feature on this node (it exists only to kill, so a
+//! garbled one errs towards off), with a warning.
+//!
+//! Logs: one line per accepted document, one per refusal and per source
+//! state change, all rate-limited; never document bytes (lengths,
+//! revisions and digest prefixes only).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use tokio::sync::watch;
+use vkx_common::wire::{Features, VmId};
+use vkx_common::{rl_info, rl_warn};
+
+use super::{
+    Accepted, Admitted, Document, Feature, Override, TrustedKey, TrustedKeys, VmFacts, admit,
+    resolve,
+};
+use crate::metrics::Metrics;
+use crate::source::{
+    EtcdConfig, FILE_POLL_INTERVAL, Health, SourceConfig, SourceCounters, SourceKind, SourceStatus,
+};
+
+/// The node directory's subdirectory for the rollout state.
+pub const STATE_DIR: &str = "rollout";
+/// The local override file, under [`STATE_DIR`], unless host.toml names
+/// another.
+pub const DEFAULT_OVERRIDE_FILE: &str = "override.toml";
+
+/// The `[rollout]` table of host.toml. Without it: no source, every v1
+/// feature generally available, the override file at its default place.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Where the rollout document comes from: "file" (default) or "etcd".
+    #[serde(default)]
+    pub source: SourceKind,
+    /// The document file of the file source.
+    #[serde(default = "crate::source::default_file")]
+    pub file: PathBuf,
+    /// The etcd source (`[rollout.etcd]`).
+    #[serde(default)]
+    pub etcd: EtcdConfig,
+    /// Features served where no accepted document names them, and on a
+    /// node with no document at all. Default: every v1 feature.
+    #[serde(default = "all_features")]
+    pub generally_available: Vec<String>,
+    /// This node's name, for rings that select nodes. Default: the
+    /// kernel's hostname.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The local override file (`killed = [...]`), which always wins for
+    /// killing. Default: `<node_dir>/rollout/override.toml`.
+    #[serde(default)]
+    pub override_file: Option<PathBuf>,
+    /// Keys whose signature may widen a feature's reach
+    /// (`[[rollout.trusted_key]]`, `id` and hex `public_key`).
+    #[serde(default)]
+    pub trusted_key: Vec<TrustedKey>,
+}
+
+fn all_features() -> Vec<String> {
+    Feature::ALL.iter().map(|f| f.name().to_owned()).collect()
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            source: SourceKind::default(),
+            file: crate::source::default_file(),
+            etcd: EtcdConfig::default(),
+            generally_available: all_features(),
+            node_name: None,
+            override_file: None,
+            trusted_key: Vec::new(),
+        }
+    }
+}
+
+/// The `[rollout]` table checked and resolved against the node directory.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `None`: host.toml has no `[rollout]` table, so no source.
+    pub source: Option<SourceConfig>,
+    pub ga: BTreeSet<u16>,
+    pub node: String,
+    pub override_file: PathBuf,
+    pub state_dir: PathBuf,
+    pub trusted: TrustedKeys,
+}
+
+impl Settings {
+    /// Checks `config` (`None`: no `[rollout]` table).
+    pub fn new(config: Option<&RolloutConfig>, node_dir: &Path) -> anyhow::Result<Self> {
+        let default = RolloutConfig::default();
+        let c = config.unwrap_or(&default);
+        let mut ga = BTreeSet::new();
+        for name in &c.generally_available {
+            let f = Feature::from_name(name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "[rollout] generally_available: unknown feature {name:?} \
+                     (key-release, key-derivation or key-rotation)"
+                )
+            })?;
+            ga.insert(f.id());
+        }
+        let node = match &c.node_name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".to_owned()),
+        };
+        super::document::check_node_name(&node)
+            .map_err(|e| anyhow::anyhow!("[rollout] node_name {node:?}: {e}"))?;
+        let trusted = TrustedKeys::new(c.trusted_key.iter().cloned())
+            .map_err(|e| anyhow::anyhow!("[rollout] trusted_key: {e}"))?;
+        let source = match config {
+            Some(c) => {
+                let s = SourceConfig::new(c.source, c.file.clone(), c.etcd.clone());
+                s.validate()
+                    .map_err(|e| anyhow::anyhow!("[rollout] source: {e}"))?;
+                Some(s)
+            }
+            None => None,
+        };
+        let state_dir = node_dir.join(STATE_DIR);
+        Ok(Self {
+            source,
+            ga,
+            node,
+            override_file: c
+                .override_file
+                .clone()
+                .unwrap_or_else(|| state_dir.join(DEFAULT_OVERRIDE_FILE)),
+            state_dir,
+            trusted,
+        })
+    }
+}
+
+/// What every session reads: the accepted document, the local override,
+/// the generally-available features and this node's name.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub accepted: Option<Arc<Accepted>>,
+    pub local: Override,
+    pub ga: Arc<BTreeSet<u16>>,
+    pub node: Arc<str>,
+}
+
+impl View {
+    pub fn document(&self) -> Option<&Document> {
+        self.accepted.as_deref().map(Accepted::document)
+    }
+
+    /// The complete v1 feature map of `vm` (whose image the policy names).
+    pub fn features_for(&self, vm: &VmId, image: Option<&str>) -> Features {
+        let facts = VmFacts {
+            vm_id: vm.clone(),
+            image: image.map(str::to_owned),
+            node: self.node.to_string(),
+        };
+        resolve(self.document(), &self.local, &self.ga, &facts)
+    }
+
+    /// The accepted revision (0: none).
+    pub fn revision(&self) -> u64 {
+        self.document().map_or(0, Document::revision)
+    }
+}
+
+/// Reads the override file: absent is no override; unreadable or
+/// malformed kills every feature (see the module primer). The error, if
+/// any, is returned for the caller to log.
+pub fn read_override(path: &Path) -> (Override, Option<String>) {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Override::default(), None),
+        _ => {}
+    }
+    match Override::read(path) {
+        Ok(o) => (o, None),
+        Err(e) => (Override::kill_all(), Some(e.to_string())),
+    }
+}
+
+fn override_from(bytes: Option<&[u8]>) -> (Override, Option<String>) {
+    let Some(bytes) = bytes else {
+        return (Override::default(), None);
+    };
+    match std::str::from_utf8(bytes)
+        .map_err(|_| "not UTF-8".to_owned())
+        .and_then(|t| Override::parse(t).map_err(|e| e.to_string()))
+    {
+        Ok(o) => (o, None),
+        Err(e) => (Override::kill_all(), Some(e)),
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The node's rollout state before serving: the persisted document and
+/// the override file, published on the returned channel; and the task
+/// that keeps it current ([`Rollout::run`]).
+#[derive(Debug)]
+pub struct Rollout {
+    settings: Settings,
+    tx: watch::Sender<Arc<View>>,
+    metrics: Arc<Metrics>,
+    counters: Arc<SourceCounters>,
+}
+
+impl Rollout {
+    /// Restores the persisted document (an unreadable one is an error:
+    /// the operator moves it aside, nothing resets silently) and reads
+    /// the override file.
+    pub fn restore(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<(Self, watch::Receiver<Arc<View>>)> {
+        let accepted = super::load(&settings.state_dir, &settings.trusted).map_err(|e| {
+            anyhow::anyhow!(
+                "rollout state in {}: {e}; move {} aside to start from the source's document",
+                settings.state_dir.display(),
+                settings.state_dir.join(super::ACCEPTED_FILE).display()
+            )
+        })?;
+        let (local, error) = read_override(&settings.override_file);
+        if let Some(e) = error {
+            rl_warn!(
+                file = %settings.override_file.display(),
+                error = %e,
+                "rollout override file unreadable: every feature is killed on this node until it is fixed"
+            );
+        }
+        if let Some(a) = &accepted {
+            rl_info!(
+                revision = a.document().revision(),
+                signed_by = a.signed_by().unwrap_or("-"),
+                "rollout document restored from the node directory"
+            );
+        }
+        let view = View {
+            accepted: accepted.map(Arc::new),
+            local,
+            ga: Arc::new(settings.ga.clone()),
+            node: settings.node.as_str().into(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(view));
+        let this = Self {
+            settings,
+            tx,
+            metrics,
+            counters: Arc::new(SourceCounters::default()),
+        };
+        this.count_view(&this.tx.borrow());
+        if let Some(d) = this.tx.borrow().document() {
+            this.metrics
+                .rollout
+                .accepted(d.revision(), d.issued_at(), unix(SystemTime::now()));
+        }
+        Ok((this, rx))
+    }
+
+    /// The counters of the document source.
+    pub fn counters(&self) -> Arc<SourceCounters> {
+        self.counters.clone()
+    }
+
+    /// Follows the source and the override file until `stop`.
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        let (src_tx, mut src_rx) = watch::channel(SourceStatus::connecting());
+        match &self.settings.source {
+            Some(config) => {
+                tasks.spawn(crate::source::run(
+                    config.clone(),
+                    src_tx,
+                    self.counters.clone(),
+                    stop.clone(),
+                ));
+            }
+            None => drop(src_tx),
+        }
+        let (ovr_tx, mut ovr_rx) = watch::channel(SourceStatus::connecting());
+        tasks.spawn(crate::source::file::watch_file(
+            self.settings.override_file.clone(),
+            FILE_POLL_INTERVAL,
+            ovr_tx,
+            Arc::new(SourceCounters::default()),
+            stop.clone(),
+        ));
+        let mut stop = stop;
+        let mut last_value: Option<Arc<[u8]>> = None;
+        let mut last_health = Health::Connecting;
+        let mut last_override: Option<Option<Arc<[u8]>>> = None;
+        // Event-driven until shutdown: each iteration handles one change
+        // of the source's or the override file's status.
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                Ok(()) = src_rx.changed() => {
+                    let status = src_rx.borrow_and_update().clone();
+                    self.on_source_health(&status, &mut last_health);
+                    if status.value.is_some() && status.value != last_value {
+                        last_value.clone_from(&status.value);
+                        if let Some(bytes) = &status.value {
+                            self.on_candidate(bytes).await;
+                        }
+                    }
+                }
+                Ok(()) = ovr_rx.changed() => {
+                    let status = ovr_rx.borrow_and_update().clone();
+                    if matches!(status.health, Health::Connecting) {
+                        continue;
+                    }
+                    if last_override.as_ref() != Some(&status.value) {
+                        self.on_override(status.value.as_deref());
+                        last_override = Some(status.value);
+                    }
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    fn on_source_health(&self, status: &SourceStatus, last: &mut Health) {
+        self.metrics
+            .rollout
+            .source(status.is_healthy(), status.last_good.map(unix));
+        let was_healthy = matches!(last, Health::Healthy);
+        match &status.health {
+            Health::Healthy if !was_healthy => rl_info!("rollout source is up"),
+            Health::Down { error, .. } if !matches!(last, Health::Down { .. }) => rl_warn!(
+                error = %error,
+                revision = self.tx.borrow().revision(),
+                "rollout source is down: serving the last accepted document"
+            ),
+            _ => {}
+        }
+        *last = status.health.clone();
+    }
+
+    async fn on_candidate(&self, bytes: &[u8]) {
+        let current = self.tx.borrow().accepted.clone();
+        let admitted = admit(
+            bytes,
+            current.as_deref(),
+            &self.settings.ga,
+            &self.settings.trusted,
+        );
+        match admitted {
+            Ok(Admitted::Unchanged) => {}
+            Ok(Admitted::New(accepted)) => {
+                let revision = accepted.document().revision();
+                let dir = self.settings.state_dir.clone();
+                let a = accepted.clone();
+                let stored = tokio::task::spawn_blocking(move || {
+                    super::store(&dir, &a).map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                if let Err(e) = stored {
+                    // Acted on all the same: a kill must not wait for a
+                    // disk. The source still holds it after a restart.
+                    self.metrics.rollout.refused("persist-failed");
+                    rl_warn!(revision, error = %e, "rollout document not persisted (served all the same)");
+                }
+                rl_info!(
+                    revision,
+                    signed_by = accepted.signed_by().unwrap_or("-"),
+                    bytes = bytes.len(),
+                    digest = %crate::source::digest_prefix(bytes),
+                    "rollout document accepted"
+                );
+                let d = accepted.document();
+                self.metrics
+                    .rollout
+                    .accepted(revision, d.issued_at(), unix(SystemTime::now()));
+                self.publish(|v| v.accepted = Some(Arc::new(accepted)));
+            }
+            Err(refusal) => {
+                self.metrics.rollout.refused(refusal.label());
+                rl_warn!(
+                    reason = %refusal,
+                    kept = self.tx.borrow().revision(),
+                    bytes = bytes.len(),
+                    digest = %crate::source::digest_prefix(bytes),
+                    "rollout document refused: the accepted revision stays in force"
+                );
+            }
+        }
+    }
+
+    fn on_override(&self, bytes: Option<&[u8]>) {
+        let (local, error) = override_from(bytes);
+        match error {
+            Some(e) => rl_warn!(
+                file = %self.settings.override_file.display(),
+                error = %e,
+                "rollout override file unreadable: every feature is killed on this node until it is fixed"
+            ),
+            None => rl_info!(
+                killed = %local.killed().map(Feature::name).collect::<Vec<_>>().join(","),
+                "rollout override file read"
+            ),
+        }
+        self.publish(|v| v.local = local);
+    }
+
+    /// Applies `change` to the view and publishes it if it differs.
+    fn publish(&self, change: impl FnOnce(&mut View)) {
+        let mut view = View::clone(&self.tx.borrow());
+        change(&mut view);
+        self.count_view(&view);
+        self.tx.send_replace(Arc::new(view));
+    }
+
+    fn count_view(&self, view: &View) {
+        let r = &self.metrics.rollout;
+        let doc = view.document();
+        for f in Feature::ALL {
+            let killed =
+                view.local.kills(f) || doc.and_then(|d| d.feature(f)).is_some_and(|e| e.killed());
+            r.feature(f.id(), killed, doc.and_then(|d| d.stage_index(f)));
+        }
+    }
+}
