@@ -33,15 +33,21 @@ pub fn kill(current: Option<&Document>, feature: Feature, now: u64) -> Result<Do
     })
 }
 
-/// Clears `feature`'s kill flag; its stage applies again. A feature the
-/// document does not name is left as it is (only the revision moves).
+/// Clears `feature`'s kill flag; its stage applies again. An entry with
+/// no stage is removed instead, so a feature that [`kill`] added to the
+/// document returns to the node's generally-available default, as it was
+/// before the kill. A feature the document does not name is left as it is
+/// (only the revision moves).
 pub fn unkill(
     current: Option<&Document>,
     feature: Feature,
     now: u64,
 ) -> Result<Document, EditError> {
     edit(current, now, |doc| {
-        if let Some(entry) = doc.feature_slot(feature) {
+        let slot = doc.feature_slot(feature);
+        if slot.as_ref().is_some_and(|e| e.stage().is_none()) {
+            *slot = None;
+        } else if let Some(entry) = slot {
             entry.set_killed(false);
         }
         Ok(())
@@ -131,6 +137,11 @@ mod tests {
         assert_eq!(k.feature(Feature::KeyRotation), None);
         let u = unkill(None, Feature::KeyRelease, 5).unwrap();
         assert_eq!(u.feature(Feature::KeyRelease), None);
+        // A kill that added the entry is undone by removing it: the
+        // feature falls back to the node's generally-available default.
+        let u = unkill(Some(&k), Feature::KeyRelease, 6).unwrap();
+        assert_eq!(u.feature(Feature::KeyRelease), None);
+        assert_eq!(u.revision(), 2);
         assert!(matches!(
             set_stage(None, Feature::KeyRelease, Some("all"), 5),
             Err(EditError::UnknownRing { .. })
