@@ -32,6 +32,8 @@
 //! - [`rollout`]: staged rollout and kill switch: the signed rollout
 //!   document, rings, per-VM feature maps, admission (revisions only go
 //!   up; widening needs a trusted signature), persistence.
+//! - [`rollout_cli`]: `vkx-host rollout show|explain|kill|unkill|set-stage|
+//!   push|sign|keygen`, the operator CLI of the rollout and kill switch.
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
 //! - [`service`]: the shared service context of `serve` and its answers
 //!   to session events (verify, release, derive, rotate).
@@ -60,6 +62,7 @@ pub mod publish;
 pub mod registry;
 pub mod release;
 pub mod rollout;
+pub mod rollout_cli;
 pub mod serve;
 pub mod service;
 pub mod source;

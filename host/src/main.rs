@@ -66,6 +66,10 @@ enum Command {
     /// A rotation reaches live guests that hold the key within seconds.
     #[command(subcommand)]
     Keys(vkx_host::keys_cli::KeysCommand),
+    /// Staged rollout and kill switch (spec/ROLLOUT.md): show, explain,
+    /// kill (no key needed), unkill, set-stage, push, sign, keygen.
+    #[command(subcommand)]
+    Rollout(vkx_host::rollout_cli::RolloutCommand),
     /// Derived shared keys of live sessions (PROTOCOL.md §9).
     #[command(subcommand)]
     Derived(DerivedCommand),
@@ -241,6 +245,9 @@ fn main() -> ExitCode {
         Command::Evidence(cmd) => evidence(cmd),
         Command::Vsock(VsockCommand::ConnectCheck { socket, port }) => connect_check(&socket, port),
         Command::Keys(cmd) => vkx_host::keys_cli::run(cmd).map(|()| true),
+        Command::Rollout(cmd) => {
+            vkx_host::rollout_cli::run(cmd, &mut std::io::stdout().lock()).map(|()| true)
+        }
         Command::Derived(DerivedCommand::Get {
             socket,
             vm_id,

@@ -1,0 +1,590 @@
+//! `vkx-host rollout`: the operator CLI of the staged rollout and kill
+//! switch (spec/ROLLOUT.md).
+//!
+//! ```sh
+//! vkx-host rollout show      --config host.toml
+//! vkx-host rollout explain   --config host.toml --vm VM_ID
+//! vkx-host rollout kill      FEATURE --config host.toml [--local]
+//! vkx-host rollout unkill    FEATURE --config host.toml (--key FILE --key-id ID | --local)
+//! vkx-host rollout set-stage FEATURE (RING|none) --config host.toml [--key FILE --key-id ID]
+//! vkx-host rollout push      --config host.toml --file ENVELOPE.json
+//! vkx-host rollout sign      --key FILE --key-id ID --file DOCUMENT.json [--out FILE]
+//! vkx-host rollout keygen    --out FILE [--key-id ID]
+//! ```
+//!
+//! `kill` needs no key: it turns a feature towards off, which every host
+//! accepts unsigned. It writes the next revision of the document to the
+//! configured source (file or etcd) with a compare-and-swap on the
+//! version it read, so two operators cannot overwrite each other's edit
+//! unseen. `--local` writes this node's override file instead, which
+//! works when the fleet store is what broke. Anything that can turn a
+//! feature on for a VM (unkill, a higher stage) must be signed with a key
+//! host.toml trusts; the CLI checks the edit against the rules before it
+//! writes, so a refusal is reported here, not only in the hosts' logs.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+
+use crate::config::ServeConfig;
+use crate::rollout::envelope::Envelope;
+use crate::rollout::service::Settings;
+use crate::rollout::{
+    Accepted, Admitted, Document, Feature, Override, VmFacts, admit, explain, load_signing_key,
+    ring_table, sign, state_name, unsigned,
+};
+use crate::source::{self, SourceConfig, SourceError, Version};
+
+/// Edits retried when another writer changed the document between our
+/// read and our write (compare-and-swap conflicts).
+pub const MAX_EDIT_ATTEMPTS: usize = 3;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RolloutCommand {
+    /// The document in the source, this node's accepted revision and
+    /// override, and the feature states of each ring.
+    Show(ConfigArgs),
+    /// Why VM gets each feature's state on this node.
+    Explain {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long = "vm", value_name = "VM_ID")]
+        vm: String,
+    },
+    /// Turn FEATURE off for every VM (no key needed): the next revision,
+    /// written to the source; with --local, this node's override file.
+    Kill {
+        feature: Feature,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Write this node's override file instead of the source.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Undo a kill (signed: it turns the feature back on); with --local,
+    /// remove it from this node's override file (no key).
+    Unkill {
+        feature: Feature,
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[arg(long)]
+        local: bool,
+    },
+    /// Set FEATURE's stage to RING (enabled in every ring up to it) or
+    /// `none`. A higher stage must be signed; a lower one needs no key.
+    SetStage {
+        feature: Feature,
+        /// A ring name of the document, or `none`.
+        stage: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Write an envelope (signed or not) to the source, after checking it
+    /// against the rules.
+    Push {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Sign a document (or re-sign an envelope's document) with an
+    /// offline key; prints the envelope or writes it to --out.
+    Sign {
+        #[command(flatten)]
+        key: KeyArgs,
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Make a signing key (PKCS#8, mode 0600, never overwritten) and print
+    /// its host.toml entry.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The key id to print in the host.toml entry.
+        #[arg(long, default_value = "release")]
+        key_id: String,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// The host's host.toml (its [rollout] table and node_dir).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeyArgs {
+    /// The signing key file (`rollout keygen`).
+    #[arg(long, value_name = "FILE", requires = "key_id")]
+    pub key: Option<PathBuf>,
+    /// The key's id, as host.toml's trusted_key lists it.
+    #[arg(long, value_name = "ID")]
+    pub key_id: Option<String>,
+}
+
+/// Runs one command; what it prints goes to `out`.
+pub fn run(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    rt.block_on(run_async(cmd, out))
+}
+
+async fn run_async(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    match cmd {
+        RolloutCommand::Show(c) => show(&Node::load(&c.config)?, out).await,
+        RolloutCommand::Explain { config, vm } => {
+            let node = Node::load(&config.config)?;
+            let vm_id =
+                vkx_common::wire::VmId::new(&vm).map_err(|e| anyhow::anyhow!("--vm: {e}"))?;
+            let accepted = node.accepted()?;
+            let local = node.local();
+            let image = vkx_common::policy::Policy::load(&node.config.policy)
+                .ok()
+                .and_then(|p| p.vm(&vm_id).map(|v| v.image.clone()));
+            let facts = VmFacts {
+                vm_id,
+                image,
+                node: node.settings.node.clone(),
+            };
+            let e = explain(
+                accepted.as_ref().map(Accepted::document),
+                &local,
+                &node.settings.ga,
+                &facts,
+            );
+            writeln!(
+                out,
+                "{vm} on node {} (accepted revision {}; image {}):",
+                node.settings.node,
+                e.revision.map_or("none".to_owned(), |r| r.to_string()),
+                facts.image.as_deref().unwrap_or("unknown"),
+            )?;
+            write!(out, "{e}")?;
+            Ok(())
+        }
+        RolloutCommand::Kill {
+            feature,
+            config,
+            local,
+        } => {
+            let node = Node::load(&config.config)?;
+            if local {
+                return edit_override(&node, feature, true, out);
+            }
+            let at = edit(&node, None, |doc, now| {
+                crate::rollout::kill(doc, feature, now)
+            })
+            .await?;
+            writeln!(
+                out,
+                "{feature} killed at revision {at} (unsigned; every host accepts a kill). \
+                 Live sessions are told within a second of their host reading it."
+            )?;
+            Ok(())
+        }
+        RolloutCommand::Unkill {
+            feature,
+            config,
+            key,
+            local,
+        } => {
+            let node = Node::load(&config.config)?;
+            if local {
+                return edit_override(&node, feature, false, out);
+            }
+            let at = edit(&node, signer(&key)?, |doc, now| {
+                crate::rollout::unkill(doc, feature, now)
+            })
+            .await?;
+            writeln!(
+                out,
+                "{feature} unkilled at revision {at}; guests use it again after a random delay of up to 10 s."
+            )?;
+            Ok(())
+        }
+        RolloutCommand::SetStage {
+            feature,
+            stage,
+            config,
+            key,
+        } => {
+            let node = Node::load(&config.config)?;
+            let ring = (stage != "none").then_some(stage.as_str());
+            let at = edit(&node, signer(&key)?, |doc, now| {
+                crate::rollout::set_stage(doc, feature, ring, now)
+            })
+            .await?;
+            writeln!(out, "{feature} stage set to {stage} at revision {at}.")?;
+            Ok(())
+        }
+        RolloutCommand::Push { config, file } => {
+            let node = Node::load(&config.config)?;
+            let source = node.source()?;
+            let bytes = read_bounded(&file)?;
+            let (current, version) = node.current(source).await?;
+            check(&bytes, current.as_ref(), &node.settings)?;
+            write_checked(source, &bytes, version).await?;
+            let doc = Envelope::parse(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+            writeln!(
+                out,
+                "pushed revision {} to {}",
+                doc.document.revision(),
+                describe(source)
+            )?;
+            Ok(())
+        }
+        RolloutCommand::Sign { key, file, out: to } => {
+            let (pair, id) = signer(&key)?.context("sign needs --key and --key-id")?;
+            let bytes = read_bounded(&file)?;
+            // A bare document, or an envelope whose document is re-signed.
+            let doc = match Envelope::parse(&bytes) {
+                Ok(e) => e.document,
+                Err(_) => Document::parse(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
+            };
+            let envelope = sign(&doc, &pair, &id).map_err(|e| anyhow::anyhow!("{e}"))?;
+            match to {
+                Some(p) => std::fs::write(&p, &envelope)
+                    .with_context(|| format!("write {}", p.display()))?,
+                None => {
+                    out.write_all(&envelope)?;
+                    writeln!(out)?;
+                }
+            }
+            Ok(())
+        }
+        RolloutCommand::Keygen { out: path, key_id } => {
+            let (pkcs8, public) = crate::rollout::keygen().map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::rollout::write_signing_key(&path, &pkcs8).map_err(|e| anyhow::anyhow!("{e}"))?;
+            writeln!(
+                out,
+                "signing key written to {} (mode 0600; keep it offline).\n\
+                 Trust it in each host's host.toml:\n\n\
+                 [[rollout.trusted_key]]\nid = \"{key_id}\"\npublic_key = \"{public}\"",
+                path.display()
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// host.toml, read for its `[rollout]` table and node directory.
+struct Node {
+    config: ServeConfig,
+    settings: Settings,
+}
+
+impl Node {
+    fn load(path: &Path) -> anyhow::Result<Self> {
+        let config = ServeConfig::load(path)?;
+        let settings = config.rollout()?;
+        Ok(Self { config, settings })
+    }
+
+    fn source(&self) -> anyhow::Result<&SourceConfig> {
+        self.settings.source.as_ref().context(
+            "host.toml has no [rollout] table, so no source to write to; \
+             use --local for this node's override file",
+        )
+    }
+
+    /// The document this node accepted (its persisted state).
+    fn accepted(&self) -> anyhow::Result<Option<Accepted>> {
+        crate::rollout::load(&self.settings.state_dir, &self.settings.trusted)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn local(&self) -> Override {
+        crate::rollout::service::read_override(&self.settings.override_file).0
+    }
+
+    /// The source's current document (as an accepted state, for the
+    /// checks) and its version.
+    async fn current(&self, source: &SourceConfig) -> anyhow::Result<(Option<Accepted>, Version)> {
+        let read = source::read(source).await.map_err(explain_source_error)?;
+        let Some((bytes, version)) = read else {
+            return Ok((None, Version::None));
+        };
+        let accepted = Accepted::restore(bytes, &self.settings.trusted).map_err(|e| {
+            anyhow::anyhow!(
+                "the document in {} is malformed ({e}); push a corrected one with `rollout push`",
+                describe(source)
+            )
+        })?;
+        Ok((Some(accepted), version))
+    }
+}
+
+type Signer = Option<(ring::signature::Ed25519KeyPair, String)>;
+
+fn signer(k: &KeyArgs) -> anyhow::Result<Signer> {
+    match (&k.key, &k.key_id) {
+        (Some(path), Some(id)) => Ok(Some((
+            load_signing_key(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+            id.clone(),
+        ))),
+        (None, None) => Ok(None),
+        _ => bail!("--key and --key-id go together"),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads the source's document, applies `change` to the later of it and
+/// this node's accepted one, checks the result, and writes it with a
+/// compare-and-swap; on a conflict starts again, at most
+/// [`MAX_EDIT_ATTEMPTS`] times. Returns the revision written.
+async fn edit(
+    node: &Node,
+    signer: Signer,
+    change: impl Fn(Option<&Document>, u64) -> Result<Document, crate::rollout::EditError>,
+) -> anyhow::Result<u64> {
+    let source = node.source()?;
+    let local = node.accepted().ok().flatten();
+    for _ in 0..MAX_EDIT_ATTEMPTS {
+        let (current, version) = node.current(source).await?;
+        // The base is whichever is later: a wiped store must not make the
+        // next revision one the hosts refuse as a replay.
+        let base = match (&current, &local) {
+            (Some(c), Some(l)) if l.document().revision() > c.document().revision() => Some(l),
+            (Some(c), _) => Some(c),
+            (None, l) => l.as_ref(),
+        };
+        let next =
+            change(base.map(Accepted::document), now()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let bytes = match &signer {
+            Some((pair, id)) => sign(&next, pair, id).map_err(|e| anyhow::anyhow!("{e}"))?,
+            None => unsigned(&next),
+        };
+        check(&bytes, base, &node.settings)?;
+        match source::write_if(source, &bytes, expected(version)).await {
+            Ok(_) => return Ok(next.revision()),
+            Err(SourceError::Conflict { .. }) => continue,
+            Err(e) => return Err(explain_source_error(e)),
+        }
+    }
+    bail!("the document kept changing under this edit ({MAX_EDIT_ATTEMPTS} attempts); run it again")
+}
+
+/// What the hosts will decide, checked before writing.
+fn check(bytes: &[u8], base: Option<&Accepted>, s: &Settings) -> anyhow::Result<()> {
+    match admit(bytes, base, &s.ga, &s.trusted) {
+        Ok(Admitted::New(_)) => Ok(()),
+        Ok(Admitted::Unchanged) => bail!("the source already holds this document"),
+        Err(e @ crate::rollout::Refusal::UnsignedWidening { .. }) => {
+            bail!("{e}: pass --key and --key-id (a key host.toml trusts)")
+        }
+        Err(e) => bail!("hosts would refuse this document: {e}"),
+    }
+}
+
+async fn write_checked(
+    source: &SourceConfig,
+    bytes: &[u8],
+    version: Version,
+) -> anyhow::Result<()> {
+    source::write_if(source, bytes, expected(version))
+        .await
+        .map(|_| ())
+        .map_err(explain_source_error)
+}
+
+/// The compare-and-swap condition for a document read at `version`.
+fn expected(version: Version) -> Option<Version> {
+    match version {
+        Version::None => None,
+        v => Some(v),
+    }
+}
+
+fn explain_source_error(e: SourceError) -> anyhow::Error {
+    match e {
+        SourceError::Conflict { .. } => {
+            anyhow::anyhow!("{e}: the document changed since it was read; run the command again")
+        }
+        e => anyhow::anyhow!(
+            "{e}\n(a kill still works on each node without the store: \
+             `vkx-host rollout kill FEATURE --local --config host.toml`)"
+        ),
+    }
+}
+
+/// Adds (`kill`) or removes `feature` in this node's override file,
+/// crash-safely.
+fn edit_override(
+    node: &Node,
+    feature: Feature,
+    kill: bool,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let path = &node.settings.override_file;
+    let current = Override::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; fix or remove {} first (until then every feature is killed on this node)",
+            path.display()
+        )
+    })?;
+    let mut killed: BTreeSet<Feature> = current.killed().collect();
+    if kill {
+        killed.insert(feature);
+    } else {
+        killed.remove(&feature);
+    }
+    let list: Vec<String> = killed.iter().map(|f| format!("\"{}\"", f.name())).collect();
+    let text = format!(
+        "# vkx local rollout override: these features are off on this node whatever the\n\
+         # rollout document says. Written by `vkx-host rollout kill|unkill --local`.\n\
+         killed = [{}]\n",
+        list.join(", ")
+    );
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    write_atomic(path, text.as_bytes())?;
+    writeln!(
+        out,
+        "{feature} {} in {} (this node only; read within a second).",
+        if kill { "killed" } else { "no longer killed" },
+        path.display()
+    )?;
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn read_bounded(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut bytes = Vec::new();
+    let limit = u64::try_from(source::MAX_SOURCE_BYTES + 1).unwrap_or(u64::MAX);
+    f.take(limit).read_to_end(&mut bytes)?;
+    if bytes.len() > source::MAX_SOURCE_BYTES {
+        bail!(
+            "{} is over {} bytes",
+            path.display(),
+            source::MAX_SOURCE_BYTES
+        );
+    }
+    Ok(bytes)
+}
+
+fn describe(s: &SourceConfig) -> String {
+    match s.source {
+        source::SourceKind::File => format!("file {}", s.file.display()),
+        source::SourceKind::Etcd => {
+            format!("etcd key {} at {}", s.etcd.key, s.etcd.endpoints.join(","))
+        }
+    }
+}
+
+async fn show(node: &Node, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let s = &node.settings;
+    let accepted = node.accepted()?;
+    let local = node.local();
+    writeln!(out, "node            {}", s.node)?;
+    match &s.source {
+        None => writeln!(out, "source          none (no [rollout] table)")?,
+        Some(src) => {
+            let read = source::read(src).await;
+            let what = match &read {
+                Ok(Some((bytes, _))) => match Envelope::parse(bytes) {
+                    Ok(e) => format!(
+                        "revision {}, issued {} s ago, {}",
+                        e.document.revision(),
+                        now().saturating_sub(e.document.issued_at()),
+                        if e.signature.is_some() {
+                            "signed"
+                        } else {
+                            "unsigned"
+                        }
+                    ),
+                    Err(err) => format!("MALFORMED ({err})"),
+                },
+                Ok(None) => "no document".to_owned(),
+                Err(e) => format!("UNREACHABLE ({e}); hosts serve their last accepted document"),
+            };
+            writeln!(out, "source          {}: {what}", describe(src))?;
+        }
+    }
+    match &accepted {
+        Some(a) => writeln!(
+            out,
+            "accepted        revision {}, issued {} s ago, {} (this node, {})",
+            a.document().revision(),
+            now().saturating_sub(a.document().issued_at()),
+            a.signed_by()
+                .map_or("unsigned".to_owned(), |k| format!("signed by {k}")),
+            s.state_dir.join(crate::rollout::ACCEPTED_FILE).display()
+        )?,
+        None => writeln!(
+            out,
+            "accepted        none: generally available features only"
+        )?,
+    }
+    let killed: Vec<&str> = local.killed().map(Feature::name).collect();
+    writeln!(
+        out,
+        "local override  {} ({})",
+        if killed.is_empty() {
+            "none".to_owned()
+        } else {
+            format!("killed: {}", killed.join(", "))
+        },
+        s.override_file.display()
+    )?;
+    let ga: Vec<&str> = Feature::ALL
+        .iter()
+        .filter(|f| s.ga.contains(&f.id()))
+        .map(|f| f.name())
+        .collect();
+    writeln!(out, "generally avail {}", ga.join(", "))?;
+    writeln!(out)?;
+    write!(out, "{:<16}", "ring")?;
+    for f in Feature::ALL {
+        write!(out, " {:<15}", f.name())?;
+    }
+    writeln!(out)?;
+    let doc = accepted.as_ref().map(Accepted::document);
+    for row in ring_table(doc, &local, &s.ga) {
+        let name = row
+            .ring
+            .map_or("(no ring)".to_owned(), |(i, n)| format!("{i} {n}"));
+        write!(out, "{name:<16}")?;
+        for f in Feature::ALL {
+            let state = row
+                .features
+                .get(&f.id())
+                .copied()
+                .unwrap_or(vkx_common::wire::FeatureState::Disabled);
+            write!(out, " {:<15}", state_name(state))?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
