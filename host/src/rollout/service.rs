@@ -237,6 +237,14 @@ impl Rollout {
         settings: Settings,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<(Self, watch::Receiver<Arc<View>>)> {
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&settings.state_dir)
+                .map_err(|e| anyhow::anyhow!("create {}: {e}", settings.state_dir.display()))?;
+        }
         let accepted = super::load(&settings.state_dir, &settings.trusted).map_err(|e| {
             anyhow::anyhow!(
                 "rollout state in {}: {e}; move {} aside to start from the source's document",
