@@ -6,8 +6,9 @@
 # connects the way a Firecracker/Cloud Hypervisor guest's vsock connection
 # arrives on the host (a hybrid-vsock Unix socket), attests its boot with a
 # TPM quote over TLS 1.3, and receives the key into a tmpfs directory. Then
-# a rotation reaches the running guest daemon, a tampered boot is refused,
-# and hostile wire input is refused. Stops everything it started; fails
+# a rotation reaches the running guest daemon, the kill switch turns key
+# release off for the live guest and back on (signed), a tampered boot is
+# refused, and hostile wire input is refused. Stops everything it started; fails
 # loudly if any step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,11 +79,23 @@ $HOST keys generate disk --node-dir "$work/node" --bytes 32 --allow-image demo-i
 $HOST keys list --node-dir "$work/node" | sed 's/^/  /'
 
 step "5. Host agent: vkx-host serve (the VM's vsock arrives on $work/vm.vsock_7861)"
+# The release engineers' signing key (offline in real life): any change
+# that turns a feature on must carry its signature; a kill needs none.
+public=$($HOST rollout keygen --out "$work/release.key" --key-id release | sed -n 's/^public_key = "\(.*\)"$/\1/p')
+[ ${#public} = 64 ] || fail "no rollout public key"
 cat > "$work/host.toml" <<EOF
 node_dir = "$work/node"
 registry = "$work/registry"
 policy = "$work/policy.toml"
 shutdown_retry_after_s = 2
+
+[rollout]
+source = "file"
+file = "$work/rollout.json"
+
+[[rollout.trusted_key]]
+id = "release"
+public_key = "$public"
 
 [[hybrid_vsock]]
 path = "$work/vm.vsock"
@@ -123,14 +136,30 @@ grep -q 'key update installed' "$work/host.log" || fail "the host saw no acknowl
 echo "  key file replaced atomically (sha256 prefix $digest_v1 -> $digest_v2); the guest acknowledged version 2"
 $GUEST status --config "$work/guest.toml" | sed 's/^/  /'
 
-step "8. A tampered boot (PCR 9 changed) is refused: the guest learns only attestation-failed"
+step "8. Kill switch: key-release off for the whole node with one command, no key, no redeploy"
+t=$(ms)
+$HOST rollout kill key-release --config "$work/host.toml" | sed 's/^/  /'
+wait_for 5 "the live guest to be told" grep -q 'key-release=disabled' "$work/guest.log"
+t_kill=$(( $(ms) - t ))
+echo "  the running guest was told in ${t_kill} ms (its session stays up): $(grep 'key-release=disabled' "$work/guest.log" | tail -1 | sed 's/^.*INFO //')"
+rc=0; $GUEST once --config "$work/guest.toml" 2> "$work/once.err" || rc=$?
+[ "$rc" = 4 ] || fail "once during the kill got exit $rc, not 4 (refused)"
+grep -q 'feature-disabled' "$work/once.err" || fail "once was not refused with feature-disabled"
+echo "  vkx-guest once (exit $rc): $(grep -o 'disk: feature-disabled.*' "$work/once.err" | head -1)"
+$HOST rollout unkill key-release --config "$work/host.toml" --key "$work/release.key" --key-id release | sed 's/^/  /'
+wait_for 5 "the unkill" grep -q 'revision=2' "$work/host.log"
+$GUEST once --config "$work/guest.toml" 2>> "$work/once.log" | sed 's/^/  /'
+echo "  after the signed unkill, vkx-guest once gets its key again"
+$HOST rollout show --config "$work/host.toml" | sed 's/^/  /'
+
+step "9. A tampered boot (PCR 9 changed) is refused: the guest learns only attestation-failed"
 tpm2_pcrextend -T "$tcti" "9:sha256=$(printf 'rootkit' | sha256sum | cut -d' ' -f1)"
 rc=0; $GUEST once --config "$work/guest.toml" 2> "$work/once.err" || rc=$?
 [ "$rc" = 2 ] || fail "a tampered boot got exit $rc, not 2 (permanent)"
 echo "  guest (exit $rc): $(tail -1 "$work/once.err")"
 echo "  host log: $(grep 'attestation refused' "$work/host.log" | tail -1 | sed 's/^.*WARN //')"
 
-step "9. Hostile bytes on the wire: the strict decoder refuses them, with the wire error it sends"
+step "10. Hostile bytes on the wire: the strict decoder refuses them, with the wire error it sends"
 for f in duplicate-key unknown-message nesting-too-deep frame-too-large; do
   v="spec/vectors/negative/$f.json"
   printf '  %-18s ' "$f:"
@@ -154,6 +183,7 @@ cat <<EOF
   provisioning       ${t_prov} ms (node init + EK + AK + AK certificate + registry)
   attest + key       ${t_once} ms (vkx-guest once, process start to key on disk)
   rotation           ${t_rot} ms (keys rotate to the running guest's new file; the host polls every 2 s)
+  kill switch        ${t_kill} ms from \`rollout kill key-release\` to the live guest's feature-update; once refused (feature-disabled); signed unkill restored it
   refused            tampered boot (attestation-failed), 4 hostile wire inputs
   total              $(( $(ms) - t_all )) ms; everything started has been stopped
 EOF
