@@ -340,24 +340,29 @@ pub(crate) async fn connection<S>(
             }
             Ok(()) = versions.changed() => {
                 let current = versions.borrow_and_update().clone();
-                out = push_rotations(&mut host, &mut conn, &current, &shared);
+                out = push_rotations(&mut host, &mut conn, &current, &features, &shared);
             }
             // A rollout change waits (its flag stays set) until the
             // session is Established: the challenge carried the map of
             // its moment, and only an Established session takes updates.
             Ok(()) = rollout.changed(), if matches!(host, Host::Established(_)) => {
                 let map = shared.feature_map(&rollout.borrow_and_update(), vm.as_ref());
-                out = match &mut host {
+                let mut update = match &mut host {
                     Host::Established(s) => s.update_features(map.clone()),
                     _ => Output::default(),
                 };
-                if !out.send.is_empty() {
+                if !update.send.is_empty() {
                     shared.metrics.rollout.update_sent();
                 }
                 if let Some(g) = &mut gauge {
                     g.set(&map);
                 }
                 features = map;
+                // Rotations held back while key rotation was off go now,
+                // after the update that turns it on.
+                let current = versions.borrow().clone();
+                update.absorb(push_rotations(&mut host, &mut conn, &current, &features, &shared));
+                out = update;
             }
             n = tls.read(&mut buf) => {
                 let now = std::time::Instant::now();

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use vkx_common::policy::Policy;
 use vkx_common::session::Output;
 use vkx_common::session::host::{DeriveAnswer, Host, HostConfig, HostEvent, Verdict};
-use vkx_common::wire::{Features, KeyName, Purpose, ReleasedKey, VmId};
+use vkx_common::wire::{FeatureState, Features, KeyName, Purpose, ReleasedKey, VmId, feature};
 use vkx_common::{rl_info, rl_warn};
 
 use crate::admission::AdmissionControl;
@@ -127,18 +127,26 @@ impl ConnState {
 }
 
 /// Pushes the new current version of every key this guest holds that
-/// changed (§6.11), if the guest is still entitled to it. Bounded by the
-/// keys the guest holds and by the session's outstanding-update limit.
+/// changed (§6.11), if the guest is still entitled to it and key rotation
+/// is enabled in the session's map (`features`; §12.2). While rotation is
+/// off nothing is decrypted, pushed or logged, and the versions stay
+/// unmarked, so the guest gets them when rotation comes back on. Bounded
+/// by the keys the guest holds and by the session's outstanding-update
+/// limit.
 pub(crate) fn push_rotations(
     host: &mut Host,
     conn: &mut ConnState,
     current: &BTreeMap<KeyName, u32>,
+    features: &Features,
     shared: &Shared,
 ) -> Output<HostEvent> {
     let mut out = Output::default();
     let Host::Established(s) = host else {
         return out;
     };
+    if features.get(&feature::KEY_ROTATION) != Some(&FeatureState::Enabled) {
+        return out;
+    }
     let (Some(store), Some(vm)) = (shared.store(), shared.policy.vm(s.vm_id())) else {
         return out;
     };

@@ -445,6 +445,13 @@ fn the_kill_switch_through_etcd_holds_when_etcd_fails() {
     assert!(wait_update(&guest, 1).contains("key-rotation=disabled"));
     eprintln!("etcd kill -> live guest told: {:?}", t.elapsed());
     wait_metric(&metrics, "vkx_rollout_revision", 1);
+    // While key-rotation is off, a rotation is not pushed (the host looks
+    // at the store every 2 s; give it two looks).
+    let node = d.node.node_dir();
+    let o = cli(&["keys", "rotate", "disk", "--node-dir", &node]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::thread::sleep(vkx_host::service::KEY_POLL_INTERVAL * 2);
+    assert_eq!(value(&scrape(&metrics), "vkx_key_updates_pushed_total"), 0);
 
     // 2. etcd stops: the host keeps revision 1 and says the source is
     //    down; a local kill still works.
@@ -469,6 +476,9 @@ fn the_kill_switch_through_etcd_holds_when_etcd_fails() {
         &["unkill", "key-rotation", "--key", &k, "--key-id", "release"],
     );
     assert!(wait_update(&guest, 4).contains("key-rotation=enabled"));
+    // The rotation held back while it was off goes at once.
+    wait_metric(&metrics, "vkx_key_updates_pushed_total", 1);
+    guest.wait_log(LIMIT, "the held-back rotation", |l| l.contains("version=2"));
     wait_metric(&metrics, "vkx_rollout_revision", 2);
 
     // 4. Compaction past what the host watched: it reads again and ends
