@@ -388,10 +388,27 @@ impl Rollout {
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
                 if let Err(e) = stored {
-                    // Acted on all the same: a kill must not wait for a
-                    // disk. The source still holds it after a restart.
                     self.metrics.rollout.refused("persist-failed");
-                    rl_warn!(revision, error = %e, "rollout document not persisted (served all the same)");
+                    // A document that only narrows is acted on all the
+                    // same: a kill must not wait for a disk. One that can
+                    // widen is not: after a restart the host would not
+                    // know it had accepted it (spec/ROLLOUT.md §9).
+                    let old = current.as_deref().map(Accepted::document);
+                    if super::admit::first_widening(old, accepted.document(), &self.settings.ga)
+                        .is_some()
+                    {
+                        rl_warn!(
+                            revision,
+                            error = %e,
+                            "rollout document not persisted, so not acted on (it can widen); push it again once the node directory is writable"
+                        );
+                        return;
+                    }
+                    rl_warn!(
+                        revision,
+                        error = %e,
+                        "rollout document not persisted; acted on all the same (it only narrows)"
+                    );
                 }
                 rl_info!(
                     revision,
@@ -451,5 +468,113 @@ impl Rollout {
                 view.local.kills(f) || doc.and_then(|d| d.feature(f)).is_some_and(|e| e.killed());
             r.feature(f.id(), killed, doc.and_then(|d| d.stage_index(f)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::rollout::{TrustedKey, kill, sign, unkill, unsigned};
+    use ring::signature::{Ed25519KeyPair, KeyPair as _};
+    use vkx_common::wire::{FeatureState, feature};
+
+    fn vm() -> VmId {
+        VmId::new("vm-1").unwrap()
+    }
+
+    fn release(view: &View) -> FeatureState {
+        view.features_for(&vm(), None)[&feature::KEY_RELEASE]
+    }
+
+    /// A runtime over a fresh node directory trusting `public`.
+    fn runtime(node: &Path, public: &[u8]) -> (Rollout, watch::Receiver<Arc<View>>) {
+        let config = RolloutConfig {
+            node_name: Some("node-a".into()),
+            trusted_key: vec![TrustedKey {
+                id: "release".into(),
+                public_key: hex::encode(public),
+            }],
+            ..RolloutConfig::default()
+        };
+        let settings = Settings::new(Some(&config), node).unwrap();
+        Rollout::restore(settings, Arc::new(Metrics::default())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unpersisted_document_is_acted_on_only_if_it_narrows() {
+        let node = tempfile::tempdir().unwrap();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let (rollout, view) = runtime(node.path(), pair.public_key().as_ref());
+        assert_eq!(release(&view.borrow()), FeatureState::Enabled, "GA");
+        // The node directory cannot take the file: its temporary name is
+        // a directory.
+        std::fs::create_dir(rollout.settings.state_dir.join(".accepted.json.tmp")).unwrap();
+        let killed = kill(None, Feature::KeyRelease, 1).unwrap();
+        rollout.on_candidate(&unsigned(&killed)).await;
+        assert_eq!(
+            release(&view.borrow()),
+            FeatureState::Disabled,
+            "a kill does not wait for a disk"
+        );
+        assert_eq!(rollout.metrics.rollout.refusals("persist-failed"), 1);
+        let enabled = unkill(Some(&killed), Feature::KeyRelease, 2).unwrap();
+        rollout
+            .on_candidate(&sign(&enabled, &pair, "release").unwrap())
+            .await;
+        assert_eq!(
+            release(&view.borrow()),
+            FeatureState::Disabled,
+            "a widening is not acted on unpersisted"
+        );
+        assert_eq!(rollout.metrics.rollout.refusals("persist-failed"), 2);
+        // Once the directory is writable again, the same push is accepted
+        // and survives a restart.
+        std::fs::remove_dir(rollout.settings.state_dir.join(".accepted.json.tmp")).unwrap();
+        rollout
+            .on_candidate(&sign(&enabled, &pair, "release").unwrap())
+            .await;
+        assert_eq!(release(&view.borrow()), FeatureState::Enabled);
+        let (_, restored) = runtime(node.path(), pair.public_key().as_ref());
+        assert_eq!(restored.borrow().revision(), 2);
+    }
+
+    #[tokio::test]
+    async fn refused_documents_change_nothing_and_are_counted() {
+        let node = tempfile::tempdir().unwrap();
+        let (rollout, view) = runtime(node.path(), &[7; 32]);
+        let killed = kill(None, Feature::KeyRelease, 1).unwrap();
+        rollout.on_candidate(&unsigned(&killed)).await;
+        assert_eq!(view.borrow().revision(), 1);
+        rollout.on_candidate(b"{").await;
+        rollout.on_candidate(&unsigned(&killed)).await; // the same again: silent
+        let enabled = unkill(Some(&killed), Feature::KeyRelease, 2).unwrap();
+        rollout.on_candidate(&unsigned(&enabled)).await;
+        let m = &rollout.metrics.rollout;
+        assert_eq!(m.refusals("malformed"), 1);
+        assert_eq!(m.refusals("unsigned-widening"), 1);
+        assert_eq!(m.refusals("replay"), 0);
+        assert_eq!(view.borrow().revision(), 1);
+        assert_eq!(release(&view.borrow()), FeatureState::Disabled);
+    }
+
+    #[test]
+    fn a_garbled_override_kills_everything_and_a_missing_one_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("override.toml");
+        assert_eq!(read_override(&path), (Override::default(), None));
+        std::fs::write(&path, "killed = [\"key-release\"").unwrap();
+        let (o, e) = read_override(&path);
+        assert_eq!(o, Override::kill_all());
+        assert!(e.is_some());
+        assert_eq!(
+            override_from(Some(b"killed = [\"key-rotation\"]\n"))
+                .0
+                .killed()
+                .count(),
+            1
+        );
+        assert_eq!(override_from(Some(b"\xff")).0, Override::kill_all());
     }
 }
