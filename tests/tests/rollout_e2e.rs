@@ -110,10 +110,7 @@ fn wait_update(guest: &Agent, n: usize) -> String {
 /// Waits until the guest's latest feature update satisfies `pred`.
 fn wait_last_update(guest: &Agent, what: &str, pred: impl Fn(&str) -> bool) {
     guest.wait_log(LIMIT, what, |l| {
-        l.lines()
-            .filter(|x| x.contains(UPDATE))
-            .last()
-            .is_some_and(&pred)
+        l.lines().rfind(|x| x.contains(UPDATE)).is_some_and(&pred)
     });
 }
 
