@@ -41,6 +41,9 @@ test: deps
 	$(CARGO) test --locked -p vkx-e2e --features insecure-soft-tpm --test softtpm --lib
 	# Chaos case c, the reconnect herd: 1,024 soft-vTPM guests (reduced: guest clock 8x).
 	$(CARGO) test --locked -p vkx-e2e --features insecure-soft-tpm --test chaos_cd -- c_reconnect_herd
+	# Chaos case g, the kill switch flipped under live sessions (reduced: 128 soft-vTPM
+	# guests, file and etcd sources), and the ring advance (64 guests).
+	$(CARGO) test --locked -p vkx-e2e --features insecure-soft-tpm --test chaos_g -- --test-threads=1
 	# The fuzz targets are a separate workspace: make sure they still build.
 	$(CARGO) check --manifest-path fuzz/Cargo.toml --locked --quiet
 	# The protocol model, and proof that it catches seeded bugs.
@@ -49,13 +52,14 @@ test: deps
 	python3 scripts/check-logging.py
 	@echo "make test: all passed"
 
-## chaos: the fault-injection suite at full size (tests/tests/chaos.rs and
-## chaos_cd.rs; case c needs the soft vTPM feature, about 8 minutes),
+## chaos: the fault-injection suite at full size (tests/tests/chaos.rs,
+## chaos_cd.rs and chaos_g.rs; cases c and g need the soft vTPM feature,
+## c about 8 minutes),
 ## then its table: each case's measured figure beside its bound. The
 ## table is printed even when a case fails; the target then fails too.
 ## `make test` runs the same suite at reduced size.
 chaos: deps
-	status=0; VKX_CHAOS_FULL=1 $(CARGO) test -p vkx-e2e --features insecure-soft-tpm --test chaos --test chaos_cd --locked -- --test-threads=1 || status=$$?; \
+	status=0; VKX_CHAOS_FULL=1 $(CARGO) test -p vkx-e2e --features insecure-soft-tpm --test chaos --test chaos_cd --test chaos_g --locked -- --test-threads=1 || status=$$?; \
 	$(CARGO) run --quiet --locked -p vkx-e2e --example chaos_report || status=1; \
 	exit $$status
 

@@ -1,8 +1,9 @@
 //! Prints the fault-injection table (`make chaos`): one row per case of
 //! issue #6 item 5, with the measured figure and the bound beside it, from
 //! the row files the suite writes to `target/chaos/<case>.json`
-//! (`tests/tests/chaos.rs` writes a, b, e and f; cases c and d are written
-//! by their own harnesses in the same format).
+//! (`tests/tests/chaos.rs` writes a, b, e and f; cases c, d and g are
+//! written by their own harnesses, `chaos_cd.rs` and `chaos_g.rs`, in the
+//! same format).
 //!
 //! A row file holds one JSON object:
 //! `{"case":"a","title":"...","figure":"...","bound":"...","pass":true,"run":"full"}`.
@@ -15,14 +16,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// The six cases, in order, with the title printed when a case has no row.
-const CASES: [(&str, &str); 6] = [
+/// The cases, in order, with the title printed when a case has no row.
+const CASES: [(&str, &str); 7] = [
     ("a", "host unreachable for 1 h (virtual time)"),
     ("b", "host answers unknown-message / unsupported-version"),
     ("c", "1,024 guests reconnect at once (herd)"),
     ("d", "hostile peer"),
     ("e", "TPM faults: transient codes, device missing"),
     ("f", "host and guest killed mid-handshake, restarted"),
+    ("g", "kill switch flipped while 1,024 guests hold sessions"),
 ];
 /// Largest row file read: a row is a few hundred bytes.
 const MAX_ROW_FILE: u64 = 64 * 1024;

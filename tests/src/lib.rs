@@ -10,6 +10,8 @@ pub mod chaos;
 pub mod etcd;
 #[cfg(feature = "insecure-soft-tpm")]
 pub mod herd;
+#[cfg(feature = "insecure-soft-tpm")]
+pub mod holders;
 pub mod node;
 pub mod raw;
 #[cfg(feature = "insecure-soft-tpm")]
