@@ -41,6 +41,10 @@ use crate::source::{
 
 /// The node directory's subdirectory for the rollout state.
 pub const STATE_DIR: &str = "rollout";
+/// Longest the persisting of an accepted document may take before it is
+/// treated as failed (spec/ROLLOUT.md §9): the task that follows the
+/// source and the override file must not wait on a hung disk.
+pub const PERSIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The local override file, under [`STATE_DIR`], unless host.toml names
 /// another.
 pub const DEFAULT_OVERRIDE_FILE: &str = "override.toml";
@@ -319,7 +323,6 @@ impl Rollout {
         ));
         let mut stop = stop;
         let mut last_value: Option<Arc<[u8]>> = None;
-        let mut last_health = Health::Connecting;
         let mut last_override: Option<Option<Arc<[u8]>>> = None;
         // Event-driven until shutdown: each iteration handles one change
         // of the source's or the override file's status.
@@ -328,7 +331,7 @@ impl Rollout {
                 _ = stop.changed() => break,
                 Ok(()) = src_rx.changed() => {
                     let status = src_rx.borrow_and_update().clone();
-                    self.on_source_health(&status, &mut last_health);
+                    self.on_source_health(&status);
                     if status.value.is_some() && status.value != last_value {
                         last_value.clone_from(&status.value);
                         if let Some(bytes) = &status.value {
@@ -351,21 +354,12 @@ impl Rollout {
         while tasks.join_next().await.is_some() {}
     }
 
-    fn on_source_health(&self, status: &SourceStatus, last: &mut Health) {
+    /// The source's health, for the metrics (the source logs its own
+    /// state changes, once each).
+    fn on_source_health(&self, status: &SourceStatus) {
         self.metrics
             .rollout
             .source(status.is_healthy(), status.last_good.map(unix));
-        let was_healthy = matches!(last, Health::Healthy);
-        match &status.health {
-            Health::Healthy if !was_healthy => rl_info!("rollout source is up"),
-            Health::Down { error, .. } if !matches!(last, Health::Down { .. }) => rl_warn!(
-                error = %error,
-                revision = self.tx.borrow().revision(),
-                "rollout source is down: serving the last accepted document"
-            ),
-            _ => {}
-        }
-        *last = status.health.clone();
     }
 
     async fn on_candidate(&self, bytes: &[u8]) {
@@ -382,11 +376,18 @@ impl Rollout {
                 let revision = accepted.document().revision();
                 let dir = self.settings.state_dir.clone();
                 let a = accepted.clone();
-                let stored = tokio::task::spawn_blocking(move || {
+                // Bounded: a hung disk must not hold up the next document
+                // or the override file (the local kill).
+                let store = tokio::task::spawn_blocking(move || {
                     super::store(&dir, &a).map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
+                });
+                let stored = match tokio::time::timeout(PERSIST_TIMEOUT, store).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "no answer from the disk within {PERSIST_TIMEOUT:?}"
+                    )),
+                };
                 if let Err(e) = stored {
                     self.metrics.rollout.refused("persist-failed");
                     // A document that only narrows is acted on all the

@@ -685,7 +685,8 @@ impl Publisher {
                 _ => 0,
             };
             match &next.value {
-                Some(v) => rl_info!(
+                Some(v) => vkx_common::rl_log!(
+                    debug,
                     revision,
                     len = v.len(),
                     sha256 = %digest_prefix(v),

@@ -194,7 +194,8 @@ impl Watcher {
         if old.value != new.value || old.version != new.version {
             SourceCounters::bump(&self.counters.changes);
             match &new.value {
-                Some(v) => rl_info!(
+                Some(v) => vkx_common::rl_log!(
+                    debug,
                     path = %path,
                     len = v.len(),
                     sha256 = %digest_prefix(v),
