@@ -14,6 +14,7 @@ pub mod herd;
 pub mod holders;
 pub mod node;
 pub mod raw;
+pub mod rollout;
 #[cfg(feature = "insecure-soft-tpm")]
 pub mod softtpm;
 pub mod swtpm;

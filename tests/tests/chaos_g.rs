@@ -33,7 +33,6 @@
 #![allow(clippy::print_stdout)] // The case prints its figure.
 
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vkx_common::wire::{FeatureState, VmId, feature};
@@ -42,6 +41,7 @@ use vkx_e2e::chaos::{Row, size};
 use vkx_e2e::etcd::Etcd;
 use vkx_e2e::herd::{Host, IMAGE, SoftSite, ensure_fd_limit};
 use vkx_e2e::holders::{Holders, State, quantile};
+use vkx_e2e::rollout::{KEY_ID, host_extra, keygen, rollout, text};
 use vkx_e2e::run;
 
 /// Bound: the last guest told, from the kill command's return.
@@ -65,7 +65,6 @@ const STAGGER: Duration = Duration::from_millis(4);
 /// Open files beyond two per guest.
 const FD_HEADROOM: u64 = 256;
 const POLL: Duration = Duration::from_millis(20);
-const KEY_ID: &str = "release";
 const NODE: &str = "node-g";
 const UPDATES: &str = "vkx_feature_updates_sent_total";
 const REFUSED_DISABLED: &str = "vkx_errors_sent_total{code=\"feature-disabled\"}";
@@ -73,51 +72,6 @@ const RELEASED: &str = "vkx_keys_released_total";
 
 // ---------------------------------------------------------------------------
 // The operator's side: the CLI, host.toml, the host's figures.
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// `vkx-host rollout ARGS --config CONFIG`, which must succeed.
-fn rollout(config: &Path, args: &[&str]) -> String {
-    let cfg = config.display().to_string();
-    let mut all = vec!["rollout"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--config", &cfg]);
-    let o = run("vkx-host", &all, b"");
-    assert!(o.status.success(), "rollout {args:?}: {}", text(&o));
-    text(&o)
-}
-
-/// A signing key at `path` (`rollout keygen`); returns its public key.
-fn keygen(path: &Path) -> String {
-    let o = run(
-        "vkx-host",
-        &["rollout", "keygen", "--out", &path.display().to_string()],
-        b"",
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    text(&o)
-        .lines()
-        .find_map(|l| l.strip_prefix("public_key = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .unwrap()
-        .to_owned()
-}
-
-/// host.toml's `[metrics]`, `[rollout]` (with `source` lines inside),
-/// the trusted key, then `tables` (e.g. `[rollout.etcd]`).
-fn host_extra(metrics: &Path, source: &str, tables: &str, public: &str) -> String {
-    format!(
-        "[metrics]\nsocket = \"{}\"\n\n[rollout]\n{source}\nnode_name = \"{NODE}\"\n\n\
-         [[rollout.trusted_key]]\nid = \"{KEY_ID}\"\npublic_key = \"{public}\"\n\n{tables}\n",
-        metrics.display()
-    )
-}
 
 /// Scrapes until `series` reads `want`, at most `limit`; the last text
 /// and whether it got there.
@@ -317,6 +271,7 @@ fn flip_run(soft: &SoftSite, source: Source, key: &Path, public: &str) -> Flip {
     let extra = match &etcd {
         None => host_extra(
             &metrics,
+            NODE,
             &format!(
                 "source = \"file\"\nfile = \"{}\"",
                 work.join(format!("rollout-{name}.json")).display()
@@ -326,6 +281,7 @@ fn flip_run(soft: &SoftSite, source: Source, key: &Path, public: &str) -> Flip {
         ),
         Some(e) => host_extra(
             &metrics,
+            NODE,
             "source = \"etcd\"",
             &format!(
                 "[rollout.etcd]\nendpoints = [\"{}\"]\nkey = \"/vkx/rollout\"\n\
@@ -569,14 +525,14 @@ fn ring_advance_enables_exactly_the_next_rings() {
     let metrics = work.join("metrics-rings.sock");
     let extra = host_extra(
         &metrics,
+        RING_NODE_NAME,
         &format!(
             "source = \"file\"\nfile = \"{}\"",
             work.join("rollout.json").display()
         ),
         "",
         &public,
-    )
-    .replace(NODE, RING_NODE_NAME);
+    );
     let host = soft.site.start_host("rings", &extra);
     host.process.wait_for_path(&metrics);
     let config = work.join("host-rings.toml");

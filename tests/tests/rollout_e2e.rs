@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use vkx_e2e::agents::{Agent, Deployment, scrape, value};
 use vkx_e2e::etcd::{Etcd, EtcdOptions};
+use vkx_e2e::rollout::{host_extra, text};
 use vkx_e2e::run;
 
 /// Bound for anything that should follow a flip within a second or two.
@@ -33,63 +34,21 @@ fn cli(args: &[&str]) -> Output {
     run("vkx-host", args, b"")
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// `vkx-host rollout ARGS --config host.toml`, which must succeed.
 fn rollout(d: &Deployment, args: &[&str]) -> String {
-    let cfg = d.host_config().display().to_string();
-    let mut all = vec!["rollout"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--config", &cfg]);
-    let o = cli(&all);
-    assert!(o.status.success(), "rollout {args:?}: {}", text(&o));
-    text(&o)
+    vkx_e2e::rollout::rollout(&d.host_config(), args)
 }
 
 /// The same, expected to fail; returns what it said.
 fn rollout_fails(d: &Deployment, args: &[&str]) -> String {
-    let cfg = d.host_config().display().to_string();
-    let mut all = vec!["rollout"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--config", &cfg]);
-    let o = cli(&all);
-    assert!(
-        !o.status.success(),
-        "rollout {args:?} succeeded: {}",
-        text(&o)
-    );
-    text(&o)
+    vkx_e2e::rollout::rollout_fails(&d.host_config(), args)
 }
 
 /// A signing key in the deployment; returns its path and public key.
 fn keygen(d: &Deployment, name: &str) -> (PathBuf, String) {
     let path = d.path(name);
-    let o = cli(&["rollout", "keygen", "--out", &path.display().to_string()]);
-    assert!(o.status.success(), "{}", text(&o));
-    let out = text(&o);
-    let public = out
-        .lines()
-        .find_map(|l| l.strip_prefix("public_key = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .unwrap()
-        .to_owned();
+    let public = vkx_e2e::rollout::keygen(&path);
     (path, public)
-}
-
-/// host.toml's `[metrics]` and `[rollout]` tables; `source` goes inside
-/// `[rollout]`, `tables` after it (e.g. `[rollout.etcd]`).
-fn host_extra(metrics: &Path, source: &str, tables: &str, public: &str) -> String {
-    format!(
-        "[metrics]\nsocket = \"{}\"\n\n[rollout]\n{source}\nnode_name = \"node-a\"\n\n\
-         [[rollout.trusted_key]]\nid = \"release\"\npublic_key = \"{public}\"\n\n{tables}\n",
-        metrics.display()
-    )
 }
 
 const UPDATE: &str = "the host changed the feature states";
@@ -192,6 +151,7 @@ fn the_kill_switch_through_the_file_source() {
     let metrics = d.path("metrics.sock");
     d.write_host_config(&host_extra(
         &metrics,
+        "node-a",
         &format!("source = \"file\"\nfile = \"{}\"", doc.display()),
         "",
         &public,
@@ -420,6 +380,7 @@ fn the_kill_switch_through_etcd_holds_when_etcd_fails() {
     let metrics = d.path("metrics.sock");
     d.write_host_config(&host_extra(
         &metrics,
+        "node-a",
         "source = \"etcd\"",
         &format!(
             "[rollout.etcd]\nendpoints = [\"{}\"]\nkey = \"/vkx/rollout\"\n\
