@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant as TokioInstant, timeout_at};
 use vkx_common::errors::ErrorCode;
+use vkx_common::retry::Failure;
 use vkx_common::rl_info;
 use vkx_common::rl_warn;
 use vkx_common::session::host::{
@@ -30,7 +31,9 @@ use vkx_common::wire::{FrameDecoder, Message, MessageType, VmId, encode_frame};
 use zeroize::Zeroizing;
 
 use crate::admission::{Refused, Ticket};
+use crate::health::RingCounters;
 use crate::metrics::{EstablishedGuard, FeatureGauge, HandshakeOutcome, Metrics};
+use crate::rollout::Feature;
 use crate::service::{ConnState, Shared, handle_event, push_rotations, verify_and_record};
 
 /// Bytes read from the socket at a time.
@@ -299,7 +302,12 @@ pub(crate) async fn connection<S>(
     // once Established (PROTOCOL.md §12.2).
     let vm = selection.as_ref().map(|(vm, _)| vm.clone());
     let mut rollout = shared.rollout.clone();
-    let mut features = shared.feature_map(&rollout.borrow_and_update(), vm.as_ref());
+    let view = rollout.borrow_and_update().clone();
+    let mut features = shared.feature_map(&view, vm.as_ref());
+    // The VM's ring for the health signals: looked up again with every
+    // rollout change the session takes.
+    let ring = shared.ring(&view, peer_id.vm_id.as_ref());
+    drop(view);
     let mut gauge: Option<FeatureGauge> = None;
     let peer = PeerContext {
         vm_id: vm.clone(),
@@ -316,7 +324,12 @@ pub(crate) async fn connection<S>(
         std::time::Instant::now(),
     );
     let mut tls = tls;
-    let mut conn = ConnState::default();
+    let mut conn = ConnState {
+        ring,
+        ..ConnState::default()
+    };
+    // Reached Established: a failed end from here on is a lost session.
+    let mut established = false;
     let mut versions = shared.key_versions.subscribe();
     let mut frames = FrameDecoder::new();
     let mut budget = shared.admission.message_bucket(std::time::Instant::now());
@@ -346,7 +359,9 @@ pub(crate) async fn connection<S>(
             // session is Established: the challenge carried the map of
             // its moment, and only an Established session takes updates.
             Ok(()) = rollout.changed(), if matches!(host, Host::Established(_)) => {
-                let map = shared.feature_map(&rollout.borrow_and_update(), vm.as_ref());
+                let view = rollout.borrow_and_update().clone();
+                let map = shared.feature_map(&view, vm.as_ref());
+                conn.ring = shared.ring(&view, peer_id.vm_id.as_ref());
                 let mut update = match &mut host {
                     Host::Established(s) => s.update_features(map.clone()),
                     _ => Output::default(),
@@ -391,8 +406,13 @@ pub(crate) async fn connection<S>(
                                     );
                                     // The message budget comes before the
                                     // session looks at the frame.
+                                    let was_established = matches!(host, Host::Established(_));
                                     let (h, o) = match budget.try_take(now) {
-                                        Ok(()) => host.on_payload(payload, now),
+                                        Ok(()) => {
+                                            let (h, o) = host.on_payload(payload, now);
+                                            note_payload(&conn.ring, payload, was_established, &o);
+                                            (h, o)
+                                        }
                                         Err(wait) => {
                                             rl_warn!(peer: vm_id, "message rate exceeded: rate-limited");
                                             shared.metrics.session_rate_limited();
@@ -446,6 +466,9 @@ pub(crate) async fn connection<S>(
                         })
                         .await
                         .unwrap_or(Verdict::LocalFailure);
+                        if verdict == Verdict::Rejected {
+                            conn.ring.attestation_failed();
+                        }
                         host.on_verdict(verdict, std::time::Instant::now())
                     }
                     ev => handle_event(host, ev, &shared, &mut conn, tls.get_ref().1),
@@ -455,27 +478,81 @@ pub(crate) async fn connection<S>(
             }
         }
         let deadline = track.write_deadline();
+        let ring = conn.ring.clone();
         if !send_all(&mut tls, &pending.send, deadline, vm_id, |c| {
-            track.sent_error(c)
+            track.sent_error(c);
+            ring.error_sent(c);
         })
         .await
         {
+            if established {
+                conn.ring.lost();
+            }
             conn.forget(&shared);
             return;
         }
         track.check_established(&host);
         if gauge.is_none() && matches!(host, Host::Established(_)) {
             gauge = Some(FeatureGauge::new(shared.metrics.clone(), features.clone()));
+            conn.ring.established();
+            established = true;
         }
         if let Some(reason) = closing.or(pending.close) {
             if let CloseReason::Failed(f) = reason {
                 rl_info!(peer: vm_id, reason = ?f, "session closed");
+                if established {
+                    conn.ring.lost();
+                }
             }
+            established = false;
             let _ = timeout_at(deadline, tls.shutdown()).await;
             break;
         }
     }
+    // The session ended without saying why (no close reason): not in
+    // order.
+    if established {
+        conn.ring.lost();
+    }
     conn.forget(&shared);
+}
+
+/// Counts one received payload in its ring's health signals: a feature
+/// request reaching an Established session (and its refusal by the
+/// feature gate: the session answers it at once), or an `error` from the
+/// guest (the session closes with its code). Only the envelope's first
+/// two bytes are looked at: every message this protocol knows has a type
+/// below 24, which CBOR encodes in the byte after the array head, and a
+/// payload the session could decode is canonical.
+fn note_payload(ring: &RingCounters, payload: &[u8], established: bool, out: &Output<HostEvent>) {
+    let Some(&[0x82, ty]) = payload.get(..2) else {
+        return;
+    };
+    if ty == MessageType::Error.code() {
+        if let Some(CloseReason::Failed(Failure::Code { code, .. })) = &out.close {
+            ring.error_received(*code);
+        }
+        return;
+    }
+    let feature = if ty == MessageType::KeyRequest.code() {
+        Feature::KeyRelease
+    } else if ty == MessageType::DeriveRequest.code() {
+        Feature::KeyDerivation
+    } else {
+        return;
+    };
+    if !established {
+        return;
+    }
+    ring.request(feature);
+    for code in out.send.iter().filter_map(|p| sent_error_code(p)) {
+        if matches!(
+            code,
+            ErrorCode::FeatureDisabled | ErrorCode::FeatureNotEnabled
+        ) {
+            ring.refusal(feature, code);
+        }
+    }
 }
 
 #[cfg(test)]

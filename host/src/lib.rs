@@ -12,6 +12,9 @@
 //! - [`derive`]: derived shared keys (§9): the host's answer, the table
 //!   of live sessions' keys, the local socket for host processes.
 //! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
+//! - [`health`]: health signals per ring and feature for the rollout
+//!   controller: counters, the versioned summary, its publisher (etcd
+//!   key per node under a lease, or a local file) and reader.
 //! - [`keys_cli`]: `vkx-host keys add|generate|rotate|list|verify|remove`,
 //!   the operator CLI of the key store.
 //! - [`keystore`]: the host's key store: one directory per key, one
@@ -53,6 +56,7 @@ pub mod connection;
 pub mod derive;
 pub mod enroll;
 pub mod evidence;
+pub mod health;
 pub mod keys_cli;
 pub mod keystore;
 pub mod listen;

@@ -32,7 +32,16 @@
 //! `vkx_rollout_accepted_timestamp_seconds`, `vkx_rollout_source_up`,
 //! `vkx_rollout_source_last_ok_timestamp_seconds`,
 //! `vkx_feature_updates_sent_total`,
-//! `vkx_rollout_documents_refused_total{reason}`.
+//! `vkx_rollout_documents_refused_total{reason}`; the health signals per
+//! ring of the rollout document (`crate::health`)
+//! `vkx_health_sessions_total{ring}`, `vkx_health_sessions_lost_total{ring}`,
+//! `vkx_health_attestation_failures_total{ring}`,
+//! `vkx_health_requests_total{ring,feature}`,
+//! `vkx_health_grants_total{ring,feature}`,
+//! `vkx_health_refusals_total{ring,feature,code}`,
+//! `vkx_health_errors_sent_total{ring,code}`,
+//! `vkx_health_errors_received_total{ring,code}`,
+//! `vkx_health_publishes_total{result}`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -213,6 +222,8 @@ pub struct Metrics {
     updates_failed: AtomicU64,
     /// The rollout and kill switch ([`RolloutMetrics`]).
     pub rollout: RolloutMetrics,
+    /// Health signals per ring and feature ([`crate::health`]).
+    pub health: crate::health::Health,
 }
 
 /// The v1 features, in the order of the rollout series.
@@ -459,12 +470,12 @@ impl Metrics {
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn sample(out: &mut String, name: &str, labels: &str, value: u64) {
+pub(crate) fn sample(out: &mut String, name: &str, labels: &str, value: u64) {
     if labels.is_empty() {
         let _ = writeln!(out, "{name} {value}");
     } else {
@@ -662,6 +673,7 @@ pub fn render(m: &Metrics, usage: &Usage, suppressed: u64) -> String {
         get(&m.updates_failed),
     );
     render_rollout(&mut o, &m.rollout);
+    m.health.render(&mut o);
     o
 }
 
@@ -1040,6 +1052,16 @@ mod tests {
         m.rollout.refused("no-such-label");
         m.rollout.accepted(7, 100, 200);
         m.rollout.feature(feature::KEY_RELEASE, true, Some(2));
+        let none = m.health.no_ring();
+        none.established();
+        none.lost();
+        none.request(crate::rollout::Feature::KeyRelease);
+        none.refusal(
+            crate::rollout::Feature::KeyRelease,
+            ErrorCode::FeatureNotEnabled,
+        );
+        none.error_sent(ErrorCode::UnknownMessage);
+        none.error_received(ErrorCode::Timeout);
         let t = render(&m, &usage(), 42);
         for (series, v) in [
             ("vkx_connections_open", "5"),
@@ -1088,6 +1110,33 @@ mod tests {
             ("vkx_rollout_revision", "7"),
             ("vkx_rollout_feature_killed{feature=\"key-release\"}", "1"),
             ("vkx_rollout_feature_stage{feature=\"key-release\"}", "3"),
+            ("vkx_health_sessions_total{ring=\"(none)\"}", "1"),
+            ("vkx_health_sessions_lost_total{ring=\"(none)\"}", "1"),
+            (
+                "vkx_health_attestation_failures_total{ring=\"(none)\"}",
+                "0",
+            ),
+            (
+                "vkx_health_requests_total{ring=\"(none)\",feature=\"key-release\"}",
+                "1",
+            ),
+            (
+                "vkx_health_grants_total{ring=\"(none)\",feature=\"key-release\"}",
+                "0",
+            ),
+            (
+                "vkx_health_refusals_total{ring=\"(none)\",feature=\"key-release\",code=\"feature-not-enabled\"}",
+                "1",
+            ),
+            (
+                "vkx_health_errors_sent_total{ring=\"(none)\",code=\"unknown-message\"}",
+                "1",
+            ),
+            (
+                "vkx_health_errors_received_total{ring=\"(none)\",code=\"timeout\"}",
+                "1",
+            ),
+            ("vkx_health_publishes_total{result=\"failed\"}", "0"),
         ] {
             assert_eq!(value(&t, series).as_deref(), Some(v), "{series}\n{t}");
         }

@@ -4,7 +4,8 @@
 //! each accepted guest connection meets [`crate::admission`] first, and an
 //! admitted one is driven by [`crate::connection`] against the shared
 //! service context ([`crate::service`]). Beside them run the key-version
-//! watcher, the metrics endpoint and the derived-key socket.
+//! watcher, the metrics endpoint, the derived-key socket and the health
+//! summary's publisher ([`crate::health::publish`]).
 //!
 //! Bounded by construction. Over its peer's open transports
 //! (`[admission] max_open_per_peer`) or the hard ceiling (`max_open`) a
@@ -76,7 +77,9 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     // The rollout state is restored before any listener exists: the
     // first guest already sees the persisted document and the override.
-    let (rollout, rollout_view) = Rollout::restore(config.rollout()?, metrics.clone())?;
+    let rollout_settings = config.rollout()?;
+    let health = rollout_settings.health.clone();
+    let (rollout, rollout_view) = Rollout::restore(rollout_settings, metrics.clone())?;
     let shared = Arc::new(Shared {
         tls: tokio_rustls::TlsAcceptor::from(tls),
         keys: Some(store.clone()),
@@ -133,6 +136,12 @@ pub async fn serve(
     }
     let count = listeners.len();
     tasks.spawn(rollout.run(stop_rx.clone()));
+    tasks.spawn(crate::health::publish(
+        metrics.clone(),
+        health,
+        shared.rollout.clone(),
+        stop_rx.clone(),
+    ));
     tasks.spawn(watch_key_versions(
         store,
         shared.key_versions.clone(),

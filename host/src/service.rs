@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::watch;
+use vkx_common::errors::ErrorCode;
 use vkx_common::policy::Policy;
 use vkx_common::session::Output;
 use vkx_common::session::host::{DeriveAnswer, Host, HostConfig, HostEvent, Verdict};
@@ -25,10 +26,12 @@ use vkx_common::{rl_info, rl_warn};
 use crate::admission::AdmissionControl;
 use crate::attestation::{record_quote, verify_evidence};
 use crate::derive::{self, DerivedKeys};
+use crate::health::RingCounters;
 use crate::keystore::{DirKeyStore, KeyStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::release;
+use crate::rollout::Feature;
 use crate::rollout::service::View;
 
 /// Guests per second an orderly shutdown asks back: the `retry-after` of
@@ -69,6 +72,12 @@ impl Shared {
             Some(vm) => view.features_for(vm, self.policy.vm(vm).map(|p| p.image.as_str())),
             None => Features::new(),
         }
+    }
+
+    /// The health counters of `vm`'s ring under `view`.
+    pub(crate) fn ring(&self, view: &View, vm: Option<&VmId>) -> Arc<RingCounters> {
+        let image = vm.and_then(|v| self.policy.vm(v)).map(|p| p.image.as_str());
+        self.metrics.health.ring(view, vm, image)
     }
 
     pub(crate) fn store(&self) -> Option<&dyn KeyStore> {
@@ -115,6 +124,9 @@ pub(crate) struct ConnState {
     pub(crate) released: BTreeMap<KeyName, u32>,
     /// Derived keys this session made available locally.
     pub(crate) derived: Vec<(VmId, Purpose)>,
+    /// The health counters of the VM's ring under the document the
+    /// session last saw (`crate::health`).
+    pub(crate) ring: Arc<RingCounters>,
 }
 
 impl ConnState {
@@ -174,6 +186,7 @@ pub(crate) fn push_rotations(
         match pushed {
             Ok(o) => {
                 shared.metrics.update_pushed();
+                conn.ring.request(Feature::KeyRotation);
                 rl_info!(peer: vm.vm_id, key = %name, version, "key update pushed");
                 // Not pushed again unless it changes again; the ack says
                 // whether the guest installed it.
@@ -249,6 +262,10 @@ pub(crate) fn handle_event(
             if let (Host::Established(s), Some(vm)) = (&mut host, shared.policy.vm(&vm_id)) {
                 let (answer, versions) = release::decide(shared.store(), vm, names);
                 shared.metrics.keys_released(answer.released.len());
+                match answer.refused.first() {
+                    None => conn.ring.grant(Feature::KeyRelease),
+                    Some(r) => conn.ring.refusal(Feature::KeyRelease, r.code),
+                }
                 conn.released.extend(versions);
                 out = s.answer_keys(answer);
             }
@@ -271,14 +288,19 @@ pub(crate) fn handle_event(
                         shared.derived.insert(&vm_id, &purpose, key);
                         conn.derived.push((vm_id.clone(), purpose.clone()));
                         rl_info!(peer: vm_id, purpose = %purpose, "derived key confirmed");
+                        conn.ring.grant(Feature::KeyDerivation);
                         DeriveAnswer::Confirm(host_tag)
                     }
                     derive::Answer::NotPermitted => {
                         rl_warn!(peer: vm_id, purpose = %purpose, "derivation purpose not granted");
+                        conn.ring
+                            .refusal(Feature::KeyDerivation, ErrorCode::NotPermitted);
                         DeriveAnswer::NotPermitted
                     }
                     derive::Answer::TagMismatch => {
                         rl_warn!(peer: vm_id, purpose = %purpose, "derivation tags differ: not the same channel");
+                        conn.ring
+                            .refusal(Feature::KeyDerivation, ErrorCode::AttestationFailed);
                         DeriveAnswer::TagMismatch
                     }
                 };
@@ -296,6 +318,10 @@ pub(crate) fn handle_event(
             ..
         } => {
             shared.metrics.update_acked(error.is_none());
+            match error {
+                None => conn.ring.grant(Feature::KeyRotation),
+                Some(code) => conn.ring.refusal(Feature::KeyRotation, code),
+            }
             match error {
                 None => rl_info!(peer: vm_id, key = %name, version, "key update installed"),
                 Some(code) => {

@@ -79,6 +79,22 @@ pub struct RolloutConfig {
     /// (`[[rollout.trusted_key]]`, `id` and hex `public_key`).
     #[serde(default)]
     pub trusted_key: Vec<TrustedKey>,
+    /// How often the node publishes its health summary
+    /// (`crate::health`): 500 to 60000 ms.
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+    /// With the etcd source: the key below which every node publishes its
+    /// summary, as `<health_prefix>/<node_name>`.
+    #[serde(default = "default_health_prefix")]
+    pub health_prefix: String,
+}
+
+fn default_health_interval_ms() -> u64 {
+    crate::health::DEFAULT_INTERVAL_MS
+}
+
+fn default_health_prefix() -> String {
+    crate::health::DEFAULT_PREFIX.to_owned()
 }
 
 fn all_features() -> Vec<String> {
@@ -95,6 +111,8 @@ impl Default for RolloutConfig {
             node_name: None,
             override_file: None,
             trusted_key: Vec::new(),
+            health_interval_ms: default_health_interval_ms(),
+            health_prefix: default_health_prefix(),
         }
     }
 }
@@ -109,6 +127,8 @@ pub struct Settings {
     pub override_file: PathBuf,
     pub state_dir: PathBuf,
     pub trusted: TrustedKeys,
+    /// Where and how often the health summary is published.
+    pub health: crate::health::HealthSettings,
 }
 
 impl Settings {
@@ -146,6 +166,13 @@ impl Settings {
             None => None,
         };
         let state_dir = node_dir.join(STATE_DIR);
+        let health = crate::health::HealthSettings::new(
+            c.health_interval_ms,
+            &c.health_prefix,
+            source.as_ref().map(|s| (s.source, &s.etcd)),
+            &state_dir,
+        )
+        .map_err(|e| anyhow::anyhow!("[rollout] {e}"))?;
         Ok(Self {
             source,
             ga,
@@ -156,6 +183,7 @@ impl Settings {
                 .unwrap_or_else(|| state_dir.join(DEFAULT_OVERRIDE_FILE)),
             state_dir,
             trusted,
+            health,
         })
     }
 }

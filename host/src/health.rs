@@ -1,0 +1,1503 @@
+//! Health signals for staged rollout (issue #12): what this host can
+//! observe, per ring of the rollout document and per v1 feature, counted
+//! where it happens and published as a compact summary for the rollout
+//! controller (`vkx-host rollout run`), which compares the newly enabled
+//! ring with the rings not yet enabled.
+//!
+//! What it counts ([`RingCounters`]): per (ring, feature) requests, grants
+//! and refusals by registry code; per ring sessions established, sessions
+//! lost (an Established session that ended other than in order: transport
+//! dropped, timeout, protocol error), errors sent and received by code and
+//! attestation failures; node-wide the log lines the rate limiter
+//! suppressed. A VM's ring is [`crate::rollout::ring_of`] under the
+//! accepted document, by name, so summaries of different nodes aggregate;
+//! [`NO_RING`] when it is in none. A connection looks its ring up once per
+//! document change ([`Health::ring`]) and keeps an `Arc` to the ring's
+//! counters: an event is counted to the ring of its time, with relaxed
+//! atomics and no lock per message.
+//!
+//! What it trusts: ring names from an accepted (validated) document, and
+//! registry code names. A guest's bytes never become a name: an error code
+//! the registry does not know is counted as `unknown`.
+//!
+//! What it bounds: ring slots ([`MAX_RING_SLOTS`]; a name of an older
+//! document is evicted for one of the newest), the summary's bytes
+//! ([`MAX_SUMMARY_BYTES`], checked before parsing), the rings and codes a
+//! parsed summary may name, the summaries one read returns
+//! ([`MAX_FLEET_SUMMARIES`]), and the publisher's rate
+//! ([`MIN_INTERVAL`]..[`MAX_INTERVAL`]) and retries (the etcd source's
+//! retry policy).
+//!
+//! The only I/O is the publisher task ([`publish`]) and the reader
+//! ([`read_all`]): an etcd key per node (`<prefix>/<node>`) under a lease
+//! of [`LEASE_INTERVALS`] × the interval, kept alive, so a dead node's
+//! entry expires; or, with the file source (or none), the local file
+//! `<node_dir>/rollout/health.json`, replaced atomically.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use vkx_common::errors::{ErrorCode, REGISTRY};
+use vkx_common::wire::VmId;
+use vkx_common::{rl_info, rl_warn};
+
+use crate::metrics::Metrics;
+use crate::rollout::document::{MAX_RINGS, check_node_name, check_ring_name};
+use crate::rollout::service::View;
+use crate::rollout::{Document, Feature, VmFacts, ring_of};
+use crate::source::{EtcdConfig, SourceKind};
+
+/// The ring key of a VM in no ring (or on a node with no document).
+/// Outside the ring-name charset (`[a-z0-9._-]`), so no ring of a
+/// document can be named like it.
+pub const NO_RING: &str = "(none)";
+/// Rings with counters at once: the current document's (at most
+/// [`MAX_RINGS`]) and as many of older documents, whose connections may
+/// still count into them until they see the new one.
+pub const MAX_RING_SLOTS: usize = 2 * MAX_RINGS;
+/// The summary's format.
+pub const FORMAT: u32 = 1;
+/// Largest summary written or parsed. The worst case (every slot and
+/// [`NO_RING`], every code of every map at `u64::MAX`) is ~230 KiB;
+/// a real one is a few hundred bytes per ring.
+pub const MAX_SUMMARY_BYTES: usize = 256 * 1024;
+/// Summaries one [`read_all`] returns: a fleet store holds one per node.
+pub const MAX_FLEET_SUMMARIES: usize = 4096;
+/// Summaries fetched from etcd per range request.
+const ETCD_PAGE: usize = 64;
+/// The publisher's interval: default, and bounds (below 500 ms the
+/// store's write load grows for no better signal; above a minute a dead
+/// node lingers too long).
+pub const DEFAULT_INTERVAL_MS: u64 = 2000;
+pub const MIN_INTERVAL: Duration = Duration::from_millis(500);
+pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// The lease's TTL in publishing intervals: two publishes may fail before
+/// the entry expires.
+pub const LEASE_INTERVALS: u32 = 3;
+/// Shortest lease TTL etcd grants (its minimum is 1.5 × the election
+/// timeout, rounded up: 2 s with the defaults).
+pub const MIN_LEASE_TTL_S: i64 = 2;
+/// Where the summaries live in etcd, one key per node below it.
+pub const DEFAULT_PREFIX: &str = "/vkx/health";
+/// The local summary file, in the node's rollout state directory.
+pub const HEALTH_FILE: &str = "health.json";
+/// Longest prefix accepted.
+pub const MAX_PREFIX_BYTES: usize = 512;
+
+/// Slots of a by-code counter: one per registry row, one for `unknown`.
+pub const CODE_SLOTS: usize = REGISTRY.len() + 1;
+/// The label of codes the registry does not know.
+pub const UNKNOWN_CODE: &str = "unknown";
+
+fn code_slot(code: ErrorCode) -> usize {
+    REGISTRY
+        .iter()
+        .position(|r| r.code == code)
+        .unwrap_or(REGISTRY.len())
+}
+
+/// The label of code slot `i`.
+pub fn code_label(i: usize) -> &'static str {
+    REGISTRY.get(i).map_or(UNKNOWN_CODE, |r| r.name)
+}
+
+fn is_code_label(s: &str) -> bool {
+    s == UNKNOWN_CODE || REGISTRY.iter().any(|r| r.name == s)
+}
+
+fn feature_slot(f: Feature) -> usize {
+    Feature::ALL.iter().position(|x| *x == f).unwrap_or(0)
+}
+
+fn add(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+// ------------------------------------------------------------- counters
+
+/// One feature's counters in one ring.
+#[derive(Debug, Default)]
+pub struct FeatureCounters {
+    requests: AtomicU64,
+    grants: AtomicU64,
+    refusals: [AtomicU64; CODE_SLOTS],
+}
+
+/// One ring's counters. Units: a request is one `key-request` or
+/// `derive-request` message (key-rotation: one pushed update); a grant is
+/// one answered with everything asked (key-rotation: an update acked as
+/// installed); a refusal is one refused, by the code the guest was told
+/// (for a `key-release` that withheld keys, the first withheld key's).
+#[derive(Debug, Default)]
+pub struct RingCounters {
+    sessions: AtomicU64,
+    lost: AtomicU64,
+    attest_failed: AtomicU64,
+    errors_sent: [AtomicU64; CODE_SLOTS],
+    errors_received: [AtomicU64; CODE_SLOTS],
+    features: [FeatureCounters; 3],
+}
+
+impl RingCounters {
+    pub fn request(&self, f: Feature) {
+        add(&self.features[feature_slot(f)].requests);
+    }
+
+    pub fn grant(&self, f: Feature) {
+        add(&self.features[feature_slot(f)].grants);
+    }
+
+    pub fn refusal(&self, f: Feature, code: ErrorCode) {
+        add(&self.features[feature_slot(f)].refusals[code_slot(code)]);
+    }
+
+    /// A session of this ring reached Established.
+    pub fn established(&self) {
+        add(&self.sessions);
+    }
+
+    /// An Established session of this ring ended other than in order.
+    pub fn lost(&self) {
+        add(&self.lost);
+    }
+
+    pub fn attestation_failed(&self) {
+        add(&self.attest_failed);
+    }
+
+    pub fn error_sent(&self, code: ErrorCode) {
+        add(&self.errors_sent[code_slot(code)]);
+    }
+
+    pub fn error_received(&self, code: ErrorCode) {
+        add(&self.errors_received[code_slot(code)]);
+    }
+
+    fn summary(&self) -> RingSummary {
+        let codes = |slots: &[AtomicU64; CODE_SLOTS]| -> BTreeMap<String, u64> {
+            slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let n = get(c);
+                    (n > 0).then(|| (code_label(i).to_owned(), n))
+                })
+                .collect()
+        };
+        RingSummary {
+            sessions: get(&self.sessions),
+            lost: get(&self.lost),
+            attest_failed: get(&self.attest_failed),
+            errors_sent: codes(&self.errors_sent),
+            errors_received: codes(&self.errors_received),
+            features: Feature::ALL
+                .iter()
+                .zip(&self.features)
+                .map(|(f, c)| {
+                    (
+                        f.name().to_owned(),
+                        FeatureSummary {
+                            requests: get(&c.requests),
+                            grants: get(&c.grants),
+                            refusals: codes(&c.refusals),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The ring table: names of the newest document seen, and the slots.
+#[derive(Debug, Default)]
+struct Table {
+    /// The revision of the newest document seen, and its ring names.
+    newest: u64,
+    current: Vec<Arc<str>>,
+    slots: Vec<(Arc<str>, Arc<RingCounters>)>,
+}
+
+/// Every ring's counters on this node, and the publisher's own.
+#[derive(Debug, Default)]
+pub struct Health {
+    none: Arc<RingCounters>,
+    /// Locked only when a connection looks its ring up (once per document
+    /// change), by the publisher and by a scrape.
+    table: RwLock<Table>,
+    published: AtomicU64,
+    publish_failed: AtomicU64,
+}
+
+impl Health {
+    /// The counters of the ring `vm` is in under `view` (`image`: its
+    /// image name from the policy, if known).
+    pub fn ring(&self, view: &View, vm: Option<&VmId>, image: Option<&str>) -> Arc<RingCounters> {
+        let (Some(doc), Some(vm)) = (view.document(), vm) else {
+            return self.none.clone();
+        };
+        let facts = VmFacts {
+            vm_id: vm.clone(),
+            image: image.map(str::to_owned),
+            node: view.node.to_string(),
+        };
+        match ring_of(doc, &facts) {
+            Some(p) => self.slot(&p.name, doc),
+            None => self.none.clone(),
+        }
+    }
+
+    /// The counters of ring `name` of `doc`: found, or given a slot,
+    /// evicting a ring the newest document does not name if the table
+    /// is full. A caller with an older document than the newest seen
+    /// never evicts: it gets counters of their own (not published) if no
+    /// slot is free, so nothing is counted to the wrong name.
+    fn slot(&self, name: &str, doc: &Document) -> Arc<RingCounters> {
+        {
+            let t = self.table.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, c)) = t.slots.iter().find(|(n, _)| &**n == name) {
+                return c.clone();
+            }
+        }
+        let mut t = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        Self::see(&mut t, doc);
+        if let Some((_, c)) = t.slots.iter().find(|(n, _)| &**n == name) {
+            return c.clone();
+        }
+        let fresh = Arc::new(RingCounters::default());
+        if t.slots.len() < MAX_RING_SLOTS {
+            t.slots.push((name.into(), fresh.clone()));
+            return fresh;
+        }
+        if doc.revision() >= t.newest {
+            let current = std::mem::take(&mut t.current);
+            if let Some(i) = t
+                .slots
+                .iter()
+                .position(|(n, _)| !current.iter().any(|c| c == n))
+            {
+                t.slots[i] = (name.into(), fresh.clone());
+            }
+            t.current = current;
+        }
+        fresh
+    }
+
+    /// Remembers `doc`'s ring names if it is the newest seen.
+    fn see(t: &mut Table, doc: &Document) {
+        if doc.revision() > t.newest || t.current.is_empty() {
+            t.newest = doc.revision();
+            t.current = doc.rings().iter().map(|r| Arc::from(r.name())).collect();
+        }
+    }
+
+    /// The counters of VMs in no ring.
+    pub fn no_ring(&self) -> Arc<RingCounters> {
+        self.none.clone()
+    }
+
+    /// Gives every ring of `doc` a slot, so a summary shows the rings
+    /// with no VMs on this node too (with zeros).
+    pub fn track(&self, doc: &Document) {
+        for r in doc.rings() {
+            let _ = self.slot(r.name(), doc);
+        }
+    }
+
+    /// Every ring's counters now, [`NO_RING`] first.
+    fn rings(&self) -> Vec<(Arc<str>, Arc<RingCounters>)> {
+        let t = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        std::iter::once((Arc::from(NO_RING), self.none.clone()))
+            .chain(t.slots.iter().cloned())
+            .collect()
+    }
+
+    /// The summary of this node now.
+    pub fn summary(
+        &self,
+        node: &str,
+        revision: u64,
+        at_unix: u64,
+        suppressed: u64,
+    ) -> HealthSummary {
+        HealthSummary {
+            format: FORMAT,
+            node: node.to_owned(),
+            at_unix,
+            started_unix: started_unix(),
+            revision,
+            rings: self
+                .rings()
+                .into_iter()
+                .map(|(n, c)| (n.to_string(), c.summary()))
+                .collect(),
+            suppressed,
+        }
+    }
+
+    /// Publishes that succeeded and failed.
+    pub fn publishes(&self) -> (u64, u64) {
+        (get(&self.published), get(&self.publish_failed))
+    }
+
+    /// The Prometheus families of these counters (see `crate::metrics`).
+    pub(crate) fn render(&self, o: &mut String) {
+        use crate::metrics::{family, sample};
+        let rings: Vec<(Arc<str>, RingSummary)> = self
+            .rings()
+            .into_iter()
+            .map(|(n, c)| (n, c.summary()))
+            .collect();
+        let per_ring: [Family<RingSummary, u64>; 3] = [
+            (
+                "vkx_health_sessions_total",
+                "Sessions established, by ring.",
+                |r| r.sessions,
+            ),
+            (
+                "vkx_health_sessions_lost_total",
+                "Established sessions ended other than in order, by ring.",
+                |r| r.lost,
+            ),
+            (
+                "vkx_health_attestation_failures_total",
+                "Evidence refused, by ring.",
+                |r| r.attest_failed,
+            ),
+        ];
+        for (name, help, value) in per_ring {
+            family(o, name, "counter", help);
+            for (ring, r) in &rings {
+                sample(o, name, &format!("ring=\"{ring}\""), value(r));
+            }
+        }
+        let per_feature: [Family<FeatureSummary, u64>; 2] = [
+            (
+                "vkx_health_requests_total",
+                "Feature requests, by ring and feature.",
+                |f| f.requests,
+            ),
+            (
+                "vkx_health_grants_total",
+                "Feature requests granted, by ring and feature.",
+                |f| f.grants,
+            ),
+        ];
+        for (name, help, value) in per_feature {
+            family(o, name, "counter", help);
+            for (ring, r) in &rings {
+                for (fname, f) in &r.features {
+                    sample(
+                        o,
+                        name,
+                        &format!("ring=\"{ring}\",feature=\"{fname}\""),
+                        value(f),
+                    );
+                }
+            }
+        }
+        family(
+            o,
+            "vkx_health_refusals_total",
+            "counter",
+            "Feature requests refused, by ring, feature and code (codes seen only).",
+        );
+        for (ring, r) in &rings {
+            for (fname, f) in &r.features {
+                for (code, n) in &f.refusals {
+                    sample(
+                        o,
+                        "vkx_health_refusals_total",
+                        &format!("ring=\"{ring}\",feature=\"{fname}\",code=\"{code}\""),
+                        *n,
+                    );
+                }
+            }
+        }
+        type Codes = for<'a> fn(&'a RingSummary) -> &'a BTreeMap<String, u64>;
+        let by_code: [(&str, &str, Codes); 2] = [
+            (
+                "vkx_health_errors_sent_total",
+                "Errors sent to guests, by ring and code (codes seen only).",
+                |r| &r.errors_sent,
+            ),
+            (
+                "vkx_health_errors_received_total",
+                "Errors received from guests, by ring and code (codes seen only).",
+                |r| &r.errors_received,
+            ),
+        ];
+        for (name, help, codes) in by_code {
+            family(o, name, "counter", help);
+            for (ring, r) in &rings {
+                for (code, n) in codes(r) {
+                    sample(o, name, &format!("ring=\"{ring}\",code=\"{code}\""), *n);
+                }
+            }
+        }
+        family(
+            o,
+            "vkx_health_publishes_total",
+            "counter",
+            "Health summaries published to the fleet store, by result.",
+        );
+        let (ok, failed) = self.publishes();
+        sample(o, "vkx_health_publishes_total", "result=\"ok\"", ok);
+        sample(o, "vkx_health_publishes_total", "result=\"failed\"", failed);
+    }
+}
+
+/// A metric family: name, help, and the value of one summary.
+type Family<T, V> = (&'static str, &'static str, fn(&T) -> V);
+
+/// When this process started (Unix seconds): a reader tells a restarted
+/// node (counters from zero) from one whose counters went down.
+fn started_unix() -> u64 {
+    static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(|| unix(SystemTime::now()))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+// -------------------------------------------------------------- summary
+
+/// One node's counters, cumulative since `started_unix` (a reader takes
+/// differences: [`delta`], [`fleet_delta`]). Parsed strictly
+/// ([`HealthSummary::parse`]): it comes from the fleet store, untrusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSummary {
+    pub format: u32,
+    pub node: String,
+    /// When it was taken (Unix seconds).
+    pub at_unix: u64,
+    /// When the node's process started: counters count from there.
+    pub started_unix: u64,
+    /// The accepted rollout document's revision (0: none).
+    pub revision: u64,
+    /// By ring name; [`NO_RING`] for VMs in none.
+    pub rings: BTreeMap<String, RingSummary>,
+    /// Log lines the rate limiter suppressed on the node.
+    pub suppressed: u64,
+}
+
+/// One ring's counters (also the per-ring totals of [`aggregate`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingSummary {
+    pub sessions: u64,
+    pub lost: u64,
+    pub attest_failed: u64,
+    /// By registry code name (`unknown` for others); codes seen only.
+    pub errors_sent: BTreeMap<String, u64>,
+    pub errors_received: BTreeMap<String, u64>,
+    /// By feature name (the three v1 features).
+    pub features: BTreeMap<String, FeatureSummary>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSummary {
+    pub requests: u64,
+    pub grants: u64,
+    pub refusals: BTreeMap<String, u64>,
+}
+
+/// Why a summary was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SummaryError {
+    #[error("health summary of {len} bytes is over the limit of {MAX_SUMMARY_BYTES}")]
+    TooLarge { len: usize },
+    #[error("health summary malformed: {0}")]
+    Malformed(String),
+    #[error("health summary format {0} is not {FORMAT}")]
+    Format(u32),
+    #[error("health summary invalid: {0}")]
+    Invalid(String),
+}
+
+impl HealthSummary {
+    /// Parses untrusted bytes: size first, then strict JSON, then every
+    /// name checked (node, rings, features, codes) and every map bounded.
+    pub fn parse(bytes: &[u8]) -> Result<Self, SummaryError> {
+        if bytes.len() > MAX_SUMMARY_BYTES {
+            return Err(SummaryError::TooLarge { len: bytes.len() });
+        }
+        let s: Self = serde_json::from_slice(bytes).map_err(|e| {
+            // serde_json's message quotes at most a short token.
+            SummaryError::Malformed(crate::rollout::shown(&e.to_string()))
+        })?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// The JSON of this summary, refused over [`MAX_SUMMARY_BYTES`].
+    pub fn to_json(&self) -> Result<Vec<u8>, SummaryError> {
+        let bytes = serde_json::to_vec(self).map_err(|e| SummaryError::Malformed(e.to_string()))?;
+        if bytes.len() > MAX_SUMMARY_BYTES {
+            return Err(SummaryError::TooLarge { len: bytes.len() });
+        }
+        Ok(bytes)
+    }
+
+    fn validate(&self) -> Result<(), SummaryError> {
+        let bad = |m: String| Err(SummaryError::Invalid(m));
+        if self.format != FORMAT {
+            return Err(SummaryError::Format(self.format));
+        }
+        if let Err(e) = check_node_name(&self.node) {
+            return bad(format!("node: {e}"));
+        }
+        if self.rings.len() > MAX_RING_SLOTS + 1 {
+            return bad(format!(
+                "{} rings (at most {})",
+                self.rings.len(),
+                MAX_RING_SLOTS + 1
+            ));
+        }
+        let codes = |what: &str, m: &BTreeMap<String, u64>| -> Result<(), SummaryError> {
+            match m.keys().find(|k| !is_code_label(k)) {
+                Some(k) => bad(format!(
+                    "{what}: unknown code {:?}",
+                    crate::rollout::shown(k)
+                )),
+                None => Ok(()),
+            }
+        };
+        for (name, ring) in &self.rings {
+            if name != NO_RING && check_ring_name(name).is_err() {
+                return bad(format!("ring name {:?}", crate::rollout::shown(name)));
+            }
+            codes("errors_sent", &ring.errors_sent)?;
+            codes("errors_received", &ring.errors_received)?;
+            for (fname, f) in &ring.features {
+                if Feature::from_name(fname).is_none() {
+                    return bad(format!("feature {:?}", crate::rollout::shown(fname)));
+                }
+                codes("refusals", &f.refusals)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sum_codes(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (k, v) in from {
+        let e = into.entry(k.clone()).or_default();
+        *e = e.saturating_add(*v);
+    }
+}
+
+impl RingSummary {
+    fn add(&mut self, o: &RingSummary) {
+        self.sessions = self.sessions.saturating_add(o.sessions);
+        self.lost = self.lost.saturating_add(o.lost);
+        self.attest_failed = self.attest_failed.saturating_add(o.attest_failed);
+        sum_codes(&mut self.errors_sent, &o.errors_sent);
+        sum_codes(&mut self.errors_received, &o.errors_received);
+        for (name, f) in &o.features {
+            let e = self.features.entry(name.clone()).or_default();
+            e.requests = e.requests.saturating_add(f.requests);
+            e.grants = e.grants.saturating_add(f.grants);
+            sum_codes(&mut e.refusals, &f.refusals);
+        }
+    }
+
+    /// `self - earlier`, or `None` if any counter went down (the ring's
+    /// counters were reset: its slot was evicted and given again).
+    fn minus(&self, earlier: &RingSummary) -> Option<RingSummary> {
+        fn codes(
+            l: &BTreeMap<String, u64>,
+            e: &BTreeMap<String, u64>,
+        ) -> Option<BTreeMap<String, u64>> {
+            if e.iter().any(|(k, v)| l.get(k).copied().unwrap_or(0) < *v) {
+                return None;
+            }
+            Some(
+                l.iter()
+                    .map(|(k, v)| (k.clone(), v - e.get(k).copied().unwrap_or(0)))
+                    .filter(|(_, v)| *v > 0)
+                    .collect(),
+            )
+        }
+        let sub = |l: u64, e: u64| l.checked_sub(e);
+        let zero = FeatureSummary::default();
+        if earlier
+            .features
+            .keys()
+            .any(|k| !self.features.contains_key(k))
+        {
+            return None;
+        }
+        let mut features = BTreeMap::new();
+        for (name, l) in &self.features {
+            let e = earlier.features.get(name).unwrap_or(&zero);
+            features.insert(
+                name.clone(),
+                FeatureSummary {
+                    requests: sub(l.requests, e.requests)?,
+                    grants: sub(l.grants, e.grants)?,
+                    refusals: codes(&l.refusals, &e.refusals)?,
+                },
+            );
+        }
+        Some(RingSummary {
+            sessions: sub(self.sessions, earlier.sessions)?,
+            lost: sub(self.lost, earlier.lost)?,
+            attest_failed: sub(self.attest_failed, earlier.attest_failed)?,
+            errors_sent: codes(&self.errors_sent, &earlier.errors_sent)?,
+            errors_received: codes(&self.errors_received, &earlier.errors_received)?,
+            features,
+        })
+    }
+}
+
+/// Per-ring totals of `summaries` (by ring name, across nodes).
+pub fn aggregate<'a>(
+    summaries: impl IntoIterator<Item = &'a HealthSummary>,
+) -> BTreeMap<String, RingSummary> {
+    let mut totals: BTreeMap<String, RingSummary> = BTreeMap::new();
+    for s in summaries {
+        for (name, ring) in &s.rings {
+            totals.entry(name.clone()).or_default().add(ring);
+        }
+    }
+    totals
+}
+
+/// What one node counted between `earlier` and `later` (both its own):
+/// per ring the differences. A node that restarted between them
+/// (`started_unix` differs) counts from zero, so `later` is the
+/// difference; so is a ring whose counters went down (reset), or a ring
+/// new in `later`. `None` if they are of different nodes.
+pub fn delta(later: &HealthSummary, earlier: &HealthSummary) -> Option<HealthSummary> {
+    if later.node != earlier.node {
+        return None;
+    }
+    let restarted = later.started_unix != earlier.started_unix;
+    let rings = later
+        .rings
+        .iter()
+        .map(|(name, l)| {
+            let d = match earlier.rings.get(name) {
+                Some(e) if !restarted => l.minus(e).unwrap_or_else(|| l.clone()),
+                _ => l.clone(),
+            };
+            (name.clone(), d)
+        })
+        .collect();
+    let suppressed = if restarted {
+        later.suppressed
+    } else {
+        later.suppressed.saturating_sub(earlier.suppressed)
+    };
+    Some(HealthSummary {
+        rings,
+        suppressed,
+        ..later.clone()
+    })
+}
+
+/// The fleet's per-ring totals between two reads of the store: each
+/// node's [`delta`], summed. A node only in `later` counts if it started
+/// after the earliest `earlier` summary was taken (its counters are all
+/// new); otherwise its history is unknown and it is left out. A node only
+/// in `earlier` (gone, its entry expired) contributes nothing.
+pub fn fleet_delta(
+    later: &[HealthSummary],
+    earlier: &[HealthSummary],
+) -> BTreeMap<String, RingSummary> {
+    let before: BTreeMap<&str, &HealthSummary> =
+        earlier.iter().map(|s| (s.node.as_str(), s)).collect();
+    let since = earlier.iter().map(|s| s.at_unix).min().unwrap_or(0);
+    let deltas: Vec<HealthSummary> = later
+        .iter()
+        .filter_map(|l| match before.get(l.node.as_str()) {
+            Some(e) => delta(l, e),
+            None => (l.started_unix >= since).then(|| l.clone()),
+        })
+        .collect();
+    aggregate(&deltas)
+}
+
+// ------------------------------------------------------------ settings
+
+/// Where the summaries go and come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthStore {
+    /// One key per node, `<prefix>/<node>`, under a lease.
+    Etcd { config: EtcdConfig, prefix: String },
+    /// The node's own file; a reader may also read a directory of
+    /// collected `*.json` summaries.
+    File { file: PathBuf, dir: Option<PathBuf> },
+}
+
+/// The `[rollout]` health settings, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub interval: Duration,
+    pub store: HealthStore,
+}
+
+impl HealthSettings {
+    /// From `[rollout] health_interval_ms` and `health_prefix`, the
+    /// source kind and the node's rollout state directory.
+    pub fn new(
+        interval_ms: u64,
+        prefix: &str,
+        source: Option<(SourceKind, &EtcdConfig)>,
+        state_dir: &Path,
+    ) -> Result<Self, String> {
+        let interval = Duration::from_millis(interval_ms);
+        if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&interval) {
+            return Err(format!(
+                "health_interval_ms: {} to {}",
+                MIN_INTERVAL.as_millis(),
+                MAX_INTERVAL.as_millis()
+            ));
+        }
+        check_prefix(prefix)?;
+        let store = match source {
+            Some((SourceKind::Etcd, etcd)) => HealthStore::Etcd {
+                config: etcd.clone(),
+                prefix: prefix.trim_end_matches('/').to_owned(),
+            },
+            _ => HealthStore::File {
+                file: state_dir.join(HEALTH_FILE),
+                dir: None,
+            },
+        };
+        Ok(Self { interval, store })
+    }
+
+    /// The lease TTL: [`LEASE_INTERVALS`] intervals, whole seconds, at
+    /// least [`MIN_LEASE_TTL_S`].
+    pub fn lease_ttl_s(&self) -> i64 {
+        let ms = self
+            .interval
+            .as_millis()
+            .saturating_mul(u128::from(LEASE_INTERVALS));
+        i64::try_from(ms.div_ceil(1000))
+            .unwrap_or(i64::MAX)
+            .max(MIN_LEASE_TTL_S)
+    }
+}
+
+fn check_prefix(prefix: &str) -> Result<(), String> {
+    if !prefix.starts_with('/')
+        || prefix.len() > MAX_PREFIX_BYTES
+        || prefix.trim_end_matches('/').is_empty()
+        || prefix.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "health_prefix: an absolute key path of at most {MAX_PREFIX_BYTES} bytes, like {DEFAULT_PREFIX:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The etcd key of `node`'s summary.
+pub fn etcd_key(prefix: &str, node: &str) -> String {
+    format!("{}/{node}", prefix.trim_end_matches('/'))
+}
+
+// ----------------------------------------------------------- publisher
+
+/// Publishes this node's summary every `settings.interval` until `stop`
+/// (see the module primer). Fail-static: a failed write is counted, logged
+/// (once per change of state, rate-limited besides) and retried at the
+/// next tick, or later under the etcd retry policy.
+pub async fn publish(
+    metrics: Arc<Metrics>,
+    settings: HealthSettings,
+    view: watch::Receiver<Arc<View>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut sink = match &settings.store {
+        HealthStore::Etcd { config, prefix } => Sink::Etcd(Box::new(etcd::Publisher::new(
+            config.clone(),
+            etcd_key(prefix, &view.borrow().node),
+            settings.lease_ttl_s(),
+        ))),
+        HealthStore::File { file, .. } => Sink::File(file.clone()),
+    };
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    // One iteration per interval until shutdown; each write is bounded
+    // by the etcd timeouts or the blocking file write.
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        let v = view.borrow().clone();
+        if let Some(doc) = v.document() {
+            metrics.health.track(doc);
+        }
+        let summary = metrics.health.summary(
+            &v.node,
+            v.revision(),
+            unix(SystemTime::now()),
+            vkx_common::ratelimit::suppressed_total(),
+        );
+        let result = match summary.to_json() {
+            Ok(bytes) => sink.write(bytes).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => {
+                add(&metrics.health.published);
+                if failing {
+                    rl_info!("health summary published again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                add(&metrics.health.publish_failed);
+                if !failing {
+                    rl_warn!(error = %e, "health summary not published; retrying");
+                }
+                failing = true;
+            }
+        }
+    }
+    if let Sink::Etcd(p) = &mut sink {
+        p.close().await;
+    }
+}
+
+enum Sink {
+    Etcd(Box<etcd::Publisher>),
+    File(PathBuf),
+}
+
+impl Sink {
+    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+        match self {
+            Sink::Etcd(p) => p.put(bytes).await,
+            Sink::File(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || write_file(&path, &bytes))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Replaces `path` atomically (a temporary file beside it, renamed).
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{HEALTH_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+// -------------------------------------------------------------- reader
+
+/// What [`read_all`] found: the summaries that parsed, and how many
+/// entries were refused (malformed, over-size, a key that does not name
+/// its node): a controller should treat those as missing data.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    pub summaries: Vec<HealthSummary>,
+    pub refused: usize,
+}
+
+/// Reads every node's summary from `store` (at most
+/// [`MAX_FLEET_SUMMARIES`]).
+pub async fn read_all(store: &HealthStore) -> Result<Fleet, String> {
+    match store {
+        HealthStore::Etcd { config, prefix } => etcd::read_all(config, prefix).await,
+        HealthStore::File { file, dir } => {
+            let (file, dir) = (file.clone(), dir.clone());
+            tokio::task::spawn_blocking(move || read_files(&file, dir.as_deref()))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+    }
+}
+
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    f.take(u64::try_from(MAX_SUMMARY_BYTES).unwrap_or(u64::MAX) + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn read_files(file: &Path, dir: Option<&Path>) -> Result<Fleet, String> {
+    let mut fleet = Fleet::default();
+    let take = |bytes: &[u8], fleet: &mut Fleet| match HealthSummary::parse(bytes) {
+        Ok(s) => fleet.summaries.push(s),
+        Err(_) => fleet.refused += 1,
+    };
+    match read_bounded(file) {
+        Ok(b) => take(&b, &mut fleet),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", file.display())),
+    }
+    if let Some(dir) = dir {
+        let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for entry in entries.flatten().take(MAX_FLEET_SUMMARIES) {
+            let p = entry.path();
+            if p.extension().is_some_and(|x| x == "json") && p != file {
+                match read_bounded(&p) {
+                    Ok(b) => take(&b, &mut fleet),
+                    Err(_) => fleet.refused += 1,
+                }
+            }
+        }
+    }
+    Ok(fleet)
+}
+
+mod etcd {
+    //! The etcd side: a lease per publisher connection, kept alive at
+    //! every put; the reader's paged prefix get.
+
+    use etcd_client::{Client, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
+    use vkx_common::retry::{Failure, RetryPolicy};
+
+    use super::{ETCD_PAGE, Fleet, HealthSummary, MAX_FLEET_SUMMARIES, MAX_SUMMARY_BYTES};
+    use crate::source::EtcdConfig;
+
+    /// gRPC decoding limit of one page of summaries.
+    const PAGE_DECODE_LIMIT: usize = ETCD_PAGE * MAX_SUMMARY_BYTES + 64 * 1024;
+
+    struct Live {
+        client: Client,
+        lease: i64,
+        keeper: LeaseKeeper,
+        acks: LeaseKeepAliveStream,
+    }
+
+    pub(super) struct Publisher {
+        config: EtcdConfig,
+        key: String,
+        ttl_s: i64,
+        live: Option<Live>,
+        policy: RetryPolicy,
+    }
+
+    impl Publisher {
+        pub(super) fn new(config: EtcdConfig, key: String, ttl_s: i64) -> Self {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::from(d.subsec_nanos()))
+                ^ (u64::from(std::process::id()) << 32);
+            let policy = RetryPolicy::new(config.retry_config(), seed);
+            Self {
+                config,
+                key,
+                ttl_s,
+                live: None,
+                policy,
+            }
+        }
+
+        /// One put of `bytes` under the lease (granted first if there is
+        /// none), and one keep-alive of it. Without a connection, an
+        /// attempt is made only when the retry policy allows one.
+        pub(super) async fn put(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+            let now = std::time::Instant::now();
+            if self.live.is_none() {
+                if self.policy.next_attempt(now).instant() > now || !self.policy.attempt(now) {
+                    return Err("etcd: waiting to reconnect".into());
+                }
+                match self.connect().await {
+                    Ok(l) => self.live = Some(l),
+                    Err(e) => {
+                        self.policy.failed(now, Failure::Transport);
+                        return Err(e);
+                    }
+                }
+            }
+            match self.put_live(bytes).await {
+                Ok(()) => {
+                    self.policy.succeeded();
+                    Ok(())
+                }
+                Err(e) => {
+                    // A new connection and lease next time.
+                    self.live = None;
+                    self.policy.lost(now, Failure::Transport);
+                    Err(e)
+                }
+            }
+        }
+
+        async fn connect(&self) -> Result<Live, String> {
+            let t = self.config.timeout();
+            let mut client = timed(t, Client::connect(&self.config.endpoints, None)).await?;
+            let grant = timed(t, client.lease_grant(self.ttl_s, None)).await?;
+            let lease = grant.id();
+            let (keeper, acks) = timed(t, client.lease_keep_alive(lease)).await?;
+            Ok(Live {
+                client,
+                lease,
+                keeper,
+                acks,
+            })
+        }
+
+        async fn put_live(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+            let t = self.config.timeout();
+            let Some(l) = &mut self.live else {
+                return Err("etcd: not connected".into());
+            };
+            timed(t, async { l.keeper.keep_alive().await }).await?;
+            match timed(t, async { l.acks.message().await }).await? {
+                Some(r) if r.ttl() > 0 => {}
+                Some(_) => return Err("etcd: the health lease expired".into()),
+                None => return Err("etcd: lease keep-alive stream ended".into()),
+            }
+            let opts = PutOptions::new().with_lease(l.lease);
+            timed(t, l.client.put(self.key.as_bytes(), bytes, Some(opts))).await?;
+            Ok(())
+        }
+
+        /// At shutdown: revoke the lease, so the entry goes at once (an
+        /// orderly stop is not a dead node).
+        pub(super) async fn close(&mut self) {
+            if let Some(mut l) = self.live.take() {
+                let _ = timed(self.config.timeout(), l.client.lease_revoke(l.lease)).await;
+            }
+        }
+    }
+
+    async fn timed<T>(
+        after: std::time::Duration,
+        call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(after, call).await {
+            Ok(r) => r.map_err(|e| format!("etcd: {e}")),
+            Err(_) => Err(format!("etcd: timed out after {after:?}")),
+        }
+    }
+
+    /// Every `<prefix>/<node>` key, page by page, each value parsed
+    /// strictly and its node checked against its key.
+    pub(super) async fn read_all(config: &EtcdConfig, prefix: &str) -> Result<Fleet, String> {
+        let t = config.timeout();
+        let client = timed(t, Client::connect(&config.endpoints, None)).await?;
+        let mut kv = client
+            .kv_client()
+            .max_decoding_message_size(PAGE_DECODE_LIMIT);
+        let dir = format!("{}/", prefix.trim_end_matches('/'));
+        let mut range_end = dir.clone().into_bytes();
+        if let Some(last) = range_end.last_mut() {
+            *last += 1; // '/' + 1 = '0': the end of the prefix's range
+        }
+        let mut from = dir.clone().into_bytes();
+        let mut fleet = Fleet::default();
+        let page = i64::try_from(ETCD_PAGE).unwrap_or(64);
+        // Bounded: at most MAX_FLEET_SUMMARIES / ETCD_PAGE + 1 pages.
+        for _ in 0..=MAX_FLEET_SUMMARIES / ETCD_PAGE {
+            let opts = GetOptions::new()
+                .with_range(range_end.clone())
+                .with_limit(page);
+            let resp = timed(t, kv.get(from.clone(), Some(opts))).await?;
+            for item in resp.kvs() {
+                let node = item.key().strip_prefix(dir.as_bytes()).unwrap_or_default();
+                match HealthSummary::parse(item.value()) {
+                    Ok(s) if s.node.as_bytes() == node => fleet.summaries.push(s),
+                    _ => fleet.refused += 1,
+                }
+                if fleet.summaries.len() + fleet.refused >= MAX_FLEET_SUMMARIES {
+                    return Ok(fleet);
+                }
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(fleet)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::rollout::Override;
+    use std::collections::BTreeSet;
+
+    fn doc(revision: u64, rings: &[(&str, &[&str])]) -> Document {
+        let rings: Vec<String> = rings
+            .iter()
+            .map(|(name, vms)| {
+                if vms.is_empty() {
+                    // A ring needs a selector: one with no VM of the test.
+                    return format!("{{\"name\":\"{name}\",\"buckets_below\":1}}");
+                }
+                format!(
+                    "{{\"name\":\"{name}\",\"vm_ids\":[{}]}}",
+                    vms.iter()
+                        .map(|v| format!("\"{v}\""))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            })
+            .collect();
+        let json = format!(
+            "{{\"format\":1,\"revision\":{revision},\"issued_at\":1,\"rings\":[{}],\"features\":{{}}}}",
+            rings.join(",")
+        );
+        Document::parse(json.as_bytes()).unwrap()
+    }
+
+    fn view(doc: Option<Document>) -> View {
+        View {
+            accepted: doc.map(|d| {
+                let trusted = crate::rollout::TrustedKeys::new([]).unwrap();
+                Arc::new(
+                    crate::rollout::Accepted::restore(crate::rollout::unsigned(&d), &trusted)
+                        .unwrap(),
+                )
+            }),
+            local: Override::default(),
+            ga: Arc::new(BTreeSet::new()),
+            node: "node-a".into(),
+        }
+    }
+
+    fn vm(s: &str) -> VmId {
+        VmId::new(s).unwrap()
+    }
+    #[test]
+    fn events_are_counted_per_ring_and_feature() {
+        let h = Health::default();
+        let v = view(Some(doc(3, &[("canary", &["vm-1"]), ("rest", &["vm-2"])])));
+        let canary = h.ring(&v, Some(&vm("vm-1")), None);
+        let rest = h.ring(&v, Some(&vm("vm-2")), None);
+        let none = h.ring(&v, Some(&vm("vm-3")), None);
+        canary.established();
+        canary.request(Feature::KeyRelease);
+        canary.grant(Feature::KeyRelease);
+        canary.request(Feature::KeyDerivation);
+        canary.refusal(Feature::KeyDerivation, ErrorCode::NotPermitted);
+        canary.error_sent(ErrorCode::UnknownMessage);
+        canary.error_sent(ErrorCode::UnknownMessage);
+        canary.error_received(ErrorCode::Unknown(999));
+        canary.lost();
+        rest.attestation_failed();
+        none.established();
+        let s = h.summary("node-a", 3, 100, 7);
+        assert_eq!(s.revision, 3);
+        assert_eq!(s.suppressed, 7);
+        let c = &s.rings["canary"];
+        assert_eq!((c.sessions, c.lost, c.attest_failed), (1, 1, 0));
+        assert_eq!(c.errors_sent["unknown-message"], 2);
+        assert_eq!(
+            c.errors_received[UNKNOWN_CODE], 1,
+            "a guest's code never names itself"
+        );
+        let kr = &c.features["key-release"];
+        assert_eq!((kr.requests, kr.grants), (1, 1));
+        assert!(kr.refusals.is_empty());
+        assert_eq!(c.features["key-derivation"].refusals["not-permitted"], 1);
+        assert_eq!(c.features["key-rotation"], FeatureSummary::default());
+        assert_eq!(s.rings["rest"].attest_failed, 1);
+        assert_eq!(s.rings[NO_RING].sessions, 1);
+        // Without a document (or a vm-id) every VM is in no ring.
+        let bare = view(None);
+        assert!(Arc::ptr_eq(
+            &h.ring(&bare, Some(&vm("vm-1")), None),
+            &h.none
+        ));
+        assert!(Arc::ptr_eq(&h.ring(&v, None, None), &h.none));
+    }
+
+    #[test]
+    fn an_event_counts_to_the_ring_of_its_time() {
+        let h = Health::default();
+        let v1 = view(Some(doc(1, &[("canary", &["vm-1"])])));
+        let before = h.ring(&v1, Some(&vm("vm-1")), None);
+        before.error_sent(ErrorCode::Timeout);
+        // Revision 2 moves vm-1 to another ring; the connection looks its
+        // ring up again when it sees the change.
+        let v2 = view(Some(doc(
+            2,
+            &[("canary", &["vm-9"]), ("wave-2", &["vm-1"])],
+        )));
+        let after = h.ring(&v2, Some(&vm("vm-1")), None);
+        after.error_sent(ErrorCode::Timeout);
+        after.error_sent(ErrorCode::Timeout);
+        let s = h.summary("node-a", 2, 0, 0);
+        assert_eq!(s.rings["canary"].errors_sent["timeout"], 1);
+        assert_eq!(s.rings["wave-2"].errors_sent["timeout"], 2);
+        // The same name on another node or another revision is the same
+        // ring: the counters go on.
+        let again = h.ring(&v2, Some(&vm("vm-9")), None);
+        assert!(Arc::ptr_eq(&again, &before));
+    }
+
+    #[test]
+    fn the_ring_table_is_bounded_and_keeps_the_newest_documents_rings() {
+        let h = Health::default();
+        let rings = |rev: u64, prefix: &str| {
+            let names: Vec<String> = (0..MAX_RINGS).map(|i| format!("{prefix}{i}")).collect();
+            let pairs: Vec<(&str, &[&str])> = names.iter().map(|n| (n.as_str(), &[][..])).collect();
+            doc(rev, &pairs)
+        };
+        let d1 = rings(1, "a");
+        let d2 = rings(2, "b");
+        let d3 = rings(3, "c");
+        h.track(&d1);
+        h.track(&d2);
+        assert_eq!(h.rings().len(), MAX_RING_SLOTS + 1);
+        h.rings().iter().for_each(|(n, c)| {
+            if &**n != NO_RING {
+                c.established();
+            }
+        });
+        // A newer document evicts names the newest does not have.
+        h.track(&d3);
+        let now: Vec<String> = h.rings().iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(now.len(), MAX_RING_SLOTS + 1);
+        assert_eq!(now.iter().filter(|n| n.starts_with('c')).count(), MAX_RINGS);
+        // A late connection with an old document evicts nothing and
+        // counts apart.
+        let late = h.slot("a0", &d1);
+        late.established();
+        assert_eq!(h.summary("node-a", 3, 0, 0).rings.get("a0"), None);
+        // Even the largest table's summary fits the bound.
+        for (_, c) in h.rings() {
+            for a in c.errors_sent.iter().chain(&c.errors_received) {
+                a.store(u64::MAX, Ordering::Relaxed);
+            }
+            for f in &c.features {
+                f.refusals
+                    .iter()
+                    .for_each(|a| a.store(u64::MAX, Ordering::Relaxed));
+                f.requests.store(u64::MAX, Ordering::Relaxed);
+            }
+        }
+        let bytes = h
+            .summary(
+                &"n".repeat(crate::rollout::document::MAX_NODE_NAME),
+                u64::MAX,
+                u64::MAX,
+                u64::MAX,
+            )
+            .to_json()
+            .unwrap();
+        assert!(bytes.len() <= MAX_SUMMARY_BYTES, "{}", bytes.len());
+        eprintln!("worst-case summary: {} bytes", bytes.len());
+        HealthSummary::parse(&bytes).unwrap();
+    }
+
+    fn sample_summary() -> HealthSummary {
+        let h = Health::default();
+        let v = view(Some(doc(5, &[("canary", &["vm-1"])])));
+        let r = h.ring(&v, Some(&vm("vm-1")), None);
+        r.established();
+        r.request(Feature::KeyRelease);
+        r.refusal(Feature::KeyRelease, ErrorCode::FeatureNotEnabled);
+        r.error_sent(ErrorCode::FeatureNotEnabled);
+        h.summary("node-a", 5, 1000, 2)
+    }
+
+    #[test]
+    fn summaries_round_trip_and_are_parsed_strictly() {
+        let s = sample_summary();
+        let bytes = s.to_json().unwrap();
+        assert_eq!(HealthSummary::parse(&bytes).unwrap(), s);
+        let text = String::from_utf8(bytes).unwrap();
+        let refused = [
+            text.replacen("\"format\":1", "\"format\":2", 1),
+            text.replacen("\"suppressed\":2", "\"suppressed\":2,\"extra\":1", 1),
+            text.replacen("\"lost\":0", "\"lost\":0,\"lost2\":0", 1),
+            text.replacen("\"node\":\"node-a\"", "\"node\":\"node a\\n\"", 1),
+            text.replacen("\"canary\"", "\"Canary!\"", 1),
+            text.replacen("\"key-release\"", "\"key-exfiltration\"", 1),
+            text.replacen("\"feature-not-enabled\"", "\"code-4711\"", 1),
+            text.replacen("\"lost\":0", "\"lost\":-1", 1),
+            text.replacen("\"lost\":0", "\"lost\":\"0\"", 1),
+            text[..text.len() - 1].to_owned(),
+        ];
+        for bad in &refused {
+            assert!(HealthSummary::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let big = vec![b' '; MAX_SUMMARY_BYTES + 1];
+        assert!(matches!(
+            HealthSummary::parse(&big),
+            Err(SummaryError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn aggregate_sums_by_ring_name_across_nodes() {
+        let a = sample_summary();
+        let mut b = sample_summary();
+        b.node = "node-b".into();
+        let t = aggregate([&a, &b]);
+        assert_eq!(t["canary"].sessions, 2);
+        assert_eq!(t["canary"].errors_sent["feature-not-enabled"], 2);
+        assert_eq!(
+            t["canary"].features["key-release"].refusals["feature-not-enabled"],
+            2
+        );
+        assert_eq!(t[NO_RING].sessions, 0);
+    }
+
+    #[test]
+    fn delta_takes_differences_and_survives_restarts_and_resets() {
+        let early = sample_summary();
+        let mut late = early.clone();
+        late.at_unix += 10;
+        late.suppressed = 5;
+        {
+            let c = late.rings.get_mut("canary").unwrap();
+            c.sessions = 4;
+            *c.errors_sent.get_mut("feature-not-enabled").unwrap() = 3;
+            c.errors_sent.insert("unknown-message".into(), 2);
+        }
+        let d = delta(&late, &early).unwrap();
+        let c = &d.rings["canary"];
+        assert_eq!(c.sessions, 3);
+        assert_eq!(c.errors_sent["feature-not-enabled"], 2);
+        assert_eq!(c.errors_sent["unknown-message"], 2);
+        assert_eq!(c.features["key-release"].requests, 0);
+        assert_eq!(d.suppressed, 3);
+        // A ring whose counters went down was reset: later is the delta.
+        let mut reset = late.clone();
+        reset.rings.get_mut("canary").unwrap().sessions = 1;
+        assert_eq!(delta(&reset, &late).unwrap().rings["canary"].sessions, 1);
+        // A restarted node counts from zero.
+        let mut restarted = early.clone();
+        restarted.started_unix += 1;
+        assert_eq!(
+            delta(&restarted, &late).unwrap().rings["canary"].sessions,
+            1
+        );
+        // Other nodes are not compared.
+        let mut other = late.clone();
+        other.node = "node-b".into();
+        assert!(delta(&other, &early).is_none());
+        // The fleet: node-a's delta; node-b new since the earlier read
+        // counts whole; node-c gone counts nothing; node-d old but unseen
+        // before is left out.
+        let mut b = early.clone();
+        b.node = "node-b".into();
+        b.started_unix = early.at_unix + 1;
+        let mut c = early.clone();
+        c.node = "node-c".into();
+        let mut d_old = early.clone();
+        d_old.node = "node-d".into();
+        d_old.started_unix = 0;
+        let t = fleet_delta(&[late.clone(), b, d_old], &[early.clone(), c]);
+        assert_eq!(t["canary"].sessions, 3 + 1);
+    }
+
+    #[test]
+    fn settings_are_bounded_and_pick_the_store_by_source() {
+        let etcd = EtcdConfig::default();
+        let dir = Path::new("/var/lib/vkx/node/rollout");
+        let s = HealthSettings::new(
+            DEFAULT_INTERVAL_MS,
+            DEFAULT_PREFIX,
+            Some((SourceKind::Etcd, &etcd)),
+            dir,
+        )
+        .unwrap();
+        assert_eq!(s.lease_ttl_s(), 6);
+        assert_eq!(
+            s.store,
+            HealthStore::Etcd {
+                config: etcd.clone(),
+                prefix: DEFAULT_PREFIX.into()
+            }
+        );
+        let f = HealthSettings::new(500, DEFAULT_PREFIX, None, dir).unwrap();
+        assert_eq!(f.lease_ttl_s(), MIN_LEASE_TTL_S);
+        assert_eq!(
+            f.store,
+            HealthStore::File {
+                file: dir.join(HEALTH_FILE),
+                dir: None
+            }
+        );
+        for (ms, prefix) in [
+            (499, DEFAULT_PREFIX),
+            (60_001, DEFAULT_PREFIX),
+            (2000, "vkx"),
+            (2000, "/"),
+            (2000, "/a\nb"),
+        ] {
+            assert!(
+                HealthSettings::new(ms, prefix, None, dir).is_err(),
+                "{ms} {prefix:?}"
+            );
+        }
+        assert_eq!(etcd_key("/vkx/health/", "node-a"), "/vkx/health/node-a");
+    }
+
+    #[tokio::test]
+    async fn the_file_store_is_written_atomically_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(HEALTH_FILE);
+        let s = sample_summary();
+        write_file(&file, &s.to_json().unwrap()).unwrap();
+        let collected = dir.path().join("fleet");
+        std::fs::create_dir(&collected).unwrap();
+        let mut b = s.clone();
+        b.node = "node-b".into();
+        std::fs::write(collected.join("node-b.json"), b.to_json().unwrap()).unwrap();
+        std::fs::write(collected.join("junk.json"), b"{}").unwrap();
+        std::fs::write(collected.join("notes.txt"), b"ignored").unwrap();
+        let fleet = read_all(&HealthStore::File {
+            file: file.clone(),
+            dir: Some(collected),
+        })
+        .await
+        .unwrap();
+        assert_eq!(fleet.summaries.len(), 2);
+        assert_eq!(fleet.refused, 1);
+        let none = read_all(&HealthStore::File {
+            file: dir.path().join("absent.json"),
+            dir: None,
+        })
+        .await
+        .unwrap();
+        assert!(none.summaries.is_empty());
+    }
+
+    #[test]
+    fn render_names_rings_and_codes_only_from_our_tables() {
+        let h = Health::default();
+        let v = view(Some(doc(1, &[("canary", &["vm-1"])])));
+        let r = h.ring(&v, Some(&vm("vm-1")), None);
+        r.error_received(ErrorCode::Unknown(4711));
+        r.refusal(Feature::KeyRotation, ErrorCode::Internal);
+        let mut o = String::new();
+        h.render(&mut o);
+        assert!(o.contains("vkx_health_errors_received_total{ring=\"canary\",code=\"unknown\"} 1"));
+        assert!(o.contains("vkx_health_refusals_total{ring=\"canary\",feature=\"key-rotation\",code=\"internal\"} 1"));
+        assert!(o.contains("vkx_health_sessions_total{ring=\"(none)\"} 0"));
+        assert!(!o.contains("4711"));
+    }
+}
