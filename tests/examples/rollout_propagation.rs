@@ -2,7 +2,7 @@
 //!
 //!     cargo run --release -p vkx-e2e --example rollout_propagation \
 //!         [-- --hosts N] [--flips F] [--runtimes K] [--source etcd|file|both]
-//!         [--node-dirs DIR]
+//!         [--node-dirs DIR] [--no-tmpfs-row]
 //!
 //! N simulated hosts (default 1,000) in this process, each running the
 //! host's real rollout code: its own `[rollout]` settings (a node name,
@@ -27,6 +27,14 @@
 //! 2. file: the N hosts watch one shared file (as the hosts of one node
 //!    would), polled every `FILE_POLL_INTERVAL` (250 ms): the figures are
 //!    the poll interval's, by design.
+//!
+//! Each source runs twice: with the hosts' node directories on disk
+//! (`--node-dirs`, default the temporary directory), where each host's
+//! accepted document is fsynced before it is applied, as in production,
+//! so the N fsyncs per flip queue on one disk; and on tmpfs (`/dev/shm`,
+//! rows `etcd/shm`, `file/shm`; `--no-tmpfs-row` to skip), which takes
+//! the shared disk out and leaves the sources, admission and the
+//! shared CPU.
 //!
 //! The hosts run on K threads (default 1), each a current-thread tokio
 //! runtime as `vkx-host serve` uses; hosts are dealt round-robin. On the
@@ -70,8 +78,8 @@ const FLIP_LIMIT: Duration = Duration::from_secs(15);
 /// Pause after start-up, so that every watch is established before the
 /// first flip (the next flip goes out once every host applied the last).
 const SETTLE: Duration = Duration::from_secs(2);
-/// Where the extra etcd row keeps its node directories: no disk under
-/// the hosts' fsyncs.
+/// Where the extra rows keep their node directories: no disk under the
+/// hosts' fsyncs.
 const TMPFS: &str = "/dev/shm";
 /// Longest wait for the hosts' tasks to end after the stop signal.
 const STOP_LIMIT: Duration = Duration::from_secs(30);
@@ -607,7 +615,6 @@ fn main() {
     let fds = fd_soft_limit();
     let rss0 = status_kib("VmRSS");
     let (pkcs8, public_key) = keygen().unwrap();
-    let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).unwrap();
     let trusted = TrustedKey {
         id: KEY_ID.into(),
         public_key,
@@ -641,25 +648,26 @@ fn main() {
         }
     }
     if a.file {
-        let dir = tempfile::tempdir().unwrap();
-        let mut writer = Writer {
-            pair,
-            current: None,
-        };
-        let config = SourceConfig::new(
-            SourceKind::File,
-            dir.path().join("rollout.json"),
-            EtcdConfig::default(),
-        );
-        results.push(run_phase(
-            "file",
-            &disk,
-            &a,
-            &mut writer,
-            config,
-            &trusted,
-            None,
-        ));
+        let mut dirs = vec![("file", disk.clone())];
+        if a.tmpfs_row && Path::new(TMPFS).is_dir() {
+            dirs.push(("file/shm", PathBuf::from(TMPFS)));
+        }
+        for (name, node_dirs) in dirs {
+            // A fresh document file per row, on disk either way: only the
+            // hosts' node directories move to tmpfs.
+            let dir = tempfile::tempdir().unwrap();
+            let mut writer = Writer {
+                pair: Ed25519KeyPair::from_pkcs8(&pkcs8).unwrap(),
+                current: None,
+            };
+            let config = SourceConfig::new(
+                SourceKind::File,
+                dir.path().join("rollout.json"),
+                EtcdConfig::default(),
+            );
+            let f = run_phase(name, &node_dirs, &a, &mut writer, config, &trusted, None);
+            results.push(f);
+        }
     }
     println!(
         "rollout propagation: put -> applied (the host's View shows the new revision) on every simulated host"
@@ -685,6 +693,12 @@ fn main() {
     for f in &mut results {
         row(f);
     }
+    println!(
+        "  per-host: every host's put -> applied over all flips; all hosts applied: per flip, the \
+         last host's; first: per flip, the first host's; write: the writer's `source::write` \
+         (etcd: connect and put; file: fsynced replace); missed: host-flips not applied within \
+         {FLIP_LIMIT:?}, and the distinct hosts"
+    );
     for f in &results {
         details(f, &a);
     }
