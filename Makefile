@@ -89,6 +89,9 @@ bench: deps
 	$(CARGO) bench -p vkx-common --bench verify -- --noplot
 	$(CARGO) run --release --quiet -p vkx-e2e --example agent_bench
 	$(CARGO) run --release --quiet -p vkx-e2e --features insecure-soft-tpm --example storm
+	# The kill switch's propagation to 1,000 in-process hosts (each the real rollout code with its
+	# own etcd watch; then one shared file): put -> applied on all, over 50 flips.
+	$(CARGO) run --release --quiet -p vkx-e2e --example rollout_propagation
 
 fuzz-tools: rust-components
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2

@@ -21,6 +21,8 @@ use crate::agents::Agent as Process;
 use crate::node::Node;
 use crate::softtpm::SoftTpm;
 
+pub use crate::ensure_fd_limit;
+
 /// The key every VM asks for, and the image that is granted it.
 pub const KEY: &str = "storm-key";
 pub const IMAGE: &str = "storm-img";
@@ -34,43 +36,6 @@ const HOST_START_LIMIT: Duration = Duration::from_secs(60);
 /// Connections the host admits beyond N.
 const CONNECTION_HEADROOM: usize = 64;
 const POLL: Duration = Duration::from_millis(20);
-
-/// Raises this process's soft limit of open files to `need` (children
-/// inherit it), up to the hard limit, with util-linux `prlimit`.
-pub fn ensure_fd_limit(need: u64) {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
-    let soft: u64 = nums[0].parse().unwrap_or(u64::MAX);
-    let hard: u64 = nums[1].parse().unwrap_or(u64::MAX);
-    if soft >= need {
-        return;
-    }
-    assert!(
-        hard >= need,
-        "the storm needs {need} open files, the hard limit is {hard}: raise it (ulimit -Hn) or pass a smaller N"
-    );
-    let hard_s = if hard == u64::MAX {
-        "unlimited".to_owned()
-    } else {
-        hard.to_string()
-    };
-    let ok = Command::new("prlimit")
-        .args([
-            "--pid",
-            &std::process::id().to_string(),
-            &format!("--nofile={need}:{hard_s}"),
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "could not raise the open-files limit from {soft} to {need}: run `ulimit -n {need}` first"
-    );
-}
 
 /// Guest config for a VM reached on `socket`.
 pub fn guest_config(socket: &Path, pin: &str, tcti: Option<&str>) -> Config {
