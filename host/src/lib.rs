@@ -11,6 +11,9 @@
 //!   under deadlines) and the refusal of a connection after TLS.
 //! - [`derive`]: derived shared keys (§9): the host's answer, the table
 //!   of live sessions' keys, the local socket for host processes.
+//! - [`drill`]: `vkx-host drill`: a rollout rehearsed in a sandbox of its
+//!   own (hosts, etcd, synthetic guests with a confined soft vTPM), its
+//!   timeline, SLO verdict and picture.
 //! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
 //! - [`keys_cli`]: `vkx-host keys add|generate|rotate|list|verify|remove`,
 //!   the operator CLI of the key store.
@@ -51,6 +54,7 @@ pub mod attestation;
 pub mod config;
 pub mod connection;
 pub mod derive;
+pub mod drill;
 pub mod enroll;
 pub mod evidence;
 pub mod keys_cli;
