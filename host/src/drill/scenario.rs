@@ -434,7 +434,7 @@ async fn kill_under_load(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> 
     let t = Instant::now();
     while t.elapsed() < SETTLE_LIMIT {
         let revs = drill.samples().last().map_or(0, |s| s.sources_up);
-        if revs as usize >= nodes {
+        if usize::try_from(revs).unwrap_or(usize::MAX) >= nodes {
             break;
         }
         tokio::time::sleep(POLL).await;
