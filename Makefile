@@ -15,7 +15,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test chaos lint demo bench deps rust-components fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench deps rust-components fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -44,6 +44,8 @@ test: deps
 	# Chaos case g, the kill switch flipped under live sessions (reduced: 128 soft-vTPM
 	# guests, file and etcd sources), and the ring advance (64 guests).
 	$(CARGO) test --locked -p vkx-e2e --features insecure-soft-tpm --test chaos_g -- --test-threads=1
+	# The drills at reduced size through the real binary (tests/tests/drill.rs).
+	$(CARGO) test --locked -p vkx-e2e --test drill -- --test-threads=1
 	# The fuzz targets are a separate workspace: make sure they still build.
 	$(CARGO) check --manifest-path fuzz/Cargo.toml --locked --quiet
 	# The protocol model, and proof that it catches seeded bugs.
@@ -62,6 +64,17 @@ chaos: deps
 	status=0; VKX_CHAOS_FULL=1 $(CARGO) test -p vkx-e2e --features insecure-soft-tpm --test chaos --test chaos_cd --test chaos_g --locked -- --test-threads=1 || status=$$?; \
 	$(CARGO) run --quiet --locked -p vkx-e2e --example chaos_report || status=1; \
 	exit $$status
+
+## drill: every drill scenario at full size (`vkx-host drill`): each
+## prints its timeline and SLO verdict and writes its picture to
+## target/drill/; the target fails if any SLO is missed.
+DRILL_SCENARIOS ?= kill-under-load
+drill: deps
+	$(CARGO) build --locked -p vkx-host
+	mkdir -p target/drill
+	status=0; for s in $(DRILL_SCENARIOS); do \
+	  $${CARGO_TARGET_DIR:-target}/debug/vkx-host drill --scenario $$s --size full --out target/drill || status=1; \
+	done; exit $$status
 
 ## lint: formatting and clippy with warnings as errors, on everything.
 lint: rust-components

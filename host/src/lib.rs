@@ -11,6 +11,9 @@
 //!   under deadlines) and the refusal of a connection after TLS.
 //! - [`derive`]: derived shared keys (§9): the host's answer, the table
 //!   of live sessions' keys, the local socket for host processes.
+//! - [`drill`]: `vkx-host drill`: a rollout rehearsed in a sandbox of its
+//!   own (hosts, etcd, synthetic guests with a confined soft vTPM), its
+//!   timeline, SLO verdict and picture.
 //! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
 //! - [`health`]: health signals per ring and feature for the rollout
 //!   controller: counters, the versioned summary, its publisher (etcd
@@ -54,6 +57,7 @@ pub mod attestation;
 pub mod config;
 pub mod connection;
 pub mod derive;
+pub mod drill;
 pub mod enroll;
 pub mod evidence;
 pub mod health;

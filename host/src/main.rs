@@ -73,6 +73,10 @@ enum Command {
     /// Derived shared keys of live sessions (PROTOCOL.md §9).
     #[command(subcommand)]
     Derived(DerivedCommand),
+    /// Rehearse a rollout in a sandbox of its own (hosts, etcd, synthetic
+    /// guests): prints a timeline and a verdict against the scenario's
+    /// SLOs, writes an SVG picture; exit 1 if an SLO is missed.
+    Drill(vkx_host::drill::DrillArgs),
     /// Print a running `vkx-host serve`'s metrics (Prometheus text) from
     /// its `[metrics] socket`.
     Metrics {
@@ -253,6 +257,7 @@ fn main() -> ExitCode {
             vm_id,
             purpose,
         }) => derived_get(&socket, &vm_id, &purpose),
+        Command::Drill(args) => vkx_host::drill::run(&args, &mut std::io::stdout().lock()),
         Command::Metrics { socket } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -667,7 +667,7 @@ fn measure_floor(node_dir: &Path, pin: [u8; 32]) -> Floor {
     });
 
     // The quote: the host's whole verifier, and ring's verify alone.
-    let tpm = SoftTpm::new(0);
+    let tpm = SoftTpm::new(&vkx_e2e::softtpm::Seed::generate().unwrap(), 0);
     let selection = vec![PcrBankSelection {
         hash_alg: HashAlg::Sha256,
         pcrs: POLICY_PCRS.to_vec(),

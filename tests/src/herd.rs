@@ -19,7 +19,7 @@ use vkx_guest::config::Config;
 
 use crate::agents::Agent as Process;
 use crate::node::Node;
-use crate::softtpm::SoftTpm;
+use crate::softtpm::{Seed, SoftTpm};
 
 pub use crate::ensure_fd_limit;
 
@@ -204,8 +204,10 @@ impl SoftSite {
         let node = Node::new();
         let registry = vkx_host::registry::Registry::open(Path::new(&node.registry())).unwrap();
         let t = Instant::now();
+        // A seed per site: its AKs are its own (see the soft TPM's primer).
+        let seed = Seed::generate().unwrap();
         let tpms: Vec<Arc<SoftTpm>> = (0..n)
-            .map(|i| Arc::new(SoftTpm::new(u32::try_from(i).unwrap())))
+            .map(|i| Arc::new(SoftTpm::new(&seed, u32::try_from(i).unwrap())))
             .collect();
         let vm_ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:04}")).collect();
         for (tpm, vm) in tpms.iter().zip(&vm_ids) {

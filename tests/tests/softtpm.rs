@@ -21,10 +21,15 @@ use vkx_common::tpm::signature::Signature;
 use vkx_common::tpm::{Attest, Public, QuoteExpectations, verify_quote};
 use vkx_common::wire::{HashAlg, PcrBankSelection, PcrBankValues};
 use vkx_e2e::node::Node;
-use vkx_e2e::softtpm::{SoftQuote, SoftTpm, TPM_RH_ENDORSEMENT};
+use vkx_e2e::softtpm::{Seed, SoftQuote, SoftTpm, TPM_RH_ENDORSEMENT};
 use vkx_e2e::swtpm::Swtpm;
 
 const NONCE: [u8; 32] = [0x5a; 32];
+
+/// The soft TPMs' seed: fresh per call, as a sandbox's.
+fn seed() -> Seed {
+    Seed::generate().unwrap()
+}
 
 fn sel(hash_alg: HashAlg, pcrs: &[u8]) -> PcrBankSelection {
     PcrBankSelection {
@@ -104,7 +109,7 @@ fn checkquote(dir: &Path, tpm: &SoftTpm, q: &SoftQuote, spelling: &str) -> Outpu
 
 #[test]
 fn the_hosts_verifier_accepts_soft_quotes() {
-    let tpm = SoftTpm::new(3);
+    let tpm = SoftTpm::new(&seed(), 3);
     for (selection, _) in selections() {
         let q = tpm.quote_raw(&selection, &NONCE).unwrap();
         assert_eq!(q.pcr_values, SoftTpm::pcr_values(&selection));
@@ -112,7 +117,7 @@ fn the_hosts_verifier_accepts_soft_quotes() {
         // Someone else's nonce, or another VM's AK: refused.
         let other = tpm.quote_raw(&selection, &[0x11; 32]).unwrap();
         assert!(ours(&tpm, &other, &selection, &other.pcr_values).is_err());
-        assert!(ours(&SoftTpm::new(4), &q, &selection, &q.pcr_values).is_err());
+        assert!(ours(&SoftTpm::new(&seed(), 4), &q, &selection, &q.pcr_values).is_err());
     }
     // Through the guest agent's Quote trait: the evidence it sends.
     let selection = &selections()[0].0;
@@ -138,7 +143,7 @@ fn the_hosts_verifier_accepts_soft_quotes() {
 
 #[test]
 fn tpm2_checkquote_accepts_soft_quotes() {
-    let tpm = SoftTpm::new(5);
+    let tpm = SoftTpm::new(&seed(), 5);
     let dir = tempfile::tempdir().unwrap();
     for (selection, spelling) in selections() {
         let q = tpm.quote_raw(&selection, &NONCE).unwrap();
@@ -154,7 +159,7 @@ fn tpm2_checkquote_accepts_soft_quotes() {
 
 #[test]
 fn a_flipped_byte_is_refused_by_both() {
-    let tpm = SoftTpm::new(6);
+    let tpm = SoftTpm::new(&seed(), 6);
     let dir = tempfile::tempdir().unwrap();
     let (selection, spelling) = selections().remove(0);
     let q = tpm.quote_raw(&selection, &NONCE).unwrap();
@@ -223,7 +228,7 @@ fn soft_structures_have_a_real_vtpms_layout() {
     let entry = node.entry("vm-real");
     let real_ak = hex::decode(entry["ak_public"].as_str().unwrap()).unwrap();
     let real_ek = hex::decode(entry["ek_public"].as_str().unwrap()).unwrap();
-    let soft = SoftTpm::new(9);
+    let soft = SoftTpm::new(&seed(), 9);
 
     // The public areas: the same template, byte for byte; only the key
     // differs.

@@ -1,0 +1,607 @@
+//! The drills' scenarios, their sizes and SLOs, and the harness they share
+//! ([`Drill`]: sandbox, hosts, metrics sampler, synthetic guests, their
+//! reports).
+//!
+//! - `kill-under-load`: the feature is enabled everywhere; every guest
+//!   connects at once (a connect storm of 1,024 at full size) and at the
+//!   storm's peak (half of them attested) the operator's kill is written
+//!   to the store (`vkx-host rollout kill`, unsigned). SLOs: the last guest
+//!   that held the feature told within [`KILL_TO_LAST_UPDATE`] of the
+//!   command's return, no request of the killed feature afterwards (host
+//!   metrics and the guests' own probes), at most one host log line about
+//!   the rollout per host, and every guest attested in the end.
+//!
+//! What it trusts and bounds: see [`super`]; every phase has a limit.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::sync::{mpsc, watch};
+use vkx_common::wire::FeatureState;
+
+use super::DrillArgs;
+use super::fleet::{Build, Fleet, GuestPlan, Report};
+use super::picture;
+use super::sandbox::{Sandbox, Spec, ensure_fd_limit, output_ok};
+use super::timeline::{Sample, Samples, Timeline};
+use crate::rollout::Feature;
+
+/// The scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScenarioName {
+    Clean,
+    SeedIncident,
+    EtcdLoss,
+    KillUnderLoad,
+}
+
+impl ScenarioName {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Clean => "clean",
+            Self::SeedIncident => "seed-incident",
+            Self::EtcdLoss => "etcd-loss",
+            Self::KillUnderLoad => "kill-under-load",
+        }
+    }
+}
+
+/// A drill's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Size {
+    /// 3 hosts, 96 guests, 2-s bakes (`make test`).
+    Reduced,
+    /// 4 hosts, 1,024 guests.
+    Full,
+}
+
+/// The feature every drill rolls out: its requests are derivations, which
+/// each guest makes when the feature becomes usable for it.
+pub const FEATURE: Feature = Feature::KeyDerivation;
+/// SLO: the kill's command returned → the last guest that held the
+/// feature told (`feature-update`).
+pub const KILL_TO_LAST_UPDATE: Duration = Duration::from_secs(1);
+/// SLO: requests of the killed feature reaching the hosts after the last
+/// guest was told.
+pub const REQUESTS_AFTER_KILL: f64 = 0.0;
+/// SLO: host log lines about the rollout after the kill, per host (the
+/// accepted document; no line per guest).
+pub const LOG_LINES_PER_HOST: f64 = 1.0;
+/// How often the hosts' metrics are sampled.
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest wait for every guest to attest.
+const ATTACH_LIMIT: Duration = Duration::from_secs(300);
+/// Longest wait for something that should follow within seconds.
+const SETTLE_LIMIT: Duration = Duration::from_secs(30);
+/// Longest the guests get to say goodbye.
+const STOP_LIMIT: Duration = Duration::from_secs(20);
+/// Open files beyond two per guest (hosts' listeners are theirs).
+const FD_HEADROOM: u64 = 512;
+const POLL: Duration = Duration::from_millis(20);
+
+/// Runs the scenario of `args`; prints to `out`; whether every SLO held.
+pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
+    // One thread for the guests and the sampler (a node's worth of guests
+    // fits on one, as in chaos case g); CLI steps run on the blocking pool.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    let wall = Instant::now();
+    let (mut timeline, mut drill) = match args.scenario {
+        ScenarioName::KillUnderLoad => rt.block_on(kill_under_load(args))?,
+        other => bail!(
+            "scenario {} needs the rollout controller (`vkx-host rollout run`), not in this build yet",
+            other.name()
+        ),
+    };
+    timeline.notes.push(format!(
+        "wall time {:.1} s; {} hosts, {} guests",
+        wall.elapsed().as_secs_f64(),
+        drill.sandbox.nodes.len(),
+        drill.sandbox.vms.len()
+    ));
+    std::fs::create_dir_all(&args.out)?;
+    let svg = args.out.join(format!("drill-{}.svg", args.scenario.name()));
+    let rings = drill.samples().rings(&Sandbox::ring_names());
+    picture::draw(
+        &svg,
+        &format!(
+            "vkx drill {}: requests and errors per ring",
+            args.scenario.name()
+        ),
+        &drill.samples(),
+        &rings,
+        &timeline.events,
+    )?;
+    if args.keep {
+        let root = drill.sandbox.keep();
+        timeline
+            .notes
+            .push(format!("sandbox kept in {}", root.display()));
+    }
+    write!(out, "{}", timeline.render(args.scenario.name(), Some(&svg)))?;
+    Ok(timeline.pass())
+}
+
+// ---------------------------------------------------------------- harness
+
+/// What the guests reported so far.
+#[derive(Debug, Default)]
+pub struct FleetState {
+    pub attested: Vec<Option<Instant>>,
+    /// The feature's state in the map each guest attested with, last.
+    pub attested_enabled: Vec<bool>,
+    pub live: Vec<bool>,
+    pub updates: Vec<Vec<(Instant, Option<FeatureState>)>>,
+    pub attempts: Vec<Vec<Instant>>,
+    pub derived: Vec<Vec<Instant>>,
+    pub unknown: Vec<Option<Instant>>,
+    pub dormant: Vec<Option<Instant>>,
+    pub probes_sent: usize,
+    pub probes_refused: usize,
+    pub sessions_lost: usize,
+    pub failed: BTreeMap<String, usize>,
+}
+
+impl FleetState {
+    fn new(n: usize) -> Self {
+        Self {
+            attested: vec![None; n],
+            attested_enabled: vec![false; n],
+            live: vec![false; n],
+            updates: vec![Vec::new(); n],
+            attempts: vec![Vec::new(); n],
+            derived: vec![Vec::new(); n],
+            unknown: vec![None; n],
+            dormant: vec![None; n],
+            ..Self::default()
+        }
+    }
+
+    fn take(&mut self, r: Report) {
+        match r {
+            Report::Attempt { id, at } => self.attempts[id].push(at),
+            Report::Attested { id, at, enabled } => {
+                self.attested[id] = Some(at);
+                self.attested_enabled[id] = enabled;
+                self.live[id] = true;
+            }
+            Report::Update { id, at, state } => self.updates[id].push((at, state)),
+            Report::Derived { id, at, .. } => self.derived[id].push(at),
+            Report::Probe { sent, .. } => {
+                if sent {
+                    self.probes_sent += 1;
+                } else {
+                    self.probes_refused += 1;
+                }
+            }
+            Report::Unknown { id, at } => self.unknown[id] = Some(at),
+            Report::Ended {
+                id,
+                established,
+                stopped,
+                detail,
+                ..
+            } => {
+                self.live[id] = false;
+                if stopped {
+                } else if established {
+                    self.sessions_lost += 1;
+                } else {
+                    let cause = detail.split(" (").next().unwrap_or(&detail).to_owned();
+                    *self.failed.entry(cause).or_default() += 1;
+                }
+            }
+            Report::Dormant { id, at } => self.dormant[id] = Some(at),
+        }
+    }
+
+    pub fn holding(&self) -> usize {
+        self.live.iter().filter(|l| **l).count()
+    }
+
+    pub fn attested_count(&self) -> usize {
+        self.attested.iter().filter(|a| a.is_some()).count()
+    }
+
+    /// Guest `id`'s first update at or after `since` with `state`.
+    pub fn update_since(&self, id: usize, since: Instant, state: FeatureState) -> Option<Instant> {
+        self.updates[id]
+            .iter()
+            .find(|(t, s)| *t >= since && *s == Some(state))
+            .map(|(t, _)| *t)
+    }
+}
+
+/// A command the collector runs once enough guests have attested.
+#[derive(Debug)]
+struct Trigger {
+    attested: usize,
+    command: std::process::Command,
+    done: tokio::sync::oneshot::Sender<(Instant, Instant, usize, anyhow::Result<String>)>,
+}
+
+/// A running drill: sandbox, hosts, sampler, guests.
+#[derive(Debug)]
+pub struct Drill {
+    pub sandbox: Sandbox,
+    pub start: Instant,
+    samples: Arc<Mutex<Samples>>,
+    state: Arc<Mutex<FleetState>>,
+    stop_sampler: watch::Sender<bool>,
+    fleet: Option<Fleet>,
+    log_marks: Vec<u64>,
+}
+
+impl Drill {
+    /// Makes the sandbox, starts its hosts and the metrics sampler.
+    async fn start(spec: Spec) -> anyhow::Result<Self> {
+        let guests: usize = spec.ring_guests.iter().sum();
+        ensure_fd_limit(2 * guests as u64 + FD_HEADROOM)?;
+        let mut sandbox = tokio::task::spawn_blocking(move || -> anyhow::Result<Sandbox> {
+            let mut sb = Sandbox::create(&spec)?;
+            sb.start_hosts()?;
+            Ok(sb)
+        })
+        .await??;
+        let start = Instant::now();
+        let samples = Arc::new(Mutex::new(Samples::default()));
+        let (stop_sampler, stop_rx) = watch::channel(false);
+        let sockets: Vec<PathBuf> = sandbox.nodes.iter().map(|n| n.metrics.clone()).collect();
+        tokio::spawn(sample_hosts(sockets, start, samples.clone(), stop_rx));
+        let n = sandbox.vms.len();
+        let marks = (0..sandbox.nodes.len())
+            .map(|i| sandbox.host_log_since(i, 0).1)
+            .collect();
+        // Nothing of the set-up is kept in the timeline's t = 0.
+        let _ = &mut sandbox;
+        Ok(Self {
+            sandbox,
+            start,
+            samples,
+            state: Arc::new(Mutex::new(FleetState::new(n))),
+            stop_sampler,
+            fleet: None,
+            log_marks: marks,
+        })
+    }
+
+    /// Starts the guests with `plans`. With `trigger`, the collector runs
+    /// its command the moment `attested` guests have attested (in report
+    /// order, not at the next poll: a storm keeps this thread busy) and
+    /// sends when it started and returned, and what it said.
+    fn start_fleet(&mut self, plans: &[GuestPlan], trigger: Option<Trigger>) -> anyhow::Result<()> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.fleet = Some(Fleet::start(&self.sandbox, plans, tx)?);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let mut trigger = trigger;
+            while let Some(r) = rx.recv().await {
+                let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+                s.take(r);
+                if trigger
+                    .as_ref()
+                    .is_some_and(|t| s.attested_count() >= t.attested)
+                    && let Some(t) = trigger.take()
+                {
+                    let at = s.attested_count();
+                    drop(s);
+                    tokio::task::spawn_blocking(move || {
+                        let start = Instant::now();
+                        let said = output_ok(t.command);
+                        let _ = t.done.send((start, Instant::now(), at, said));
+                    });
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Waits until `done` holds on the guests' reports, at most `limit`.
+    async fn wait(&self, limit: Duration, done: impl Fn(&FleetState) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if done(&self.state.lock().unwrap_or_else(PoisonError::into_inner)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&FleetState) -> T) -> T {
+        f(&self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn samples(&self) -> std::sync::MutexGuard<'_, Samples> {
+        self.samples.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn t(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.start).as_secs_f64()
+    }
+
+    /// Marks the hosts' logs: [`Drill::log_lines_since_mark`] counts from here.
+    fn mark_logs(&mut self) {
+        self.log_marks = (0..self.sandbox.nodes.len())
+            .map(|i| self.sandbox.host_log_since(i, 0).1)
+            .collect();
+    }
+
+    /// Per host: log lines since the mark that match `pred`.
+    fn log_lines_since_mark(&self, pred: impl Fn(&str) -> bool) -> Vec<Vec<String>> {
+        (0..self.sandbox.nodes.len())
+            .map(|i| {
+                self.sandbox
+                    .host_log_since(i, self.log_marks[i])
+                    .0
+                    .into_iter()
+                    .filter(|l| pred(l))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Runs a CLI step (`vkx-host rollout ...`) on the blocking pool, so
+    /// the guests keep running meanwhile; its stdout.
+    async fn cli(&self, cmd: std::process::Command) -> anyhow::Result<String> {
+        tokio::task::spawn_blocking(move || output_ok(cmd)).await?
+    }
+
+    /// Stops the guests (goodbye) and the sampler, after one last sample.
+    async fn finish(&mut self) {
+        if let Some(f) = self.fleet.take() {
+            f.stop(STOP_LIMIT).await;
+        }
+        tokio::time::sleep(SAMPLE_INTERVAL * 2).await;
+        let _ = self.stop_sampler.send(true);
+    }
+}
+
+/// Samples every host's metrics each [`SAMPLE_INTERVAL`] until `stop`.
+async fn sample_hosts(
+    sockets: Vec<PathBuf>,
+    start: Instant,
+    samples: Arc<Mutex<Samples>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !*stop.borrow() {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let mut s = Sample {
+            t: start.elapsed().as_secs_f64(),
+            ..Sample::default()
+        };
+        for socket in &sockets {
+            if let Ok(Ok(text)) =
+                tokio::time::timeout(SAMPLE_INTERVAL * 4, crate::metrics::fetch(socket)).await
+            {
+                s.add(&text, FEATURE.name());
+            }
+        }
+        samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(s);
+    }
+}
+
+/// Ring quotas: canary, 1 %, 10 %, 50 %, all.
+fn ring_guests(total: usize) -> [usize; 5] {
+    let canary = (total / 24).max(2);
+    let one = total / 8;
+    let ten = total / 5;
+    let fifty = total * 3 / 10;
+    [canary, one, ten, fifty, total - canary - one - ten - fifty]
+}
+
+// ------------------------------------------------------- kill-under-load
+
+async fn kill_under_load(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
+    let (nodes, per_node) = match args.size {
+        Size::Reduced => (2, 64),
+        Size::Full => (4, 256),
+    };
+    let total = nodes * per_node;
+    let mut drill = Drill::start(Spec {
+        nodes,
+        ring_guests: ring_guests(total),
+        feature: FEATURE,
+        health_interval_ms: None,
+        external_etcd: args.etcd.clone(),
+    })
+    .await?;
+    let mut tl = Timeline::new(drill.start);
+    // The feature on everywhere before the storm.
+    drill.cli(drill.sandbox.set_stage_command("all")).await?;
+    tl.event(
+        tl.now(),
+        "stage all",
+        format!("{} enabled in every ring (signed)", FEATURE.name()),
+    );
+    // Let the hosts take the document before the first guest.
+    let t = Instant::now();
+    while t.elapsed() < SETTLE_LIMIT {
+        let revs = drill.samples().last().map_or(0, |s| s.sources_up);
+        if usize::try_from(revs).unwrap_or(usize::MAX) >= nodes {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let plans: Vec<GuestPlan> = (0..total)
+        .map(|_| GuestPlan {
+            build: Build::Good,
+            delay: Duration::ZERO,
+        })
+        .collect();
+    let t_storm = Instant::now();
+    drill.mark_logs();
+    let (done, kill) = tokio::sync::oneshot::channel();
+    drill.start_fleet(
+        &plans,
+        Some(Trigger {
+            attested: total / 2,
+            command: drill.sandbox.kill_command(),
+            done,
+        }),
+    )?;
+    tl.event(
+        drill.t(t_storm),
+        "storm",
+        format!("{total} guests connect at once"),
+    );
+    let (t_kill, t_return, attested_at_kill, said) = tokio::time::timeout(ATTACH_LIMIT, kill)
+        .await
+        .context("the storm never reached half of the guests attested")??;
+    let said = said?;
+    let revision = said
+        .split_whitespace()
+        .skip_while(|w| *w != "revision")
+        .nth(1)
+        .unwrap_or("?")
+        .trim_end_matches(['.', ',', ':'])
+        .to_owned();
+    tl.event(
+        drill.t(t_kill),
+        "kill",
+        format!(
+            "rollout kill {} at the storm's peak ({attested_at_kill}/{total} attested)",
+            FEATURE.name()
+        ),
+    );
+    tl.event(
+        drill.t(t_return),
+        format!("kill rev {revision}"),
+        format!(
+            "the kill command returned ({:.3} s)",
+            (t_return - t_kill).as_secs_f64()
+        ),
+    );
+    // Every guest attested in the end; every guest that held the feature
+    // told.
+    let settled = drill
+        .wait(ATTACH_LIMIT, |s| {
+            s.attested_count() == total
+                && (0..total).all(|i| {
+                    !s.attested_enabled[i]
+                        || s.update_since(i, t_kill, FeatureState::Disabled).is_some()
+                })
+        })
+        .await;
+    let (last_told, told, holders, probes_sent, derived_after, lost, attested) =
+        drill.with_state(|s| {
+            let mut last: Option<Instant> = None;
+            let mut told = 0;
+            let mut holders = 0;
+            let mut derived_after = 0;
+            for i in 0..total {
+                if s.attested_enabled[i]
+                    || s.updates[i]
+                        .iter()
+                        .any(|(_, st)| *st == Some(FeatureState::Enabled))
+                {
+                    holders += 1;
+                }
+                if let Some(u) = s.update_since(i, t_kill, FeatureState::Disabled) {
+                    told += 1;
+                    last = Some(last.map_or(u, |l| l.max(u)));
+                    derived_after += s.derived[i].iter().filter(|d| **d > u).count();
+                }
+            }
+            (
+                last,
+                told,
+                holders,
+                s.probes_sent,
+                derived_after,
+                s.sessions_lost,
+                s.attested_count(),
+            )
+        });
+    if let Some(l) = last_told {
+        tl.event(
+            drill.t(l),
+            "last guest told",
+            format!("{told} guests told by feature-update"),
+        );
+    }
+    // Quiet: a second of samples after the last update.
+    tokio::time::sleep(Duration::from_secs(1) + SAMPLE_INTERVAL * 2).await;
+    let quiet_from = last_told.unwrap_or(t_return);
+    let (req_at, req_end) = {
+        let s = drill.samples();
+        let at = s
+            .first_after(drill.t(quiet_from), |_| true)
+            .map(|x| Sample::total(&x.feature_requests));
+        let end = s.last().map(|x| Sample::total(&x.feature_requests));
+        (at, end)
+    };
+    let requests_after = match (req_at, req_end) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    tl.event(
+        tl.now(),
+        "quiet",
+        "no request of the killed feature since the last update",
+    );
+    drill.finish().await;
+    let logs = drill.log_lines_since_mark(|l| l.contains("rollout"));
+    let most_lines = logs.iter().map(Vec::len).max().unwrap_or(0);
+    tl.event(
+        tl.now(),
+        "recovered",
+        format!("{attested}/{total} guests attested, every session stopped in order"),
+    );
+
+    #[allow(clippy::cast_precision_loss)]
+    {
+        tl.slo_duration(
+            "kill -> last guest updated",
+            last_told.map(|l| l.saturating_duration_since(t_return)),
+            KILL_TO_LAST_UPDATE,
+        );
+        tl.slo(
+            "requests of the killed feature after the update",
+            requests_after.map(|r| (r + derived_after as u64) as f64),
+            REQUESTS_AFTER_KILL,
+            "requests",
+        );
+        tl.slo(
+            "probes sent by guests after the update",
+            Some(probes_sent as f64),
+            0.0,
+            "requests",
+        );
+        tl.slo(
+            "host log lines about the rollout after the kill",
+            Some(most_lines as f64),
+            LOG_LINES_PER_HOST,
+            "lines/host",
+        );
+        tl.slo(
+            "guests not attested after the storm",
+            Some((total - attested) as f64),
+            0.0,
+            "guests",
+        );
+        tl.slo("sessions lost", Some(lost as f64), 0.0, "sessions");
+    }
+    tl.notes.push(format!(
+        "{holders} guests held the feature before the kill, {told} told by update; settled: {settled}"
+    ));
+    Ok((tl, drill))
+}
