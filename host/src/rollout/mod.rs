@@ -15,6 +15,9 @@
 //! crash-safe persistence file ([`persist`]) and reading key and override
 //! files.
 //!
+//! The rollout controller's plan ([`plan`]) and health gates
+//! ([`gates`]) are here too.
+//!
 //! What it trusts: host.toml's trusted keys and generally-available list,
 //! the local override file, and the file it persisted itself. Everything
 //! a source delivers is untrusted until [`admit()`] says otherwise.
@@ -27,8 +30,10 @@ pub mod admit;
 pub mod document;
 pub mod edit;
 pub mod envelope;
+pub mod gates;
 pub mod local_override;
 pub mod persist;
+pub mod plan;
 pub mod resolve;
 pub mod service;
 
