@@ -15,8 +15,9 @@
 //! crash-safe persistence file ([`persist`]) and reading key and override
 //! files.
 //!
-//! The rollout controller's plan ([`plan`]) and health gates
-//! ([`gates`]) are here too.
+//! The rollout controller's core is here too: a plan ([`plan`]), its
+//! health gates ([`gates`]) and the state machine that walks the rings
+//! ([`controller`]); its driver is `crate::rollout_run`.
 //!
 //! What it trusts: host.toml's trusted keys and generally-available list,
 //! the local override file, and the file it persisted itself. Everything
@@ -27,6 +28,7 @@
 //! logging here: results are typed values; the caller logs, rate-limited.
 
 pub mod admit;
+pub mod controller;
 pub mod document;
 pub mod edit;
 pub mod envelope;
