@@ -71,6 +71,7 @@ pub mod registry;
 pub mod release;
 pub mod rollout;
 pub mod rollout_cli;
+pub mod rollout_run;
 pub mod serve;
 pub mod service;
 pub mod source;

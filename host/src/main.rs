@@ -250,7 +250,12 @@ fn main() -> ExitCode {
         Command::Vsock(VsockCommand::ConnectCheck { socket, port }) => connect_check(&socket, port),
         Command::Keys(cmd) => vkx_host::keys_cli::run(cmd).map(|()| true),
         Command::Rollout(cmd) => {
-            vkx_host::rollout_cli::run(cmd, &mut std::io::stdout().lock()).map(|()| true)
+            match vkx_host::rollout_cli::run_code(cmd, &mut std::io::stdout().lock()) {
+                Ok(0) => Ok(true),
+                // `rollout run`'s outcomes (halted, paused, refused, ...).
+                Ok(code) => return ExitCode::from(code),
+                Err(e) => Err(e),
+            }
         }
         Command::Derived(DerivedCommand::Get {
             socket,

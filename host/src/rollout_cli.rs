@@ -10,7 +10,11 @@
 //! vkx-host rollout push      --config host.toml --file ENVELOPE.json
 //! vkx-host rollout sign      --key FILE --key-id ID --file DOCUMENT.json [--out FILE]
 //! vkx-host rollout keygen    --out FILE [--key-id ID]
+//! vkx-host rollout run       --plan PLAN.toml --config host.toml --key FILE --key-id ID
 //! ```
+//!
+//! `run` is the rollout controller (`crate::rollout_run`): it walks a
+//! plan's rings with health gates, and halts with a kill.
 //!
 //! `kill` needs no key: it turns a feature towards off, which every host
 //! accepts unsigned. It writes the next revision of the document to the
@@ -113,6 +117,12 @@ pub enum RolloutCommand {
         #[arg(long, default_value = "release")]
         key_id: String,
     },
+    /// Walk a plan's rings: widen the stage (signed), bake, evaluate the
+    /// health gates, then advance, pause or halt (an unsigned kill).
+    /// Exit codes: 0 completed, 3 halted, 4 paused, 5 stopped by someone
+    /// else's change, 6 refused (plan invalid, lock held, progress of
+    /// another plan).
+    Run(crate::rollout_run::RunArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -132,6 +142,15 @@ pub struct KeyArgs {
     pub key_id: Option<String>,
 }
 
+/// Runs one command; its exit code (0 but for `run`, see
+/// [`crate::rollout_run::cli`]).
+pub fn run_code(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<u8> {
+    match cmd {
+        RolloutCommand::Run(args) => crate::rollout_run::cli(args, out),
+        cmd => run(cmd, out).map(|()| 0),
+    }
+}
+
 /// Runs one command; what it prints goes to `out`.
 pub fn run(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -143,6 +162,7 @@ pub fn run(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<
 
 async fn run_async(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     match cmd {
+        RolloutCommand::Run(_) => bail!("rollout run goes through run_code"),
         RolloutCommand::Show(c) => show(&Node::load(&c.config)?, out).await,
         RolloutCommand::Explain { config, vm } => {
             let node = Node::load(&config.config)?;
@@ -281,13 +301,13 @@ async fn run_async(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow:
 }
 
 /// host.toml, read for its `[rollout]` table and node directory.
-struct Node {
-    config: ServeConfig,
-    settings: Settings,
+pub(crate) struct Node {
+    pub(crate) config: ServeConfig,
+    pub(crate) settings: Settings,
 }
 
 impl Node {
-    fn load(path: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
         let config = ServeConfig::load(path)?;
         let settings = config.rollout()?;
         Ok(Self { config, settings })
@@ -327,9 +347,9 @@ impl Node {
     }
 }
 
-type Signer = Option<(ring::signature::Ed25519KeyPair, String)>;
+pub(crate) type Signer = Option<(ring::signature::Ed25519KeyPair, String)>;
 
-fn signer(k: &KeyArgs) -> anyhow::Result<Signer> {
+pub(crate) fn signer(k: &KeyArgs) -> anyhow::Result<Signer> {
     match (&k.key, &k.key_id) {
         (Some(path), Some(id)) => Ok(Some((
             load_signing_key(path).map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -383,7 +403,7 @@ async fn edit(
 }
 
 /// What the hosts will decide, checked before writing.
-fn check(bytes: &[u8], base: Option<&Accepted>, s: &Settings) -> anyhow::Result<()> {
+pub(crate) fn check(bytes: &[u8], base: Option<&Accepted>, s: &Settings) -> anyhow::Result<()> {
     match admit(bytes, base, &s.ga, &s.trusted) {
         Ok(Admitted::New(_)) => Ok(()),
         Ok(Admitted::Unchanged) => bail!("the source already holds this document"),
@@ -406,7 +426,7 @@ async fn write_checked(
 }
 
 /// The compare-and-swap condition for a document read at `version`.
-fn expected(version: Version) -> Option<Version> {
+pub(crate) fn expected(version: Version) -> Option<Version> {
     match version {
         Version::None => None,
         v => Some(v),

@@ -1,0 +1,955 @@
+//! `vkx-host rollout run --plan PLAN.toml`: the driver of the rollout
+//! controller (`crate::rollout::controller`, spec/ROLLOUT.md §13.3).
+//!
+//! What it is: a thin async shell. It takes the controller lock, loads the
+//! saved progress, and then does what the controller asks: read the
+//! document from the configured source, sign and write a stage or write
+//! an unsigned kill (compare-and-swap on the version read, each write
+//! checked against the admission rules first, as `rollout set-stage` and
+//! `rollout kill` do), read every node's health summary, save the
+//! progress, sleep. [`run`] is the library entry (the drill calls it with
+//! an event channel); [`cli`] is the command.
+//!
+//! The lock and the progress record live in the store:
+//! - etcd: the lock is the key `<dir>/controller/<feature>` (`<dir>`: the
+//!   document key's parent), created only if absent, under a lease of
+//!   `--lock-ttl-s` kept alive every third of it, so a crashed controller's
+//!   lock expires by itself; the record is `<dir>/controller/<feature>/progress`
+//!   (no lease: it outlives the controller), written only while the lock
+//!   key is under this controller's lease and the record is at the
+//!   revision this controller last wrote (one transaction).
+//! - file: the lock is `<node_dir>/rollout/controller-<feature>.lock`,
+//!   created exclusively and holding the owner's pid and process start
+//!   time (a lock whose process is gone, or whose pid now names another
+//!   process, is stale and taken over); the record is
+//!   `controller-<feature>.json` beside it, replaced atomically.
+//!
+//! What it trusts: host.toml, the plan, the operator's key. The document
+//! and the health summaries are parsed strictly before use.
+//!
+//! What it bounds: consecutive store failures ([`MAX_STORE_FAILURES`],
+//! each followed by a poll interval's wait), the time of every etcd call
+//! (the source's timeout), the sizes of what it reads (the source's and
+//! the record's limits).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use crate::health;
+use crate::rollout::controller::{
+    Action, Controller, Input, Outcome, Phase, Progress, ProgressError, Report, RunEvent,
+    RunEventKind,
+};
+use crate::rollout::plan::Plan;
+use crate::rollout::service::Settings;
+use crate::rollout::{Accepted, sign, unsigned};
+use crate::rollout_cli::{ConfigArgs, KeyArgs, Node, check, expected, signer};
+use crate::source::{self, SourceConfig, SourceError, SourceKind, Version};
+
+/// Consecutive failed reads or writes of the store before the run gives
+/// up (the progress is saved; run again to resume).
+pub const MAX_STORE_FAILURES: u32 = 30;
+/// Lock TTL: default and bounds (etcd grants at least 2 s; past 5 minutes
+/// a crashed controller blocks its successor too long).
+pub const DEFAULT_LOCK_TTL_S: u64 = 15;
+pub const MIN_LOCK_TTL_S: u64 = 2;
+pub const MAX_LOCK_TTL_S: u64 = 300;
+/// Wait after a failed store call, at most (or the plan's poll, if
+/// shorter).
+const RETRY_WAIT: Duration = Duration::from_secs(1);
+
+/// Exit codes of `vkx-host rollout run` (2 is any other error).
+pub const EXIT_COMPLETED: u8 = 0;
+pub const EXIT_HALTED: u8 = 3;
+pub const EXIT_PAUSED: u8 = 4;
+pub const EXIT_STOPPED: u8 = 5;
+pub const EXIT_REFUSED: u8 = 6;
+
+/// `vkx-host rollout run`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// The plan (spec/ROLLOUT.md §13.1).
+    #[arg(long, value_name = "FILE")]
+    pub plan: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The operator's signing key: each stage write is signed with it.
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Write the report and the timeline as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// The controller lock's lease (etcd), in seconds.
+    #[arg(long, default_value_t = DEFAULT_LOCK_TTL_S)]
+    pub lock_ttl_s: u64,
+    /// Start again at the first ring when the saved progress is finished
+    /// (completed, halted or paused).
+    #[arg(long)]
+    pub restart: bool,
+}
+
+/// Options of [`run`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub lock_ttl: Duration,
+    pub restart: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            lock_ttl: Duration::from_secs(DEFAULT_LOCK_TTL_S),
+            restart: false,
+        }
+    }
+}
+
+/// Why a run did not get to a report.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// Another controller holds the lock of this feature's rollout.
+    #[error("another controller runs the rollout of {feature}: {holder}")]
+    LockHeld { feature: String, holder: String },
+    /// The saved progress does not fit this plan.
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
+    /// The lock expired or was taken while running: another controller
+    /// may be running now, so this one stopped before writing anything.
+    #[error("the controller lock was lost ({0}); stopped without writing")]
+    LockLost(String),
+    /// The store failed too often in a row.
+    #[error("the store failed {MAX_STORE_FAILURES} times in a row: {0}")]
+    Store(String),
+    /// A setting the run cannot work with.
+    #[error("{0}")]
+    Config(String),
+    /// Stopped by the caller (Ctrl-C); the progress is saved.
+    #[error("interrupted; the progress is saved, run again to resume")]
+    Interrupted,
+}
+
+impl RunError {
+    /// Refusals (exit code [`EXIT_REFUSED`]): nothing was attempted.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::LockHeld { .. } | Self::Progress(_) | Self::Config(_)
+        )
+    }
+}
+
+/// The exit code of a report's outcome.
+pub fn exit_code(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Completed => EXIT_COMPLETED,
+        Outcome::Halted => EXIT_HALTED,
+        Outcome::Paused => EXIT_PAUSED,
+        Outcome::Stopped => EXIT_STOPPED,
+        Outcome::Refused => EXIT_REFUSED,
+    }
+}
+
+// ------------------------------------------------------------------- cli
+
+/// Runs the command; the exit code. Refusals are printed to stderr and
+/// give [`EXIT_REFUSED`]; other failures are errors (exit 2).
+pub fn cli(args: RunArgs, out: &mut dyn std::io::Write) -> anyhow::Result<u8> {
+    let plan = match Plan::load(&args.plan) {
+        Ok(p) => p,
+        Err(e) => {
+            writeln!(out, "refused: plan {}: {e}", args.plan.display())?;
+            return Ok(EXIT_REFUSED);
+        }
+    };
+    let node = Node::load(&args.config.config)?;
+    let signer = signer(&args.key)?.context(
+        "rollout run writes signed stages: pass --key and --key-id (a key host.toml trusts)",
+    )?;
+    if !(MIN_LOCK_TTL_S..=MAX_LOCK_TTL_S).contains(&args.lock_ttl_s) {
+        anyhow::bail!("--lock-ttl-s: {MIN_LOCK_TTL_S} to {MAX_LOCK_TTL_S}");
+    }
+    let options = RunOptions {
+        lock_ttl: Duration::from_secs(args.lock_ttl_s),
+        restart: args.restart,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    let (tx, mut rx) = mpsc::channel::<RunEvent>(64);
+    let started = SystemTime::now();
+    let result = rt.block_on(async {
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        let runner = run(plan, &node.settings, signer, options, Some(tx), stop);
+        tokio::pin!(runner);
+        let mut events = Vec::new();
+        // Print the timeline as it happens; the run ends when `runner` does.
+        let result = loop {
+            tokio::select! {
+                r = &mut runner => break r,
+                Some(e) = rx.recv() => {
+                    let _ = writeln!(out, "{}", timeline_line(started, &e));
+                    events.push(e);
+                }
+            }
+        };
+        while let Ok(e) = rx.try_recv() {
+            let _ = writeln!(out, "{}", timeline_line(started, &e));
+            events.push(e);
+        }
+        (result, events)
+    });
+    let (result, events) = result;
+    match result {
+        Ok(report) => {
+            writeln!(out)?;
+            write!(out, "{report}")?;
+            if let Some(path) = &args.report {
+                let json = serde_json::json!({ "report": report, "events": events });
+                std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+                    .with_context(|| format!("write {}", path.display()))?;
+            }
+            Ok(exit_code(report.outcome))
+        }
+        Err(e) if e.is_refusal() => {
+            writeln!(out, "refused: {e}")?;
+            Ok(EXIT_REFUSED)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One line of the printed timeline.
+pub fn timeline_line(started: SystemTime, e: &RunEvent) -> String {
+    let t =
+        e.at.duration_since(started)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+    let what = match &e.kind {
+        RunEventKind::Started {
+            feature,
+            step,
+            ring,
+            resumed,
+        } => format!(
+            "{} rollout of {feature} at step {} ({})",
+            if *resumed { "resumed" } else { "started" },
+            step + 1,
+            ring.as_deref().unwrap_or("-")
+        ),
+        RunEventKind::StageSet { ring, revision } => {
+            format!("stage set to {ring} at revision {revision} (signed)")
+        }
+        RunEventKind::Observed { ring, evaluation } => format!(
+            "{ring}: {} requests, {} sessions, {} errors so far",
+            evaluation.figures.requests, evaluation.figures.sessions, evaluation.figures.errors
+        ),
+        RunEventKind::Verdict { ring, evaluation } => {
+            format!("verdict for {ring}: {}", evaluation.verdict)
+        }
+        RunEventKind::Extended { ring, .. } => format!("bake of {ring} extended"),
+        RunEventKind::Halted { ring, revision } => {
+            format!("HALTED at {ring}: killed at revision {revision} (unsigned)")
+        }
+        RunEventKind::Paused { ring, reason } => format!("paused at {ring}: {reason}"),
+        RunEventKind::Stopped { reason } => format!("stopped: {reason}"),
+        RunEventKind::Completed => "completed".to_owned(),
+    };
+    format!("t+{t:7.1}s  {what}")
+}
+
+// ---------------------------------------------------------------- driver
+
+/// Runs `plan` against the store of `settings` (see the module primer):
+/// takes the lock, resumes or starts, and drives the controller to its
+/// end. Timeline events go to `events` if given (a full channel delays
+/// the run; a closed one is ignored). `stop` ends the run early (the
+/// progress is kept; [`RunError::Interrupted`]).
+pub async fn run(
+    plan: Plan,
+    settings: &Settings,
+    signer: (ring::signature::Ed25519KeyPair, String),
+    options: RunOptions,
+    events: Option<mpsc::Sender<RunEvent>>,
+    stop: impl Future<Output = ()>,
+) -> Result<Report, RunError> {
+    let source = settings.source.clone().ok_or_else(|| {
+        RunError::Config("host.toml has no [rollout] table, so no source to run against".into())
+    })?;
+    let mut store =
+        Store::acquire(&source, settings, plan.feature.name(), options.lock_ttl).await?;
+    let result = drive(
+        plan, settings, &source, &signer, options, &mut store, events, stop,
+    )
+    .await;
+    store.release().await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    plan: Plan,
+    settings: &Settings,
+    source: &SourceConfig,
+    (pair, key_id): &(ring::signature::Ed25519KeyPair, String),
+    options: RunOptions,
+    store: &mut Store,
+    events: Option<mpsc::Sender<RunEvent>>,
+    stop: impl Future<Output = ()>,
+) -> Result<Report, RunError> {
+    let saved = store.load().await?;
+    let finished = |p: &Progress| {
+        matches!(
+            p.phase,
+            Phase::Done | Phase::Halted { .. } | Phase::Paused { .. }
+        )
+    };
+    let saved = match saved {
+        // A finished record of another plan, or any finished one with
+        // --restart, gives way to a fresh run.
+        Some(p) if finished(&p) && (options.restart || p.plan_digest != plan.digest) => None,
+        other => other,
+    };
+    let poll = plan.poll;
+    let mut controller = Controller::new(plan, saved)?;
+    tokio::pin!(stop);
+    let mut input = Input::Started;
+    let mut failures = 0u32;
+    // The document as last read (for the admission check of a write).
+    let mut current: Option<Accepted> = None;
+    // One iteration per controller action; every action is bounded (store
+    // timeouts, sleeps the controller computed from the plan), and store
+    // failures are counted.
+    loop {
+        let action = controller.step(SystemTime::now(), input);
+        while let Some(e) = controller.poll_event() {
+            if let Some(tx) = &events {
+                let _ = tx.send(e).await;
+            }
+        }
+        let retry = |failures: &mut u32, e: String| -> Result<Duration, RunError> {
+            *failures += 1;
+            if *failures >= MAX_STORE_FAILURES {
+                return Err(RunError::Store(e));
+            }
+            vkx_common::rl_warn!(error = %e, "rollout run: the store failed; retrying");
+            Ok(RETRY_WAIT.min(poll))
+        };
+        input = match action {
+            Action::ReadDocument => match source::read(source).await {
+                Ok(None) => {
+                    failures = 0;
+                    current = None;
+                    Input::DocumentRead(None, Version::None)
+                }
+                Ok(Some((bytes, version))) => match Accepted::restore(bytes, &settings.trusted) {
+                    Ok(a) => {
+                        failures = 0;
+                        let doc = a.document().clone();
+                        current = Some(a);
+                        Input::DocumentRead(Some(doc), version)
+                    }
+                    Err(e) => {
+                        let wait = retry(&mut failures, format!("the document is malformed: {e}"))?;
+                        pause(wait, &mut stop, store).await?;
+                        Input::Tick
+                    }
+                },
+                Err(e) => {
+                    let wait = retry(&mut failures, e.to_string())?;
+                    pause(wait, &mut stop, store).await?;
+                    Input::Tick
+                }
+            },
+            Action::WriteStage {
+                document,
+                expected: v,
+                ..
+            } => {
+                store.check_alive()?;
+                let bytes = sign(&document, pair, key_id)
+                    .map_err(|e| RunError::Config(format!("signing: {e}")))?;
+                if let Err(e) = check(&bytes, current.as_ref(), settings) {
+                    return Err(RunError::Config(format!("{e:#}")));
+                }
+                write(
+                    source,
+                    &bytes,
+                    v,
+                    document.revision(),
+                    &mut failures,
+                    &mut stop,
+                    store,
+                    retry,
+                )
+                .await?
+            }
+            Action::WriteKill {
+                document,
+                expected: v,
+            } => {
+                store.check_alive()?;
+                let bytes = unsigned(&document);
+                write(
+                    source,
+                    &bytes,
+                    v,
+                    document.revision(),
+                    &mut failures,
+                    &mut stop,
+                    store,
+                    retry,
+                )
+                .await?
+            }
+            Action::ReadHealth => match health::read_all(&settings.health.store).await {
+                Ok(fleet) => Input::Health(fleet.summaries),
+                Err(e) => Input::HealthFailed(e),
+            },
+            Action::SaveProgress(p) => {
+                store.save(&p).await?;
+                Input::Saved
+            }
+            Action::Sleep(until) => {
+                let wait = until
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                pause(wait, &mut stop, store).await?;
+                Input::Tick
+            }
+            Action::Finish(report) => return Ok(report),
+        };
+    }
+}
+
+/// Sleeps `wait`, unless stopped or the lock is lost.
+async fn pause(
+    wait: Duration,
+    stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    store: &mut Store,
+) -> Result<(), RunError> {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = stop.as_mut() => return Err(RunError::Interrupted),
+    }
+    store.check_alive()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write(
+    source: &SourceConfig,
+    bytes: &[u8],
+    version: Version,
+    revision: u64,
+    failures: &mut u32,
+    stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    store: &mut Store,
+    retry: impl Fn(&mut u32, String) -> Result<Duration, RunError>,
+) -> Result<Input, RunError> {
+    match source::write_if(source, bytes, expected(version)).await {
+        Ok(_) => {
+            *failures = 0;
+            Ok(Input::Written { revision })
+        }
+        Err(SourceError::Conflict { .. }) => Ok(Input::WriteConflict),
+        Err(e) => {
+            // The write may or may not have landed: re-read and decide
+            // again (the controller recognises its own write).
+            let wait = retry(failures, e.to_string())?;
+            pause(wait, stop, store).await?;
+            Ok(Input::WriteConflict)
+        }
+    }
+}
+
+// ----------------------------------------------------------------- store
+
+/// The controller lock and the progress record (see the module primer).
+enum Store {
+    Etcd(Box<etcd::EtcdStore>),
+    File(file::FileStore),
+}
+
+impl Store {
+    async fn acquire(
+        source: &SourceConfig,
+        settings: &Settings,
+        feature: &str,
+        ttl: Duration,
+    ) -> Result<Self, RunError> {
+        match source.source {
+            SourceKind::Etcd => Ok(Self::Etcd(Box::new(
+                etcd::EtcdStore::acquire(&source.etcd, feature, ttl).await?,
+            ))),
+            SourceKind::File => Ok(Self::File(file::FileStore::acquire(
+                &settings.state_dir,
+                feature,
+            )?)),
+        }
+    }
+
+    async fn load(&mut self) -> Result<Option<Progress>, RunError> {
+        match self {
+            Self::Etcd(s) => s.load().await,
+            Self::File(s) => s.load(),
+        }
+    }
+
+    async fn save(&mut self, p: &Progress) -> Result<(), RunError> {
+        match self {
+            Self::Etcd(s) => s.save(p).await,
+            Self::File(s) => s.save(p),
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<(), RunError> {
+        match self {
+            Self::Etcd(s) => s.check_alive(),
+            Self::File(s) => s.check_alive(),
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Self::Etcd(s) => s.release().await,
+            Self::File(s) => s.release(),
+        }
+    }
+}
+
+/// Who holds a lock, for the refusal message.
+fn holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "pid {} on {host}, started {}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    )
+}
+
+mod etcd {
+    //! The etcd lock (a lease) and the record (a transaction).
+
+    use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+    use super::{Arc, AtomicBool, Duration, Ordering, Progress, RunError};
+    use crate::rollout::controller::MAX_PROGRESS_BYTES;
+    use crate::source::EtcdConfig;
+
+    pub(super) struct EtcdStore {
+        client: Client,
+        timeout: Duration,
+        lease: i64,
+        lock_key: String,
+        progress_key: String,
+        /// The record's mod revision as last read or written (0: none).
+        revision: i64,
+        lost: Arc<AtomicBool>,
+        keeper: tokio::task::JoinHandle<()>,
+    }
+
+    /// `<dir>/controller/<feature>`, `<dir>` the document key's parent.
+    pub(super) fn lock_key(document_key: &str, feature: &str) -> String {
+        let dir = document_key.rsplit_once('/').map_or("", |(d, _)| d);
+        format!("{dir}/controller/{feature}")
+    }
+
+    async fn timed<T>(
+        after: Duration,
+        call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(after, call).await {
+            Ok(r) => r.map_err(|e| format!("etcd: {e}")),
+            Err(_) => Err(format!("etcd: timed out after {after:?}")),
+        }
+    }
+
+    impl EtcdStore {
+        pub(super) async fn acquire(
+            config: &EtcdConfig,
+            feature: &str,
+            ttl: Duration,
+        ) -> Result<Self, RunError> {
+            let t = config.timeout();
+            let store = |e: String| RunError::Store(e);
+            let mut client = timed(t, Client::connect(&config.endpoints, None))
+                .await
+                .map_err(store)?;
+            let ttl_s = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+            let lease = timed(t, client.lease_grant(ttl_s, None))
+                .await
+                .map_err(store)?
+                .id();
+            let lock_key = lock_key(&config.key, feature);
+            let progress_key = format!("{lock_key}/progress");
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    lock_key.as_str(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([TxnOp::put(
+                    lock_key.as_str(),
+                    super::holder(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(lock_key.as_str(), None)]);
+            let resp = timed(t, client.txn(txn)).await.map_err(store)?;
+            if !resp.succeeded() {
+                let holder =
+                    resp.op_responses()
+                        .into_iter()
+                        .find_map(|r| match r {
+                            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                                crate::rollout::shown(&String::from_utf8_lossy(kv.value()))
+                            }),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                let _ = timed(t, client.lease_revoke(lease)).await;
+                return Err(RunError::LockHeld {
+                    feature: feature.to_owned(),
+                    holder: format!("{holder} (etcd key {lock_key})"),
+                });
+            }
+            let lost = Arc::new(AtomicBool::new(false));
+            let keeper = tokio::spawn(keep_alive(client.clone(), lease, ttl, t, lost.clone()));
+            Ok(Self {
+                client,
+                timeout: t,
+                lease,
+                lock_key,
+                progress_key,
+                revision: 0,
+                lost,
+                keeper,
+            })
+        }
+
+        pub(super) async fn load(&mut self) -> Result<Option<Progress>, RunError> {
+            let resp = timed(
+                self.timeout,
+                self.client.get(self.progress_key.as_str(), None),
+            )
+            .await
+            .map_err(RunError::Store)?;
+            let Some(kv) = resp.kvs().first() else {
+                self.revision = 0;
+                return Ok(None);
+            };
+            self.revision = kv.mod_revision();
+            if kv.value().len() > MAX_PROGRESS_BYTES {
+                return Err(crate::rollout::controller::ProgressError::TooLarge {
+                    len: kv.value().len(),
+                }
+                .into());
+            }
+            Ok(Some(Progress::parse(kv.value())?))
+        }
+
+        pub(super) async fn save(&mut self, p: &Progress) -> Result<(), RunError> {
+            self.check_alive()?;
+            let txn = Txn::new()
+                .when([
+                    Compare::lease(self.lock_key.as_str(), CompareOp::Equal, self.lease),
+                    Compare::mod_revision(
+                        self.progress_key.as_str(),
+                        CompareOp::Equal,
+                        self.revision,
+                    ),
+                ])
+                .and_then([TxnOp::put(self.progress_key.as_str(), p.to_json(), None)]);
+            let resp = timed(self.timeout, self.client.txn(txn))
+                .await
+                .map_err(RunError::Store)?;
+            if !resp.succeeded() {
+                self.lost.store(true, Ordering::Relaxed);
+                return Err(RunError::LockLost(
+                    "the lock key or the progress record changed under this controller".into(),
+                ));
+            }
+            self.revision = resp.header().map_or(self.revision, |h| h.revision());
+            Ok(())
+        }
+
+        pub(super) fn check_alive(&self) -> Result<(), RunError> {
+            if self.lost.load(Ordering::Relaxed) {
+                return Err(RunError::LockLost(
+                    "the lease could not be kept alive".into(),
+                ));
+            }
+            Ok(())
+        }
+
+        pub(super) async fn release(mut self) {
+            self.keeper.abort();
+            let _ = timed(self.timeout, self.client.lease_revoke(self.lease)).await;
+        }
+    }
+
+    /// Keeps the lease alive every third of its TTL; marks the lock lost
+    /// when a keep-alive fails for longer than the TTL or the lease is
+    /// gone.
+    async fn keep_alive(
+        mut client: Client,
+        lease: i64,
+        ttl: Duration,
+        timeout: Duration,
+        lost: Arc<AtomicBool>,
+    ) {
+        let every = ttl / 3;
+        let mut last_ok = std::time::Instant::now();
+        let mut stream = None;
+        // Until aborted by `release`, or the lease is lost.
+        loop {
+            tokio::time::sleep(every).await;
+            if stream.is_none() {
+                stream = timed(timeout, client.lease_keep_alive(lease)).await.ok();
+            }
+            // Some(true): renewed; Some(false): the lease is gone for
+            // good; None: no answer this time.
+            let ok = match &mut stream {
+                Some((keeper, acks)) => {
+                    if timed(timeout, keeper.keep_alive()).await.is_err() {
+                        None
+                    } else {
+                        match tokio::time::timeout(timeout, acks.message()).await {
+                            Ok(Ok(Some(r))) => Some(r.ttl() > 0),
+                            _ => None,
+                        }
+                    }
+                }
+                None => None,
+            };
+            match ok {
+                Some(true) => last_ok = std::time::Instant::now(),
+                Some(false) => {
+                    lost.store(true, Ordering::Relaxed);
+                    return;
+                }
+                None => {
+                    stream = None;
+                    if last_ok.elapsed() >= ttl {
+                        lost.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+mod file {
+    //! The file lock (O_EXCL, owner's pid and start time) and the record
+    //! (replaced atomically).
+
+    use std::io::Write as _;
+    use std::path::PathBuf;
+
+    use super::{Path, Progress, RunError};
+    use crate::rollout::controller::MAX_PROGRESS_BYTES;
+
+    pub(super) struct FileStore {
+        lock: PathBuf,
+        record: PathBuf,
+        token: String,
+    }
+
+    /// This process's start time in clock ticks since boot (field 22 of
+    /// `/proc/<pid>/stat`): with the pid, it names one process for good.
+    fn start_time(pid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses.
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(19)?.parse().ok()
+    }
+
+    /// Whether the lock file's owner still runs.
+    fn alive(token: &str) -> bool {
+        let mut parts = token.split_whitespace();
+        let (Some(pid), Some(start)) = (
+            parts.next().and_then(|p| p.parse::<u32>().ok()),
+            parts.next().and_then(|s| s.parse::<u64>().ok()),
+        ) else {
+            return false;
+        };
+        start_time(pid) == Some(start)
+    }
+
+    impl FileStore {
+        pub(super) fn acquire(dir: &Path, feature: &str) -> Result<Self, RunError> {
+            let io = |e: std::io::Error, p: &Path| RunError::Store(format!("{}: {e}", p.display()));
+            std::fs::create_dir_all(dir).map_err(|e| io(e, dir))?;
+            let lock = dir.join(format!("controller-{feature}.lock"));
+            let record = dir.join(format!("controller-{feature}.json"));
+            let pid = std::process::id();
+            let token = format!(
+                "{pid} {} {}\n",
+                start_time(pid).unwrap_or(0),
+                super::holder()
+            );
+            // Two tries: the second after removing a stale lock.
+            for _ in 0..2 {
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&lock)
+                {
+                    Ok(mut f) => {
+                        f.write_all(token.as_bytes()).map_err(|e| io(e, &lock))?;
+                        f.sync_all().map_err(|e| io(e, &lock))?;
+                        return Ok(Self {
+                            lock,
+                            record,
+                            token,
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let held = std::fs::read_to_string(&lock).unwrap_or_default();
+                        if alive(&held) {
+                            return Err(RunError::LockHeld {
+                                feature: feature.to_owned(),
+                                holder: format!(
+                                    "{} ({})",
+                                    crate::rollout::shown(held.trim()),
+                                    lock.display()
+                                ),
+                            });
+                        }
+                        vkx_common::rl_warn!(
+                            lock = %lock.display(),
+                            held = %crate::rollout::shown(held.trim()),
+                            "removing a stale controller lock"
+                        );
+                        std::fs::remove_file(&lock).map_err(|e| io(e, &lock))?;
+                    }
+                    Err(e) => return Err(io(e, &lock)),
+                }
+            }
+            Err(RunError::LockHeld {
+                feature: feature.to_owned(),
+                holder: format!("taken again meanwhile ({})", lock.display()),
+            })
+        }
+
+        pub(super) fn load(&self) -> Result<Option<Progress>, RunError> {
+            use std::io::Read as _;
+            let f = match std::fs::File::open(&self.record) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(RunError::Store(format!("{}: {e}", self.record.display())));
+                }
+            };
+            let mut bytes = Vec::new();
+            f.take(u64::try_from(MAX_PROGRESS_BYTES).unwrap_or(u64::MAX) + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| RunError::Store(format!("{}: {e}", self.record.display())))?;
+            Ok(Some(Progress::parse(&bytes)?))
+        }
+
+        pub(super) fn save(&self, p: &Progress) -> Result<(), RunError> {
+            self.check_alive()?;
+            let io = |e: std::io::Error| RunError::Store(format!("{}: {e}", self.record.display()));
+            let tmp = self.record.with_extension("json.tmp");
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&p.to_json()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &self.record).map_err(io)?;
+            if let Some(dir) = self.record.parent() {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io)?;
+            }
+            Ok(())
+        }
+
+        /// The lock file still holds this controller's token.
+        pub(super) fn check_alive(&self) -> Result<(), RunError> {
+            match std::fs::read_to_string(&self.lock) {
+                Ok(t) if t == self.token => Ok(()),
+                _ => Err(RunError::LockLost(format!(
+                    "{} no longer names this process",
+                    self.lock.display()
+                ))),
+            }
+        }
+
+        pub(super) fn release(self) {
+            if self.check_alive().is_ok() {
+                let _ = std::fs::remove_file(&self.lock);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #![allow(clippy::unwrap_used)]
+        use super::*;
+
+        #[test]
+        fn a_live_lock_refuses_a_stale_one_gives_way() {
+            let dir = tempfile::tempdir().unwrap();
+            let first = FileStore::acquire(dir.path(), "key-release").unwrap();
+            assert!(matches!(
+                FileStore::acquire(dir.path(), "key-release"),
+                Err(RunError::LockHeld { .. })
+            ));
+            // Another feature has its own lock.
+            let other = FileStore::acquire(dir.path(), "key-rotation").unwrap();
+            other.release();
+            first.release();
+            assert!(!dir.path().join("controller-key-release.lock").exists());
+            // A lock of a process that is gone (pid 0 never runs a
+            // program; a wrong start time is a reused pid).
+            let lock = dir.path().join("controller-key-release.lock");
+            std::fs::write(&lock, "999999999 1 gone\n").unwrap();
+            let me = std::process::id();
+            let s = FileStore::acquire(dir.path(), "key-release").unwrap();
+            s.release();
+            std::fs::write(&lock, format!("{me} 1 reused pid\n")).unwrap();
+            let s = FileStore::acquire(dir.path(), "key-release").unwrap();
+            // The record round-trips.
+            let plan = crate::rollout::plan::Plan::parse(
+                b"format = 1\nfeature = \"key-release\"\nrings = [\"a\"]\nbake_s = 1\n\
+                  [[gate]]\nmetric = \"errors\"\nmax = 1\n",
+            )
+            .unwrap();
+            assert_eq!(s.load().unwrap(), None);
+            let p = Progress::new(&plan);
+            s.save(&p).unwrap();
+            assert_eq!(s.load().unwrap(), Some(p));
+            // Someone else's lock in its place: no more saves.
+            std::fs::write(&lock, "1 1 someone\n").unwrap();
+            assert!(matches!(
+                s.save(&Progress::new(&plan)),
+                Err(RunError::LockLost(_))
+            ));
+            s.release();
+            assert!(lock.exists(), "never removes another's lock");
+        }
+    }
+}
+
+/// The etcd lock key of `feature`'s controller, for tools and tests.
+pub fn etcd_lock_key(document_key: &str, feature: &str) -> String {
+    etcd::lock_key(document_key, feature)
+}
+
+/// The file source's progress record of `feature`.
+pub fn progress_file(state_dir: &Path, feature: &str) -> PathBuf {
+    state_dir.join(format!("controller-{feature}.json"))
+}
