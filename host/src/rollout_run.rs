@@ -953,3 +953,91 @@ pub fn etcd_lock_key(document_key: &str, feature: &str) -> String {
 pub fn progress_file(state_dir: &Path, feature: &str) -> PathBuf {
     state_dir.join(format!("controller-{feature}.json"))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::rollout::service::RolloutConfig;
+    use crate::rollout::{Document, Envelope, TrustedKey};
+
+    /// The whole driver over the file source: signed stage writes, the
+    /// health file, the lock file and the progress record.
+    #[test]
+    fn a_rollout_through_the_file_source_completes_and_leaves_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc_file = dir.path().join("rollout.json");
+        let node_dir = dir.path().join("node");
+        let (pkcs8, public) = crate::rollout::keygen().unwrap();
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8).unwrap();
+        let config = RolloutConfig {
+            file: doc_file.clone(),
+            node_name: Some("node-a".into()),
+            trusted_key: vec![TrustedKey {
+                id: "release".into(),
+                public_key: public,
+            }],
+            ..RolloutConfig::default()
+        };
+        let settings = Settings::new(Some(&config), &node_dir).unwrap();
+        let doc = Document::parse(
+            br#"{"format":1,"revision":1,"issued_at":1,"rings":[
+              {"name":"canary","vm_ids":["vm-1"]},{"name":"all","buckets_below":10000}],
+              "features":{}}"#,
+        )
+        .unwrap();
+        std::fs::write(&doc_file, sign(&doc, &pair, "release").unwrap()).unwrap();
+        std::fs::create_dir_all(&settings.state_dir).unwrap();
+        std::fs::write(
+            settings.state_dir.join(health::HEALTH_FILE),
+            br#"{"format":1,"node":"node-a","at_unix":1,"started_unix":1,"revision":1,
+                 "rings":{},"suppressed":0}"#,
+        )
+        .unwrap();
+        let plan = Plan::parse(
+            b"format = 1\nfeature = \"key-rotation\"\nrings = [\"canary\", \"all\"]\n\
+              bake_s = 1\npoll_ms = 500\n[[gate]]\nmetric = \"errors\"\nmax = 5\n",
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let report = rt
+            .block_on(run(
+                plan,
+                &settings,
+                (pair, "release".into()),
+                RunOptions::default(),
+                Some(tx),
+                std::future::pending(),
+            ))
+            .unwrap();
+        assert_eq!(report.outcome, Outcome::Completed, "{report}");
+        let mut kinds = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            kinds.push(serde_json::to_value(&e).unwrap()["event"].clone());
+        }
+        assert_eq!(kinds.first().unwrap(), "started");
+        assert_eq!(kinds.last().unwrap(), "completed");
+        let now = Envelope::parse(&std::fs::read(&doc_file).unwrap()).unwrap();
+        assert_eq!(now.document.revision(), 3);
+        assert_eq!(
+            now.document
+                .feature(crate::rollout::Feature::KeyRotation)
+                .unwrap()
+                .stage(),
+            Some("all")
+        );
+        assert!(now.signature.is_some());
+        let record = std::fs::read(progress_file(&settings.state_dir, "key-rotation")).unwrap();
+        assert_eq!(Progress::parse(&record).unwrap().phase, Phase::Done);
+        assert!(
+            !settings
+                .state_dir
+                .join("controller-key-rotation.lock")
+                .exists()
+        );
+    }
+}
