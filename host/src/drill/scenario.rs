@@ -418,7 +418,7 @@ async fn kill_under_load(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> 
         nodes,
         ring_guests: ring_guests(total),
         feature: FEATURE,
-        health_interval_ms: None,
+        health_interval_ms: Some(500),
         external_etcd: args.etcd.clone(),
     })
     .await?;
