@@ -141,11 +141,9 @@ fn the_file_store_counts_sessions_and_requests_per_ring() {
     // A signed document with a canary ring that names the VM: the session
     // takes its ring with the change; a second guest's session and key
     // request count to it.
-    let document = concat!(
-        "{\"format\":1,\"revision\":1,\"issued_at\":0,\
+    let document = "{\"format\":1,\"revision\":1,\"issued_at\":0,\
          \"rings\":[{\"name\":\"canary\",\"vm_ids\":[\"vm-1\"]},{\"name\":\"rest\",\"buckets_below\":10000}],\
-         \"features\":{\"key-release\":{\"stage\":\"rest\",\"killed\":false}}}"
-    );
+         \"features\":{\"key-release\":{\"stage\":\"rest\",\"killed\":false}}}";
     let unsigned = d.path("doc.json");
     std::fs::write(&unsigned, document).unwrap();
     let o = run(
