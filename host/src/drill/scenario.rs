@@ -11,7 +11,34 @@
 //!   metrics and the guests' own probes), at most one host log line about
 //!   the rollout per host, and every guest attested in the end.
 //!
-//! What it trusts and bounds: see [`super`]; every phase has a limit.
+//! - `clean`: the feature at stage `none`, every guest (good builds)
+//!   attested; then the rollout controller (`crate::rollout_run::run`,
+//!   what `vkx-host rollout run` runs) walks canary, 1pct, 10pct, 50pct,
+//!   all with the plan of [`drill_plan`] (2-s bakes reduced, a sample of
+//!   one request, ceilings of 0 on errors, lost sessions and refused
+//!   attestations). A guest asks for its derivation up to 10 s after the
+//!   feature turns on (the session's re-enable jitter), so a small ring's
+//!   first bake is often inconclusive and extended. SLOs: completed, no
+//!   error sent, no session lost, every guest holding the feature.
+//! - `seed-incident`: the same walk, with the ring after the canary
+//!   (1pct) running the bad build ([`Build::Bad`]: one frame of an unknown
+//!   type once the feature is on). The hosts answer `unknown-message`,
+//!   the bad guests go dormant, the gate fails and the controller halts
+//!   with its unsigned kill. SLOs: first unknown-message error in the
+//!   hosts' metrics → kill written within the bake + [`FAULT_TO_HALT_BEYOND_BAKE`];
+//!   kill → last live guest told within [`KILL_TO_LAST_UPDATE`]; no request
+//!   or probe of the feature afterwards; at most one host log line about
+//!   the rollout per host from the failing verdict on; no attempt by a bad
+//!   guest after its unknown message, every bad guest dormant, every good
+//!   guest attested and live; the run halted.
+//!
+//! The controller runs against the sandbox's store as node 0's host.toml
+//! configures it (document key, etcd endpoints, health prefix: the
+//! hosts' own), signs with the sandbox's key, and takes its lock and
+//! progress record below the sandbox's prefix.
+//!
+//! What it trusts and bounds: see [`super`]; every phase has a limit
+//! (the controller's run: [`RUN_LIMIT`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -62,8 +89,9 @@ pub enum Size {
 /// The feature every drill rolls out: its requests are derivations, which
 /// each guest makes when the feature becomes usable for it.
 pub const FEATURE: Feature = Feature::KeyDerivation;
-/// SLO: the kill's command returned → the last guest that held the
-/// feature told (`feature-update`).
+/// SLO: the kill's command returned (kill-under-load) or the
+/// controller's kill written (seed-incident) → the last guest that held
+/// the feature told (`feature-update`).
 pub const KILL_TO_LAST_UPDATE: Duration = Duration::from_secs(1);
 /// SLO: requests of the killed feature reaching the hosts after the last
 /// guest was told.
