@@ -648,7 +648,8 @@ pub const BAD_GUEST_RETRIES: f64 = 0.0;
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 
 /// The controller's plan for the drills: every ring of the sandbox, a
-/// short bake, a small sample, and ceilings that a single unexpected
+/// short bake, a small sample (extended, not paused, while a small ring's
+/// guests wait out their jitter), and ceilings that a single unexpected
 /// error, lost session or refused attestation breaches.
 fn drill_plan(size: Size) -> String {
     let (bake, min_requests) = match size {
@@ -669,7 +670,9 @@ fn drill_plan(size: Size) -> String {
          [[gate]]\nmetric = \"error_rate\"\nmax = 0.01\n",
         FEATURE.name(),
         rings.join(", "),
-        bake * 3,
+        // Extensions until every guest of the ring has asked: each asks
+        // within the session's re-enable jitter of the feature turning on.
+        bake + vkx_common::session::guest::FEATURE_REENABLE_JITTER.as_secs() + 1,
     )
 }
 
