@@ -45,3 +45,38 @@ fn kill_under_load_reduced() {
         assert!(text.contains(want), "no {want:?} in the timeline:\n{text}");
     }
 }
+
+#[test]
+fn clean_reduced() {
+    let text = drill("clean");
+    for want in [
+        "stage canary",
+        "verdict canary",
+        "stage all",
+        "verdict all",
+        "completed",
+    ] {
+        assert!(text.contains(want), "no {want:?} in the timeline:\n{text}");
+    }
+}
+
+#[test]
+fn seed_incident_reduced() {
+    let text = drill("seed-incident");
+    for want in [
+        "stage canary",
+        "stage 1pct",
+        "first fault",
+        "kill rev",
+        "last guest updated",
+        "quiet",
+        "recovered",
+    ] {
+        assert!(text.contains(want), "no {want:?} in the timeline:\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.contains("verdict 1pct") && l.contains("fail")),
+        "the 1pct gate did not fail:\n{text}"
+    );
+}
