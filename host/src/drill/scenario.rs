@@ -785,6 +785,18 @@ async fn run_controller(
                 tl.event(drill.t(t), "stopped", reason.clone());
                 seen.other.push(("stopped".into(), reason, t));
             }
+            RunEventKind::StoreLost { ring, reason } => {
+                tl.event(drill.t(t), format!("store lost {ring}"), reason.clone());
+                seen.other.push(("store lost".into(), reason, t));
+            }
+            RunEventKind::StoreBack { ring, down_ms } => {
+                tl.event(
+                    drill.t(t),
+                    "controller resumed",
+                    format!("the store answered after {down_ms} ms: the bake of {ring} starts again"),
+                );
+                seen.other.push(("store back".into(), ring, t));
+            }
             RunEventKind::Started { .. } | RunEventKind::Observed { .. } => {}
         }
     };
