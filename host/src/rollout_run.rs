@@ -347,7 +347,8 @@ async fn drive(
         other => other,
     };
     let poll = plan.poll;
-    let mut controller = Controller::new(plan, saved)?.with_outage_limit(options.store_outage_limit);
+    let mut controller =
+        Controller::new(plan, saved)?.with_outage_limit(options.store_outage_limit);
     // Waits while the store is unreachable: the shared retry policy
     // (full jitter, capped at STORE_RETRY_CAP).
     let mut backoff = store_retry_policy();
@@ -413,14 +414,7 @@ async fn drive(
                 if let Err(e) = check(&bytes, current.as_ref(), settings) {
                     return Err(RunError::Config(format!("{e:#}")));
                 }
-                write(
-                    source,
-                    &bytes,
-                    v,
-                    document.revision(),
-                    &mut failures,
-                )
-                .await?
+                write(source, &bytes, v, document.revision(), &mut failures).await?
             }
             Action::WriteKill {
                 document,
@@ -431,14 +425,7 @@ async fn drive(
                     continue;
                 }
                 let bytes = unsigned(&document);
-                write(
-                    source,
-                    &bytes,
-                    v,
-                    document.revision(),
-                    &mut failures,
-                )
-                .await?
+                write(source, &bytes, v, document.revision(), &mut failures).await?
             }
             Action::ReadHealth => match health::read_all(&settings.health.store).await {
                 Ok(fleet) => Input::Health(fleet.summaries),
@@ -495,7 +482,9 @@ fn store_retry_policy() -> vkx_common::retry::RetryPolicy {
     };
     let seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0));
+        .map_or(0, |d| {
+            u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0)
+        });
     RetryPolicy::new(config, seed ^ u64::from(std::process::id()))
 }
 

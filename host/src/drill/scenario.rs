@@ -38,7 +38,8 @@
 //!   revision unchanged, the feature still on); `rollout kill --local` on
 //!   node 0 reaches its guests from the override file alone, then
 //!   `unkill --local` undoes it; the controller, meanwhile, holds
-//!   (`StoreLost`: no write, no verdict). etcd is restarted on its data,
+//!   (`StoreLost`: no write, no verdict). After at least
+//!   `ETCD_LOSS_MIN_OUTAGE` (three lock TTLs) etcd is restarted on its data,
 //!   the controller takes its lock again (the lease lapsed), checks its
 //!   record, bakes 1pct anew (`StoreBack`) and completes. SLOs: no session
 //!   lost; local kill → last guest of the node told within
@@ -806,7 +807,9 @@ async fn run_controller(
                 tl.event(
                     drill.t(t),
                     "controller resumed",
-                    format!("the store answered after {down_ms} ms: the bake of {ring} starts again"),
+                    format!(
+                        "the store answered after {down_ms} ms: the bake of {ring} starts again"
+                    ),
                 );
                 seen.other.push(("store back".into(), ring, t));
             }
@@ -1195,6 +1198,9 @@ pub const SESSIONS_LOST: f64 = 0.0;
 /// etcd-loss: the controller's lock lease, the shortest etcd grants, so
 /// that the outage outlives it and the controller must take it again.
 const ETCD_LOSS_LOCK_TTL: Duration = Duration::from_secs(crate::rollout_run::MIN_LOCK_TTL_S);
+/// etcd-loss: the store stays down at least this long, past the lock's
+/// lease and the keep-alive's timeouts, so that the lease lapses.
+const ETCD_LOSS_MIN_OUTAGE: Duration = Duration::from_secs(3 * crate::rollout_run::MIN_LOCK_TTL_S);
 
 /// What the etcd-loss script saw, on the drill's clock.
 #[derive(Debug, Default)]
@@ -1221,7 +1227,9 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
     let nodes = drill.sandbox.nodes.len();
     // The guests of canary and 1pct hold the feature once 1pct's stage is
     // set; node 0's of them take the local kill.
-    let holders: Vec<usize> = (0..total).filter(|i| drill.sandbox.vms[*i].ring <= 1).collect();
+    let holders: Vec<usize> = (0..total)
+        .filter(|i| drill.sandbox.vms[*i].ring <= 1)
+        .collect();
     let node0: Vec<usize> = holders
         .iter()
         .copied()
@@ -1252,9 +1260,14 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
     );
     let cfg0 = drill.sandbox.nodes[0].config.display().to_string();
     let local = |verb: &str| {
-        drill
-            .sandbox
-            .command(&["rollout", verb, FEATURE.name(), "--local", "--config", &cfg0])
+        drill.sandbox.command(&[
+            "rollout",
+            verb,
+            FEATURE.name(),
+            "--local",
+            "--config",
+            &cfg0,
+        ])
     };
     let (kill_cmd, unkill_cmd) = (local("kill"), local("unkill"));
     let d = &mut drill;
@@ -1347,8 +1360,10 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
                     () = &mut deadline => bail!("the controller did not notice the outage within {SETTLE_LIMIT:?}"),
                 }
             }
-            // Let a few samples show the hosts holding, then bring it back.
+            // Let a few samples show the hosts holding, and the lease
+            // lapse, then bring it back.
             tokio::time::sleep(SAMPLE_INTERVAL * 4).await;
+            tokio::time::sleep_until((t_lost + ETCD_LOSS_MIN_OUTAGE).into()).await;
             Ok(())
         }
         .await;
@@ -1379,10 +1394,7 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
         .map_err(|_| anyhow::anyhow!("the etcd-loss drill ran longer than {RUN_LIMIT:?}"))?;
     let o = outage?;
     let report = result.map_err(|e| anyhow::anyhow!("rollout run: {e}"))?;
-    let (t_lost, t_back) = (
-        o.lost.unwrap_or(drill.start),
-        o.back.unwrap_or(drill.start),
-    );
+    let (t_lost, t_back) = (o.lost.unwrap_or(drill.start), o.back.unwrap_or(drill.start));
     // The timeline.
     let mut stages_in_outage = 0usize;
     let mut resumed = None;
@@ -1418,7 +1430,9 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
                 tl.event(
                     drill.t(t),
                     "controller resumed",
-                    format!("the store answered after {down_ms} ms; the bake of {ring} starts again"),
+                    format!(
+                        "the store answered after {down_ms} ms; the bake of {ring} starts again"
+                    ),
                 );
             }
             RunEventKind::Completed => {
@@ -1459,13 +1473,25 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
         tl.event(
             drill.t(l),
             "last guest of node told",
-            format!("{}/{} guests of the node told by feature-update", o.told, node0.len()),
+            format!(
+                "{}/{} guests of the node told by feature-update",
+                o.told,
+                node0.len()
+            ),
         );
     }
     if let Some(u) = o.unkill {
-        tl.event(drill.t(u), "local unkill", "rollout unkill --local: the override removed");
+        tl.event(
+            drill.t(u),
+            "local unkill",
+            "rollout unkill --local: the override removed",
+        );
     }
-    tl.event(drill.t(t_back), "store back", "the sandbox's etcd restarted on its data");
+    tl.event(
+        drill.t(t_back),
+        "store back",
+        "the sandbox's etcd restarted on its data",
+    );
     tl.events.sort_by(|a, b| a.t.total_cmp(&b.t));
     // The end: every guest holds the feature (the last ring is everyone).
     let enabled = |s: &FleetState, i: usize| -> bool {
@@ -1501,7 +1527,12 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
     });
     #[allow(clippy::cast_precision_loss)]
     {
-        tl.slo("sessions lost", Some(lost as f64), SESSIONS_LOST, "sessions");
+        tl.slo(
+            "sessions lost",
+            Some(lost as f64),
+            SESSIONS_LOST,
+            "sessions",
+        );
         tl.slo_duration(
             "local kill -> last guest of the node updated",
             match (o.local_kill, o.last_told) {
@@ -1547,9 +1578,10 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
         );
     }
     tl.notes.push(format!(
-        "controller: {}; store down {:.1} s; host revisions in the outage's {} samples: {:?}; settled: {all_on}",
+        "controller: {}; store down {:.1} s (the controller's lock lease: {} s); host revisions in the outage's {} samples: {:?}; settled: {all_on}",
         report.outcome,
         (t_back - t_lost).as_secs_f64(),
+        ETCD_LOSS_LOCK_TTL.as_secs(),
         o.outage_samples,
         o.revisions
     ));

@@ -1454,7 +1454,11 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Completed, "{r}");
         let (from, until) = w.down.unwrap();
         let at = |k: fn(&RunEventKind) -> bool| {
-            w.events.iter().filter(|e| k(&e.kind)).map(|e| e.at).collect::<Vec<_>>()
+            w.events
+                .iter()
+                .filter(|e| k(&e.kind))
+                .map(|e| e.at)
+                .collect::<Vec<_>>()
         };
         let lost = at(|k| matches!(k, RunEventKind::StoreLost { .. }));
         let back = at(|k| matches!(k, RunEventKind::StoreBack { .. }));
@@ -1497,7 +1501,10 @@ mod tests {
             .with_outage_limit(Duration::from_secs(60));
         let r = w.run(&mut c);
         assert_eq!(r.outcome, Outcome::Paused, "{r}");
-        assert!(r.reason.as_deref().unwrap().starts_with(STORE_UNAVAILABLE), "{r}");
+        assert!(
+            r.reason.as_deref().unwrap().starts_with(STORE_UNAVAILABLE),
+            "{r}"
+        );
         assert_eq!(r.ring.as_deref(), Some("1pct"));
         assert_eq!(w.writes.len(), 2);
         let (from, _) = w.down.unwrap();
