@@ -139,8 +139,10 @@ pub enum RunError {
     /// The saved progress does not fit this plan.
     #[error(transparent)]
     Progress(#[from] ProgressError),
-    /// The lock expired or was taken while running: another controller
-    /// may be running now, so this one stopped before writing anything.
+    /// The lock was taken by another controller (its lease having lapsed
+    /// in an outage), or the progress record changed under this one:
+    /// another controller may be running now, so this one stopped before
+    /// writing anything.
     #[error("the controller lock was lost ({0}); stopped without writing")]
     LockLost(String),
     /// The store failed too often in a row.
