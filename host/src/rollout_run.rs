@@ -27,8 +27,19 @@
 //! What it trusts: host.toml, the plan, the operator's key. The document
 //! and the health summaries are parsed strictly before use.
 //!
-//! What it bounds: consecutive store failures ([`MAX_STORE_FAILURES`],
-//! each followed by a poll interval's wait), the time of every etcd call
+//! An unreachable store (a read, a write or a save that fails, or the
+//! lock's lease lapsing) is the controller's to decide on
+//! (`Input::StoreFailed`): it holds, writing and deciding nothing, while
+//! this driver retries with the shared retry policy (`vkx_common::retry`,
+//! waits up to [`STORE_RETRY_CAP`]); when the store answers, the driver
+//! takes the lock again if its lease lapsed (and no one else took it) and
+//! checks that the progress record is still the one it saved, then the
+//! controller reads the document again and bakes the ring anew. Past the
+//! outage limit ([`RunOptions::store_outage_limit`]) the run ends paused
+//! (exit 4), its record as last saved.
+//!
+//! What it bounds: consecutive malformed documents ([`MAX_STORE_FAILURES`]),
+//! an outage of the store (the outage limit), the time of every etcd call
 //! (the source's timeout), the sizes of what it reads (the source's and
 //! the record's limits).
 
@@ -52,9 +63,13 @@ use crate::rollout::{Accepted, sign, unsigned};
 use crate::rollout_cli::{ConfigArgs, KeyArgs, Node, check, expected, signer};
 use crate::source::{self, SourceConfig, SourceError, SourceKind, Version};
 
-/// Consecutive failed reads or writes of the store before the run gives
-/// up (the progress is saved; run again to resume).
+/// Consecutive malformed documents before the run gives up (the progress
+/// is saved; run again to resume). An unreachable store is waited out up
+/// to the controller's outage limit instead.
 pub const MAX_STORE_FAILURES: u32 = 30;
+/// Longest wait between two calls to an unreachable store (the retry
+/// policy's cap; its first waits are shorter).
+pub const STORE_RETRY_CAP: Duration = Duration::from_secs(5);
 /// Lock TTL: default and bounds (etcd grants at least 2 s; past 5 minutes
 /// a crashed controller blocks its successor too long).
 pub const DEFAULT_LOCK_TTL_S: u64 = 15;
@@ -99,6 +114,9 @@ pub struct RunArgs {
 pub struct RunOptions {
     pub lock_ttl: Duration,
     pub restart: bool,
+    /// How long an outage of the store is waited out before the run
+    /// pauses (the controller's `STORE_OUTAGE_LIMIT` by default).
+    pub store_outage_limit: Duration,
 }
 
 impl Default for RunOptions {
@@ -106,6 +124,7 @@ impl Default for RunOptions {
         Self {
             lock_ttl: Duration::from_secs(DEFAULT_LOCK_TTL_S),
             restart: false,
+            store_outage_limit: crate::rollout::controller::STORE_OUTAGE_LIMIT,
         }
     }
 }
@@ -120,8 +139,10 @@ pub enum RunError {
     /// The saved progress does not fit this plan.
     #[error(transparent)]
     Progress(#[from] ProgressError),
-    /// The lock expired or was taken while running: another controller
-    /// may be running now, so this one stopped before writing anything.
+    /// The lock was taken by another controller (its lease having lapsed
+    /// in an outage), or the progress record changed under this one:
+    /// another controller may be running now, so this one stopped before
+    /// writing anything.
     #[error("the controller lock was lost ({0}); stopped without writing")]
     LockLost(String),
     /// The store failed too often in a row.
@@ -178,6 +199,7 @@ pub fn cli(args: RunArgs, out: &mut dyn std::io::Write) -> anyhow::Result<u8> {
     let options = RunOptions {
         lock_ttl: Duration::from_secs(args.lock_ttl_s),
         restart: args.restart,
+        ..RunOptions::default()
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -262,6 +284,13 @@ pub fn timeline_line(started: SystemTime, e: &RunEvent) -> String {
         }
         RunEventKind::Paused { ring, reason } => format!("paused at {ring}: {reason}"),
         RunEventKind::Stopped { reason } => format!("stopped: {reason}"),
+        RunEventKind::StoreLost { ring, reason } => {
+            format!("store lost in the bake of {ring}: holding ({reason})")
+        }
+        RunEventKind::StoreBack { ring, down_ms } => format!(
+            "store back after {:.1} s: resumed, the bake of {ring} starts again",
+            *down_ms as f64 / 1000.0
+        ),
         RunEventKind::Completed => "completed".to_owned(),
     };
     format!("t+{t:7.1}s  {what}")
@@ -320,7 +349,11 @@ async fn drive(
         other => other,
     };
     let poll = plan.poll;
-    let mut controller = Controller::new(plan, saved)?;
+    let mut controller =
+        Controller::new(plan, saved)?.with_outage_limit(options.store_outage_limit);
+    // Waits while the store is unreachable: the shared retry policy
+    // (full jitter, capped at STORE_RETRY_CAP).
+    let mut backoff = store_retry_policy();
     tokio::pin!(stop);
     let mut input = Input::Started;
     let mut failures = 0u32;
@@ -348,112 +381,133 @@ async fn drive(
             Action::ReadDocument => match source::read(source).await {
                 Ok(None) => {
                     failures = 0;
+                    backoff.succeeded();
                     current = None;
                     Input::DocumentRead(None, Version::None)
                 }
                 Ok(Some((bytes, version))) => match Accepted::restore(bytes, &settings.trusted) {
                     Ok(a) => {
                         failures = 0;
+                        backoff.succeeded();
                         let doc = a.document().clone();
                         current = Some(a);
                         Input::DocumentRead(Some(doc), version)
                     }
                     Err(e) => {
                         let wait = retry(&mut failures, format!("the document is malformed: {e}"))?;
-                        pause(wait, &mut stop, store).await?;
+                        pause(wait, &mut stop).await?;
                         Input::Tick
                     }
                 },
-                Err(e) => {
-                    let wait = retry(&mut failures, e.to_string())?;
-                    pause(wait, &mut stop, store).await?;
-                    Input::Tick
-                }
+                Err(e) => Input::StoreFailed(e.to_string()),
             },
             Action::WriteStage {
                 document,
                 expected: v,
                 ..
             } => {
-                store.check_alive()?;
+                if let Err(e) = store.check_alive() {
+                    // Never write without the lock: take it again first.
+                    input = Input::StoreFailed(e.to_string());
+                    continue;
+                }
                 let bytes = sign(&document, pair, key_id)
                     .map_err(|e| RunError::Config(format!("signing: {e}")))?;
                 if let Err(e) = check(&bytes, current.as_ref(), settings) {
                     return Err(RunError::Config(format!("{e:#}")));
                 }
-                write(
-                    source,
-                    &bytes,
-                    v,
-                    document.revision(),
-                    &mut failures,
-                    &mut stop,
-                    store,
-                    retry,
-                )
-                .await?
+                write(source, &bytes, v, document.revision(), &mut failures).await?
             }
             Action::WriteKill {
                 document,
                 expected: v,
             } => {
-                store.check_alive()?;
+                if let Err(e) = store.check_alive() {
+                    input = Input::StoreFailed(e.to_string());
+                    continue;
+                }
                 let bytes = unsigned(&document);
-                write(
-                    source,
-                    &bytes,
-                    v,
-                    document.revision(),
-                    &mut failures,
-                    &mut stop,
-                    store,
-                    retry,
-                )
-                .await?
+                write(source, &bytes, v, document.revision(), &mut failures).await?
             }
             Action::ReadHealth => match health::read_all(&settings.health.store).await {
                 Ok(fleet) => Input::Health(fleet.summaries),
                 Err(e) => Input::HealthFailed(e),
             },
-            Action::SaveProgress(p) => {
-                store.save(&p).await?;
-                Input::Saved
-            }
+            Action::SaveProgress(p) => match store.save(&p).await {
+                Ok(()) => Input::Saved,
+                Err(RunError::Store(e)) => Input::StoreFailed(e),
+                Err(RunError::LockLost(e)) => Input::StoreFailed(format!("lock lost: {e}")),
+                Err(e) => return Err(e),
+            },
             Action::Sleep(until) => {
                 let wait = until
                     .duration_since(SystemTime::now())
                     .unwrap_or(Duration::ZERO);
-                pause(wait, &mut stop, store).await?;
+                pause(wait, &mut stop).await?;
+                match store.check_alive() {
+                    Ok(()) => Input::Tick,
+                    Err(e) => Input::StoreFailed(e.to_string()),
+                }
+            }
+            Action::WaitForStore => {
+                let now = std::time::Instant::now();
+                let next = backoff.failed(now, vkx_common::retry::Failure::Transport);
+                pause(next.instant().saturating_duration_since(now), &mut stop).await?;
                 Input::Tick
             }
+            Action::CheckStore(p) => match store.recheck(&p).await {
+                Ok(()) => {
+                    backoff.succeeded();
+                    Input::StoreChecked
+                }
+                Err(RunError::Store(e)) => Input::StoreFailed(e),
+                Err(e) => return Err(e),
+            },
             Action::Finish(report) => return Ok(report),
         };
     }
 }
 
-/// Sleeps `wait`, unless stopped or the lock is lost.
+/// The retry policy of an unreachable store: the shared one
+/// (`vkx_common::retry`), with short waits (the outage limit bounds the
+/// total) and a budget that the limit never spends.
+fn store_retry_policy() -> vkx_common::retry::RetryPolicy {
+    use vkx_common::retry::{MAX_RETRY_BUDGET, RetryConfig, RetryPolicy};
+    let config = RetryConfig {
+        base: Duration::from_millis(250),
+        cap: STORE_RETRY_CAP,
+        budget: MAX_RETRY_BUDGET,
+        reprobe_interval: STORE_RETRY_CAP,
+        reprobe_jitter: Duration::from_secs(1),
+        reconnect_spread: STORE_RETRY_CAP,
+        ..RetryConfig::default()
+    };
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| {
+            u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0)
+        });
+    RetryPolicy::new(config, seed ^ u64::from(std::process::id()))
+}
+
+/// Sleeps `wait`, unless stopped.
 async fn pause(
     wait: Duration,
     stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-    store: &mut Store,
 ) -> Result<(), RunError> {
     tokio::select! {
         () = tokio::time::sleep(wait) => {}
         () = stop.as_mut() => return Err(RunError::Interrupted),
     }
-    store.check_alive()
+    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn write(
     source: &SourceConfig,
     bytes: &[u8],
     version: Version,
     revision: u64,
     failures: &mut u32,
-    stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-    store: &mut Store,
-    retry: impl Fn(&mut u32, String) -> Result<Duration, RunError>,
 ) -> Result<Input, RunError> {
     match source::write_if(source, bytes, expected(version)).await {
         Ok(_) => {
@@ -461,13 +515,9 @@ async fn write(
             Ok(Input::Written { revision })
         }
         Err(SourceError::Conflict { .. }) => Ok(Input::WriteConflict),
-        Err(e) => {
-            // The write may or may not have landed: re-read and decide
-            // again (the controller recognises its own write).
-            let wait = retry(failures, e.to_string())?;
-            pause(wait, stop, store).await?;
-            Ok(Input::WriteConflict)
-        }
+        // The write may or may not have landed: the controller re-reads
+        // once the store answers, and recognises its own write.
+        Err(e) => Ok(Input::StoreFailed(e.to_string())),
     }
 }
 
@@ -508,6 +558,16 @@ impl Store {
         match self {
             Self::Etcd(s) => s.save(p).await,
             Self::File(s) => s.save(p),
+        }
+    }
+
+    /// After an outage: the lock is this controller's again (taken anew
+    /// if its lease lapsed and no one else holds it) and the record is
+    /// the one it last saved (or `expected`).
+    async fn recheck(&mut self, expected: &Progress) -> Result<(), RunError> {
+        match self {
+            Self::Etcd(s) => s.recheck(expected).await,
+            Self::File(s) => s.check_alive(),
         }
     }
 
@@ -552,6 +612,7 @@ mod etcd {
     pub(super) struct EtcdStore {
         client: Client,
         timeout: Duration,
+        ttl: Duration,
         lease: i64,
         lock_key: String,
         progress_key: String,
@@ -630,6 +691,7 @@ mod etcd {
             Ok(Self {
                 client,
                 timeout: t,
+                ttl,
                 lease,
                 lock_key,
                 progress_key,
@@ -683,6 +745,79 @@ mod etcd {
             }
             self.revision = resp.header().map_or(self.revision, |h| h.revision());
             Ok(())
+        }
+
+        /// See `Store::recheck`.
+        pub(super) async fn recheck(&mut self, expected: &Progress) -> Result<(), RunError> {
+            let t = self.timeout;
+            if self.lost.load(Ordering::Relaxed) {
+                // The lease lapsed (or may have): give it up, and take the
+                // lock under a new one if the key is gone or still ours.
+                self.keeper.abort();
+                let _ = timed(t, self.client.lease_revoke(self.lease)).await;
+                let ttl_s = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+                let lease = timed(t, self.client.lease_grant(ttl_s, None))
+                    .await
+                    .map_err(RunError::Store)?
+                    .id();
+                let txn = Txn::new()
+                    .when([Compare::create_revision(
+                        self.lock_key.as_str(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then([TxnOp::put(
+                        self.lock_key.as_str(),
+                        super::holder(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )])
+                    .or_else([TxnOp::get(self.lock_key.as_str(), None)]);
+                let resp = match timed(t, self.client.txn(txn)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = timed(t, self.client.lease_revoke(lease)).await;
+                        return Err(RunError::Store(e));
+                    }
+                };
+                if !resp.succeeded() {
+                    let _ = timed(t, self.client.lease_revoke(lease)).await;
+                    return Err(RunError::LockLost(format!(
+                        "the lease lapsed in the store's outage and etcd key {} is held by \
+                         another controller now",
+                        self.lock_key
+                    )));
+                }
+                self.lease = lease;
+                self.lost.store(false, Ordering::Relaxed);
+                self.keeper = tokio::spawn(keep_alive(
+                    self.client.clone(),
+                    lease,
+                    self.ttl,
+                    t,
+                    self.lost.clone(),
+                ));
+                vkx_common::rl_warn!(
+                    key = %self.lock_key,
+                    "rollout run: the controller lock lapsed in the store's outage; taken again"
+                );
+            }
+            // The record: the revision this controller last wrote, or
+            // (a save whose answer was lost) the progress it holds.
+            let resp = timed(t, self.client.get(self.progress_key.as_str(), None))
+                .await
+                .map_err(RunError::Store)?;
+            let (revision, found) = match resp.kvs().first() {
+                Some(kv) => (kv.mod_revision(), Progress::parse(kv.value()).ok()),
+                None => (0, None),
+            };
+            if revision == self.revision || found.as_ref() == Some(expected) {
+                self.revision = revision;
+                return Ok(());
+            }
+            self.lost.store(true, Ordering::Relaxed);
+            Err(RunError::LockLost(
+                "the progress record was changed by someone else during the store's outage".into(),
+            ))
         }
 
         pub(super) fn check_alive(&self) -> Result<(), RunError> {

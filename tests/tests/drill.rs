@@ -80,3 +80,21 @@ fn seed_incident_reduced() {
         "the 1pct gate did not fail:\n{text}"
     );
 }
+
+#[test]
+fn etcd_loss_reduced() {
+    let text = drill("etcd-loss");
+    for want in [
+        "stage 1pct",
+        "store lost",
+        "hosts hold",
+        "local kill",
+        "last guest of node told",
+        "local unkill",
+        "store back",
+        "controller resumed",
+        "completed",
+    ] {
+        assert!(text.contains(want), "no {want:?} in the timeline:\n{text}");
+    }
+}

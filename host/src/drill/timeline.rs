@@ -35,6 +35,8 @@ pub struct Sample {
     pub sources_up: u64,
     /// Hosts that answered this scrape.
     pub hosts: usize,
+    /// `vkx_rollout_revision` of each host that answered, in order.
+    pub revisions: Vec<u64>,
 }
 
 impl Sample {
@@ -77,6 +79,7 @@ impl Sample {
                 }
                 "vkx_feature_updates_sent_total" => self.updates_sent += v,
                 "vkx_rollout_source_up" => self.sources_up += v,
+                "vkx_rollout_revision" => self.revisions.push(v),
                 _ => {}
             }
         }

@@ -59,6 +59,13 @@ pub const MAX_KILL_ATTEMPTS: usize = 16;
 /// A health read this close to the end of the bake decides: a driver's
 /// timer may wake a little early by the wall clock.
 const DEADLINE_SLACK: Duration = Duration::from_millis(50);
+/// How long the store may stay unreachable before the run gives up
+/// (outcome paused, the progress record as last saved; spec/ROLLOUT.md
+/// §13.3). While it is down the controller writes nothing and decides
+/// nothing: it waits (the driver retries with the shared retry policy).
+pub const STORE_OUTAGE_LIMIT: Duration = Duration::from_secs(10 * 60);
+/// The reason of a pause for an outage.
+pub const STORE_UNAVAILABLE: &str = "store unavailable";
 
 // ------------------------------------------------------------- progress
 
@@ -212,8 +219,14 @@ pub enum Input {
     Health(Vec<HealthSummary>),
     /// The health could not be read.
     HealthFailed(String),
-    /// A [`Action::Sleep`] ended.
+    /// A [`Action::Sleep`] or [`Action::WaitForStore`] ended.
     Tick,
+    /// The store could not be reached: a read failed, a write's fate is
+    /// unknown, a save failed, or the controller lock's lease lapsed.
+    StoreFailed(String),
+    /// After an outage: the lock is this controller's (taken again if it
+    /// had lapsed) and the progress record is the one it last saved.
+    StoreChecked,
 }
 
 /// What to do next.
@@ -235,6 +248,13 @@ pub enum Action {
     ReadHealth,
     SaveProgress(Progress),
     Sleep(SystemTime),
+    /// The store is unreachable: wait as the retry policy says, then
+    /// [`Input::Tick`] (the controller reads the document again).
+    WaitForStore,
+    /// The store answered again: take the lock again if it lapsed (if no
+    /// one else holds it), check that the progress record is still this
+    /// `Progress` (or the one last saved), then [`Input::StoreChecked`].
+    CheckStore(Progress),
     Finish(Report),
 }
 
@@ -284,6 +304,12 @@ pub enum RunEventKind {
     Paused { ring: String, reason: String },
     /// Someone else changed the feature; the controller stopped.
     Stopped { reason: String },
+    /// The store became unreachable; the controller holds (writes
+    /// nothing, decides nothing) until it answers again.
+    StoreLost { ring: String, reason: String },
+    /// The store answered again after `down_ms`; the bake of `ring`
+    /// starts again (the fleet's health during the outage is unknown).
+    StoreBack { ring: String, down_ms: u64 },
     /// Every ring passed.
     Completed,
 }
@@ -410,6 +436,11 @@ pub struct Controller {
     attempts: usize,
     reason: Option<String>,
     events: VecDeque<RunEvent>,
+    /// Since when the store is unreachable.
+    outage: Option<SystemTime>,
+    outage_limit: Duration,
+    /// After an outage: read the document before anything else.
+    recheck: bool,
 }
 
 impl Controller {
@@ -433,7 +464,23 @@ impl Controller {
             attempts: 0,
             reason: None,
             events: VecDeque::new(),
+            outage: None,
+            outage_limit: STORE_OUTAGE_LIMIT,
+            recheck: false,
         })
+    }
+
+    /// How long an outage of the store may last before the run pauses
+    /// (default [`STORE_OUTAGE_LIMIT`]).
+    #[must_use]
+    pub fn with_outage_limit(mut self, limit: Duration) -> Self {
+        self.outage_limit = limit;
+        self
+    }
+
+    /// Whether the store is unreachable now.
+    pub fn store_lost(&self) -> bool {
+        self.outage.is_some()
     }
 
     pub fn progress(&self) -> &Progress {
@@ -474,6 +521,13 @@ impl Controller {
             Input::Saved => self.on_saved(now),
             Input::Health(fleet) => self.on_health(now, fleet),
             Input::HealthFailed(e) => self.on_health_failed(now, e),
+            Input::StoreFailed(e) => self.on_store_failed(now, e),
+            Input::StoreChecked => {
+                // Save first: a save may have failed in the outage.
+                self.recheck = true;
+                Action::SaveProgress(self.progress.clone())
+            }
+            Input::Tick if self.outage.is_some() => Action::ReadDocument,
             Input::Tick => match self.mode {
                 Mode::Finished | Mode::Finishing(_) => Action::Finish(self.report()),
                 _ => Action::ReadDocument,
@@ -626,7 +680,71 @@ impl Controller {
         Ok(())
     }
 
+    /// The store failed: hold, and pause after the outage limit.
+    fn on_store_failed(&mut self, now: SystemTime, error: String) -> Action {
+        match self.mode {
+            Mode::Finished => return Action::Finish(self.report()),
+            // The write may or may not have landed: read and decide
+            // again once the store is back (the controller recognises
+            // its own write).
+            Mode::WritingStage => self.mode = Mode::Widen,
+            Mode::WritingKill => self.mode = Mode::Halt,
+            _ => {}
+        }
+        let ring = self.ring_owned();
+        let Some(since) = self.outage else {
+            self.outage = Some(now);
+            self.emit(
+                now,
+                RunEventKind::StoreLost {
+                    ring,
+                    reason: format!("{STORE_UNAVAILABLE}: {error}"),
+                },
+            );
+            return Action::WaitForStore;
+        };
+        let down = now.duration_since(since).unwrap_or(Duration::ZERO);
+        if down < self.outage_limit {
+            return Action::WaitForStore;
+        }
+        // Nothing can be saved: the record stays as last saved, and a
+        // run started again resumes from it (a bake starts again).
+        let reason = format!(
+            "{STORE_UNAVAILABLE} for {} s (limit {} s): {error}",
+            down.as_secs(),
+            self.outage_limit.as_secs()
+        );
+        self.emit(
+            now,
+            RunEventKind::Paused {
+                ring,
+                reason: reason.clone(),
+            },
+        );
+        self.reason = Some(reason);
+        self.finish_now(Outcome::Paused)
+    }
+
     fn on_document(&mut self, now: SystemTime, doc: Option<Document>, version: Version) -> Action {
+        if let Some(since) = self.outage.take() {
+            // The store is back. What this read saw is not acted on: the
+            // lock and the record are checked first, then the document is
+            // read again.
+            let _ = (doc, version);
+            let down_ms = now
+                .duration_since(since)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let ring = self.ring_owned();
+            self.emit(now, RunEventKind::StoreBack { ring, down_ms });
+            if self.mode == Mode::Bake {
+                // The health during the outage is unknown: a new window.
+                self.start_bake(now);
+                self.progress.phase = Phase::Baking {
+                    since_unix: unix(now),
+                };
+            }
+            return Action::CheckStore(self.progress.clone());
+        }
         let Some(doc) = doc else {
             let outcome = if self.document.is_none() {
                 Outcome::Refused
@@ -778,6 +896,11 @@ impl Controller {
     }
 
     fn on_saved(&mut self, now: SystemTime) -> Action {
+        if std::mem::take(&mut self.recheck)
+            && !matches!(self.mode, Mode::Finishing(_) | Mode::Finished)
+        {
+            return Action::ReadDocument;
+        }
         match self.mode.clone() {
             Mode::Finishing(outcome) => self.finish_now(outcome),
             Mode::Finished => Action::Finish(self.report()),
@@ -1126,6 +1249,11 @@ mod tests {
         /// An operator's edit, applied once the clock passes its time.
         operator: Option<(SystemTime, Edit)>,
         events: Vec<RunEvent>,
+        /// The store is down from the first to the second time, once the
+        /// feature's stage is the ring given.
+        outage: Option<(&'static str, Duration)>,
+        down: Option<(SystemTime, SystemTime)>,
+        checks: usize,
     }
 
     impl World {
@@ -1142,7 +1270,23 @@ mod tests {
                 last: t0,
                 operator: None,
                 events: Vec::new(),
+                outage: None,
+                down: None,
+                checks: 0,
             }
+        }
+
+        fn is_down(&mut self) -> bool {
+            if let Some((ring, length)) = self.outage
+                && self.doc.feature(F).and_then(|e| e.stage()) == Some(ring)
+            {
+                // Mid-bake: a second after the stage was written.
+                let from = self.now + Duration::from_secs(1);
+                self.down = Some((from, from + length));
+                self.outage = None;
+            }
+            self.down
+                .is_some_and(|(from, until)| self.now >= from && self.now < until)
         }
 
         fn enabled(&self, ring: &str) -> bool {
@@ -1192,7 +1336,27 @@ mod tests {
                 while let Some(e) = c.poll_event() {
                     self.events.push(e);
                 }
+                let down = self.is_down();
                 input = match action {
+                    Action::ReadDocument
+                    | Action::WriteStage { .. }
+                    | Action::WriteKill { .. }
+                    | Action::SaveProgress(_)
+                    | Action::CheckStore(_)
+                        if down =>
+                    {
+                        Input::StoreFailed("connection refused".into())
+                    }
+                    Action::WaitForStore => {
+                        self.now += Duration::from_secs(1);
+                        Input::Tick
+                    }
+                    Action::CheckStore(p) => {
+                        self.checks += 1;
+                        let last = self.saved.last().unwrap();
+                        assert_eq!((last.step, &last.plan_digest), (p.step, &p.plan_digest));
+                        Input::StoreChecked
+                    }
                     Action::ReadDocument => {
                         Input::DocumentRead(Some(self.doc.clone()), Version::Etcd(self.version))
                     }
@@ -1276,6 +1440,90 @@ mod tests {
     fn bad_in_1pct(ring: &str, enabled: bool) -> (u64, u64, u64) {
         let (s, r, _) = healthy(ring, enabled);
         (s, r, if ring == "1pct" && enabled { 30 } else { 0 })
+    }
+
+    /// The store dies in the bake of 1pct and comes back: no write while it
+    /// is down, the bake of 1pct starts again, the run completes.
+    #[test]
+    fn a_store_outage_mid_bake_holds_then_resumes_and_completes() {
+        let mut w = World::new(healthy);
+        w.outage = Some(("1pct", Duration::from_secs(30)));
+        let mut c = Controller::new(plan(""), None).unwrap();
+        let t0 = w.now;
+        let r = w.run(&mut c);
+        assert_eq!(r.outcome, Outcome::Completed, "{r}");
+        let (from, until) = w.down.unwrap();
+        let at = |k: fn(&RunEventKind) -> bool| {
+            w.events
+                .iter()
+                .filter(|e| k(&e.kind))
+                .map(|e| e.at)
+                .collect::<Vec<_>>()
+        };
+        let lost = at(|k| matches!(k, RunEventKind::StoreLost { .. }));
+        let back = at(|k| matches!(k, RunEventKind::StoreBack { .. }));
+        assert_eq!(lost.len(), 1);
+        assert_eq!(back.len(), 1);
+        assert!(lost[0] >= from && lost[0] < until && back[0] >= until);
+        // Nothing written, no verdict while the store was down.
+        let stages = at(|k| matches!(k, RunEventKind::StageSet { .. }));
+        assert!(stages.iter().all(|t| *t < from || *t >= until));
+        let verdicts = at(|k| matches!(k, RunEventKind::Verdict { .. }));
+        assert!(verdicts.iter().all(|t| *t < from || *t >= until));
+        assert_eq!(w.writes.len(), 4);
+        assert_eq!(w.checks, 1);
+        let back_event = w
+            .events
+            .iter()
+            .find(|e| matches!(e.kind, RunEventKind::StoreBack { .. }))
+            .unwrap();
+        assert!(matches!(&back_event.kind, RunEventKind::StoreBack { ring, .. } if ring == "1pct"));
+        // 1pct's verdict comes a full bake after the store came back.
+        let pct = w
+            .events
+            .iter()
+            .find(|e| matches!(&e.kind, RunEventKind::Verdict { ring, .. } if ring == "1pct"))
+            .unwrap();
+        assert!(pct.at >= back[0] + Duration::from_secs(10));
+        assert!(r.history.iter().all(|v| v.verdict == "pass"), "{r}");
+        assert!(w.now.duration_since(t0).unwrap() >= Duration::from_secs(70));
+        assert_eq!(w.saved.last().unwrap().phase, Phase::Done);
+    }
+
+    /// An outage longer than the limit: paused, the record as last saved
+    /// (baking 1pct), so a run started again bakes 1pct again.
+    #[test]
+    fn a_store_outage_past_the_limit_pauses_keeping_the_progress() {
+        let mut w = World::new(healthy);
+        w.outage = Some(("1pct", Duration::from_secs(3600)));
+        let mut c = Controller::new(plan(""), None)
+            .unwrap()
+            .with_outage_limit(Duration::from_secs(60));
+        let r = w.run(&mut c);
+        assert_eq!(r.outcome, Outcome::Paused, "{r}");
+        assert!(
+            r.reason.as_deref().unwrap().starts_with(STORE_UNAVAILABLE),
+            "{r}"
+        );
+        assert_eq!(r.ring.as_deref(), Some("1pct"));
+        assert_eq!(w.writes.len(), 2);
+        let (from, _) = w.down.unwrap();
+        let paused = w
+            .events
+            .iter()
+            .find(|e| matches!(e.kind, RunEventKind::Paused { .. }))
+            .unwrap();
+        assert!(paused.at >= from + Duration::from_secs(60));
+        let last = w.saved.last().unwrap().clone();
+        assert_eq!(last.step, 1);
+        assert!(matches!(last.phase, Phase::Baking { .. }));
+        // The store back, a run resumes the bake of 1pct and completes
+        // without writing 1pct's stage again.
+        w.down = None;
+        let mut again = Controller::new(plan(""), Some(last)).unwrap();
+        let r = w.run(&mut again);
+        assert_eq!(r.outcome, Outcome::Completed, "{r}");
+        assert_eq!(w.writes.len(), 4);
     }
 
     #[test]
