@@ -66,6 +66,11 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(50);
 pub const STORE_OUTAGE_LIMIT: Duration = Duration::from_secs(10 * 60);
 /// The reason of a pause for an outage.
 pub const STORE_UNAVAILABLE: &str = "store unavailable";
+/// Outages one step may see before the run pauses: a store that answers
+/// reads but keeps failing writes or saves (a permanent write error, a
+/// lock that cannot be kept) would otherwise hold, recover and hold again
+/// without end.
+pub const MAX_OUTAGES_PER_STEP: u32 = 8;
 
 // ------------------------------------------------------------- progress
 
@@ -441,6 +446,12 @@ pub struct Controller {
     outage_limit: Duration,
     /// After an outage: read the document before anything else.
     recheck: bool,
+    /// Since when the store was unreachable, while its return is not yet
+    /// confirmed (lock checked, record saved): a failure in that time
+    /// continues the same outage and its clock.
+    recovering: Option<SystemTime>,
+    /// Outages seen in the current step ([`MAX_OUTAGES_PER_STEP`]).
+    outages: u32,
 }
 
 impl Controller {
@@ -467,6 +478,8 @@ impl Controller {
             outage: None,
             outage_limit: STORE_OUTAGE_LIMIT,
             recheck: false,
+            recovering: None,
+            outages: 0,
         })
     }
 
@@ -523,6 +536,13 @@ impl Controller {
             Input::HealthFailed(e) => self.on_health_failed(now, e),
             Input::StoreFailed(e) => self.on_store_failed(now, e),
             Input::StoreChecked => {
+                if self.mode == Mode::Bake {
+                    // The health during the outage is unknown: a new window.
+                    self.start_bake(now);
+                    self.progress.phase = Phase::Baking {
+                        since_unix: unix(now),
+                    };
+                }
                 // Save first: a save may have failed in the outage.
                 self.recheck = true;
                 Action::SaveProgress(self.progress.clone())
@@ -692,8 +712,28 @@ impl Controller {
             _ => {}
         }
         let ring = self.ring_owned();
+        if self.outage.is_none() {
+            // A failure before the return was confirmed: the same outage.
+            self.outage = self.recovering.take();
+        }
         let Some(since) = self.outage else {
             self.outage = Some(now);
+            self.outages = self.outages.saturating_add(1);
+            if self.outages > MAX_OUTAGES_PER_STEP {
+                let reason = format!(
+                    "{STORE_UNAVAILABLE}: {} outages in this step (limit {MAX_OUTAGES_PER_STEP}): {error}",
+                    self.outages
+                );
+                self.emit(
+                    now,
+                    RunEventKind::Paused {
+                        ring,
+                        reason: reason.clone(),
+                    },
+                );
+                self.reason = Some(reason);
+                return self.finish_now(Outcome::Paused);
+            }
             self.emit(
                 now,
                 RunEventKind::StoreLost {
@@ -727,6 +767,7 @@ impl Controller {
 
     fn on_document(&mut self, now: SystemTime, doc: Option<Document>, version: Version) -> Action {
         if let Some(since) = self.outage.take() {
+            self.recovering = Some(since);
             // The store is back. What this read saw is not acted on: the
             // lock and the record are checked first, then the document is
             // read again.
@@ -736,13 +777,8 @@ impl Controller {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             let ring = self.ring_owned();
             self.emit(now, RunEventKind::StoreBack { ring, down_ms });
-            if self.mode == Mode::Bake {
-                // The health during the outage is unknown: a new window.
-                self.start_bake(now);
-                self.progress.phase = Phase::Baking {
-                    since_unix: unix(now),
-                };
-            }
+            // Checked against the record last sent to be saved (whose
+            // answer may have been lost); the bake restarts after.
             return Action::CheckStore(self.progress.clone());
         }
         let Some(doc) = doc else {
@@ -896,10 +932,12 @@ impl Controller {
     }
 
     fn on_saved(&mut self, now: SystemTime) -> Action {
-        if std::mem::take(&mut self.recheck)
-            && !matches!(self.mode, Mode::Finishing(_) | Mode::Finished)
-        {
-            return Action::ReadDocument;
+        if std::mem::take(&mut self.recheck) {
+            // The lock is ours and the record saved: the store is back.
+            self.recovering = None;
+            if !matches!(self.mode, Mode::Finishing(_) | Mode::Finished) {
+                return Action::ReadDocument;
+            }
         }
         match self.mode.clone() {
             Mode::Finishing(outcome) => self.finish_now(outcome),
@@ -984,6 +1022,7 @@ impl Controller {
         match verdict {
             GateVerdict::Pass => {
                 self.progress.step += 1;
+                self.outages = 0;
                 if self.progress.step >= self.plan.steps.len() {
                     self.progress.phase = Phase::Done;
                     self.emit(now, RunEventKind::Completed);
@@ -1254,6 +1293,10 @@ mod tests {
         outage: Option<(&'static str, Duration)>,
         down: Option<(SystemTime, SystemTime)>,
         checks: usize,
+        /// Every save fails while reads succeed.
+        saves_fail: bool,
+        /// Saves whose record is stored but whose answer is lost.
+        lose_save_answers: usize,
     }
 
     impl World {
@@ -1273,6 +1316,8 @@ mod tests {
                 outage: None,
                 down: None,
                 checks: 0,
+                saves_fail: false,
+                lose_save_answers: 0,
             }
         }
 
@@ -1353,8 +1398,10 @@ mod tests {
                     }
                     Action::CheckStore(p) => {
                         self.checks += 1;
-                        let last = self.saved.last().unwrap();
-                        assert_eq!((last.step, &last.plan_digest), (p.step, &p.plan_digest));
+                        // What the store holds is what was last sent.
+                        if let Some(last) = self.saved.last() {
+                            assert_eq!(last, &p, "checked against the record last sent");
+                        }
                         Input::StoreChecked
                     }
                     Action::ReadDocument => {
@@ -1369,10 +1416,21 @@ mod tests {
                         self.write(expected, document, "kill".into(), false)
                     }
                     Action::ReadHealth => Input::Health(self.health()),
+                    Action::SaveProgress(_) if self.saves_fail => {
+                        Input::StoreFailed("permission denied".into())
+                    }
                     Action::SaveProgress(p) => {
                         let bytes = p.to_json();
                         self.saved.push(Progress::parse(&bytes).unwrap());
-                        Input::Saved
+                        if self.lose_save_answers > 0
+                            && !self.saved.is_empty()
+                            && self.writes.len() == 1
+                        {
+                            self.lose_save_answers -= 1;
+                            Input::StoreFailed("timed out".into())
+                        } else {
+                            Input::Saved
+                        }
                     }
                     Action::Sleep(until) => {
                         assert!(until > self.now, "sleeps go forward");
@@ -1488,6 +1546,39 @@ mod tests {
         assert!(r.history.iter().all(|v| v.verdict == "pass"), "{r}");
         assert!(w.now.duration_since(t0).unwrap() >= Duration::from_secs(70));
         assert_eq!(w.saved.last().unwrap().phase, Phase::Done);
+    }
+
+    /// A store that answers reads but refuses every save: the outage's
+    /// clock runs on through each short return, so the run pauses at the
+    /// limit instead of holding and recovering for ever.
+    #[test]
+    fn a_store_that_reads_but_never_saves_pauses_within_the_limit() {
+        let mut w = World::new(healthy);
+        w.saves_fail = true;
+        let mut c = Controller::new(plan(""), None)
+            .unwrap()
+            .with_outage_limit(Duration::from_secs(60));
+        let t0 = w.now;
+        let r = w.run(&mut c);
+        assert_eq!(r.outcome, Outcome::Paused, "{r}");
+        let took = w.now.duration_since(t0).unwrap();
+        assert!(took <= Duration::from_secs(62), "paused after {took:?}");
+        // The first stage, written before its save failed; never again.
+        assert_eq!(w.writes.len(), 1, "{:?}", w.writes);
+    }
+
+    /// A save that reached the store but whose answer was lost: the store
+    /// is checked against that record (not one with a new bake start),
+    /// and the run goes on to complete.
+    #[test]
+    fn a_save_whose_answer_was_lost_is_recognised() {
+        let mut w = World::new(healthy);
+        w.lose_save_answers = 1;
+        let mut c = Controller::new(plan(""), None).unwrap();
+        let r = w.run(&mut c);
+        assert_eq!(r.outcome, Outcome::Completed, "{r}");
+        assert_eq!(w.lose_save_answers, 0, "an answer was lost");
+        assert!(w.checks >= 1, "the store was checked after the lost answer");
     }
 
     /// An outage longer than the limit: paused, the record as last saved
