@@ -68,6 +68,10 @@ pub const FORMAT: u32 = 1;
 pub const MAX_SUMMARY_BYTES: usize = 256 * 1024;
 /// Summaries one [`read_all`] returns: a fleet store holds one per node.
 pub const MAX_FLEET_SUMMARIES: usize = 4096;
+/// Bytes of summaries one read of the fleet takes in all: past it the
+/// read fails (missing data, never a pass) instead of parsing a flood a
+/// hostile writer under the prefix could put there.
+pub const MAX_FLEET_BYTES: usize = 64 * 1024 * 1024;
 /// Summaries fetched from etcd per range request.
 const ETCD_PAGE: usize = 64;
 /// The publisher's interval: default, and bounds (below 500 ms the
@@ -967,7 +971,28 @@ fn read_files(file: &Path, dir: Option<&Path>) -> Result<Fleet, String> {
             }
         }
     }
+    dedupe(&mut fleet);
     Ok(fleet)
+}
+
+/// One summary per node: a node's file and a collected copy of it (or a
+/// stale second file) would count it twice. The newest is kept; the
+/// others count as refused.
+fn dedupe(fleet: &mut Fleet) {
+    let mut newest: BTreeMap<String, HealthSummary> = BTreeMap::new();
+    for s in std::mem::take(&mut fleet.summaries) {
+        match newest.get(&s.node) {
+            Some(kept) if kept.at_unix >= s.at_unix => fleet.refused += 1,
+            Some(_) => {
+                fleet.refused += 1;
+                newest.insert(s.node.clone(), s);
+            }
+            None => {
+                newest.insert(s.node.clone(), s);
+            }
+        }
+    }
+    fleet.summaries = newest.into_values().collect();
 }
 
 mod etcd {
@@ -977,7 +1002,9 @@ mod etcd {
     use etcd_client::{Client, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
     use vkx_common::retry::{Failure, RetryPolicy};
 
-    use super::{ETCD_PAGE, Fleet, HealthSummary, MAX_FLEET_SUMMARIES, MAX_SUMMARY_BYTES};
+    use super::{
+        ETCD_PAGE, Fleet, HealthSummary, MAX_FLEET_BYTES, MAX_FLEET_SUMMARIES, MAX_SUMMARY_BYTES,
+    };
     use crate::source::EtcdConfig;
 
     /// gRPC decoding limit of one page of summaries.
@@ -1110,6 +1137,7 @@ mod etcd {
         let mut from = dir.clone().into_bytes();
         let mut fleet = Fleet::default();
         let page = i64::try_from(ETCD_PAGE).unwrap_or(64);
+        let mut bytes = 0usize;
         // Bounded: at most MAX_FLEET_SUMMARIES / ETCD_PAGE + 1 pages.
         for _ in 0..=MAX_FLEET_SUMMARIES / ETCD_PAGE {
             let opts = GetOptions::new()
@@ -1117,6 +1145,12 @@ mod etcd {
                 .with_limit(page);
             let resp = timed(t, kv.get(from.clone(), Some(opts))).await?;
             for item in resp.kvs() {
+                bytes = bytes.saturating_add(item.value().len());
+                if bytes > MAX_FLEET_BYTES {
+                    return Err(format!(
+                        "the health summaries under {prefix} exceed {MAX_FLEET_BYTES} bytes"
+                    ));
+                }
                 let node = item.key().strip_prefix(dir.as_bytes()).unwrap_or_default();
                 match HealthSummary::parse(item.value()) {
                     Ok(s) if s.node.as_bytes() == node => fleet.summaries.push(s),
@@ -1454,6 +1488,20 @@ mod tests {
             );
         }
         assert_eq!(etcd_key("/vkx/health/", "node-a"), "/vkx/health/node-a");
+    }
+
+    #[test]
+    fn the_file_reader_keeps_one_summary_per_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut older = sample_summary();
+        older.at_unix = 10;
+        let mut newer = older.clone();
+        newer.at_unix = 20;
+        std::fs::write(dir.path().join("a.json"), older.to_json().unwrap()).unwrap();
+        std::fs::write(dir.path().join("b.json"), newer.to_json().unwrap()).unwrap();
+        let fleet = read_files(&dir.path().join("none.json"), Some(dir.path())).unwrap();
+        assert_eq!(fleet.summaries, vec![newer]);
+        assert_eq!(fleet.refused, 1);
     }
 
     #[tokio::test]

@@ -430,7 +430,10 @@ async fn drive(
                 write(source, &bytes, v, document.revision(), &mut failures).await?
             }
             Action::ReadHealth => match health::read_all(&settings.health.store).await {
-                Ok(fleet) => Input::Health(fleet.summaries),
+                Ok(fleet) => Input::Health {
+                    fleet: fleet.summaries,
+                    refused: fleet.refused,
+                },
                 Err(e) => Input::HealthFailed(e),
             },
             Action::SaveProgress(p) => match store.save(&p).await {

@@ -221,7 +221,13 @@ pub enum Input {
     /// The progress record was saved.
     Saved,
     /// Every node's health summary, read now.
-    Health(Vec<HealthSummary>),
+    Health {
+        fleet: Vec<HealthSummary>,
+        /// Entries the reader refused (malformed, over-size, a key that
+        /// does not name its node): missing data, so the read cannot
+        /// show a pass; it can still show a failure.
+        refused: usize,
+    },
     /// The health could not be read.
     HealthFailed(String),
     /// A [`Action::Sleep`] or [`Action::WaitForStore`] ended.
@@ -532,7 +538,7 @@ impl Controller {
             Input::Written { revision } => self.on_written(now, revision),
             Input::WriteConflict => self.on_conflict(now),
             Input::Saved => self.on_saved(now),
-            Input::Health(fleet) => self.on_health(now, fleet),
+            Input::Health { fleet, refused } => self.on_health(now, fleet, refused),
             Input::HealthFailed(e) => self.on_health_failed(now, e),
             Input::StoreFailed(e) => self.on_store_failed(now, e),
             Input::StoreChecked => {
@@ -958,7 +964,7 @@ impl Controller {
         }
     }
 
-    fn on_health(&mut self, now: SystemTime, fleet: Vec<HealthSummary>) -> Action {
+    fn on_health(&mut self, now: SystemTime, fleet: Vec<HealthSummary>, refused: usize) -> Action {
         if self.mode != Mode::Bake {
             return Action::ReadDocument;
         }
@@ -970,7 +976,14 @@ impl Controller {
             bake.snapshot = Some(fleet);
             return self.sleep(now);
         };
-        let evaluation = self.evaluate(&fleet, &snapshot);
+        let mut evaluation = self.evaluate(&fleet, &snapshot);
+        if refused > 0 && !evaluation.verdict.is_fail() {
+            evaluation.verdict = GateVerdict::Inconclusive {
+                reason: format!(
+                    "{refused} health entries refused: the fleet's health is incomplete"
+                ),
+            };
+        }
         if let Some(b) = &mut self.bake {
             b.snapshot = Some(snapshot);
         }
@@ -1297,6 +1310,8 @@ mod tests {
         saves_fail: bool,
         /// Saves whose record is stored but whose answer is lost.
         lose_save_answers: usize,
+        /// Entries every health read refuses.
+        refused: usize,
     }
 
     impl World {
@@ -1318,6 +1333,7 @@ mod tests {
                 checks: 0,
                 saves_fail: false,
                 lose_save_answers: 0,
+                refused: 0,
             }
         }
 
@@ -1415,7 +1431,10 @@ mod tests {
                     Action::WriteKill { document, expected } => {
                         self.write(expected, document, "kill".into(), false)
                     }
-                    Action::ReadHealth => Input::Health(self.health()),
+                    Action::ReadHealth => Input::Health {
+                        fleet: self.health(),
+                        refused: self.refused,
+                    },
                     Action::SaveProgress(_) if self.saves_fail => {
                         Input::StoreFailed("permission denied".into())
                     }
@@ -1615,6 +1634,28 @@ mod tests {
         let r = w.run(&mut again);
         assert_eq!(r.outcome, Outcome::Completed, "{r}");
         assert_eq!(w.writes.len(), 4);
+    }
+
+    /// Refused health entries are missing data: a healthy ring cannot
+    /// pass (the run pauses), a failing one still halts.
+    #[test]
+    fn refused_health_entries_never_pass_but_do_not_hide_a_failure() {
+        let mut w = World::new(healthy);
+        w.refused = 1;
+        let mut c = Controller::new(plan(""), None).unwrap();
+        let r = w.run(&mut c);
+        assert_eq!(r.outcome, Outcome::Paused, "{r}");
+        assert_eq!(r.ring.as_deref(), Some("canary"), "{r}");
+        fn bad_in_canary(ring: &str, enabled: bool) -> (u64, u64, u64) {
+            let (s, r, _) = healthy(ring, enabled);
+            (s, r, if ring == "canary" && enabled { 30 } else { 0 })
+        }
+        let mut w = World::new(bad_in_canary);
+        w.refused = 1;
+        let mut c = Controller::new(plan(""), None).unwrap();
+        let r = w.run(&mut c);
+        assert_eq!(r.outcome, Outcome::Halted, "{r}");
+        assert_eq!(r.ring.as_deref(), Some("canary"), "{r}");
     }
 
     #[test]
