@@ -96,38 +96,11 @@ pub fn run(name: &str, args: &[&str], stdin: &[u8]) -> Output {
 }
 
 /// Raises this process's soft limit of open files to `need` (children
-/// inherit it), up to the hard limit, with util-linux `prlimit`.
+/// inherit it), up to the hard limit: the drills' own
+/// (`vkx_host::drill::sandbox::ensure_fd_limit`), failing the run if it
+/// cannot.
 pub fn ensure_fd_limit(need: u64) {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
-    let soft: u64 = nums[0].parse().unwrap_or(u64::MAX);
-    let hard: u64 = nums[1].parse().unwrap_or(u64::MAX);
-    if soft >= need {
-        return;
+    if let Err(e) = vkx_host::drill::sandbox::ensure_fd_limit(need) {
+        panic!("{e:#}: raise the hard limit (ulimit -Hn) or pass a smaller N");
     }
-    assert!(
-        hard >= need,
-        "this run needs {need} open files, the hard limit is {hard}: raise it (ulimit -Hn) or pass a smaller N"
-    );
-    let hard_s = if hard == u64::MAX {
-        "unlimited".to_owned()
-    } else {
-        hard.to_string()
-    };
-    let ok = Command::new("prlimit")
-        .args([
-            "--pid",
-            &std::process::id().to_string(),
-            &format!("--nofile={need}:{hard_s}"),
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "could not raise the open-files limit from {soft} to {need}: run `ulimit -n {need}` first"
-    );
 }
