@@ -617,23 +617,11 @@ async fn kill_under_load(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> 
             last_told.map(|l| l.saturating_duration_since(t_return)),
             KILL_TO_LAST_UPDATE,
         );
-        tl.slo(
-            "requests of the killed feature after the update",
-            requests_after.map(|r| (r + derived_after as u64) as f64),
-            REQUESTS_AFTER_KILL,
-            "requests",
-        );
-        tl.slo(
-            "probes sent by guests after the update",
-            Some(probes_sent as f64),
-            0.0,
-            "requests",
-        );
-        tl.slo(
-            "host log lines about the rollout after the kill",
-            Some(most_lines as f64),
-            LOG_LINES_PER_HOST,
-            "lines/host",
+        quiet_after_kill(
+            &mut tl,
+            requests_after.map(|r| r + derived_after as u64),
+            probes_sent as u64,
+            most_lines as u64,
         );
         tl.slo(
             "guests not attested after the storm",
@@ -1124,23 +1112,11 @@ async fn seed_incident(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
             },
             KILL_TO_LAST_UPDATE,
         );
-        tl.slo(
-            "requests of the killed feature after the update",
-            requests_after.map(|r| (r + derived_after as u64) as f64),
-            REQUESTS_AFTER_KILL,
-            "requests",
-        );
-        tl.slo(
-            "probes sent by guests after the update",
-            Some(probes_sent as f64),
-            0.0,
-            "requests",
-        );
-        tl.slo(
-            "host log lines about the rollout after the kill",
-            Some(most_lines as f64),
-            LOG_LINES_PER_HOST,
-            "lines/host",
+        quiet_after_kill(
+            &mut tl,
+            requests_after.map(|r| r + derived_after as u64),
+            probes_sent as u64,
+            most_lines as u64,
         );
         tl.slo(
             "retries by bad-build guests",
@@ -1586,4 +1562,29 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
         o.revisions
     ));
     Ok((tl, drill))
+}
+
+/// The SLOs every scenario with a kill shares: no request of the killed
+/// feature after the guests were told (the hosts' count and the guests'
+/// own derivations), no probe, at most one log line per host.
+#[allow(clippy::cast_precision_loss)]
+fn quiet_after_kill(tl: &mut Timeline, requests: Option<u64>, probes: u64, most_lines: u64) {
+    tl.slo(
+        "requests of the killed feature after the update",
+        requests.map(|r| r as f64),
+        REQUESTS_AFTER_KILL,
+        "requests",
+    );
+    tl.slo(
+        "probes sent by guests after the update",
+        Some(probes as f64),
+        0.0,
+        "requests",
+    );
+    tl.slo(
+        "host log lines about the rollout after the kill",
+        Some(most_lines as f64),
+        LOG_LINES_PER_HOST,
+        "lines/host",
+    );
 }
