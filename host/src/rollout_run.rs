@@ -608,6 +608,8 @@ mod etcd {
 
     use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 
+    use crate::source::lease::{keep_alive, timed};
+
     use super::{Arc, AtomicBool, Duration, Ordering, Progress, RunError};
     use crate::rollout::controller::MAX_PROGRESS_BYTES;
     use crate::source::EtcdConfig;
@@ -629,16 +631,6 @@ mod etcd {
     pub(super) fn lock_key(document_key: &str, feature: &str) -> String {
         let dir = document_key.rsplit_once('/').map_or("", |(d, _)| d);
         format!("{dir}/controller/{feature}")
-    }
-
-    async fn timed<T>(
-        after: Duration,
-        call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, String> {
-        match tokio::time::timeout(after, call).await {
-            Ok(r) => r.map_err(|e| format!("etcd: {e}")),
-            Err(_) => Err(format!("etcd: timed out after {after:?}")),
-        }
     }
 
     impl EtcdStore {
@@ -835,57 +827,6 @@ mod etcd {
         pub(super) async fn release(mut self) {
             self.keeper.abort();
             let _ = timed(self.timeout, self.client.lease_revoke(self.lease)).await;
-        }
-    }
-
-    /// Keeps the lease alive every third of its TTL; marks the lock lost
-    /// when a keep-alive fails for longer than the TTL or the lease is
-    /// gone.
-    async fn keep_alive(
-        mut client: Client,
-        lease: i64,
-        ttl: Duration,
-        timeout: Duration,
-        lost: Arc<AtomicBool>,
-    ) {
-        let every = ttl / 3;
-        let mut last_ok = std::time::Instant::now();
-        let mut stream = None;
-        // Until aborted by `release`, or the lease is lost.
-        loop {
-            tokio::time::sleep(every).await;
-            if stream.is_none() {
-                stream = timed(timeout, client.lease_keep_alive(lease)).await.ok();
-            }
-            // Some(true): renewed; Some(false): the lease is gone for
-            // good; None: no answer this time.
-            let ok = match &mut stream {
-                Some((keeper, acks)) => {
-                    if timed(timeout, keeper.keep_alive()).await.is_err() {
-                        None
-                    } else {
-                        match tokio::time::timeout(timeout, acks.message()).await {
-                            Ok(Ok(Some(r))) => Some(r.ttl() > 0),
-                            _ => None,
-                        }
-                    }
-                }
-                None => None,
-            };
-            match ok {
-                Some(true) => last_ok = std::time::Instant::now(),
-                Some(false) => {
-                    lost.store(true, Ordering::Relaxed);
-                    return;
-                }
-                None => {
-                    stream = None;
-                    if last_ok.elapsed() >= ttl {
-                        lost.store(true, Ordering::Relaxed);
-                        return;
-                    }
-                }
-            }
         }
     }
 }

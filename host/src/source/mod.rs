@@ -27,6 +27,7 @@
 
 pub mod etcd;
 pub mod file;
+pub mod lease;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,6 +92,10 @@ pub struct SourceConfig {
     pub etcd: EtcdConfig,
 }
 
+/// The suffix of the live-drill overlay's key or file
+/// ([`SourceConfig::overlay`]).
+pub const OVERLAY_SUFFIX: &str = ".drill";
+
 /// [`DEFAULT_FILE`], for `#[serde(default = ...)]`.
 pub fn default_file() -> PathBuf {
     PathBuf::from(DEFAULT_FILE)
@@ -105,6 +110,18 @@ impl Default for SourceConfig {
 impl SourceConfig {
     pub fn new(source: SourceKind, file: PathBuf, etcd: EtcdConfig) -> Self {
         Self { source, file, etcd }
+    }
+
+    /// Where the live-drill overlay sits beside the document
+    /// (spec/ROLLOUT.md §14): the key or file name with
+    /// [`OVERLAY_SUFFIX`].
+    pub fn overlay(&self) -> SourceConfig {
+        let mut c = self.clone();
+        c.etcd.key.push_str(OVERLAY_SUFFIX);
+        let mut file = c.file.into_os_string();
+        file.push(OVERLAY_SUFFIX);
+        c.file = file.into();
+        c
     }
 
     /// Refuses settings the sources cannot run with. Only the settings of
