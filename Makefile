@@ -68,7 +68,7 @@ chaos: deps
 ## drill: every drill scenario at full size (`vkx-host drill`): each
 ## prints its timeline and SLO verdict and writes its picture to
 ## target/drill/; the target fails if any SLO is missed.
-DRILL_SCENARIOS ?= clean seed-incident etcd-loss kill-under-load
+DRILL_SCENARIOS ?= clean seed-incident etcd-loss kill-under-load live
 drill: deps
 	$(CARGO) build --locked -p vkx-host
 	mkdir -p target/drill

@@ -27,13 +27,16 @@ use vkx_common::session::host::{
 };
 use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
-use vkx_common::wire::{FrameDecoder, Message, MessageType, VmId, encode_frame};
+use vkx_common::wire::{
+    FeatureState, Features, FrameDecoder, Message, MessageType, VmId, encode_frame,
+};
 use zeroize::Zeroizing;
 
 use crate::admission::{Refused, Ticket};
 use crate::health::RingCounters;
 use crate::metrics::{EstablishedGuard, FeatureGauge, HandshakeOutcome, Metrics};
 use crate::rollout::Feature;
+use crate::rollout::service::View;
 use crate::service::{ConnState, Shared, handle_event, push_rotations, verify_and_record};
 
 /// Bytes read from the socket at a time.
@@ -368,9 +371,15 @@ pub(crate) async fn connection<S>(
                 };
                 if !update.send.is_empty() {
                     shared.metrics.rollout.update_sent();
+                    note_drill(&shared, &view, vm.as_ref(), &features, &map, &mut conn);
+                }
+                if let Some(d) = &conn.drill
+                    && map.get(&d.feature().id()) != Some(&FeatureState::Disabled)
+                {
+                    conn.drill = None;
                 }
                 if let Some(g) = &mut gauge {
-                    g.set(&map);
+                    g.set(&conn.ring, &map);
                 }
                 features = map;
                 // Rotations held back while key rotation was off go now,
@@ -410,7 +419,12 @@ pub(crate) async fn connection<S>(
                                     let (h, o) = match budget.try_take(now) {
                                         Ok(()) => {
                                             let (h, o) = host.on_payload(payload, now);
-                                            note_payload(&conn.ring, payload, was_established, &o);
+                                            let asked = note_payload(&conn.ring, payload, was_established, &o);
+                                            if let (Some(f), Some(d)) = (asked, &conn.drill)
+                                                && d.feature() == f
+                                            {
+                                                d.request_after();
+                                            }
                                             (h, o)
                                         }
                                         Err(wait) => {
@@ -493,7 +507,11 @@ pub(crate) async fn connection<S>(
         }
         track.check_established(&host);
         if gauge.is_none() && matches!(host, Host::Established(_)) {
-            gauge = Some(FeatureGauge::new(shared.metrics.clone(), features.clone()));
+            gauge = Some(FeatureGauge::new(
+                shared.metrics.clone(),
+                features.clone(),
+                conn.ring.clone(),
+            ));
             conn.ring.established();
             established = true;
         }
@@ -524,25 +542,33 @@ pub(crate) async fn connection<S>(
 /// two bytes are looked at: every message this protocol knows has a type
 /// below 24, which CBOR encodes in the byte after the array head, and a
 /// payload the session could decode is canonical.
-fn note_payload(ring: &RingCounters, payload: &[u8], established: bool, out: &Output<HostEvent>) {
-    let Some(&[0x82, ty]) = payload.get(..2) else {
-        return;
+/// Counts one received payload in the ring's health counters; returns
+/// the feature it asked for, if it is a request of an Established
+/// session.
+fn note_payload(
+    ring: &RingCounters,
+    payload: &[u8],
+    established: bool,
+    out: &Output<HostEvent>,
+) -> Option<Feature> {
+    let &[0x82, ty] = payload.get(..2)? else {
+        return None;
     };
     if ty == MessageType::Error.code() {
         if let Some(CloseReason::Failed(Failure::Code { code, .. })) = &out.close {
             ring.error_received(*code);
         }
-        return;
+        return None;
     }
     let feature = if ty == MessageType::KeyRequest.code() {
         Feature::KeyRelease
     } else if ty == MessageType::DeriveRequest.code() {
         Feature::KeyDerivation
     } else {
-        return;
+        return None;
     };
     if !established {
-        return;
+        return None;
     }
     ring.request(feature);
     for code in out.send.iter().filter_map(|p| sent_error_code(p)) {
@@ -552,6 +578,34 @@ fn note_payload(ring: &RingCounters, payload: &[u8], established: bool, out: &Ou
         ) {
             ring.refusal(feature, code);
         }
+    }
+    Some(feature)
+}
+
+/// A `feature-update` was just sent: if the live drill is what took a
+/// feature away from this session, count the session as told (spec/
+/// ROLLOUT.md §14) and keep the drill's counters for its later requests.
+fn note_drill(
+    shared: &Shared,
+    view: &View,
+    vm: Option<&VmId>,
+    before: &Features,
+    after: &Features,
+    conn: &mut ConnState,
+) {
+    let Some(vm) = vm else { return };
+    let image = shared.policy.vm(vm).map(|p| p.image.as_str());
+    let Some(o) = view.drill_narrows(vm, image) else {
+        return;
+    };
+    let id = o.feature().id();
+    if before.get(&id) == Some(&FeatureState::Enabled)
+        && after.get(&id) == Some(&FeatureState::Disabled)
+    {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        conn.drill = shared.metrics.health.drill_told(o.drill(), now_ms);
     }
 }
 

@@ -9,7 +9,11 @@
 //! lost (an Established session that ended other than in order: transport
 //! dropped, timeout, protocol error), errors sent and received by code and
 //! attestation failures; node-wide the log lines the rate limiter
-//! suppressed. A VM's ring is [`crate::rollout::ring_of`] under the
+//! suppressed. Two things are not counters: per (ring, feature) a gauge
+//! of the Established sessions with the feature enabled now, and the
+//! record of the live drill the node applies or applied last
+//! ([`DrillCounters`], spec/ROLLOUT.md §13.5): when it applied and took
+//! away the overlay, the sessions it told, their requests after. A VM's ring is [`crate::rollout::ring_of`] under the
 //! accepted document, by name, so summaries of different nodes aggregate;
 //! [`NO_RING`] when it is in none. A connection looks its ring up once per
 //! document change ([`Health::ring`]) and keeps an `Arc` to the ring's
@@ -48,6 +52,7 @@ use vkx_common::{rl_info, rl_warn};
 
 use crate::metrics::Metrics;
 use crate::rollout::document::{MAX_RINGS, check_node_name, check_ring_name};
+use crate::rollout::drill_overlay::{DrillOverlay, check_drill_id};
 use crate::rollout::service::View;
 use crate::rollout::{Document, Feature, VmFacts, ring_of};
 use crate::source::{EtcdConfig, SourceKind};
@@ -134,6 +139,9 @@ pub struct FeatureCounters {
     requests: AtomicU64,
     grants: AtomicU64,
     refusals: [AtomicU64; CODE_SLOTS],
+    /// A gauge: Established sessions of the ring with the feature
+    /// enabled now (`crate::metrics::FeatureGauge` keeps it).
+    enabled: AtomicU64,
 }
 
 /// One ring's counters. Units: a request is one `key-request` or
@@ -162,6 +170,18 @@ impl RingCounters {
 
     pub fn refusal(&self, f: Feature, code: ErrorCode) {
         add(&self.features[feature_slot(f)].refusals[code_slot(code)]);
+    }
+
+    /// An Established session of this ring has `f` enabled from now on
+    /// (`on`), or no longer. Every `true` is matched by one `false`.
+    pub fn enabled(&self, f: Feature, on: bool) {
+        let c = &self.features[feature_slot(f)].enabled;
+        if on {
+            add(c);
+        } else {
+            // Saturating: a mismatch shows as zero, never as 2^64 - 1.
+            let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
     }
 
     /// A session of this ring reached Established.
@@ -213,6 +233,7 @@ impl RingCounters {
                             requests: get(&c.requests),
                             grants: get(&c.grants),
                             refusals: codes(&c.refusals),
+                            enabled_sessions: get(&c.enabled),
                         },
                     )
                 })
@@ -230,6 +251,46 @@ struct Table {
     slots: Vec<(Arc<str>, Arc<RingCounters>)>,
 }
 
+/// What this node saw of a live drill (spec/ROLLOUT.md §14): when it
+/// applied the overlay and took it away, and the sessions it told.
+#[derive(Debug)]
+pub struct DrillCounters {
+    drill: String,
+    feature: Feature,
+    ring: String,
+    applied_unix_ms: u64,
+    /// 0 while the overlay is in force.
+    ended_unix_ms: AtomicU64,
+    told: AtomicU64,
+    last_told_unix_ms: AtomicU64,
+    requests_after: AtomicU64,
+}
+
+impl DrillCounters {
+    /// A session told of the drill asked for its feature all the same.
+    pub fn request_after(&self) {
+        add(&self.requests_after);
+    }
+
+    pub fn feature(&self) -> Feature {
+        self.feature
+    }
+
+    fn summary(&self) -> DrillSummary {
+        let ended = get(&self.ended_unix_ms);
+        DrillSummary {
+            drill: self.drill.clone(),
+            feature: self.feature.name().to_owned(),
+            ring: self.ring.clone(),
+            applied_unix_ms: self.applied_unix_ms,
+            ended_unix_ms: (ended > 0).then_some(ended),
+            told: get(&self.told),
+            last_told_unix_ms: get(&self.last_told_unix_ms),
+            requests_after: get(&self.requests_after),
+        }
+    }
+}
+
 /// Every ring's counters on this node, and the publisher's own.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -239,6 +300,9 @@ pub struct Health {
     table: RwLock<Table>,
     published: AtomicU64,
     publish_failed: AtomicU64,
+    /// The live drill applied now, or the last one (locked per change of
+    /// the overlay, per session told, and per summary).
+    drill: RwLock<Option<Arc<DrillCounters>>>,
 }
 
 impl Health {
@@ -303,6 +367,56 @@ impl Health {
         }
     }
 
+    /// The rollout task applied the overlay of `drill` at `now_ms`
+    /// (again: nothing changes).
+    pub fn drill_applied(&self, drill: &DrillOverlay, now_ms: u64) {
+        let mut d = self.drill.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = &*d
+            && c.drill == drill.drill()
+            && get(&c.ended_unix_ms) == 0
+        {
+            return;
+        }
+        *d = Some(Arc::new(DrillCounters {
+            drill: drill.drill().to_owned(),
+            feature: drill.feature(),
+            ring: drill.ring().to_owned(),
+            applied_unix_ms: now_ms,
+            ended_unix_ms: AtomicU64::new(0),
+            told: AtomicU64::new(0),
+            last_told_unix_ms: AtomicU64::new(0),
+            requests_after: AtomicU64::new(0),
+        }));
+    }
+
+    /// The overlay in force was taken away (removed or expired) at `now_ms`.
+    pub fn drill_ended(&self, now_ms: u64) {
+        let d = self.drill.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = &*d {
+            let _ = c.ended_unix_ms.compare_exchange(
+                0,
+                now_ms.max(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// A session was told that `drill` took its feature away, at
+    /// `now_ms`: the drill's counters, for its later requests.
+    pub fn drill_told(&self, drill: &str, now_ms: u64) -> Option<Arc<DrillCounters>> {
+        let d = self.drill.read().unwrap_or_else(PoisonError::into_inner);
+        let c = d.as_ref().filter(|c| c.drill == drill)?;
+        add(&c.told);
+        c.last_told_unix_ms.fetch_max(now_ms, Ordering::Relaxed);
+        Some(c.clone())
+    }
+
+    fn drill_summary(&self) -> Option<DrillSummary> {
+        let d = self.drill.read().unwrap_or_else(PoisonError::into_inner);
+        d.as_ref().map(|c| c.summary())
+    }
+
     /// The counters of VMs in no ring.
     pub fn no_ring(&self) -> Arc<RingCounters> {
         self.none.clone()
@@ -344,6 +458,7 @@ impl Health {
                 .map(|(n, c)| (n.to_string(), c.summary()))
                 .collect(),
             suppressed,
+            drill: self.drill_summary(),
         }
     }
 
@@ -456,6 +571,64 @@ impl Health {
         let (ok, failed) = self.publishes();
         sample(o, "vkx_health_publishes_total", "result=\"ok\"", ok);
         sample(o, "vkx_health_publishes_total", "result=\"failed\"", failed);
+        // The live drill (its id is of [a-z0-9-], safe as a label).
+        let drill = self.drill_summary();
+        let per_drill: [Family<DrillSummary, u64>; 3] = [
+            (
+                "vkx_live_drill_active",
+                "1 while a live drill's overlay is in force on this node.",
+                |d| u64::from(d.ended_unix_ms.is_none()),
+            ),
+            (
+                "vkx_live_drill_sessions_told_total",
+                "Sessions sent a feature-update because of the live drill.",
+                |d| d.told,
+            ),
+            (
+                "vkx_live_drill_requests_after_total",
+                "Requests for the drilled feature from sessions told of the drill.",
+                |d| d.requests_after,
+            ),
+        ];
+        for (name, help, value) in per_drill {
+            family(
+                o,
+                name,
+                if name.ends_with("_total") {
+                    "counter"
+                } else {
+                    "gauge"
+                },
+                help,
+            );
+            if let Some(d) = &drill {
+                sample(
+                    o,
+                    name,
+                    &format!(
+                        "drill=\"{}\",feature=\"{}\",ring=\"{}\"",
+                        d.drill, d.feature, d.ring
+                    ),
+                    value(d),
+                );
+            }
+        }
+        family(
+            o,
+            "vkx_health_enabled_sessions",
+            "gauge",
+            "Established sessions with the feature enabled now, by ring and feature.",
+        );
+        for (ring, r) in &rings {
+            for (fname, f) in &r.features {
+                sample(
+                    o,
+                    "vkx_health_enabled_sessions",
+                    &format!("ring=\"{ring}\",feature=\"{fname}\""),
+                    f.enabled_sessions,
+                );
+            }
+        }
     }
 }
 
@@ -493,6 +666,27 @@ pub struct HealthSummary {
     pub rings: BTreeMap<String, RingSummary>,
     /// Log lines the rate limiter suppressed on the node.
     pub suppressed: u64,
+    /// The live drill the node applies now or applied last, if any.
+    #[serde(default)]
+    pub drill: Option<DrillSummary>,
+}
+
+/// A node's view of a live drill ([`DrillCounters`]). Times are the
+/// node's clock (Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillSummary {
+    pub drill: String,
+    pub feature: String,
+    pub ring: String,
+    pub applied_unix_ms: u64,
+    /// When the node took the overlay away; `None` while in force.
+    pub ended_unix_ms: Option<u64>,
+    /// Sessions sent a `feature-update` because of the drill.
+    pub told: u64,
+    pub last_told_unix_ms: u64,
+    /// Requests for the feature from sessions after they were told.
+    pub requests_after: u64,
 }
 
 /// One ring's counters (also the per-ring totals of [`aggregate`]).
@@ -515,6 +709,10 @@ pub struct FeatureSummary {
     pub requests: u64,
     pub grants: u64,
     pub refusals: BTreeMap<String, u64>,
+    /// A gauge, not a counter: Established sessions with the feature
+    /// enabled when the summary was taken (a difference keeps the later
+    /// value).
+    pub enabled_sessions: u64,
 }
 
 /// Why a summary was refused.
@@ -579,6 +777,18 @@ impl HealthSummary {
                 None => Ok(()),
             }
         };
+        if let Some(d) = &self.drill {
+            check_drill_id(&d.drill).map_err(|e| SummaryError::Invalid(e.to_string()))?;
+            if let Err(e) = check_ring_name(&d.ring) {
+                return bad(format!("drill ring: {e}"));
+            }
+            if Feature::from_name(&d.feature).is_none() {
+                return bad(format!(
+                    "drill feature {:?}",
+                    crate::rollout::shown(&d.feature)
+                ));
+            }
+        }
         for (name, ring) in &self.rings {
             if name != NO_RING && check_ring_name(name).is_err() {
                 return bad(format!("ring name {:?}", crate::rollout::shown(name)));
@@ -615,6 +825,7 @@ impl RingSummary {
             e.requests = e.requests.saturating_add(f.requests);
             e.grants = e.grants.saturating_add(f.grants);
             sum_codes(&mut e.refusals, &f.refusals);
+            e.enabled_sessions = e.enabled_sessions.saturating_add(f.enabled_sessions);
         }
     }
 
@@ -653,6 +864,7 @@ impl RingSummary {
                     requests: sub(l.requests, e.requests)?,
                     grants: sub(l.grants, e.grants)?,
                     refusals: codes(&l.refusals, &e.refusals)?,
+                    enabled_sessions: l.enabled_sessions,
                 },
             );
         }
@@ -1215,6 +1427,7 @@ mod tests {
             local: Override::default(),
             ga: Arc::new(BTreeSet::new()),
             node: "node-a".into(),
+            drill: None,
         }
     }
 

@@ -41,7 +41,11 @@
 //! `vkx_health_refusals_total{ring,feature,code}`,
 //! `vkx_health_errors_sent_total{ring,code}`,
 //! `vkx_health_errors_received_total{ring,code}`,
-//! `vkx_health_publishes_total{result}`.
+//! `vkx_health_publishes_total{result}`,
+//! `vkx_health_enabled_sessions{ring,feature}` (a gauge); the live drill
+//! (spec/ROLLOUT.md §13.5) `vkx_live_drill_active{drill,feature,ring}`,
+//! `vkx_live_drill_sessions_told_total{...}`,
+//! `vkx_live_drill_requests_after_total{...}`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -59,6 +63,8 @@ use vkx_common::rl_warn;
 use vkx_common::wire::{FeatureState, Features, feature};
 
 use crate::admission::{AdmissionControl, RefuseReason, Slots, Usage};
+use crate::health::RingCounters;
+use crate::rollout::Feature;
 
 /// The Unix socket of a `[metrics]` table that names neither.
 pub const DEFAULT_METRICS_SOCKET: &str = "/run/vkx/metrics.sock";
@@ -242,7 +248,7 @@ const STATES: [(FeatureState, &str); 3] = [
 
 /// Why a rollout document was not accepted, as counted (the labels of
 /// `crate::rollout`'s refusals; anything else is `other`).
-pub const ROLLOUT_REFUSALS: [&str; 8] = [
+pub const ROLLOUT_REFUSALS: [&str; 9] = [
     "malformed",
     "replay",
     "revision-jump",
@@ -250,6 +256,7 @@ pub const ROLLOUT_REFUSALS: [&str; 8] = [
     "bad-signature",
     "unknown-key",
     "persist-failed",
+    "drill-overlay",
     "other",
 ];
 
@@ -354,25 +361,37 @@ impl RolloutMetrics {
 }
 
 /// One Established session's feature map, counted in
-/// [`RolloutMetrics`] while it lives.
+/// [`RolloutMetrics`] and, per feature enabled, in its ring's health
+/// counters (`crate::health`) while it lives.
 #[derive(Debug)]
 pub struct FeatureGauge {
     metrics: Arc<Metrics>,
     features: Features,
+    ring: Arc<RingCounters>,
 }
 
 impl FeatureGauge {
-    pub fn new(metrics: Arc<Metrics>, features: Features) -> Self {
+    pub fn new(metrics: Arc<Metrics>, features: Features, ring: Arc<RingCounters>) -> Self {
         metrics.rollout.count(&features, 1);
-        Self { metrics, features }
+        count_enabled(&ring, &features, true);
+        Self {
+            metrics,
+            features,
+            ring,
+        }
     }
 
-    /// The session now has `features`.
-    pub fn set(&mut self, features: &Features) {
+    /// The session now has `features`, as a member of `ring`.
+    pub fn set(&mut self, ring: &Arc<RingCounters>, features: &Features) {
         if *features != self.features {
             self.metrics.rollout.count(&self.features, -1);
             self.metrics.rollout.count(features, 1);
+        }
+        if *features != self.features || !Arc::ptr_eq(ring, &self.ring) {
+            count_enabled(&self.ring, &self.features, false);
+            count_enabled(ring, features, true);
             self.features = features.clone();
+            self.ring = ring.clone();
         }
     }
 }
@@ -380,6 +399,17 @@ impl FeatureGauge {
 impl Drop for FeatureGauge {
     fn drop(&mut self) {
         self.metrics.rollout.count(&self.features, -1);
+        count_enabled(&self.ring, &self.features, false);
+    }
+}
+
+fn count_enabled(ring: &RingCounters, features: &Features, on: bool) {
+    for (id, state) in features {
+        if *state == FeatureState::Enabled
+            && let Some(f) = Feature::from_id(*id)
+        {
+            ring.enabled(f, on);
+        }
     }
 }
 
@@ -1042,11 +1072,12 @@ mod tests {
             .iter()
             .map(|(f, _)| (*f, FeatureState::Enabled))
             .collect();
-        let mut gauge = FeatureGauge::new(m.clone(), all_on.clone());
-        let _other = FeatureGauge::new(m.clone(), all_on.clone());
+        let ring = m.health.no_ring();
+        let mut gauge = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
+        let _other = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
         let mut killed = all_on.clone();
         killed.insert(feature::KEY_RELEASE, FeatureState::Disabled);
-        gauge.set(&killed);
+        gauge.set(&ring, &killed);
         m.rollout.update_sent();
         m.rollout.refused("replay");
         m.rollout.refused("no-such-label");
@@ -1123,6 +1154,15 @@ mod tests {
             (
                 "vkx_health_grants_total{ring=\"(none)\",feature=\"key-release\"}",
                 "0",
+            ),
+            // Two sessions with everything on, one of them then killed.
+            (
+                "vkx_health_enabled_sessions{ring=\"(none)\",feature=\"key-release\"}",
+                "1",
+            ),
+            (
+                "vkx_health_enabled_sessions{ring=\"(none)\",feature=\"key-rotation\"}",
+                "2",
             ),
             (
                 "vkx_health_refusals_total{ring=\"(none)\",feature=\"key-release\",code=\"feature-not-enabled\"}",

@@ -313,7 +313,7 @@ impl Node {
         Ok(Self { config, settings })
     }
 
-    fn source(&self) -> anyhow::Result<&SourceConfig> {
+    pub(crate) fn source(&self) -> anyhow::Result<&SourceConfig> {
         self.settings.source.as_ref().context(
             "host.toml has no [rollout] table, so no source to write to; \
              use --local for this node's override file",
@@ -332,7 +332,10 @@ impl Node {
 
     /// The source's current document (as an accepted state, for the
     /// checks) and its version.
-    async fn current(&self, source: &SourceConfig) -> anyhow::Result<(Option<Accepted>, Version)> {
+    pub(crate) async fn current(
+        &self,
+        source: &SourceConfig,
+    ) -> anyhow::Result<(Option<Accepted>, Version)> {
         let read = source::read(source).await.map_err(explain_source_error)?;
         let Some((bytes, version)) = read else {
             return Ok((None, Version::None));

@@ -26,7 +26,7 @@ use vkx_common::{rl_info, rl_warn};
 use crate::admission::AdmissionControl;
 use crate::attestation::{record_quote, verify_evidence};
 use crate::derive::{self, DerivedKeys};
-use crate::health::RingCounters;
+use crate::health::{DrillCounters, RingCounters};
 use crate::keystore::{DirKeyStore, KeyStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -127,6 +127,9 @@ pub(crate) struct ConnState {
     /// The health counters of the VM's ring under the document the
     /// session last saw (`crate::health`).
     pub(crate) ring: Arc<RingCounters>,
+    /// The live drill that took a feature away from this session, while
+    /// it stays away: its later requests for it are counted there.
+    pub(crate) drill: Option<Arc<DrillCounters>>,
 }
 
 impl ConnState {

@@ -98,3 +98,20 @@ fn etcd_loss_reduced() {
         assert!(text.contains(want), "no {want:?} in the timeline:\n{text}");
     }
 }
+
+#[test]
+fn live_reduced() {
+    let text = drill("live");
+    for want in [
+        "live drill",
+        "last guest told",
+        "live drill done",
+        "live drill killed",
+        "restored",
+        // The live drill's own report, kept as notes.
+        "live |   overlay written -> every live session told",
+        "live | verdict: PASS",
+    ] {
+        assert!(text.contains(want), "no {want:?} in the timeline:\n{text}");
+    }
+}

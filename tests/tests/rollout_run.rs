@@ -183,7 +183,8 @@ impl Fleet {
                         "sessions": 5 * tick, "lost": 0, "attest_failed": 0,
                         "errors_sent": errors, "errors_received": {},
                         "features": {"key-release": {
-                            "requests": 50 * tick, "grants": 50 * tick, "refusals": {}
+                            "requests": 50 * tick, "grants": 50 * tick, "refusals": {},
+                            "enabled_sessions": 5
                         }}
                     }),
                 );

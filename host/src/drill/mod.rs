@@ -3,9 +3,15 @@
 //! scenario's SLOs and an SVG picture (issue #12, item 3).
 //!
 //! ```sh
-//! vkx-host drill --scenario clean|seed-incident|etcd-loss|kill-under-load \
+//! vkx-host drill --scenario clean|seed-incident|etcd-loss|kill-under-load|live \
 //!     [--size reduced|full] [--out DIR] [--etcd URL] [--keep]
+//! vkx-host drill --live --feature F --ring R --config host.toml \
+//!     [--ttl-s 10] [--max-duration-s 300] [--out DIR]
 //! ```
+//!
+//! `--live` is the on-fleet variant ([`live`]): no sandbox; the real
+//! store, hosts and guests, one feature narrowed for one ring by an
+//! overlay that expires by itself.
 //!
 //! What it is: [`sandbox`] (temporary node directories, the sandbox's own
 //! etcd or a given one below a drill prefix, several real `vkx-host serve`
@@ -28,7 +34,9 @@
 //! directory or registry argument.
 
 pub mod fleet;
+pub mod live;
 pub mod picture;
+mod rehearse_live;
 pub mod sandbox;
 pub mod scenario;
 pub mod softtpm;
@@ -36,32 +44,88 @@ pub mod timeline;
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use scenario::{ScenarioName, Size};
 
 /// `vkx-host drill`'s arguments.
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["scenario", "live"])))]
 pub struct DrillArgs {
-    /// The scenario to rehearse.
+    /// The scenario to rehearse in a sandbox of its own.
     #[arg(long, value_enum)]
-    pub scenario: ScenarioName,
+    pub scenario: Option<ScenarioName>,
     /// `reduced` (a few hosts, tens of guests, short bakes) or `full`.
     #[arg(long, value_enum, default_value = "reduced")]
     pub size: Size,
-    /// Where the picture (`drill-<scenario>.svg`) is written.
+    /// Where the picture (`drill-<scenario>.svg`, `drill-<live id>.svg`)
+    /// is written.
     #[arg(long, value_name = "DIR", default_value = ".")]
     pub out: PathBuf,
     /// Use this etcd (below `/vkx-drill/<sandbox id>`) instead of starting
     /// one on loopback.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "live")]
     pub etcd: Option<String>,
     /// Keep the sandbox's files (hosts' logs, configs) for a post-mortem.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "live")]
     pub keep: bool,
+    /// The on-fleet drill: narrow `--feature` for `--ring` through the
+    /// store host.toml names (`--config`), with an expiring overlay;
+    /// measure, restore, report (spec/ROLLOUT.md §14).
+    #[arg(long, requires_all = ["feature", "ring", "config"])]
+    pub live: bool,
+    /// The feature a live drill narrows.
+    #[arg(long, value_name = "FEATURE", requires = "live")]
+    pub feature: Option<String>,
+    /// The ring of the accepted document it narrows it for.
+    #[arg(long, value_name = "RING", requires = "live")]
+    pub ring: Option<String>,
+    /// host.toml of a node of the fleet (its [rollout] store).
+    #[arg(long, value_name = "FILE", requires = "live")]
+    pub config: Option<PathBuf>,
+    /// The overlay's lease (etcd) or renewal TTL (file): a drill that
+    /// dies reverts within it.
+    #[arg(long, default_value_t = live::DEFAULT_TTL_S, requires = "live")]
+    pub ttl_s: u64,
+    /// The overlay's hard end, enforced by every host on its own clock.
+    #[arg(long, default_value_t = live::DEFAULT_MAX_DURATION_S, requires = "live")]
+    pub max_duration_s: u64,
+    /// SLO: overlay written -> every live session of the ring told.
+    #[arg(long, default_value_t = live::DEFAULT_TOLD_BOUND_MS, requires = "live")]
+    pub told_bound_ms: u64,
+    /// SLO: overlay removed -> every node took it away.
+    #[arg(long, default_value_t = live::DEFAULT_RESTORE_BOUND_MS, requires = "live")]
+    pub restore_bound_ms: u64,
+}
+
+impl DrillArgs {
+    /// The live drill's arguments, checked.
+    fn live_args(&self) -> anyhow::Result<live::LiveArgs> {
+        let name = self.feature.as_deref().unwrap_or_default();
+        let feature = crate::rollout::Feature::from_name(name).ok_or_else(|| {
+            anyhow::anyhow!("--feature {name:?}: one of key-release, key-derivation, key-rotation")
+        })?;
+        let ring = self.ring.clone().unwrap_or_default();
+        crate::rollout::document::check_ring_name(&ring)
+            .map_err(|e| anyhow::anyhow!("--ring {ring:?}: {e}"))?;
+        Ok(live::LiveArgs {
+            feature,
+            ring,
+            config: self.config.clone().unwrap_or_default(),
+            ttl: Duration::from_secs(self.ttl_s),
+            max_duration: Duration::from_secs(self.max_duration_s),
+            told_bound: Duration::from_millis(self.told_bound_ms),
+            restore_bound: Duration::from_millis(self.restore_bound_ms),
+            out: self.out.clone(),
+        })
+    }
 }
 
 /// Runs the drill; prints the timeline and the verdict to `out`. `Ok(true)`
 /// when every SLO is met.
 pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
-    scenario::run(args, out)
+    match args.scenario {
+        Some(s) => scenario::run(args, s, out),
+        None => live::run(&args.live_args()?, out),
+    }
 }

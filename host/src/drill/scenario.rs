@@ -80,6 +80,9 @@ pub enum ScenarioName {
     SeedIncident,
     EtcdLoss,
     KillUnderLoad,
+    /// `drill --live` rehearsed in the sandbox: run as an operator runs
+    /// it, and once killed mid-drill.
+    Live,
 }
 
 impl ScenarioName {
@@ -89,6 +92,7 @@ impl ScenarioName {
             Self::SeedIncident => "seed-incident",
             Self::EtcdLoss => "etcd-loss",
             Self::KillUnderLoad => "kill-under-load",
+            Self::Live => "live",
         }
     }
 }
@@ -116,19 +120,19 @@ pub const REQUESTS_AFTER_KILL: f64 = 0.0;
 /// accepted document; no line per guest).
 pub const LOG_LINES_PER_HOST: f64 = 1.0;
 /// How often the hosts' metrics are sampled.
-const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+pub(super) const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest wait for every guest to attest.
-const ATTACH_LIMIT: Duration = Duration::from_secs(300);
+pub(super) const ATTACH_LIMIT: Duration = Duration::from_secs(300);
 /// Longest wait for something that should follow within seconds.
-const SETTLE_LIMIT: Duration = Duration::from_secs(30);
+pub(super) const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 /// Longest the guests get to say goodbye.
 const STOP_LIMIT: Duration = Duration::from_secs(20);
 /// Open files beyond two per guest (hosts' listeners are theirs).
 const FD_HEADROOM: u64 = 512;
-const POLL: Duration = Duration::from_millis(20);
+pub(super) const POLL: Duration = Duration::from_millis(20);
 
 /// Runs the scenario of `args`; prints to `out`; whether every SLO held.
-pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
+pub fn run(args: &DrillArgs, scenario: ScenarioName, out: &mut dyn Write) -> anyhow::Result<bool> {
     // One thread for the guests and the sampler (a node's worth of guests
     // fits on one, as in chaos case g); CLI steps run on the blocking pool.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -136,11 +140,12 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
         .build()
         .context("start the runtime")?;
     let wall = Instant::now();
-    let (mut timeline, mut drill) = match args.scenario {
+    let (mut timeline, mut drill) = match scenario {
         ScenarioName::KillUnderLoad => rt.block_on(kill_under_load(args))?,
         ScenarioName::Clean => rt.block_on(clean(args))?,
         ScenarioName::SeedIncident => rt.block_on(seed_incident(args))?,
         ScenarioName::EtcdLoss => rt.block_on(etcd_loss(args))?,
+        ScenarioName::Live => rt.block_on(super::rehearse_live::live(args))?,
     };
     timeline.notes.push(format!(
         "wall time {:.1} s; {} hosts, {} guests",
@@ -149,13 +154,13 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
         drill.sandbox.vms.len()
     ));
     std::fs::create_dir_all(&args.out)?;
-    let svg = args.out.join(format!("drill-{}.svg", args.scenario.name()));
+    let svg = args.out.join(format!("drill-{}.svg", scenario.name()));
     let rings = drill.samples().rings(&Sandbox::ring_names());
     picture::draw(
         &svg,
         &format!(
             "vkx drill {}: requests and errors per ring",
-            args.scenario.name()
+            scenario.name()
         ),
         &drill.samples(),
         &rings,
@@ -167,7 +172,7 @@ pub fn run(args: &DrillArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
             .notes
             .push(format!("sandbox kept in {}", root.display()));
     }
-    write!(out, "{}", timeline.render(args.scenario.name(), Some(&svg)))?;
+    write!(out, "{}", timeline.render(scenario.name(), Some(&svg)))?;
     Ok(timeline.pass())
 }
 
@@ -263,7 +268,7 @@ impl FleetState {
 
 /// A command the collector runs once enough guests have attested.
 #[derive(Debug)]
-struct Trigger {
+pub(super) struct Trigger {
     attested: usize,
     command: std::process::Command,
     done: tokio::sync::oneshot::Sender<(Instant, Instant, usize, anyhow::Result<String>)>,
@@ -283,7 +288,7 @@ pub struct Drill {
 
 impl Drill {
     /// Makes the sandbox, starts its hosts and the metrics sampler.
-    async fn start(spec: Spec) -> anyhow::Result<Self> {
+    pub(super) async fn start(spec: Spec) -> anyhow::Result<Self> {
         let guests: usize = spec.ring_guests.iter().sum();
         ensure_fd_limit(2 * guests as u64 + FD_HEADROOM)?;
         let mut sandbox = tokio::task::spawn_blocking(move || -> anyhow::Result<Sandbox> {
@@ -318,7 +323,11 @@ impl Drill {
     /// its command the moment `attested` guests have attested (in report
     /// order, not at the next poll: a storm keeps this thread busy) and
     /// sends when it started and returned, and what it said.
-    fn start_fleet(&mut self, plans: &[GuestPlan], trigger: Option<Trigger>) -> anyhow::Result<()> {
+    pub(super) fn start_fleet(
+        &mut self,
+        plans: &[GuestPlan],
+        trigger: Option<Trigger>,
+    ) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.fleet = Some(Fleet::start(&self.sandbox, plans, tx)?);
         let state = self.state.clone();
@@ -346,7 +355,7 @@ impl Drill {
     }
 
     /// Waits until `done` holds on the guests' reports, at most `limit`.
-    async fn wait(&self, limit: Duration, done: impl Fn(&FleetState) -> bool) -> bool {
+    pub(super) async fn wait(&self, limit: Duration, done: impl Fn(&FleetState) -> bool) -> bool {
         let deadline = Instant::now() + limit;
         loop {
             if done(&self.state.lock().unwrap_or_else(PoisonError::into_inner)) {
@@ -359,15 +368,15 @@ impl Drill {
         }
     }
 
-    fn with_state<T>(&self, f: impl FnOnce(&FleetState) -> T) -> T {
+    pub(super) fn with_state<T>(&self, f: impl FnOnce(&FleetState) -> T) -> T {
         f(&self.state.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn samples(&self) -> std::sync::MutexGuard<'_, Samples> {
+    pub(super) fn samples(&self) -> std::sync::MutexGuard<'_, Samples> {
         self.samples.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn t(&self, at: Instant) -> f64 {
+    pub(super) fn t(&self, at: Instant) -> f64 {
         at.saturating_duration_since(self.start).as_secs_f64()
     }
 
@@ -394,12 +403,12 @@ impl Drill {
 
     /// Runs a CLI step (`vkx-host rollout ...`) on the blocking pool, so
     /// the guests keep running meanwhile; its stdout.
-    async fn cli(&self, cmd: std::process::Command) -> anyhow::Result<String> {
+    pub(super) async fn cli(&self, cmd: std::process::Command) -> anyhow::Result<String> {
         tokio::task::spawn_blocking(move || output_ok(cmd)).await?
     }
 
     /// Stops the guests (goodbye) and the sampler, after one last sample.
-    async fn finish(&mut self) {
+    pub(super) async fn finish(&mut self) {
         if let Some(f) = self.fleet.take() {
             f.stop(STOP_LIMIT).await;
         }
@@ -441,7 +450,7 @@ async fn sample_hosts(
 }
 
 /// Ring quotas: canary, 1 %, 10 %, 50 %, all.
-fn ring_guests(total: usize) -> [usize; 5] {
+pub(super) fn ring_guests(total: usize) -> [usize; 5] {
     let canary = (total / 24).max(2);
     let one = total / 8;
     let ten = total / 5;
@@ -886,7 +895,7 @@ async fn start_walk(
     Ok((tl, drill, builds))
 }
 
-fn ensure_attached(attached: bool, drill: &Drill, total: usize) -> anyhow::Result<()> {
+pub(super) fn ensure_attached(attached: bool, drill: &Drill, total: usize) -> anyhow::Result<()> {
     if !attached {
         let (n, failed) = drill.with_state(|s| (s.attested_count(), s.failed.clone()));
         bail!("only {n}/{total} guests attested within {ATTACH_LIMIT:?}: {failed:?}");

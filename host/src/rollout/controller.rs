@@ -1379,6 +1379,7 @@ mod tests {
                 revision: self.doc.revision(),
                 rings: self.counters.clone(),
                 suppressed: 0,
+                drill: None,
             }]
         }
 

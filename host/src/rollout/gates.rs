@@ -356,6 +356,7 @@ mod tests {
                 requests,
                 grants: requests,
                 refusals: BTreeMap::new(),
+                enabled_sessions: 0,
             },
         );
         r

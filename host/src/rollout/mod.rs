@@ -30,6 +30,7 @@
 pub mod admit;
 pub mod controller;
 pub mod document;
+pub mod drill_overlay;
 pub mod edit;
 pub mod envelope;
 pub mod gates;
@@ -46,6 +47,7 @@ mod vectors;
 
 pub use admit::{Accepted, Admitted, MAX_UNSIGNED_REVISION_STEP, Refusal, admit};
 pub use document::{Document, DocumentError, Feature, FeatureRollout, Ring};
+pub use drill_overlay::{DrillOverlay, OverlayError};
 pub use edit::{EditError, kill, set_stage, unkill};
 pub use envelope::{
     Envelope, KeyError, SIGNING_CONTEXT, Signature, TrustedKey, TrustedKeys, keygen,

@@ -23,16 +23,16 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tokio::sync::watch;
-use vkx_common::wire::{Features, VmId};
+use vkx_common::wire::{FeatureState, Features, VmId};
 use vkx_common::{rl_info, rl_warn};
 
 use super::{
-    Accepted, Admitted, Document, Feature, Override, TrustedKey, TrustedKeys, VmFacts, admit,
-    resolve,
+    Accepted, Admitted, Document, DrillOverlay, Feature, Override, TrustedKey, TrustedKeys,
+    VmFacts, admit, resolve, ring_of,
 };
 use crate::metrics::Metrics;
 use crate::source::{
@@ -196,6 +196,8 @@ pub struct View {
     pub local: Override,
     pub ga: Arc<BTreeSet<u16>>,
     pub node: Arc<str>,
+    /// The live drill's overlay while it is in force (spec/ROLLOUT.md §14).
+    pub drill: Option<Arc<DrillOverlay>>,
 }
 
 impl View {
@@ -203,14 +205,36 @@ impl View {
         self.accepted.as_deref().map(Accepted::document)
     }
 
-    /// The complete v1 feature map of `vm` (whose image the policy names).
-    pub fn features_for(&self, vm: &VmId, image: Option<&str>) -> Features {
-        let facts = VmFacts {
+    fn facts(&self, vm: &VmId, image: Option<&str>) -> VmFacts {
+        VmFacts {
             vm_id: vm.clone(),
             image: image.map(str::to_owned),
             node: self.node.to_string(),
-        };
-        resolve(self.document(), &self.local, &self.ga, &facts)
+        }
+    }
+
+    /// The complete v1 feature map of `vm` (whose image the policy names):
+    /// the document's, narrowed by the live drill if one is in force.
+    pub fn features_for(&self, vm: &VmId, image: Option<&str>) -> Features {
+        let facts = self.facts(vm, image);
+        let doc = self.document();
+        let mut map = resolve(doc, &self.local, &self.ga, &facts);
+        if let (Some(o), Some(d)) = (&self.drill, doc) {
+            o.narrow(ring_of(d, &facts).map(|p| p.name).as_deref(), &mut map);
+        }
+        map
+    }
+
+    /// The live drill, if it is what takes a feature away from `vm` now
+    /// (the VM is in its ring, and the document alone enables it).
+    pub fn drill_narrows(&self, vm: &VmId, image: Option<&str>) -> Option<&DrillOverlay> {
+        let o = self.drill.as_deref()?;
+        let doc = self.document()?;
+        let facts = self.facts(vm, image);
+        let ring = ring_of(doc, &facts)?;
+        let base = resolve(Some(doc), &self.local, &self.ga, &facts);
+        (ring.name == o.ring() && base.get(&o.feature().id()) == Some(&FeatureState::Enabled))
+            .then_some(o)
     }
 
     /// The accepted revision (0: none).
@@ -248,6 +272,19 @@ fn override_from(bytes: Option<&[u8]>) -> (Override, Option<String>) {
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Sleeps until `at`, or forever if there is none.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The node's rollout state before serving: the persisted document and
@@ -304,6 +341,7 @@ impl Rollout {
             local,
             ga: Arc::new(settings.ga.clone()),
             node: settings.node.as_str().into(),
+            drill: None,
         };
         let (tx, rx) = watch::channel(Arc::new(view));
         let this = Self {
@@ -330,6 +368,7 @@ impl Rollout {
     pub async fn run(self, stop: watch::Receiver<bool>) {
         let mut tasks = tokio::task::JoinSet::new();
         let (src_tx, mut src_rx) = watch::channel(SourceStatus::connecting());
+        let (drill_tx, mut drill_rx) = watch::channel(SourceStatus::connecting());
         match &self.settings.source {
             Some(config) => {
                 tasks.spawn(crate::source::run(
@@ -338,8 +377,18 @@ impl Rollout {
                     self.counters.clone(),
                     stop.clone(),
                 ));
+                // The live-drill overlay beside the document (§14).
+                tasks.spawn(crate::source::run(
+                    config.overlay(),
+                    drill_tx,
+                    Arc::new(SourceCounters::default()),
+                    stop.clone(),
+                ));
             }
-            None => drop(src_tx),
+            None => {
+                drop(src_tx);
+                drop(drill_tx);
+            }
         }
         let (ovr_tx, mut ovr_rx) = watch::channel(SourceStatus::connecting());
         tasks.spawn(crate::source::file::watch_file(
@@ -352,11 +401,31 @@ impl Rollout {
         let mut stop = stop;
         let mut last_value: Option<Arc<[u8]>> = None;
         let mut last_override: Option<Option<Arc<[u8]>>> = None;
+        let mut last_drill: Option<Option<Arc<[u8]>>> = None;
+        // When the overlay in force expires (its `expires_unix`), whether
+        // or not its store says anything: a store that is down keeps the
+        // last value published, and a drill must end all the same.
+        let mut drill_expiry: Option<tokio::time::Instant> = None;
         // Event-driven until shutdown: each iteration handles one change
-        // of the source's or the override file's status.
+        // of the source's, the overlay's or the override file's status,
+        // or the overlay's expiry.
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
+                Ok(()) = drill_rx.changed() => {
+                    let status = drill_rx.borrow_and_update().clone();
+                    if matches!(status.health, Health::Connecting) {
+                        continue;
+                    }
+                    if last_drill.as_ref() != Some(&status.value) {
+                        drill_expiry = self.on_drill(status.value.as_deref());
+                        last_drill = Some(status.value);
+                    }
+                }
+                () = sleep_until_some(drill_expiry), if drill_expiry.is_some() => {
+                    drill_expiry = None;
+                    self.end_drill("expired");
+                }
                 Ok(()) = src_rx.changed() => {
                     let status = src_rx.borrow_and_update().clone();
                     self.on_source_health(&status);
@@ -463,6 +532,76 @@ impl Rollout {
                 );
             }
         }
+    }
+
+    /// A new value of the overlay (`None`: absent). Returns when the
+    /// overlay now in force expires.
+    fn on_drill(&self, bytes: Option<&[u8]>) -> Option<tokio::time::Instant> {
+        let now = SystemTime::now();
+        let Some(bytes) = bytes else {
+            self.end_drill("removed");
+            return None;
+        };
+        let overlay = match DrillOverlay::parse(bytes) {
+            Ok(o) => o,
+            Err(e) => {
+                self.metrics.rollout.refused("drill-overlay");
+                rl_warn!(
+                    error = %e,
+                    bytes = bytes.len(),
+                    digest = %crate::source::digest_prefix(bytes),
+                    "live drill overlay refused: none is applied"
+                );
+                self.end_drill("refused");
+                return None;
+            }
+        };
+        let now_unix = unix(now);
+        if !overlay.in_force(now_unix) {
+            self.end_drill("expired");
+            return None;
+        }
+        let left = Duration::from_millis(
+            overlay
+                .expires_unix()
+                .saturating_mul(1000)
+                .saturating_sub(unix_ms(now)),
+        );
+        let same = self.tx.borrow().drill.as_deref().is_some_and(|d| {
+            d.drill() == overlay.drill()
+                && d.feature() == overlay.feature()
+                && d.ring() == overlay.ring()
+        });
+        // A renewal (a later `expires_unix`) only moves the expiry: the
+        // sessions' maps do not change.
+        if !same {
+            let ring_known = self
+                .tx
+                .borrow()
+                .document()
+                .is_some_and(|d| d.ring_index(overlay.ring()).is_some());
+            self.metrics.health.drill_applied(&overlay, unix_ms(now));
+            rl_info!(
+                drill = overlay.drill(),
+                feature = overlay.feature().name(),
+                ring = overlay.ring(),
+                ring_known,
+                expires_in_s = left.as_secs(),
+                "live drill overlay applied: the feature is disabled for the ring's VMs until it ends"
+            );
+            self.publish(|v| v.drill = Some(Arc::new(overlay)));
+        }
+        Some(tokio::time::Instant::now() + left)
+    }
+
+    /// Takes the overlay in force away, if there is one.
+    fn end_drill(&self, why: &'static str) {
+        let Some(drill) = self.tx.borrow().drill.clone() else {
+            return;
+        };
+        self.metrics.health.drill_ended(unix_ms(SystemTime::now()));
+        rl_info!(drill = drill.drill(), why, "live drill overlay taken away");
+        self.publish(|v| v.drill = None);
     }
 
     fn on_override(&self, bytes: Option<&[u8]>) {
@@ -586,6 +725,91 @@ mod tests {
         assert_eq!(m.refusals("replay"), 0);
         assert_eq!(view.borrow().revision(), 1);
         assert_eq!(release(&view.borrow()), FeatureState::Disabled);
+    }
+
+    #[tokio::test]
+    async fn a_live_drill_narrows_its_ring_until_removed_refused_or_expired() {
+        let node = tempfile::tempdir().unwrap();
+        let (rollout, mut view) = runtime(node.path(), &[7; 32]);
+        let doc = Document::parse(crate::rollout::document::EXAMPLE.as_bytes()).unwrap();
+        rollout.on_candidate(&unsigned(&doc)).await;
+        assert_eq!(view.borrow().revision(), 7);
+        // vm-1 is in canary; vm-x, on node-a, in the "debian" ring.
+        let other = VmId::new("vm-x").unwrap();
+        let state = |v: &View, vm: &VmId| v.features_for(vm, None)[&feature::KEY_RELEASE];
+        assert_eq!(release(&view.borrow()), FeatureState::Enabled);
+        let now = unix(SystemTime::now());
+        let o = DrillOverlay::new("d-1", Feature::KeyRelease, "canary", now, now + 60).unwrap();
+        assert!(rollout.on_drill(Some(&o.to_bytes())).is_some());
+        {
+            let v = view.borrow_and_update();
+            assert_eq!(release(&v), FeatureState::Disabled, "canary narrowed");
+            assert_eq!(state(&v, &other), FeatureState::Enabled, "debian untouched");
+            assert_eq!(
+                v.features_for(&vm(), None)[&feature::KEY_ROTATION],
+                FeatureState::Enabled,
+                "other features untouched"
+            );
+            assert!(v.drill_narrows(&vm(), None).is_some());
+            assert!(v.drill_narrows(&other, None).is_none());
+        }
+        let record = || {
+            rollout
+                .metrics
+                .health
+                .summary("node-a", 7, 0, 0)
+                .drill
+                .unwrap()
+        };
+        assert_eq!(record().ended_unix_ms, None);
+        // A renewal moves the expiry only: the sessions are not woken.
+        let renewed = o.renewed(now + 120).unwrap();
+        assert!(rollout.on_drill(Some(&renewed.to_bytes())).is_some());
+        assert!(!view.has_changed().unwrap());
+        // Removed: back to the document.
+        assert!(rollout.on_drill(None).is_none());
+        assert_eq!(release(&view.borrow_and_update()), FeatureState::Enabled);
+        assert!(record().ended_unix_ms.is_some());
+        // Garbage: counted, none applied.
+        rollout.on_drill(Some(&o.to_bytes()));
+        assert_eq!(release(&view.borrow()), FeatureState::Disabled);
+        assert!(rollout.on_drill(Some(b"{\"format\":1}")).is_none());
+        assert_eq!(release(&view.borrow()), FeatureState::Enabled);
+        assert_eq!(rollout.metrics.rollout.refusals("drill-overlay"), 1);
+        // Already expired on this clock: not applied.
+        let old =
+            DrillOverlay::new("d-2", Feature::KeyRelease, "canary", now - 100, now - 1).unwrap();
+        assert!(rollout.on_drill(Some(&old.to_bytes())).is_none());
+        assert_eq!(release(&view.borrow()), FeatureState::Enabled);
+        // A drill never widens: a killed feature stays killed.
+        let killed = kill(Some(&doc), Feature::KeyRelease, 8).unwrap();
+        rollout.on_candidate(&unsigned(&killed)).await;
+        rollout.on_drill(Some(&o.to_bytes()));
+        assert!(view.borrow().drill_narrows(&vm(), None).is_none());
+        assert_eq!(release(&view.borrow()), FeatureState::Disabled);
+        rollout.on_drill(None);
+        assert_eq!(release(&view.borrow()), FeatureState::Disabled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_overlay_expires_on_the_hosts_clock_with_the_store_silent() {
+        let node = tempfile::tempdir().unwrap();
+        let (rollout, view) = runtime(node.path(), &[7; 32]);
+        let doc = Document::parse(crate::rollout::document::EXAMPLE.as_bytes()).unwrap();
+        rollout.on_candidate(&unsigned(&doc)).await;
+        let now = unix(SystemTime::now());
+        let o = DrillOverlay::new("d-1", Feature::KeyRelease, "canary", now, now + 3).unwrap();
+        let at = rollout.on_drill(Some(&o.to_bytes())).unwrap();
+        let left = at - tokio::time::Instant::now();
+        assert!(
+            left <= Duration::from_secs(3) && left >= Duration::from_secs(2),
+            "{left:?}"
+        );
+        assert_eq!(release(&view.borrow()), FeatureState::Disabled);
+        // What `run` does when the expiry fires.
+        sleep_until_some(Some(at)).await;
+        rollout.end_drill("expired");
+        assert_eq!(release(&view.borrow()), FeatureState::Enabled);
     }
 
     #[test]

@@ -30,6 +30,7 @@ use super::resolve::{BUCKET_DOMAIN, VmFacts, bucket, resolve, ring_of, state_nam
 const BUCKET_FILE: &str = "bucket.json";
 const RESOLVE_FILE: &str = "resolve.json";
 const ADMIT_FILE: &str = "admit.json";
+const OVERLAY_FILE: &str = "drill_overlay.json";
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../spec/rollout-vectors")
@@ -138,6 +139,29 @@ impl Drop for Obj {
 
 // ------------------------------------------------------------ consumer
 
+fn check_overlays(v: &Obj) {
+    use super::drill_overlay::DrillOverlay;
+    for c in v.list("valid") {
+        let text = c.str("text");
+        let o = DrillOverlay::parse(text.as_bytes())
+            .unwrap_or_else(|e| panic!("{}: refused: {e}", c.name));
+        assert_eq!(o.drill(), c.str("drill"), "{}", c.name);
+        assert_eq!(o.feature().name(), c.str("feature"), "{}", c.name);
+        assert_eq!(o.ring(), c.str("ring"), "{}", c.name);
+        assert_eq!(o.started_unix(), c.u64("started_unix"), "{}", c.name);
+        assert_eq!(o.expires_unix(), c.u64("expires_unix"), "{}", c.name);
+        assert_eq!(o.to_bytes(), text.as_bytes(), "{}: canonical", c.name);
+    }
+    for c in v.list("invalid") {
+        let why = c.str("why");
+        assert!(
+            DrillOverlay::parse(c.str("text").as_bytes()).is_err(),
+            "{}: accepted ({why})",
+            c.name
+        );
+    }
+}
+
 #[test]
 fn check_every_vector_file() {
     let mut seen = BTreeSet::new();
@@ -156,11 +180,12 @@ fn check_every_vector_file() {
             BUCKET_FILE => check_buckets(&v),
             RESOLVE_FILE => check_resolution(&v),
             ADMIT_FILE => check_admission(&v),
+            OVERLAY_FILE => check_overlays(&v),
             other => panic!("spec/rollout-vectors/{other}: no test reads this file"),
         }
         seen.insert(name);
     }
-    let want: BTreeSet<String> = [BUCKET_FILE, RESOLVE_FILE, ADMIT_FILE]
+    let want: BTreeSet<String> = [BUCKET_FILE, RESOLVE_FILE, ADMIT_FILE, OVERLAY_FILE]
         .map(str::to_owned)
         .into();
     assert_eq!(seen, want, "rollout vector files missing");
@@ -310,7 +335,95 @@ fn generate() -> BTreeMap<&'static str, Value> {
         (BUCKET_FILE, bucket_vectors()),
         (RESOLVE_FILE, resolve_vectors()),
         (ADMIT_FILE, admit_vectors()),
+        (OVERLAY_FILE, overlay_vectors()),
     ])
+}
+
+/// Live-drill overlays (spec/ROLLOUT.md §13.5): the example and edge
+/// cases that parse, and one case per rule that refuses.
+fn overlay_vectors() -> Value {
+    use super::drill_overlay::{DrillOverlay, EXAMPLE as OVERLAY};
+    let long_id = format!("{:a<64}", "d-");
+    let valid: Vec<Value> = [
+        OVERLAY.to_owned(),
+        OVERLAY.replace(r#""d-20261204-1""#, &format!("{long_id:?}")),
+        OVERLAY.replace("1764860600", "1764863600"),
+        OVERLAY.replace(r#""canary""#, r#""no.such_ring-1""#),
+    ]
+    .iter()
+    .map(|text| {
+        let o = DrillOverlay::parse(text.as_bytes()).unwrap();
+        assert_eq!(o.to_bytes(), text.as_bytes(), "canonical");
+        json!({
+            "text": text,
+            "drill": o.drill(),
+            "feature": o.feature().name(),
+            "ring": o.ring(),
+            "started_unix": o.started_unix(),
+            "expires_unix": o.expires_unix(),
+        })
+    })
+    .collect();
+    let invalid: Vec<Value> = [
+        (
+            "format 2",
+            OVERLAY.replace(r#""format":1"#, r#""format":2"#),
+        ),
+        (
+            "empty drill id",
+            OVERLAY.replace(r#""d-20261204-1""#, r#""""#),
+        ),
+        (
+            "drill id over 64",
+            OVERLAY.replace(r#""d-20261204-1""#, &format!("{:?}", format!("{long_id}a"))),
+        ),
+        (
+            "drill id outside [a-z0-9-]",
+            OVERLAY.replace("d-20261204-1", "D_1"),
+        ),
+        (
+            "unknown feature",
+            OVERLAY.replace("key-release", "key-teleport"),
+        ),
+        (
+            "ring outside the ring alphabet",
+            OVERLAY.replace("canary", "Canary"),
+        ),
+        (
+            "expires not after started",
+            OVERLAY.replace("1764860600", "1764860000"),
+        ),
+        (
+            "longer than an hour",
+            OVERLAY.replace("1764860600", "1764863601"),
+        ),
+        ("unknown member", OVERLAY.replace('}', r#","why":1}"#)),
+        (
+            "repeated member",
+            OVERLAY.replace(r#""ring":"canary""#, r#""ring":"canary","ring":"all""#),
+        ),
+        (
+            "missing member",
+            OVERLAY.replace(r#","started_unix":1764860000"#, ""),
+        ),
+        ("trailing bytes", format!("{OVERLAY}{{}}")),
+        ("negative time", OVERLAY.replace("1764860000", "-1")),
+        ("not an object", "[1]".to_owned()),
+    ]
+    .iter()
+    .map(|(why, text)| {
+        assert!(
+            DrillOverlay::parse(text.as_bytes()).is_err(),
+            "{why}: {text}"
+        );
+        json!({"why": why, "text": text})
+    })
+    .collect();
+    json!({
+        "description": "Live-drill overlays (spec/ROLLOUT.md §13.5): `valid` parse to the given fields and re-encode to the same bytes; `invalid` are refused, each for the rule it names.",
+        "valid": valid,
+        "invalid": invalid,
+    })
 }
 
 fn bucket_vectors() -> Value {
