@@ -416,7 +416,7 @@ async fn drive(
                 if let Err(e) = check(&bytes, current.as_ref(), settings) {
                     return Err(RunError::Config(format!("{e:#}")));
                 }
-                write(source, &bytes, v, document.revision(), &mut failures).await?
+                write(source, store, &bytes, v, document.revision(), &mut failures).await?
             }
             Action::WriteKill {
                 document,
@@ -427,7 +427,7 @@ async fn drive(
                     continue;
                 }
                 let bytes = unsigned(&document);
-                write(source, &bytes, v, document.revision(), &mut failures).await?
+                write(source, store, &bytes, v, document.revision(), &mut failures).await?
             }
             Action::ReadHealth => match health::read_all(&settings.health.store).await {
                 Ok(fleet) => Input::Health {
@@ -505,19 +505,31 @@ async fn pause(
     Ok(())
 }
 
+/// Writes a stage or a kill, fenced by the controller lock: on etcd the
+/// write happens only while the lock key is under this controller's
+/// lease (one transaction with the compare-and-swap).
 async fn write(
     source: &SourceConfig,
+    store: &mut Store,
     bytes: &[u8],
     version: Version,
     revision: u64,
     failures: &mut u32,
 ) -> Result<Input, RunError> {
-    match source::write_if(source, bytes, expected(version)).await {
+    let fence = store.fence();
+    match source::write_fenced(source, bytes, expected(version), fence.as_ref()).await {
         Ok(_) => {
             *failures = 0;
             Ok(Input::Written { revision })
         }
         Err(SourceError::Conflict { .. }) => Ok(Input::WriteConflict),
+        // The lock lapsed under this controller: nothing was written; an
+        // outage, after which the lock is taken again (if no one else
+        // holds it) before anything else is written.
+        Err(e @ SourceError::Fenced { .. }) => {
+            store.mark_lost();
+            Ok(Input::StoreFailed(e.to_string()))
+        }
         // The write may or may not have landed: the controller re-reads
         // once the store answers, and recognises its own write.
         Err(e) => Ok(Input::StoreFailed(e.to_string())),
@@ -578,6 +590,23 @@ impl Store {
         match self {
             Self::Etcd(s) => s.check_alive(),
             Self::File(s) => s.check_alive(),
+        }
+    }
+
+    /// What a document write is fenced by (etcd: the lock key under this
+    /// controller's lease).
+    fn fence(&self) -> Option<source::Fence> {
+        match self {
+            Self::Etcd(s) => Some(s.fence()),
+            Self::File(_) => None,
+        }
+    }
+
+    /// A write found the lock no longer ours: take it again before
+    /// anything else ([`Store::recheck`]).
+    fn mark_lost(&mut self) {
+        if let Self::Etcd(s) = self {
+            s.mark_lost();
         }
     }
 
@@ -813,6 +842,17 @@ mod etcd {
             Err(RunError::LockLost(
                 "the progress record was changed by someone else during the store's outage".into(),
             ))
+        }
+
+        pub(super) fn fence(&self) -> crate::source::Fence {
+            crate::source::Fence {
+                key: self.lock_key.clone(),
+                lease: self.lease,
+            }
+        }
+
+        pub(super) fn mark_lost(&self) {
+            self.lost.store(true, Ordering::Relaxed);
         }
 
         pub(super) fn check_alive(&self) -> Result<(), RunError> {

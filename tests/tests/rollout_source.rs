@@ -553,3 +553,57 @@ async fn etcd_full_refuses_writes_with_a_typed_error_and_the_source_keeps_servin
     .await;
     src.stop().await;
 }
+
+/// `etcdctl lease grant TTL`: the lease id (decimal).
+fn grant(etcd: &Etcd, ttl_s: u32) -> i64 {
+    let out = etcd.etcdctl_ok(&["lease", "grant", &ttl_s.to_string()]);
+    // "lease 694d8b2f2a2f1c0a granted with TTL(60s)"
+    let hex = out.split_whitespace().nth(1).unwrap();
+    i64::from_str_radix(hex, 16).unwrap()
+}
+
+#[tokio::test]
+async fn a_fenced_write_lands_only_while_the_fence_key_is_under_the_writers_lease() {
+    let etcd = Etcd::start();
+    let config = etcd_config(etcd.endpoint(), "/vkx/rollout/document");
+    let lock = "/vkx/rollout/controller/key-release";
+    let mine = grant(&etcd, 60);
+    etcd.etcdctl_ok(&["put", lock, "me", "--lease", &format!("{mine:x}")]);
+    let fence = source::Fence {
+        key: lock.to_owned(),
+        lease: mine,
+    };
+    let v1 = source::write_fenced(&config, b"one", Some(Version::None), Some(&fence))
+        .await
+        .unwrap();
+    // A stale expectation is still a conflict while the fence holds.
+    let err = source::write_fenced(&config, b"stale", Some(Version::None), Some(&fence))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Conflict { .. }), "{err}");
+    // The lease gone (the lock key with it): fenced, nothing written.
+    etcd.etcdctl_ok(&["lease", "revoke", &format!("{mine:x}")]);
+    let err = source::write_fenced(&config, b"two", Some(v1), Some(&fence))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Fenced { .. }), "{err}");
+    // Someone else's lock under another lease: fenced too.
+    let theirs = grant(&etcd, 60);
+    etcd.etcdctl_ok(&["put", lock, "them", "--lease", &format!("{theirs:x}")]);
+    let err = source::write_fenced(&config, b"two", Some(v1), Some(&fence))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Fenced { .. }), "{err}");
+    let (bytes, v) = source::read(&config).await.unwrap().unwrap();
+    assert_eq!((bytes.as_slice(), v), (&b"one"[..], v1), "nothing written");
+    // Under the new holder's fence the same write lands.
+    let theirs = source::Fence {
+        key: lock.to_owned(),
+        lease: theirs,
+    };
+    source::write_fenced(&config, b"two", Some(v1), Some(&theirs))
+        .await
+        .unwrap();
+    let (bytes, _) = source::read(&config).await.unwrap().unwrap();
+    assert_eq!(bytes, b"two");
+}

@@ -294,6 +294,16 @@ pub(super) async fn write(
     bytes: &[u8],
     expected: Option<Option<Version>>,
 ) -> Result<Version, SourceError> {
+    write_fenced(config, bytes, expected, None).await
+}
+
+/// [`write`], with `fence` (if any) checked in the same transaction.
+pub(super) async fn write_fenced(
+    config: &EtcdConfig,
+    bytes: &[u8],
+    expected: Option<Option<Version>>,
+    fence: Option<&super::Fence>,
+) -> Result<Version, SourceError> {
     let t = config.timeout();
     let client = connect(config).await?;
     let mut kv = client
@@ -301,6 +311,11 @@ pub(super) async fn write(
         .max_decoding_message_size(GET_DECODE_LIMIT);
     let key = config.key.as_bytes();
     let Some(expected) = expected else {
+        if fence.is_some() {
+            return Err(SourceError::Config(
+                "a fenced write is a compare-and-swap".into(),
+            ));
+        }
         let resp = timed(t, "put", kv.put(key, bytes, None)).await?;
         return Ok(Version::Etcd(resp.header().map_or(0, |h| h.revision())));
     };
@@ -313,22 +328,39 @@ pub(super) async fn write(
             ));
         }
     };
+    let mut when = vec![Compare::mod_revision(key, CompareOp::Equal, revision)];
+    let mut otherwise = vec![TxnOp::get(key, Some(GetOptions::new().with_keys_only()))];
+    if let Some(f) = fence {
+        when.push(Compare::lease(f.key.as_str(), CompareOp::Equal, f.lease));
+        otherwise.push(TxnOp::get(
+            f.key.as_str(),
+            Some(GetOptions::new().with_keys_only()),
+        ));
+    }
     let txn = Txn::new()
-        .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+        .when(when)
         .and_then([TxnOp::put(key, bytes, None)])
-        .or_else([TxnOp::get(key, Some(GetOptions::new().with_keys_only()))]);
+        .or_else(otherwise);
     let resp = timed(t, "transaction", kv.txn(txn)).await?;
     if resp.succeeded() {
         return Ok(Version::Etcd(resp.header().map_or(0, |h| h.revision())));
     }
-    let found = resp.op_responses().into_iter().find_map(|r| match r {
-        TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| Version::Etcd(kv.mod_revision()))),
+    let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+        TxnOpResponse::Get(g) => Some(g),
         _ => None,
     });
-    Err(SourceError::Conflict {
-        expected,
-        found: found.flatten(),
-    })
+    let found = gets
+        .next()
+        .and_then(|g| g.kvs().first().map(|kv| Version::Etcd(kv.mod_revision())));
+    if let Some(f) = fence {
+        let held = gets
+            .next()
+            .and_then(|g| g.kvs().first().map(etcd_client::KeyValue::lease));
+        if held != Some(f.lease) {
+            return Err(SourceError::Fenced { key: f.key.clone() });
+        }
+    }
+    Err(SourceError::Conflict { expected, found })
 }
 
 /// Reads the key once; `None` if it is absent.

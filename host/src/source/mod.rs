@@ -325,6 +325,10 @@ pub enum SourceError {
          --auto-compaction-* so it does not recur"
     )]
     SpaceExceeded,
+    /// A fenced write (etcd) found its fence key no longer under the
+    /// writer's lease: its lock lapsed, and someone else may hold it.
+    #[error("etcd key {key} is no longer held under this writer's lease: nothing written")]
+    Fenced { key: String },
     /// A compare-and-swap write found another version than expected.
     #[error("the rollout document changed meanwhile: expected {expected:?}, found {found:?}")]
     Conflict {
@@ -382,6 +386,32 @@ pub async fn write_if(
     match config.source {
         SourceKind::File => file::write(&config.file, bytes, Some(expected)).await,
         SourceKind::Etcd => etcd::write(&config.etcd, bytes, Some(expected)).await,
+    }
+}
+
+/// A lock a write depends on: the etcd key `key`, held under lease
+/// `lease` ([`write_fenced`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub lease: i64,
+}
+
+/// Like [`write_if`], and on etcd only while `fence` still holds: the
+/// compare-and-swap and the check of the fence key's lease are one
+/// transaction, so a writer whose lock lapsed (a paused process, a long
+/// outage) cannot write over its successor ([`SourceError::Fenced`]).
+/// The file source's lock is not a lease; `fence` is ignored there.
+pub async fn write_fenced(
+    config: &SourceConfig,
+    bytes: &[u8],
+    expected: Option<Version>,
+    fence: Option<&Fence>,
+) -> Result<Version, SourceError> {
+    check_size(bytes.len())?;
+    match config.source {
+        SourceKind::File => file::write(&config.file, bytes, Some(expected)).await,
+        SourceKind::Etcd => etcd::write_fenced(&config.etcd, bytes, Some(expected), fence).await,
     }
 }
 
