@@ -21,7 +21,8 @@
 //! - file: the lock is `<node_dir>/rollout/controller-<feature>.lock`,
 //!   created exclusively and holding the owner's pid and process start
 //!   time (a lock whose process is gone, or whose pid now names another
-//!   process, is stale and taken over); the record is
+//!   process, is stale and taken over, under an advisory lock of a guard
+//!   file so that two controllers cannot both take it); the record is
 //!   `controller-<feature>.json` beside it, replaced atomically.
 //!
 //! What it trusts: host.toml, the plan, the operator's key. The document
@@ -872,7 +873,8 @@ mod etcd {
 }
 
 mod file {
-    //! The file lock (O_EXCL, owner's pid and start time) and the record
+    //! The file lock (O_EXCL, owner's pid and start time; a stale one is
+    //! taken over under an advisory lock of a guard file) and the record
     //! (replaced atomically).
 
     use std::io::Write as _;
@@ -920,6 +922,20 @@ mod file {
                 start_time(pid).unwrap_or(0),
                 super::holder()
             );
+            // The check for a stale lock, its removal and the creation of
+            // ours are one critical section under an advisory lock of a
+            // guard file beside it: two controllers that both find the
+            // same stale lock cannot both take it (the second then finds
+            // the first's, alive). Held for a few file operations; the
+            // kernel drops it if this process dies.
+            let guard_path = dir.join(format!("controller-{feature}.lock.guard"));
+            let guard = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&guard_path)
+                .map_err(|e| io(e, &guard_path))?;
+            guard.lock().map_err(|e| io(e, &guard_path))?;
             // Two tries: the second after removing a stale lock.
             for _ in 0..2 {
                 match std::fs::OpenOptions::new()
@@ -1018,6 +1034,33 @@ mod file {
     mod tests {
         #![allow(clippy::unwrap_used)]
         use super::*;
+
+        #[test]
+        fn controllers_racing_for_one_stale_lock_take_it_once() {
+            for _ in 0..20 {
+                let dir = tempfile::tempdir().unwrap();
+                let lock = dir.path().join("controller-key-release.lock");
+                std::fs::write(&lock, "999999999 1 gone\n").unwrap();
+                let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+                let won: Vec<bool> = (0..8)
+                    .map(|_| {
+                        let (d, b) = (dir.path().to_path_buf(), barrier.clone());
+                        std::thread::spawn(move || {
+                            b.wait();
+                            // Held (not released) until every thread is
+                            // done, so a winner's lock stays alive.
+                            FileStore::acquire(&d, "key-release")
+                                .map(std::mem::forget)
+                                .is_ok()
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .map(|t| t.join().unwrap())
+                    .collect();
+                assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+            }
+        }
 
         #[test]
         fn a_live_lock_refuses_a_stale_one_gives_way() {
