@@ -925,26 +925,88 @@ pub fn delta(later: &HealthSummary, earlier: &HealthSummary) -> Option<HealthSum
     })
 }
 
+/// What the fleet counted between two reads of the store
+/// ([`fleet_delta`]), and what it could not see.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetDelta {
+    /// Per ring, summed over the nodes.
+    pub rings: BTreeMap<String, RingSummary>,
+    /// Log lines suppressed, summed over the nodes.
+    pub suppressed: u64,
+    /// Nodes in the earlier read and not the later one: gone (dead, or
+    /// cut off from the store long enough for their entry to expire).
+    /// Whatever they counted in the window is unknown.
+    pub vanished: Vec<String>,
+    /// Nodes whose process restarted in the window: counted from their
+    /// restart; what they counted before it is unknown.
+    pub restarted: Vec<String>,
+    /// Nodes only in the later read whose counters began before the
+    /// window: left out (their share of the window is unknown).
+    pub left_out: Vec<String>,
+}
+
+impl FleetDelta {
+    /// Nodes whose counts in the window are partly or wholly unknown: a
+    /// verdict that would pass cannot (spec/ROLLOUT.md §13.2).
+    pub fn gaps(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        for (what, nodes) in [("vanished", &self.vanished), ("restarted", &self.restarted)] {
+            if !nodes.is_empty() {
+                let shown: Vec<&str> = nodes.iter().take(8).map(String::as_str).collect();
+                parts.push(format!(
+                    "{} node(s) {what} in the window ({}{})",
+                    nodes.len(),
+                    shown.join(", "),
+                    if nodes.len() > shown.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
 /// The fleet's per-ring totals between two reads of the store: each
-/// node's [`delta`], summed. A node only in `later` counts if it started
-/// after the earliest `earlier` summary was taken (its counters are all
-/// new); otherwise its history is unknown and it is left out. A node only
-/// in `earlier` (gone, its entry expired) contributes nothing.
-pub fn fleet_delta(
-    later: &[HealthSummary],
-    earlier: &[HealthSummary],
-) -> BTreeMap<String, RingSummary> {
+/// node's [`delta`], summed. `since` is when the earlier read was taken
+/// (Unix seconds, the reader's clock). A node only in `later` counts if
+/// it started at or after `since` (its counters are all new); otherwise
+/// its history is unknown and it is left out. A node only in `earlier`
+/// contributes nothing and is reported as vanished; a node that
+/// restarted counts from its restart and is reported.
+pub fn fleet_delta(later: &[HealthSummary], earlier: &[HealthSummary], since: u64) -> FleetDelta {
     let before: BTreeMap<&str, &HealthSummary> =
         earlier.iter().map(|s| (s.node.as_str(), s)).collect();
-    let since = earlier.iter().map(|s| s.at_unix).min().unwrap_or(0);
-    let deltas: Vec<HealthSummary> = later
+    let after: std::collections::BTreeSet<&str> = later.iter().map(|s| s.node.as_str()).collect();
+    let mut out = FleetDelta {
+        vanished: before
+            .keys()
+            .filter(|n| !after.contains(*n))
+            .map(|n| (*n).to_owned())
+            .collect(),
+        ..FleetDelta::default()
+    };
+    let mut deltas: Vec<HealthSummary> = Vec::with_capacity(later.len());
+    for l in later {
+        match before.get(l.node.as_str()) {
+            Some(e) => {
+                if l.started_unix != e.started_unix {
+                    out.restarted.push(l.node.clone());
+                }
+                deltas.extend(delta(l, e));
+            }
+            None if l.started_unix >= since => deltas.push(l.clone()),
+            None => out.left_out.push(l.node.clone()),
+        }
+    }
+    out.suppressed = deltas
         .iter()
-        .filter_map(|l| match before.get(l.node.as_str()) {
-            Some(e) => delta(l, e),
-            None => (l.started_unix >= since).then(|| l.clone()),
-        })
-        .collect();
-    aggregate(&deltas)
+        .map(|d| d.suppressed)
+        .fold(0u64, u64::saturating_add);
+    out.rings = aggregate(&deltas);
+    out
 }
 
 // ------------------------------------------------------------ settings
@@ -1656,8 +1718,31 @@ mod tests {
         let mut d_old = early.clone();
         d_old.node = "node-d".into();
         d_old.started_unix = 0;
-        let t = fleet_delta(&[late.clone(), b, d_old], &[early.clone(), c]);
-        assert_eq!(t["canary"].sessions, 3 + 1);
+        let t = fleet_delta(
+            &[late.clone(), b, d_old],
+            &[early.clone(), c],
+            early.at_unix,
+        );
+        assert_eq!(t.rings["canary"].sessions, 3 + 1);
+        assert_eq!(t.vanished, ["node-c"]);
+        assert_eq!(t.left_out, ["node-d"]);
+        assert!(t.restarted.is_empty());
+        assert!(
+            t.gaps()
+                .unwrap()
+                .contains("1 node(s) vanished in the window (node-c)")
+        );
+        // A node that restarted in the window is a gap too; one that only
+        // left out a newcomer is not.
+        let t = fleet_delta(&[restarted], &[late.clone()], early.at_unix);
+        assert_eq!(t.restarted, ["node-a"]);
+        assert!(t.gaps().unwrap().contains("restarted"));
+        let mut d_old = late.clone();
+        d_old.node = "node-d".into();
+        d_old.started_unix = 0;
+        let t = fleet_delta(&[late.clone(), d_old], &[early.clone()], early.at_unix);
+        assert_eq!(t.gaps(), None);
+        assert_eq!(t.suppressed, 3);
     }
 
     #[test]

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use super::document::{Document, Feature};
 use super::gates::{Evaluation, GateVerdict, evaluate};
 use super::plan::Plan;
-use crate::health::{HealthSummary, NO_RING, RingSummary, delta, fleet_delta};
+use crate::health::{FleetDelta, HealthSummary, NO_RING, RingSummary, fleet_delta};
 use crate::source::Version;
 
 /// The progress record's format.
@@ -431,8 +431,9 @@ enum Mode {
 struct Bake {
     started: SystemTime,
     deadline: SystemTime,
-    /// The fleet's summaries at the start of the window.
-    snapshot: Option<Vec<HealthSummary>>,
+    /// The fleet's summaries at the start of the window, and when they
+    /// were read (this controller's clock).
+    snapshot: Option<(Vec<HealthSummary>, SystemTime)>,
 }
 
 /// See the module primer.
@@ -973,15 +974,23 @@ impl Controller {
         };
         let deadline = bake.deadline;
         let Some(snapshot) = bake.snapshot.take() else {
-            bake.snapshot = Some(fleet);
+            bake.snapshot = Some((fleet, now));
             return self.sleep(now);
         };
-        let mut evaluation = self.evaluate(&fleet, &snapshot);
+        let window = fleet_delta(&fleet, &snapshot.0, unix(snapshot.1));
+        let mut evaluation = self.evaluate(&window);
         if refused > 0 && !evaluation.verdict.is_fail() {
             evaluation.verdict = GateVerdict::Inconclusive {
                 reason: format!(
                     "{refused} health entries refused: the fleet's health is incomplete"
                 ),
+            };
+        }
+        if let Some(gaps) = window.gaps()
+            && !evaluation.verdict.is_fail()
+        {
+            evaluation.verdict = GateVerdict::Inconclusive {
+                reason: format!("the fleet's health is incomplete: {gaps}"),
             };
         }
         if let Some(b) = &mut self.bake {
@@ -1118,17 +1127,11 @@ impl Controller {
         });
     }
 
-    /// The gates over the window from `snapshot` to `fleet`: the rings the
-    /// step enabled against the rings not yet enabled (and VMs in none).
-    fn evaluate(&self, fleet: &[HealthSummary], snapshot: &[HealthSummary]) -> Evaluation {
-        let per_ring = fleet_delta(fleet, snapshot);
-        let (candidate, baseline) = self.split(&per_ring);
-        evaluate(
-            &self.plan.gates,
-            &candidate,
-            &baseline,
-            suppressed_delta(fleet, snapshot),
-        )
+    /// The gates over the window: the rings the step enabled against the
+    /// rings not yet enabled (and VMs in none).
+    fn evaluate(&self, window: &FleetDelta) -> Evaluation {
+        let (candidate, baseline) = self.split(&window.rings);
+        evaluate(&self.plan.gates, &candidate, &baseline, window.suppressed)
     }
 
     fn split(&self, per_ring: &BTreeMap<String, RingSummary>) -> (RingSummary, RingSummary) {
@@ -1230,20 +1233,6 @@ fn add(into: &mut RingSummary, r: &RingSummary) {
     }
 }
 
-/// The fleet's suppressed log lines between two reads (per node, as
-/// `fleet_delta` counts rings).
-fn suppressed_delta(later: &[HealthSummary], earlier: &[HealthSummary]) -> u64 {
-    let since = earlier.iter().map(|s| s.at_unix).min().unwrap_or(0);
-    later
-        .iter()
-        .map(|l| match earlier.iter().find(|e| e.node == l.node) {
-            Some(e) => delta(l, e).map_or(0, |d| d.suppressed),
-            None if l.started_unix >= since => l.suppressed,
-            None => 0,
-        })
-        .fold(0u64, u64::saturating_add)
-}
-
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -1312,6 +1301,10 @@ mod tests {
         lose_save_answers: usize,
         /// Entries every health read refuses.
         refused: usize,
+        /// A second node, present at the first health read only (it
+        /// dies, and its entry expires).
+        vanishing: bool,
+        health_reads: usize,
     }
 
     impl World {
@@ -1334,6 +1327,8 @@ mod tests {
                 saves_fail: false,
                 lose_save_answers: 0,
                 refused: 0,
+                vanishing: false,
+                health_reads: 0,
             }
         }
 
@@ -1371,7 +1366,7 @@ mod tests {
                 f.requests += r * dt;
                 f.grants += r * dt;
             }
-            vec![HealthSummary {
+            let a = HealthSummary {
                 format: 1,
                 node: "node-a".into(),
                 at_unix: unix(self.now),
@@ -1380,7 +1375,16 @@ mod tests {
                 rings: self.counters.clone(),
                 suppressed: 0,
                 drill: None,
-            }]
+            };
+            self.health_reads += 1;
+            let mut fleet = vec![a.clone()];
+            if self.vanishing && self.health_reads == 1 {
+                fleet.push(HealthSummary {
+                    node: "node-b".into(),
+                    ..a
+                });
+            }
+            fleet
         }
 
         /// Runs `c` until it finishes; the report.
@@ -1657,6 +1661,34 @@ mod tests {
         let r = w.run(&mut c);
         assert_eq!(r.outcome, Outcome::Halted, "{r}");
         assert_eq!(r.ring.as_deref(), Some("canary"), "{r}");
+    }
+
+    #[test]
+    fn a_node_that_vanishes_in_the_window_never_passes_but_does_not_hide_a_failure() {
+        let mut w = World::new(healthy);
+        w.vanishing = true;
+        let mut c = Controller::new(plan(""), None).unwrap();
+        let r = w.run(&mut c);
+        assert_eq!(r.outcome, Outcome::Paused, "{r}");
+        assert_eq!(r.ring.as_deref(), Some("canary"), "{r}");
+        assert!(
+            w.saved
+                .last()
+                .unwrap()
+                .history
+                .iter()
+                .any(|v| v.detail.contains("node-b")),
+            "the verdict names the node"
+        );
+        fn bad_in_canary(ring: &str, enabled: bool) -> (u64, u64, u64) {
+            let (s, r, _) = healthy(ring, enabled);
+            (s, r, if ring == "canary" && enabled { 30 } else { 0 })
+        }
+        let mut w = World::new(bad_in_canary);
+        w.vanishing = true;
+        let mut c = Controller::new(plan(""), None).unwrap();
+        let r = w.run(&mut c);
+        assert_eq!(r.outcome, Outcome::Halted, "{r}");
     }
 
     #[test]
