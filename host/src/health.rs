@@ -1740,7 +1740,11 @@ mod tests {
         let mut d_old = late.clone();
         d_old.node = "node-d".into();
         d_old.started_unix = 0;
-        let t = fleet_delta(&[late.clone(), d_old], &[early.clone()], early.at_unix);
+        let t = fleet_delta(
+            &[late.clone(), d_old],
+            std::slice::from_ref(&early),
+            early.at_unix,
+        );
         assert_eq!(t.gaps(), None);
         assert_eq!(t.suppressed, 3);
     }
