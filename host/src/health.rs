@@ -1059,6 +1059,23 @@ impl HealthSettings {
         Ok(Self { interval, store })
     }
 
+    /// With the file store: also read the collected summaries in `dir`
+    /// (`[rollout] health_dir`). An error with the etcd store, where every
+    /// node publishes to the store itself.
+    pub fn with_collected(mut self, dir: Option<PathBuf>) -> Result<Self, String> {
+        let Some(d) = dir else { return Ok(self) };
+        match &mut self.store {
+            HealthStore::File { dir, .. } => {
+                *dir = Some(d);
+                Ok(self)
+            }
+            HealthStore::Etcd { .. } => Err(
+                "health_dir is for the file source; with etcd every node publishes to the store"
+                    .into(),
+            ),
+        }
+    }
+
     /// The lease TTL: [`LEASE_INTERVALS`] intervals, whole seconds, at
     /// least [`MIN_LEASE_TTL_S`].
     pub fn lease_ttl_s(&self) -> i64 {
@@ -1777,6 +1794,19 @@ mod tests {
                 dir: None
             }
         );
+        let collected = Path::new("/var/lib/vkx/collected");
+        assert_eq!(
+            f.clone()
+                .with_collected(Some(collected.into()))
+                .unwrap()
+                .store,
+            HealthStore::File {
+                file: dir.join(HEALTH_FILE),
+                dir: Some(collected.into())
+            }
+        );
+        assert!(s.clone().with_collected(Some(collected.into())).is_err());
+        assert_eq!(s.clone().with_collected(None).unwrap(), s);
         for (ms, prefix) in [
             (499, DEFAULT_PREFIX),
             (60_001, DEFAULT_PREFIX),

@@ -87,6 +87,11 @@ pub struct RolloutConfig {
     /// summary, as `<health_prefix>/<node_name>`.
     #[serde(default = "default_health_prefix")]
     pub health_prefix: String,
+    /// With the file source: a directory of other nodes' summaries
+    /// (`*.json`, collected by the operator's tooling) that `rollout run`
+    /// and `drill --live` read besides this node's own.
+    #[serde(default)]
+    pub health_dir: Option<PathBuf>,
 }
 
 fn default_health_interval_ms() -> u64 {
@@ -113,6 +118,7 @@ impl Default for RolloutConfig {
             trusted_key: Vec::new(),
             health_interval_ms: default_health_interval_ms(),
             health_prefix: default_health_prefix(),
+            health_dir: None,
         }
     }
 }
@@ -172,6 +178,7 @@ impl Settings {
             source.as_ref().map(|s| (s.source, &s.etcd)),
             &state_dir,
         )
+        .and_then(|h| h.with_collected(c.health_dir.clone()))
         .map_err(|e| anyhow::anyhow!("[rollout] {e}"))?;
         Ok(Self {
             source,
