@@ -36,8 +36,54 @@ pub enum TlsConfigError {
     Certificate(String),
 }
 
+/// ring, with the key exchange groups of §4.1 only (X25519, secp256r1;
+/// ring's default also offers secp384r1).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::kx_group;
+    Arc::new(CryptoProvider {
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
+        ..rustls::crypto::ring::default_provider()
+    })
+}
+
+/// The TLS alert record a host sends, in plaintext, in answer to a
+/// ClientHello that does not offer ALPN `vkx` (§4.2): content type alert
+/// (21), record version 0x0303, length 2, level fatal (2),
+/// `no_application_protocol` (120). rustls does not refuse a ClientHello
+/// without the ALPN extension by itself, so the host looks first.
+pub const NO_APPLICATION_PROTOCOL_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x78];
+
+/// Whether a ClientHello's ALPN list (`None`: no extension) offers `vkx`.
+pub fn offers_vkx<'a>(alpn: Option<impl Iterator<Item = &'a [u8]>>) -> bool {
+    alpn.is_some_and(|mut list| list.any(|p| p == ALPN_VKX))
+}
+
+/// After a handshake: the connection negotiated ALPN `vkx` (§4.2). A guest
+/// whose host selected none treats it as a permanent failure.
+pub fn negotiated_vkx<D>(conn: &rustls::ConnectionCommon<D>) -> bool {
+    conn.alpn_protocol() == Some(ALPN_VKX)
+}
+
+/// Whether a failed handshake is permanent for the guest (§4.6): the
+/// host's certificate or key not accepted (here, or by the host's alert),
+/// or no common application protocol (detected here, or the host's
+/// alert). Everything else is a transport failure.
+pub fn handshake_failure_is_permanent(e: &TlsError) -> bool {
+    use rustls::AlertDescription as A;
+    match e {
+        TlsError::InvalidCertificate(_) | TlsError::NoApplicationProtocol => true,
+        TlsError::AlertReceived(a) => matches!(
+            a,
+            A::NoApplicationProtocol
+                | A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+        ),
+        _ => false,
+    }
 }
 
 /// The SHA-256 of a certificate's SubjectPublicKeyInfo: what a guest pins.
@@ -274,6 +320,77 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, TlsError::InvalidCertificate(_)), "{err:?}");
+    }
+
+    #[test]
+    fn only_x25519_and_secp256r1_are_offered_and_accepted() {
+        use rustls::crypto::ring::kx_group;
+        let (cert, key) = node_cert();
+        let pin = spki_sha256(&cert).unwrap();
+        let client = client_config(pin).unwrap();
+        let server = server_config(cert.clone(), key.clone_key()).unwrap();
+        for provider in [client.crypto_provider(), server.crypto_provider()] {
+            let groups: Vec<_> = provider.kx_groups.iter().map(|g| g.name()).collect();
+            assert_eq!(
+                groups,
+                [rustls::NamedGroup::X25519, rustls::NamedGroup::secp256r1]
+            );
+        }
+        // A client that offers only secp384r1 gets no handshake.
+        let p384_only = Arc::new(CryptoProvider {
+            kx_groups: vec![kx_group::SECP384R1],
+            ..rustls::crypto::ring::default_provider()
+        });
+        let mut client = ClientConfig::builder_with_provider(p384_only.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedHostKey {
+                spki_sha256: pin,
+                algorithms: p384_only.signature_verification_algorithms,
+            }))
+            .with_no_client_auth();
+        client.alpn_protocols = vec![ALPN_VKX.to_vec()];
+        let err = handshake(
+            Arc::new(client),
+            server_config(cert.clone(), key.clone_key()).unwrap(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TlsError::PeerIncompatible(_)), "{err:?}");
+        // A server that offers only secp384r1: the guest gets none either.
+        let mut server = ServerConfig::builder_with_provider(p384_only)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        server.alpn_protocols = vec![ALPN_VKX.to_vec()];
+        assert!(handshake(client_config(pin).unwrap(), Arc::new(server)).is_err());
+    }
+
+    #[test]
+    fn a_host_that_selects_no_alpn_is_a_permanent_failure_for_the_guest() {
+        let (cert, key) = node_cert();
+        let pin = spki_sha256(&cert).unwrap();
+        let mut server = (*server_config(cert, key).unwrap()).clone();
+        server.alpn_protocols = Vec::new();
+        let (c, _) = handshake(client_config(pin).unwrap(), Arc::new(server)).unwrap();
+        assert!(
+            !negotiated_vkx(&c),
+            "rustls lets it through: the guest checks"
+        );
+        assert!(handshake_failure_is_permanent(&TlsError::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        )));
+        assert!(handshake_failure_is_permanent(&TlsError::AlertReceived(
+            rustls::AlertDescription::BadCertificate
+        )));
+        assert!(!handshake_failure_is_permanent(&TlsError::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure
+        )));
+        assert!(offers_vkx(Some([&b"h2"[..], b"vkx"].into_iter())));
+        assert!(!offers_vkx(Some([&b"h2"[..]].into_iter())));
+        assert!(!offers_vkx(None::<std::iter::Empty<&[u8]>>));
     }
 
     #[test]

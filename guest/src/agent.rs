@@ -330,13 +330,12 @@ impl Agent {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 // A wrong host key, or a peer that does not speak vkx, will
-                // not get better by retrying (§4.6, §13.4).
-                let permanent = matches!(
-                    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
-                    Some(
-                        rustls::Error::InvalidCertificate(_) | rustls::Error::NoApplicationProtocol
-                    )
-                );
+                // not get better by retrying (§4.6, §13.4): detected here,
+                // or told by the host's alert.
+                let permanent = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .is_some_and(vkx_common::tls::handshake_failure_is_permanent);
                 let failure = if permanent {
                     Failure::Permanent
                 } else {
@@ -346,6 +345,14 @@ impl Agent {
             }
             Err(_) => return Attempt::failed(Failure::Transport, "TLS handshake timed out"),
         };
+        // rustls accepts a server that selects no protocol: a peer that
+        // does not speak vkx, permanently (§4.2).
+        if !vkx_common::tls::negotiated_vkx(tls.get_ref().1) {
+            return Attempt::failed(
+                Failure::Permanent,
+                "TLS handshake: the host selected no ALPN vkx",
+            );
+        }
         let exporter = match vkx_common::tls::transcript_exporter(tls.get_ref().1) {
             Ok(x) => x,
             Err(e) => return Attempt::failed(Failure::Transport, format!("TLS exporter: {e}")),

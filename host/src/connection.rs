@@ -201,6 +201,35 @@ where
     }
 }
 
+/// The server side of the TLS handshake (§4), with what rustls does not
+/// enforce by itself: a ClientHello that does not offer ALPN `vkx` (or
+/// offers no ALPN at all) is answered with a fatal
+/// `no_application_protocol` alert and the connection closed, before any
+/// key is exchanged (§4.2). The caller bounds the time.
+pub(crate) async fn tls_accept<S>(
+    config: &Arc<rustls::ServerConfig>,
+    stream: S,
+) -> std::io::Result<tokio_rustls::server::TlsStream<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let start =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+    if !vkx_common::tls::offers_vkx(start.client_hello().alpn()) {
+        let mut io = start.io;
+        // Best effort: the peer is refused either way.
+        let _ = io
+            .write_all(&vkx_common::tls::NO_APPLICATION_PROTOCOL_ALERT)
+            .await;
+        let _ = io.shutdown().await;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::NoApplicationProtocol,
+        ));
+    }
+    start.into_stream(config.clone()).await
+}
+
 /// A connection admission control refused (§11.6, Accepted): TLS (bounded
 /// by its timeout), then `busy` or `rate-limited` with the jittered
 /// `retry-after` without reading `hello`, close, and a short linger so the
@@ -211,20 +240,20 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let metrics = &shared.metrics;
-    let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(stream)).await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            rl_warn!(peer: peer, error = %e, "TLS handshake failed (refused connection)");
-            metrics.handshake(HandshakeOutcome::Failed);
-            return;
-        }
-        Err(_) => {
-            rl_warn!(peer: peer, "TLS handshake timed out (refused connection)");
-            metrics.handshake(HandshakeOutcome::Timeout);
-            return;
-        }
-    };
+    let mut tls =
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls_accept(&shared.tls, stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                rl_warn!(peer: peer, error = %e, "TLS handshake failed (refused connection)");
+                metrics.handshake(HandshakeOutcome::Failed);
+                return;
+            }
+            Err(_) => {
+                rl_warn!(peer: peer, "TLS handshake timed out (refused connection)");
+                metrics.handshake(HandshakeOutcome::Timeout);
+                return;
+            }
+        };
     let (_, out) = Host::refuse(refused.refusal, refused.retry_after);
     let deadline = TokioInstant::now() + WRITE_TIMEOUT;
     let mut outcome = HandshakeOutcome::Failed;
@@ -263,7 +292,7 @@ pub(crate) async fn connection<S>(
     let accepted_at = track.accepted_at;
     let tls = match tokio::time::timeout_at(
         TokioInstant::from_std(accepted_at) + TLS_HANDSHAKE_TIMEOUT,
-        shared.tls.accept(stream),
+        tls_accept(&shared.tls, stream),
     )
     .await
     {
@@ -615,6 +644,57 @@ mod tests {
     use super::*;
     use vkx_common::session::host::HostConfig;
     use vkx_common::wire::{PROTOCOL_VERSION_1, VersionRange};
+
+    /// A host's TLS configuration from a fresh node identity, and its pin.
+    fn host_tls() -> (Arc<rustls::ServerConfig>, [u8; 32], tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::node::init(dir.path()).unwrap();
+        let (cert, key) = crate::node::load(dir.path()).unwrap();
+        let pin = vkx_common::tls::spki_sha256(&cert).unwrap();
+        (vkx_common::tls::server_config(cert, key).unwrap(), pin, dir)
+    }
+
+    /// The guest's side of a handshake with `alpn`; the client's result.
+    async fn client_with(alpn: Vec<Vec<u8>>) -> (Result<(), rustls::Error>, bool) {
+        let (config, pin, _dir) = host_tls();
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move { tls_accept(&config, s).await.is_ok() });
+        let mut client = (*vkx_common::tls::client_config(pin).unwrap()).clone();
+        client.alpn_protocols = alpn;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let r = connector
+            .connect(vkx_common::tls::host_server_name(), c)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                e.get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .cloned()
+                    .unwrap_or(rustls::Error::General(e.to_string()))
+            });
+        (r, server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_client_hello_without_alpn_vkx_gets_no_application_protocol() {
+        for alpn in [Vec::new(), vec![b"h2".to_vec()]] {
+            let (client, served) = client_with(alpn.clone()).await;
+            assert!(!served, "{alpn:?}");
+            assert_eq!(
+                client,
+                Err(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::NoApplicationProtocol
+                )),
+                "{alpn:?}"
+            );
+            assert!(vkx_common::tls::handshake_failure_is_permanent(
+                &client.unwrap_err()
+            ));
+        }
+        let (client, served) = client_with(vec![b"h2".to_vec(), b"vkx".to_vec()]).await;
+        assert_eq!(client, Ok(()));
+        assert!(served);
+    }
 
     #[test]
     fn errors_sent_are_recognised_by_their_envelope() {

@@ -81,7 +81,7 @@ pub async fn serve(
     let health = rollout_settings.health.clone();
     let (rollout, rollout_view) = Rollout::restore(rollout_settings, metrics.clone())?;
     let shared = Arc::new(Shared {
-        tls: tokio_rustls::TlsAcceptor::from(tls),
+        tls,
         keys: Some(store.clone()),
         key_versions,
         derived: Arc::new(DerivedKeys::default()),

@@ -45,7 +45,8 @@ pub const MAX_SHUTDOWN_SPREAD: Duration = Duration::from_secs(300);
 pub const FEATURE_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 pub(crate) struct Shared {
-    pub(crate) tls: tokio_rustls::TlsAcceptor,
+    /// The TLS configuration ([`crate::connection::tls_accept`]).
+    pub(crate) tls: Arc<rustls::ServerConfig>,
     pub(crate) keys: Option<Arc<DirKeyStore>>,
     pub(crate) key_versions: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
     pub(crate) derived: Arc<DerivedKeys>,
