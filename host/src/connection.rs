@@ -341,6 +341,7 @@ pub(crate) async fn connection<S>(
     let ring = shared.ring(&view, peer_id.vm_id.as_ref());
     drop(view);
     let mut gauge: Option<FeatureGauge> = None;
+    let session_id = random.session_id;
     let peer = PeerContext {
         vm_id: vm.clone(),
         cid: peer_id.cid,
@@ -358,6 +359,7 @@ pub(crate) async fn connection<S>(
     let mut tls = tls;
     let mut conn = ConnState {
         ring,
+        session_id,
         ..ConnState::default()
     };
     // Reached Established: a failed end from here on is a lost session.

@@ -14,6 +14,11 @@
 //! every client's `SO_PEERCRED` uid/gid against an allow-list from
 //! host.toml before reading a byte. A client writes one request line
 //! `derived <vm-id> <purpose>\n` and gets `OK <hex>\n` or `ERR <reason>\n`.
+//! Keys are held per session (PROTOCOL.md §9.4): a VM with several live
+//! sessions has one K per session and purpose; the request gets the one
+//! of the session that confirmed it last, or, with a fourth word, the
+//! session named by its hex session-id (`derived <vm-id> <purpose>
+//! <session-id>`). A session that ends removes its own keys only.
 //! `vkx-host derived get` is such a client. Requests and replies are
 //! bounded; the socket serves at most [`MAX_LOCAL_CLIENTS`] clients at once
 //! and each for at most [`LOCAL_CLIENT_TIMEOUT`].
@@ -37,7 +42,8 @@ use zeroize::Zeroizing;
 pub const MAX_LOCAL_CLIENTS: usize = 32;
 /// Longest a local client may take for its request and our reply.
 pub const LOCAL_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest request line (`derived ` + vm-id + ` ` + purpose + LF).
+/// Longest request line (`derived ` + vm-id + ` ` + purpose, optionally
+/// ` ` + 32 hex of a session-id, + LF).
 pub const MAX_LOCAL_REQUEST: usize = 256;
 /// Derived keys held at once: a few purposes for each VM of a node.
 pub const MAX_DERIVED_KEYS: usize = 16 * 1024;
@@ -85,10 +91,26 @@ pub fn answer(
     Answer::Confirm { key, host_tag }
 }
 
-type Table = BTreeMap<(VmId, Purpose), Zeroizing<Vec<u8>>>;
+/// A session's id (`attestation-result`'s session-id).
+pub type SessionId = [u8; 16];
 
-/// Keys derived in live sessions, by VM and purpose (the latest session's).
-/// `Debug` shows how many, never a key.
+/// One session's K of one purpose, and when it was confirmed (a sequence
+/// number: the newest answers a request that names no session).
+struct Entry {
+    session: SessionId,
+    seq: u64,
+    key: Zeroizing<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Table {
+    by: BTreeMap<(VmId, Purpose), Vec<Entry>>,
+    len: usize,
+    seq: u64,
+}
+
+/// Keys derived in live sessions, by VM, purpose and session. `Debug`
+/// shows how many, never a key.
 #[derive(Default)]
 pub struct DerivedKeys {
     keys: Mutex<Table>,
@@ -96,32 +118,70 @@ pub struct DerivedKeys {
 
 impl std::fmt::Debug for DerivedKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.keys.lock().map_or(0, |k| k.len());
+        let n = self.keys.lock().map_or(0, |k| k.len);
         write!(f, "DerivedKeys({n} keys)")
     }
 }
 
 impl DerivedKeys {
-    pub fn insert(&self, vm: &VmId, purpose: &Purpose, key: Zeroizing<Vec<u8>>) {
-        if let Ok(mut keys) = self.keys.lock() {
-            let k = (vm.clone(), purpose.clone());
-            if keys.len() < MAX_DERIVED_KEYS || keys.contains_key(&k) {
-                keys.insert(k, key);
+    /// Session `session` of `vm` confirmed K for `purpose` (again: it
+    /// replaces that session's own). Past [`MAX_DERIVED_KEYS`] a new one
+    /// is not kept (the local process gets "no such derived key").
+    pub fn insert(
+        &self,
+        vm: &VmId,
+        purpose: &Purpose,
+        session: SessionId,
+        key: Zeroizing<Vec<u8>>,
+    ) {
+        if let Ok(mut t) = self.keys.lock() {
+            t.seq += 1;
+            let seq = t.seq;
+            let full = t.len >= MAX_DERIVED_KEYS;
+            let list = t.by.entry((vm.clone(), purpose.clone())).or_default();
+            if let Some(e) = list.iter_mut().find(|e| e.session == session) {
+                e.key = key;
+                e.seq = seq;
+            } else if !full {
+                list.push(Entry { session, seq, key });
+                t.len += 1;
+            } else if list.is_empty() {
+                t.by.remove(&(vm.clone(), purpose.clone()));
             }
         }
     }
 
-    pub fn remove(&self, vm: &VmId, purpose: &Purpose) {
-        if let Ok(mut keys) = self.keys.lock() {
-            keys.remove(&(vm.clone(), purpose.clone()));
+    /// Session `session` ended: its K for `purpose` goes; other sessions'
+    /// stay.
+    pub fn remove(&self, vm: &VmId, purpose: &Purpose, session: SessionId) {
+        if let Ok(mut t) = self.keys.lock() {
+            let k = (vm.clone(), purpose.clone());
+            let Some(list) = t.by.get_mut(&k) else { return };
+            let before = list.len();
+            list.retain(|e| e.session != session);
+            let removed = before - list.len();
+            if list.is_empty() {
+                t.by.remove(&k);
+            }
+            t.len -= removed;
         }
     }
 
-    pub fn get(&self, vm: &VmId, purpose: &Purpose) -> Option<Zeroizing<Vec<u8>>> {
-        self.keys
-            .lock()
-            .ok()
-            .and_then(|k| k.get(&(vm.clone(), purpose.clone())).cloned())
+    /// K of `vm` for `purpose`: of `session` if named, else of the live
+    /// session that confirmed it last.
+    pub fn get(
+        &self,
+        vm: &VmId,
+        purpose: &Purpose,
+        session: Option<SessionId>,
+    ) -> Option<Zeroizing<Vec<u8>>> {
+        let t = self.keys.lock().ok()?;
+        let list = t.by.get(&(vm.clone(), purpose.clone()))?;
+        match session {
+            Some(s) => list.iter().find(|e| e.session == s),
+            None => list.iter().max_by_key(|e| e.seq),
+        }
+        .map(|e| e.key.clone())
     }
 }
 
@@ -192,7 +252,7 @@ async fn client(mut stream: UnixStream, config: &LocalConfig, keys: &DerivedKeys
         return;
     }
     let reply = match parse_request(&line) {
-        Some((vm, purpose)) => match keys.get(&vm, &purpose) {
+        Some((vm, purpose, session)) => match keys.get(&vm, &purpose, session) {
             Some(k) => {
                 rl_info!(uid, vm = %vm, purpose = %purpose, "derived key handed to a local process");
                 let mut r = Zeroizing::new(String::from("OK "));
@@ -207,15 +267,28 @@ async fn client(mut stream: UnixStream, config: &LocalConfig, keys: &DerivedKeys
     let _ = stream.write_all(reply.as_bytes()).await;
 }
 
-fn parse_request(line: &[u8]) -> Option<(VmId, Purpose)> {
+fn parse_request(line: &[u8]) -> Option<(VmId, Purpose, Option<SessionId>)> {
     let text = std::str::from_utf8(line).ok()?;
     let mut parts = text.split(' ');
-    let (Some("derived"), Some(vm), Some(purpose), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some("derived"), Some(vm), Some(purpose), session, None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
         return None;
     };
-    Some((VmId::new(vm).ok()?, Purpose::new(purpose).ok()?))
+    let session = match session {
+        None => None,
+        Some(hex) if hex.len() == 32 => {
+            let mut id = [0u8; 16];
+            hex::decode_to_slice(hex, &mut id).ok()?;
+            Some(id)
+        }
+        Some(_) => return None,
+    };
+    Some((VmId::new(vm).ok()?, Purpose::new(purpose).ok()?, session))
 }
 
 /// The client side (`vkx-host derived get`): the derived key, raw.
@@ -260,7 +333,16 @@ mod tests {
     #[test]
     fn requests_are_strict() {
         assert!(parse_request(b"derived vm-1 disk-unlock:v1").is_some());
+        assert_eq!(
+            parse_request(b"derived vm-1 p 000102030405060708090a0b0c0d0e0f")
+                .unwrap()
+                .2,
+            Some(std::array::from_fn(|i| u8::try_from(i).unwrap()))
+        );
         for bad in [
+            &b"derived vm-1 p 0001"[..],
+            b"derived vm-1 p 000102030405060708090a0b0c0d0e0g",
+            b"derived vm-1 p 000102030405060708090a0b0c0d0e0f x",
             &b"derived vm-1"[..],
             b"derived vm-1 p extra",
             b"derive vm-1 p",
@@ -273,13 +355,40 @@ mod tests {
     }
 
     #[test]
-    fn the_table_is_bounded_and_forgets() {
+    fn each_session_keeps_its_own_key_and_removes_only_its_own() {
         let t = DerivedKeys::default();
         let vm = VmId::new("vm-1").unwrap();
         let p = Purpose::new("p").unwrap();
-        t.insert(&vm, &p, Zeroizing::new(vec![1; 32]));
-        assert_eq!(t.get(&vm, &p).unwrap().as_slice(), &[1u8; 32][..]);
-        t.remove(&vm, &p);
-        assert!(t.get(&vm, &p).is_none());
+        let (s1, s2) = ([1u8; 16], [2u8; 16]);
+        t.insert(&vm, &p, s1, Zeroizing::new(vec![1; 32]));
+        t.insert(&vm, &p, s2, Zeroizing::new(vec![2; 32]));
+        // The second session did not overwrite the first's K.
+        assert_eq!(t.get(&vm, &p, Some(s1)).unwrap().as_slice(), &[1u8; 32][..]);
+        assert_eq!(t.get(&vm, &p, Some(s2)).unwrap().as_slice(), &[2u8; 32][..]);
+        // Unnamed: the session that confirmed last.
+        assert_eq!(t.get(&vm, &p, None).unwrap().as_slice(), &[2u8; 32][..]);
+        t.insert(&vm, &p, s1, Zeroizing::new(vec![3; 32]));
+        assert_eq!(t.get(&vm, &p, None).unwrap().as_slice(), &[3u8; 32][..]);
+        // The first session ending does not take the second's.
+        t.remove(&vm, &p, s1);
+        assert!(t.get(&vm, &p, Some(s1)).is_none());
+        assert_eq!(t.get(&vm, &p, None).unwrap().as_slice(), &[2u8; 32][..]);
+        t.remove(&vm, &p, s2);
+        assert!(t.get(&vm, &p, None).is_none());
+        assert_eq!(t.keys.lock().unwrap().len, 0);
+        assert!(t.keys.lock().unwrap().by.is_empty());
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let t = DerivedKeys::default();
+        let p = Purpose::new("p").unwrap();
+        let vm = VmId::new("vm-1").unwrap();
+        for i in 0..=MAX_DERIVED_KEYS {
+            let mut s = [0u8; 16];
+            s[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            t.insert(&vm, &p, s, Zeroizing::new(vec![0; 1]));
+        }
+        assert_eq!(t.keys.lock().unwrap().len, MAX_DERIVED_KEYS);
     }
 }

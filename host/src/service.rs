@@ -125,6 +125,9 @@ pub(crate) struct ConnState {
     pub(crate) released: BTreeMap<KeyName, u32>,
     /// Derived keys this session made available locally.
     pub(crate) derived: Vec<(VmId, Purpose)>,
+    /// This session's id (`attestation-result`): derived keys are held
+    /// per session (§9.4).
+    pub(crate) session_id: [u8; 16],
     /// The health counters of the VM's ring under the document the
     /// session last saw (`crate::health`).
     pub(crate) ring: Arc<RingCounters>,
@@ -137,7 +140,7 @@ impl ConnState {
     /// A derived key is specific to its connection (§9.4): it goes with it.
     pub(crate) fn forget(&mut self, shared: &Shared) {
         for (vm, purpose) in self.derived.drain(..) {
-            shared.derived.remove(&vm, &purpose);
+            shared.derived.remove(&vm, &purpose, self.session_id);
         }
     }
 }
@@ -289,7 +292,9 @@ pub(crate) fn handle_event(
                     derive::answer(tls, shared.policy.vm(&vm_id), &purpose, length, &guest_tag);
                 let reply = match answer {
                     derive::Answer::Confirm { key, host_tag } => {
-                        shared.derived.insert(&vm_id, &purpose, key);
+                        shared
+                            .derived
+                            .insert(&vm_id, &purpose, conn.session_id, key);
                         conn.derived.push((vm_id.clone(), purpose.clone()));
                         rl_info!(peer: vm_id, purpose = %purpose, "derived key confirmed");
                         conn.ring.grant(Feature::KeyDerivation);

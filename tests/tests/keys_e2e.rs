@@ -253,6 +253,29 @@ fn derived_keys_agree_and_local_access_is_by_credentials() {
     assert!(o.status.success(), "{o:?}\n{}", host.log());
     assert_eq!(o.stdout, k_guest);
 
+    // 1b. A second session of the same VM derives its own K and ends: the
+    //     first session's K is neither overwritten nor removed (§9.4).
+    let other_dir = d.path("derived-once");
+    let once = d
+        .guest_config(
+            "derive-once.toml",
+            &d.socket(),
+            &pin,
+            &format!(
+                "derived_dir = \"{}\"\n[[derive]]\npurpose = \"disk-unlock:v1\"\nlength = 48\n",
+                other_dir.display()
+            ),
+        )
+        .display()
+        .to_string();
+    let o = run("vkx-guest", &["once", "--config", &once], b"");
+    assert!(o.status.success(), "{o:?}");
+    let k_once = key_file(&other_dir, "disk-unlock:v1");
+    assert_ne!(k_once, k_guest, "each session has its own K");
+    let o = fetch();
+    assert!(o.status.success(), "{o:?}\n{}", host.log());
+    assert_eq!(o.stdout, k_guest, "the live session's K, untouched");
+
     // 2. The session ends: so does the host's K.
     assert!(guest.stop().success());
     let start = std::time::Instant::now();
