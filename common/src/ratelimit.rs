@@ -8,6 +8,14 @@
 //! line the bucket admits carries `suppressed=N` and `suppressed_for_s=S`
 //! so the log says how much it dropped and over how long.
 //!
+//! A burst that ends is reported even if its call site never fires
+//! again: a site that drops a line registers itself (at most
+//! [`MAX_PENDING_SITES`] at once), and the daemons call
+//! [`log_summaries`] every [`SUMMARY_INTERVAL`]: for each registered site
+//! whose window has closed (its buckets would admit a line again) one
+//! line says how many lines it suppressed, over how long, and where; at
+//! most [`MAX_SUMMARY_LINES`] such lines per call, the rest in one line.
+//!
 //! Bounds: per site, at most [`MAX_PEERS_PER_SITE`] peer buckets (later
 //! peers share one overflow bucket); each bucket is a few words. The
 //! process-wide count of suppressed lines ([`suppressed_total`]) stays
@@ -33,7 +41,18 @@ pub const PEER_PER_HOUR: u32 = 6;
 /// Peer buckets kept per call site; more peers share one bucket.
 pub const MAX_PEERS_PER_SITE: usize = 2048;
 
+/// Sites with suppressed lines not yet reported, at once. Past it a site
+/// reports only on its next admitted line, as before.
+pub const MAX_PENDING_SITES: usize = 1024;
+/// How often the daemons report closed suppression windows.
+pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+/// Summary lines per [`log_summaries`] call; more sites share one line.
+pub const MAX_SUMMARY_LINES: usize = 16;
+
 static SUPPRESSED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Call sites with suppressed lines not yet reported.
+static PENDING: Mutex<Vec<&'static CallSite>> = Mutex::new(Vec::new());
 
 /// Lines suppressed by every limiter of this process since it started.
 pub fn suppressed_total() -> u64 {
@@ -116,6 +135,25 @@ impl Bucket {
         SUPPRESSED_TOTAL.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The window closed: a line would be admitted now, and lines were
+    /// dropped. Takes the count (and the time since the first drop).
+    fn take_closed(&mut self, now: Instant) -> Option<(u64, Duration)> {
+        if self.suppressed == 0 {
+            return None;
+        }
+        self.refill(now);
+        if self.tokens == 0 {
+            return None;
+        }
+        match self.report(now) {
+            Admit::Write {
+                suppressed,
+                suppressed_for,
+            } => Some((suppressed, suppressed_for)),
+            Admit::Drop => None,
+        }
+    }
+
     fn report(&mut self, now: Instant) -> Admit {
         let suppressed = std::mem::take(&mut self.suppressed);
         let since = self.suppressed_since.take();
@@ -147,6 +185,18 @@ struct SiteState {
 #[derive(Debug)]
 pub struct CallSite {
     state: Mutex<SiteState>,
+    /// `file:line` of the macro, for summaries.
+    location: &'static str,
+    /// In [`PENDING`] (or refused a place there).
+    pending: std::sync::atomic::AtomicBool,
+}
+
+/// What one call site suppressed in a window that has closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suppression {
+    pub location: &'static str,
+    pub suppressed: u64,
+    pub over: Duration,
 }
 
 const fn peer_bucket() -> Bucket {
@@ -155,13 +205,63 @@ const fn peer_bucket() -> Bucket {
 
 impl CallSite {
     pub const fn new() -> Self {
+        Self::at("unknown")
+    }
+
+    /// A call site at `location` (`file:line`).
+    pub const fn at(location: &'static str) -> Self {
         Self {
             state: Mutex::new(SiteState {
                 site: Bucket::new(SITE_BURST, Duration::from_secs(60 / SITE_PER_MINUTE as u64)),
                 peers: BTreeMap::new(),
                 overflow: peer_bucket(),
             }),
+            location,
+            pending: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// After a drop: remember this site, so that its suppressed lines are
+    /// reported when the window closes ([`flush_closed`]).
+    pub fn note_pending(&'static self) {
+        if self.pending.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut p) = PENDING.lock()
+            && p.len() < MAX_PENDING_SITES
+        {
+            p.push(self);
+        }
+        // Full: the flag stays set, and the site reports on its next
+        // admitted line, as it always does.
+    }
+
+    /// Takes the counts of every bucket of this site whose window closed;
+    /// whether any is still open.
+    fn take_closed(&self, now: Instant) -> (Option<Suppression>, bool) {
+        let Ok(mut s) = self.state.lock() else {
+            return (None, false);
+        };
+        let mut total = 0u64;
+        let mut over = Duration::ZERO;
+        let mut open = false;
+        let s = &mut *s;
+        for b in std::iter::once(&mut s.site)
+            .chain(std::iter::once(&mut s.overflow))
+            .chain(s.peers.values_mut())
+        {
+            if let Some((n, d)) = b.take_closed(now) {
+                total = total.saturating_add(n);
+                over = over.max(d);
+            }
+            open |= b.suppressed > 0;
+        }
+        let found = (total > 0).then_some(Suppression {
+            location: self.location,
+            suppressed: total,
+            over,
+        });
+        (found, open)
     }
 
     /// Decides on a line with no peer.
@@ -214,17 +314,83 @@ impl Default for CallSite {
     }
 }
 
+/// For the macros: a dropped line registers its site as pending.
+#[doc(hidden)]
+pub fn noted(site: &'static CallSite, admit: Admit) -> Admit {
+    if admit == Admit::Drop {
+        site.note_pending();
+    }
+    admit
+}
+
+/// The registered sites whose suppression window has closed at `now`,
+/// with their counts (taken: reported once). A site with a window still
+/// open stays registered.
+pub fn flush_closed(now: Instant) -> Vec<Suppression> {
+    let sites: Vec<&'static CallSite> = match PENDING.lock() {
+        Ok(mut p) => std::mem::take(&mut *p),
+        Err(_) => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    let mut still = Vec::new();
+    for site in sites {
+        let (found, open) = site.take_closed(now);
+        out.extend(found);
+        if open {
+            still.push(site);
+        } else {
+            site.pending.store(false, Ordering::Relaxed);
+        }
+    }
+    if let Ok(mut p) = PENDING.lock() {
+        // Sites that registered meanwhile stay too.
+        still.append(&mut p);
+        *p = still;
+    }
+    out
+}
+
+/// Writes one line per site whose suppression window closed (at most
+/// [`MAX_SUMMARY_LINES`], the rest summed in one more line). The daemons
+/// call it every [`SUMMARY_INTERVAL`]; bounded, so it logs directly.
+pub fn log_summaries(now: Instant) {
+    let found = flush_closed(now);
+    for s in found.iter().take(MAX_SUMMARY_LINES) {
+        ::tracing::warn!(
+            site = s.location,
+            suppressed = s.suppressed,
+            suppressed_for_s = s.over.as_secs(),
+            "log lines suppressed by the rate limiter"
+        );
+    }
+    if found.len() > MAX_SUMMARY_LINES {
+        let rest = &found[MAX_SUMMARY_LINES..];
+        ::tracing::warn!(
+            sites = rest.len(),
+            suppressed = rest
+                .iter()
+                .map(|s| s.suppressed)
+                .fold(0u64, u64::saturating_add),
+            "log lines suppressed by the rate limiter at more sites"
+        );
+    }
+}
+
 /// Logs through a per-call-site limiter: `rl_log!(warn, "text {}", x)` or,
 /// for lines a peer causes, `rl_log!(warn, peer: vm_id, "text {}", x)`.
 #[macro_export]
 macro_rules! rl_log {
     ($level:ident, peer: $peer:expr, $($arg:tt)+) => {{
-        static SITE: $crate::ratelimit::CallSite = $crate::ratelimit::CallSite::new();
+        static SITE: $crate::ratelimit::CallSite =
+            $crate::ratelimit::CallSite::at(concat!(file!(), ":", line!()));
         // A level that is off neither spends tokens nor counts as
         // suppressed.
         if ::tracing::enabled!($crate::rl_level!($level))
             && let $crate::ratelimit::Admit::Write { suppressed, suppressed_for } =
-            SITE.admit_peer(::core::convert::AsRef::<str>::as_ref(&$peer), ::std::time::Instant::now())
+            $crate::ratelimit::noted(&SITE, SITE.admit_peer(
+                ::core::convert::AsRef::<str>::as_ref(&$peer),
+                ::std::time::Instant::now(),
+            ))
         {
             if suppressed > 0 {
                 ::tracing::$level!(
@@ -239,10 +405,11 @@ macro_rules! rl_log {
         }
     }};
     ($level:ident, $($arg:tt)+) => {{
-        static SITE: $crate::ratelimit::CallSite = $crate::ratelimit::CallSite::new();
+        static SITE: $crate::ratelimit::CallSite =
+            $crate::ratelimit::CallSite::at(concat!(file!(), ":", line!()));
         if ::tracing::enabled!($crate::rl_level!($level))
             && let $crate::ratelimit::Admit::Write { suppressed, suppressed_for } =
-            SITE.admit(::std::time::Instant::now())
+            $crate::ratelimit::noted(&SITE, SITE.admit(::std::time::Instant::now()))
         {
             if suppressed > 0 {
                 ::tracing::$level!(suppressed, suppressed_for_s = suppressed_for.as_secs(), $($arg)+);
@@ -339,6 +506,44 @@ mod tests {
         // Every dropped line is accounted for by a summary or still pending.
         assert!(reported <= total - written);
         assert!(reported >= total - written - 10_000 * 600, "{reported}");
+    }
+
+    #[test]
+    fn a_burst_that_ends_is_reported_once_the_window_closes() {
+        static SITE: CallSite = CallSite::at("here.rs:1");
+        let t0 = Instant::now();
+        // A burst at one site (lines with and without a peer), then
+        // nothing from it ever again.
+        let mut dropped = 0u64;
+        for _ in 0..100 {
+            for admit in [SITE.admit(t0), SITE.admit_peer("vm-1", t0)] {
+                if noted(&SITE, admit) == Admit::Drop {
+                    dropped += 1;
+                }
+            }
+        }
+        assert!(dropped > 100, "{dropped}");
+        let mine = |v: Vec<Suppression>| v.into_iter().find(|s| s.location == "here.rs:1");
+        // Still inside the window: nothing yet, the site stays registered.
+        assert_eq!(mine(flush_closed(t0 + Duration::from_secs(1))), None);
+        assert!(SITE.pending.load(Ordering::Relaxed));
+        // Every bucket would admit a line again (the peer's hourly one
+        // after 10 min): one summary accounts for every dropped line.
+        let after = t0 + Duration::from_secs(601);
+        let s = mine(flush_closed(after)).expect("a summary");
+        assert_eq!(s.location, "here.rs:1");
+        assert_eq!(s.suppressed, dropped);
+        assert_eq!(s.over, Duration::from_secs(601));
+        // Reported once.
+        assert_eq!(mine(flush_closed(after + Duration::from_secs(60))), None);
+        assert!(!SITE.pending.load(Ordering::Relaxed));
+        // A new burst registers it again.
+        let t1 = after + Duration::from_secs(3600);
+        for _ in 0..(SITE_BURST + 3) {
+            noted(&SITE, SITE.admit(t1));
+        }
+        let s = mine(flush_closed(t1 + Duration::from_secs(5))).expect("a second summary");
+        assert_eq!(s.suppressed, 3);
     }
 
     #[test]

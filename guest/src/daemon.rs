@@ -131,6 +131,20 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
     let mut status = StatusFile::new(&config.run_dir);
     let (dir, derived_dir) = crate::deliver::open_dirs(&config)?;
     rl_info!(host = ?agent.host(), "vkx-guest running");
+    // Closed bursts of suppressed log lines, reported (§13.8).
+    let summaries = {
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    () = tokio::time::sleep(vkx_common::ratelimit::SUMMARY_INTERVAL) => {}
+                }
+                vkx_common::ratelimit::log_summaries(Instant::now());
+            }
+        })
+    };
+    let _abort = AbortOnDrop(summaries);
     while !*stop.borrow() {
         if let Some(wait) = supervisor.next_wake(Instant::now()) {
             let at = StatusFile::at(wait.until);
@@ -256,5 +270,14 @@ mod tests {
             info[2].contains("key-release=enabled, key-derivation=enabled"),
             "{log}"
         );
+    }
+}
+
+/// Aborts a helper task when the daemon's loop ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -136,6 +136,7 @@ pub async fn serve(
     }
     let count = listeners.len();
     tasks.spawn(rollout.run(stop_rx.clone()));
+    tasks.spawn(report_suppressed(stop_rx.clone()));
     tasks.spawn(crate::health::publish(
         metrics.clone(),
         health,
@@ -311,4 +312,19 @@ async fn serve_guests(listener: Listener, shared: Arc<Shared>, stop: watch::Rece
         Some(task)
     };
     accept_loop(listener, &name, admit, stop).await;
+}
+
+/// Every [`vkx_common::ratelimit::SUMMARY_INTERVAL`] until `stop`: one
+/// line per call site whose burst of suppressed lines has ended (PROTOCOL
+/// §13.8), so a burst is accounted for even if its site never fires
+/// again.
+pub async fn report_suppressed(mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            () = tokio::time::sleep(vkx_common::ratelimit::SUMMARY_INTERVAL) => {}
+        }
+        vkx_common::ratelimit::log_summaries(std::time::Instant::now());
+    }
+    vkx_common::ratelimit::log_summaries(std::time::Instant::now());
 }
