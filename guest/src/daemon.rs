@@ -201,6 +201,15 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
     Ok(())
 }
 
+/// Aborts a helper task when the daemon's loop ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -270,14 +279,5 @@ mod tests {
             info[2].contains("key-release=enabled, key-derivation=enabled"),
             "{log}"
         );
-    }
-}
-
-/// Aborts a helper task when the daemon's loop ends, however it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
