@@ -145,12 +145,16 @@ pub fn detect_rewind(last: &QuoteObservation, quote: &VerifiedQuote) -> Option<R
 }
 
 /// Records an accepted quote's clock state for `vm_id` (atomic registry
-/// write) and reports a rewind against the previous one, if any.
+/// write) and reports a rewind against the previous one, if any. With
+/// `keep_on_rewind`, a rewound quote is not recorded: the last good state
+/// stays the baseline, so the VM stays refused until an operator accepts
+/// the new state ([`accept_rewind`]). The caller serialises calls per VM.
 pub fn record_quote(
     registry: &Registry,
     vm_id: &VmId,
     quote: &VerifiedQuote,
     now_unix: u64,
+    keep_on_rewind: bool,
 ) -> Result<Option<Rewind>, Rejection> {
     let entry = registry
         .by_vm_id(vm_id.as_str())?
@@ -159,6 +163,9 @@ pub fn record_quote(
         .last_quote
         .as_ref()
         .and_then(|last| detect_rewind(last, quote));
+    if rewind.is_some() && keep_on_rewind {
+        return Ok(rewind);
+    }
     let c = quote.clock_info;
     let updated = crate::registry::RegistryEntry {
         last_quote: Some(QuoteObservation {
@@ -172,6 +179,23 @@ pub fn record_quote(
     };
     registry.replace(&updated)?;
     Ok(rewind)
+}
+
+/// `vkx-host vtpm accept-rewind`: forgets `vm_id`'s last accepted clock
+/// state, so its next quote is the new baseline (after an intended
+/// snapshot restore). `false` if there was none.
+pub fn accept_rewind(registry: &Registry, vm_id: &VmId) -> Result<bool, Rejection> {
+    let entry = registry
+        .by_vm_id(vm_id.as_str())?
+        .ok_or_else(|| Rejection::NotProvisioned(vm_id.clone()))?;
+    if entry.last_quote.is_none() {
+        return Ok(false);
+    }
+    registry.replace(&crate::registry::RegistryEntry {
+        last_quote: None,
+        ..entry
+    })?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -190,6 +214,59 @@ mod tests {
             firmware_version: 7,
             ak_name: vec![0, 11],
         }
+    }
+
+    #[test]
+    fn a_refused_rewind_keeps_the_good_baseline_until_an_operator_accepts() {
+        use crate::registry::{EkAlg, RegistryEntry};
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("reg")).unwrap();
+        reg.insert(&RegistryEntry {
+            vm_id: "vm-1".into(),
+            ek_alg: EkAlg::Ecc,
+            ek_public: "00aa".into(),
+            ak_public: "00bb".into(),
+            ak_name: "000b".into(),
+            ak_cert_sha256: "cc".repeat(32),
+            created_unix: 1,
+            last_quote: None,
+        })
+        .unwrap();
+        let vm = VmId::new("vm-1").unwrap();
+        assert_eq!(
+            record_quote(&reg, &vm, &quote(5, 2, 10_000, true), 1, true).unwrap(),
+            None
+        );
+        // The snapshot's quote, twice: refused both times (not recorded).
+        for _ in 0..2 {
+            assert!(
+                record_quote(&reg, &vm, &quote(5, 2, 9_000, true), 2, true)
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        // The operator accepts the restored state: the next quote is the
+        // new baseline.
+        assert!(accept_rewind(&reg, &vm).unwrap());
+        assert!(!accept_rewind(&reg, &vm).unwrap());
+        assert_eq!(
+            record_quote(&reg, &vm, &quote(5, 2, 9_000, true), 3, true).unwrap(),
+            None
+        );
+        assert_eq!(
+            record_quote(&reg, &vm, &quote(5, 2, 9_500, true), 4, true).unwrap(),
+            None
+        );
+        // Flagging: recorded, so the same state again is no rewind.
+        assert!(
+            record_quote(&reg, &vm, &quote(5, 2, 9_100, true), 5, false)
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            record_quote(&reg, &vm, &quote(5, 2, 9_100, true), 6, false).unwrap(),
+            None
+        );
     }
 
     #[test]

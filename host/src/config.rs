@@ -34,6 +34,13 @@ pub struct ServeConfig {
     /// Short for a quick restart; longer for a planned outage.
     #[serde(default = "default_shutdown_retry_after")]
     pub shutdown_retry_after_s: u32,
+    /// What a quote whose TPM clock state went back (a snapshot restore
+    /// or a clone, PROTOCOL.md §15.8) gets: `refuse` (default; the VM
+    /// stays refused until `vkx-host vtpm accept-rewind`) or `flag`
+    /// (served, logged and counted). Either way the VM's other live
+    /// sessions are told to re-attest.
+    #[serde(default)]
+    pub on_rewind: OnRewind,
     /// Development transport: one socket per VM (PROTOCOL.md §2.4).
     #[serde(default)]
     pub unix_listener: Vec<UnixListenerConfig>,
@@ -109,6 +116,15 @@ fn default_max_connections() -> usize {
 
 fn default_reattest() -> u32 {
     3600
+}
+
+/// `on_rewind` in host.toml.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRewind {
+    #[default]
+    Refuse,
+    Flag,
 }
 
 fn default_shutdown_retry_after() -> u32 {

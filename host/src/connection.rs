@@ -341,6 +341,9 @@ pub(crate) async fn connection<S>(
     let ring = shared.ring(&view, peer_id.vm_id.as_ref());
     drop(view);
     let mut gauge: Option<FeatureGauge> = None;
+    // Registered once Established: another session of this VM that shows
+    // a rewound TPM sends this one to re-attest (§15.8).
+    let mut vm_session: Option<crate::service::VmSession<'_>> = None;
     let session_id = random.session_id;
     let peer = PeerContext {
         vm_id: vm.clone(),
@@ -382,6 +385,12 @@ pub(crate) async fn connection<S>(
             }
             _ = tokio::time::sleep_until(wake) => {
                 let (h, o) = host.on_timeout(std::time::Instant::now());
+                host = h;
+                out = o;
+            }
+            () = reattest_asked(&mut vm_session) => {
+                rl_info!(peer: vm_id, "another session of this VM showed a rewound TPM: goodbye, re-attest");
+                let (h, o) = host.shutdown(crate::service::REATTEST_RETRY_AFTER);
                 host = h;
                 out = o;
             }
@@ -538,6 +547,7 @@ pub(crate) async fn connection<S>(
         }
         track.check_established(&host);
         if gauge.is_none() && matches!(host, Host::Established(_)) {
+            vm_session = vm.as_ref().map(|v| shared.vm_sessions.register(v));
             gauge = Some(FeatureGauge::new(
                 shared.metrics.clone(),
                 features.clone(),
@@ -573,6 +583,19 @@ pub(crate) async fn connection<S>(
 /// two bytes are looked at: every message this protocol knows has a type
 /// below 24, which CBOR encodes in the byte after the array head, and a
 /// payload the session could decode is canonical.
+/// Resolves when this session is asked to re-attest; never without a
+/// registration.
+async fn reattest_asked(s: &mut Option<crate::service::VmSession<'_>>) {
+    if let Some(s) = s {
+        while s.reattest.changed().await.is_ok() {
+            if *s.reattest.borrow() {
+                return;
+            }
+        }
+    }
+    std::future::pending().await
+}
+
 /// Counts one received payload in the ring's health counters; returns
 /// the feature it asked for, if it is a request of an Established
 /// session.

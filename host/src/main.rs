@@ -175,6 +175,16 @@ enum VtpmCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Accept a VM's restored TPM state after an intended snapshot restore:
+    /// its next quote becomes the baseline rewind detection compares with
+    /// (with `on_rewind = "refuse"` a rewound VM is refused until then).
+    AcceptRewind {
+        #[arg(long)]
+        vm_id: String,
+        /// The registry directory.
+        #[arg(long)]
+        registry: PathBuf,
+    },
     /// Provision a VM's vTPM: EK and AK persistent, AK certificate in NV,
     /// registry entry. Idempotent; refuses a vTPM or vm-id that belongs to
     /// another VM.
@@ -293,6 +303,16 @@ fn vtpm(cmd: VtpmCommand) -> anyhow::Result<bool> {
                 vtpm::CA_KEY_FILE,
                 vtpm::CA_CERT_PEM_FILE
             );
+        }
+        VtpmCommand::AcceptRewind { vm_id, registry } => {
+            let vm =
+                vkx_common::wire::VmId::new(&vm_id).map_err(|e| anyhow::anyhow!("--vm-id: {e}"))?;
+            let reg = vkx_host::registry::Registry::open(&registry)?;
+            if vkx_host::attestation::accept_rewind(&reg, &vm)? {
+                println!("vm {vm_id}: TPM clock state forgotten; its next quote is the baseline");
+            } else {
+                println!("vm {vm_id}: no recorded TPM clock state; nothing to accept");
+            }
         }
         VtpmCommand::Provision {
             tcti,

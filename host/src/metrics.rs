@@ -222,6 +222,8 @@ pub struct Metrics {
     errors_sent: [AtomicU64; ERROR_SLOTS],
     refused: [AtomicU64; RefuseReason::ALL.len()],
     sessions_rate_limited: AtomicU64,
+    /// Rewound TPM states seen: refused, flagged.
+    rewinds: [AtomicU64; 2],
     keys_released: AtomicU64,
     updates_pushed: AtomicU64,
     updates_installed: AtomicU64,
@@ -474,6 +476,11 @@ impl Metrics {
         add(&self.refused[refuse_index(reason)], 1);
     }
 
+    /// A quote showed a rewound TPM state (§15.8), refused or flagged.
+    pub fn rewind(&self, refused: bool) {
+        add(&self.rewinds[usize::from(!refused)], 1);
+    }
+
     /// A session closed for sending faster than its message budget.
     pub fn session_rate_limited(&self) {
         add(&self.sessions_rate_limited, 1);
@@ -656,6 +663,20 @@ pub fn render(m: &Metrics, usage: &Usage, suppressed: u64) -> String {
             "vkx_admissions_refused_total",
             &format!("reason=\"{}\"", r.label()),
             get(&m.refused[refuse_index(r)]),
+        );
+    }
+    family(
+        &mut o,
+        "vkx_attestation_rewinds_total",
+        "counter",
+        "Quotes whose TPM clock state went back (snapshot restore or clone), by action.",
+    );
+    for (i, action) in ["refused", "flagged"].iter().enumerate() {
+        sample(
+            &mut o,
+            "vkx_attestation_rewinds_total",
+            &format!("action=\"{action}\""),
+            get(&m.rewinds[i]),
         );
     }
     let counters: [(&str, &str, u64); 4] = [
@@ -1067,6 +1088,7 @@ mod tests {
         m.update_acked(true);
         m.update_acked(false);
         m.session_rate_limited();
+        m.rewind(true);
         let guard = m.established();
         let all_on: Features = FEATURES
             .iter()
@@ -1115,6 +1137,8 @@ mod tests {
             ),
             ("vkx_admissions_refused_total{reason=\"max_open\"}", "0"),
             ("vkx_sessions_rate_limited_total", "1"),
+            ("vkx_attestation_rewinds_total{action=\"refused\"}", "1"),
+            ("vkx_attestation_rewinds_total{action=\"flagged\"}", "0"),
             ("vkx_log_lines_suppressed_total", "42"),
             ("vkx_keys_released_total", "3"),
             ("vkx_key_updates_pushed_total", "1"),

@@ -62,6 +62,111 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// The rollout state every session resolves its feature map from.
     pub(crate) rollout: watch::Receiver<Arc<View>>,
+    /// host.toml `on_rewind` (§15.8).
+    pub(crate) on_rewind: crate::config::OnRewind,
+    /// The live sessions of each VM, to tell them to re-attest.
+    pub(crate) vm_sessions: VmSessions,
+    /// One lock per VM around the quote record's read-modify-write.
+    pub(crate) quote_locks: QuoteLocks,
+}
+
+/// `retry-after` of the `goodbye` that sends a session to re-attest
+/// (another session of its VM showed a rewound TPM).
+pub const REATTEST_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+type SessionsByVm = BTreeMap<VmId, Vec<(u64, watch::Sender<bool>)>>;
+
+/// The live (Established) sessions of each VM: each registers a channel
+/// that, when set, makes it say `goodbye` and close, so the guest
+/// re-attests. Bounded by the connections admitted.
+#[derive(Debug, Default)]
+pub(crate) struct VmSessions {
+    /// The last id given, and each VM's sessions (id, re-attest flag).
+    inner: std::sync::Mutex<(u64, SessionsByVm)>,
+}
+
+/// A session's place in [`VmSessions`]; leaves it when dropped.
+#[derive(Debug)]
+pub(crate) struct VmSession<'a> {
+    table: &'a VmSessions,
+    vm: VmId,
+    id: u64,
+    /// Turns true when the session must re-attest.
+    pub(crate) reattest: watch::Receiver<bool>,
+}
+
+impl VmSessions {
+    pub(crate) fn register(&self, vm: &VmId) -> VmSession<'_> {
+        let (tx, rx) = watch::channel(false);
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.0 += 1;
+        let id = g.0;
+        g.1.entry(vm.clone()).or_default().push((id, tx));
+        VmSession {
+            table: self,
+            vm: vm.clone(),
+            id,
+            reattest: rx,
+        }
+    }
+
+    /// Tells every live session of `vm` to re-attest; how many.
+    pub(crate) fn reattest_all(&self, vm: &VmId) -> usize {
+        let g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.1.get(vm).map_or(0, |list| {
+            for (_, tx) in list {
+                tx.send_replace(true);
+            }
+            list.len()
+        })
+    }
+
+    #[cfg(test)]
+    fn live(&self, vm: &VmId) -> usize {
+        let g = self.inner.lock().unwrap();
+        g.1.get(vm).map_or(0, Vec::len)
+    }
+}
+
+impl Drop for VmSession<'_> {
+    fn drop(&mut self) {
+        let mut g = self
+            .table
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(list) = g.1.get_mut(&self.vm) {
+            list.retain(|(id, _)| *id != self.id);
+            if list.is_empty() {
+                g.1.remove(&self.vm);
+            }
+        }
+    }
+}
+
+/// One mutex per VM (created on first use; a VM reaches this only once
+/// its evidence verified against its registry entry, so the map is
+/// bounded by the registry).
+#[derive(Debug, Default)]
+pub(crate) struct QuoteLocks {
+    inner: std::sync::Mutex<BTreeMap<VmId, Arc<std::sync::Mutex<()>>>>,
+}
+
+impl QuoteLocks {
+    pub(crate) fn of(&self, vm: &VmId) -> Arc<std::sync::Mutex<()>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(vm.clone())
+            .or_default()
+            .clone()
+    }
 }
 
 impl Shared {
@@ -228,9 +333,35 @@ pub(crate) fn verify_and_record(
             let unix = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            match record_quote(&shared.registry, vm, &accepted.quote, unix) {
+            let refuse = shared.on_rewind == crate::config::OnRewind::Refuse;
+            // Two sessions of one VM attesting at once: their records in
+            // order, each compared with the other's.
+            let lock = shared.quote_locks.of(vm);
+            let recorded = {
+                let _held = lock
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                record_quote(&shared.registry, vm, &accepted.quote, unix, refuse)
+            };
+            match recorded {
                 Ok(Some(rewind)) => {
-                    rl_warn!(peer: vm, rewind = %rewind, "TPM state rewound: snapshot restore or clone")
+                    shared.metrics.rewind(refuse);
+                    let others = shared.vm_sessions.reattest_all(vm);
+                    if refuse {
+                        rl_warn!(
+                            peer: vm,
+                            rewind = %rewind,
+                            others_reattest = others,
+                            "TPM state rewound (snapshot restore or clone): refused; `vkx-host vtpm accept-rewind` accepts the restored state"
+                        );
+                        return Verdict::Rejected;
+                    }
+                    rl_warn!(
+                        peer: vm,
+                        rewind = %rewind,
+                        others_reattest = others,
+                        "TPM state rewound (snapshot restore or clone): flagged, served (on_rewind = flag)"
+                    );
                 }
                 Ok(None) => {}
                 Err(e) => rl_warn!(peer: vm, error = %e, "could not record the quote"),
@@ -373,6 +504,41 @@ pub(crate) async fn watch_key_versions(
         }
     };
     crate::publish::poll_and_publish(KEY_POLL_INTERVAL, poll, tx, stop).await;
+}
+
+#[cfg(test)]
+mod vm_session_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_live_session_of_the_vm_is_told_and_leaves_when_dropped() {
+        let t = VmSessions::default();
+        let vm = VmId::new("vm-1").unwrap();
+        let other = VmId::new("vm-2").unwrap();
+        let a = t.register(&vm);
+        let b = t.register(&vm);
+        let c = t.register(&other);
+        assert_eq!(t.live(&vm), 2);
+        assert_eq!(t.reattest_all(&vm), 2);
+        assert!(*a.reattest.borrow() && *b.reattest.borrow());
+        assert!(!*c.reattest.borrow(), "another VM's session is left alone");
+        drop(a);
+        assert_eq!(t.live(&vm), 1);
+        drop(b);
+        assert_eq!(t.live(&vm), 0);
+        assert_eq!(t.reattest_all(&vm), 0);
+        drop(c);
+        assert!(t.inner.lock().unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn one_quote_lock_per_vm() {
+        let l = QuoteLocks::default();
+        let vm = VmId::new("vm-1").unwrap();
+        assert!(Arc::ptr_eq(&l.of(&vm), &l.of(&vm)));
+        assert!(!Arc::ptr_eq(&l.of(&vm), &l.of(&VmId::new("vm-2").unwrap())));
+    }
 }
 
 #[cfg(test)]

@@ -83,7 +83,10 @@ fn provisioned_guest_is_accepted_and_every_failure_has_its_reason() {
     let ok = verify_evidence(&registry, &policy, &vm, &th, &selection(), &ev).unwrap();
     assert!(ok.grants.keys.iter().any(|k| k.as_str() == "disk"));
     assert!(ok.quote.clock_info.reset_count >= 1);
-    assert_eq!(record_quote(&registry, &vm, &ok.quote, 1).unwrap(), None);
+    assert_eq!(
+        record_quote(&registry, &vm, &ok.quote, 1, true).unwrap(),
+        None
+    );
     let seen = registry
         .by_vm_id("vm-a")
         .unwrap()
@@ -102,12 +105,24 @@ fn provisioned_guest_is_accepted_and_every_failure_has_its_reason() {
         &evidence(&tpm, &th),
     )
     .unwrap();
-    assert_eq!(record_quote(&registry, &vm, &later.quote, 2).unwrap(), None);
-    // Replaying the first (older) quote's state is one.
-    assert!(matches!(
-        record_quote(&registry, &vm, &ok.quote, 3).unwrap(),
-        Some(Rewind::Clock { .. })
-    ));
+    assert_eq!(
+        record_quote(&registry, &vm, &later.quote, 2, true).unwrap(),
+        None
+    );
+    // Replaying the first (older) quote's state is one; refused, it is
+    // not recorded, so it stays one (on_rewind = refuse).
+    for at in [3, 4] {
+        assert!(matches!(
+            record_quote(&registry, &vm, &ok.quote, at, true).unwrap(),
+            Some(Rewind::Clock { .. })
+        ));
+    }
+    // Accepted by the operator: the older state is the new baseline.
+    assert!(vkx_host::attestation::accept_rewind(&registry, &vm).unwrap());
+    assert_eq!(
+        record_quote(&registry, &vm, &ok.quote, 5, true).unwrap(),
+        None
+    );
 
     // Replayed: the same quote for another handshake's transcript.
     let err = verify_evidence(&registry, &policy, &vm, &[0x5b; 32], &selection(), &ev).unwrap_err();
