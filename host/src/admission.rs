@@ -502,6 +502,57 @@ impl Slots {
     }
 }
 
+/// At most `max` held at once per key (a uid, an address), for a handful
+/// of keys: the map holds only keys with slots in use.
+#[derive(Debug)]
+pub struct PerKey {
+    in_use: std::sync::Mutex<std::collections::BTreeMap<u64, usize>>,
+    max: usize,
+}
+
+impl PerKey {
+    pub fn new(max: usize) -> Self {
+        Self {
+            in_use: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            max,
+        }
+    }
+
+    /// One slot of `key`, if it holds fewer than `max`. Never waits.
+    pub fn try_acquire(self: &Arc<Self>, key: u64) -> Option<KeySlot> {
+        let mut m = self
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(key).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(KeySlot(self.clone(), key))
+    }
+}
+
+/// One held slot of a [`PerKey`].
+#[derive(Debug)]
+pub struct KeySlot(Arc<PerKey>, u64);
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        let mut m = self
+            .0
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// One held slot.
 #[derive(Debug)]
 pub struct Slot(Arc<Slots>);

@@ -196,9 +196,38 @@ pub struct LocalConfig {
     /// Groups whose processes may fetch derived keys (primary gid).
     #[serde(default)]
     pub allow_gids: Vec<u32>,
+    /// The socket's file mode (default 0o660), owner and group (default:
+    /// the host's): an allowed uid must be able to open it, and to
+    /// traverse its directory (the unit's `RuntimeDirectoryMode`).
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: u32,
+    #[serde(default)]
+    pub socket_uid: Option<u32>,
+    #[serde(default)]
+    pub socket_gid: Option<u32>,
+}
+
+fn default_socket_mode() -> u32 {
+    0o660
 }
 
 impl LocalConfig {
+    /// The socket's access settings, checked: no execute bits, nothing
+    /// for others beyond read/write.
+    pub fn access(&self) -> anyhow::Result<crate::listen::SocketAccess> {
+        if self.socket_mode & !0o666 != 0 {
+            anyhow::bail!(
+                "[local] socket_mode {:#o}: read/write bits only (e.g. 0o660)",
+                self.socket_mode
+            );
+        }
+        Ok(crate::listen::SocketAccess {
+            mode: self.socket_mode,
+            uid: self.socket_uid,
+            gid: self.socket_gid,
+        })
+    }
+
     fn allows(&self, uid: u32, gid: u32) -> bool {
         self.allow_uids.contains(&uid) || self.allow_gids.contains(&gid)
     }

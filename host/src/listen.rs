@@ -80,10 +80,52 @@ pub async fn accept_loop<L, H, F>(
 /// Binds a Unix socket for local clients (metrics, derived keys),
 /// replacing a stale one, with mode 0660.
 pub fn bind_local(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let _ = std::fs::remove_file(path);
+    bind_local_with(path, &SocketAccess::default())
+}
+
+/// Who may open a local socket: its file mode, and optionally its owner
+/// and group (`[local] socket_mode`, `socket_uid`, `socket_gid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        Self {
+            mode: 0o660,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+/// Binds a Unix socket at `path` with `access`. A stale socket there (a
+/// previous run's) is replaced; anything else at the path (a file, a
+/// directory, a symlink) is refused, never unlinked.
+pub fn bind_local_with(path: &Path, access: &SocketAccess) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket: refusing to replace it",
+                    path.display()
+                ),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode & 0o777))?;
+    if access.uid.is_some() || access.gid.is_some() {
+        std::os::unix::fs::chown(path, access.uid, access.gid)?;
+    }
     Ok(l)
 }
 
@@ -94,6 +136,38 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_anything_else_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        drop(bind_local(&path).unwrap());
+        // A previous run's socket: replaced.
+        let access = SocketAccess {
+            mode: 0o600,
+            uid: None,
+            gid: Some(nix_gid()),
+        };
+        drop(bind_local_with(&path, &access).unwrap());
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        // A file (or a symlink to one): never unlinked.
+        let file = dir.path().join("f");
+        std::fs::write(&file, "keep").unwrap();
+        assert!(bind_local(&file).is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+        let link = dir.path().join("l");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(bind_local(&link).is_err());
+        assert!(link.exists());
+    }
+
+    /// This process's own group (chown to it needs no privilege).
+    fn nix_gid() -> u32 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata("/proc/self").unwrap().gid()
+    }
 
     #[tokio::test]
     async fn awaits_its_tasks_at_shutdown() {

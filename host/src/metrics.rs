@@ -74,6 +74,12 @@ pub const MAX_REQUEST_HEAD: usize = 4096;
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Scrapes served at once.
 pub const MAX_METRICS_CONNECTIONS: usize = 16;
+/// Longest a client may take to send its request head: a scraper sends
+/// it at once, and a client that trickles it holds a slot for no one.
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// Scrapes one local user (uid; over TCP, one address) may hold at once:
+/// a local user who half-sends requests cannot take every slot.
+pub const MAX_SCRAPES_PER_PEER: usize = 4;
 /// Largest response the client ([`fetch`]) reads.
 pub const MAX_RESPONSE: u64 = 1024 * 1024;
 
@@ -901,7 +907,14 @@ async fn exchange<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let head = read_head(&mut s).await?;
+    let head = tokio::time::timeout(REQUEST_HEAD_TIMEOUT, read_head(&mut s))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no whole request head in time",
+            )
+        })??;
     let reply = match route(&head) {
         Route::Metrics => response(
             "200 OK",
@@ -944,7 +957,22 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let slots = Slots::new(MAX_METRICS_CONNECTIONS);
+    let per_peer = Arc::new(crate::admission::PerKey::new(MAX_SCRAPES_PER_PEER));
     let serve = move |stream: Stream| {
+        let key = match &stream {
+            Stream::Unix(s) => s.peer_cred().map_or(u64::MAX, |c| u64::from(c.uid())),
+            Stream::Tcp(s) => s.peer_addr().map_or(u64::MAX, |a| match a.ip() {
+                std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
+                std::net::IpAddr::V6(v6) => {
+                    let b = v6.octets();
+                    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                }
+            }),
+        };
+        let Some(mine) = per_peer.try_acquire(key) else {
+            rl_warn!("metrics: too many scrapes from one user at once; closing one");
+            return None;
+        };
         let Some(slot) = slots.try_acquire() else {
             rl_warn!("metrics: too many scrapes at once; closing one");
             return None;
@@ -963,6 +991,7 @@ pub async fn serve(
                 rl_warn!(error = %e, "metrics: scrape failed");
             }
             drop(slot);
+            drop(mine);
         })
     };
     crate::listen::accept_loop(listener, "metrics", serve, stop).await;
@@ -1406,5 +1435,67 @@ mod tests {
         }
         stop_tx.send(true).unwrap();
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn half_sent_requests_of_one_user_cannot_blind_the_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sock");
+        let listener = bind(&Endpoint::Unix(path.clone())).await.unwrap();
+        let limits = Limits::new(4, &AdmissionConfig::default()).unwrap();
+        let admission = Arc::new(AdmissionControl::new(limits, Instant::now()));
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(serve(
+            listener,
+            Arc::new(Metrics::default()),
+            admission,
+            stop,
+        ));
+        // A local user opens every slot and half-sends a request in each.
+        let mut stalled = Vec::new();
+        for _ in 0..MAX_METRICS_CONNECTIONS {
+            let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+            // Refused ones may be closed before this lands.
+            let _ = s.write_all(b"GET /metr").await;
+            stalled.push(s);
+        }
+        // At most MAX_SCRAPES_PER_PEER are held for it; the others are
+        // closed at once (this test is one uid, so a scrape of its own is
+        // refused too until the head deadline frees them).
+        let t = Instant::now();
+        let mut closed = 0;
+        for s in &mut stalled {
+            let mut b = [0u8; 64];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(40), s.read(&mut b)).await
+            {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, MAX_METRICS_CONNECTIONS - MAX_SCRAPES_PER_PEER);
+        // The held ones are dropped at the head deadline: a scrape works
+        // again soon after, stalled connections still open.
+        let body = loop {
+            if let Ok(b) = fetch(&path).await {
+                break b;
+            }
+            assert!(t.elapsed() < REQUEST_HEAD_TIMEOUT * 3, "never served");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(body.contains("vkx_connections"), "{body}");
+        drop(stalled);
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn per_key_slots_are_capped_and_given_back() {
+        let p = Arc::new(crate::admission::PerKey::new(2));
+        let a = p.try_acquire(7).unwrap();
+        let _b = p.try_acquire(7).unwrap();
+        assert!(p.try_acquire(7).is_none());
+        assert!(p.try_acquire(8).is_some(), "another user is not affected");
+        drop(a);
+        assert!(p.try_acquire(7).is_some());
     }
 }

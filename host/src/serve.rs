@@ -152,7 +152,7 @@ pub async fn serve(
         stop_rx.clone(),
     ));
     if let Some(local) = &config.local {
-        let l = crate::listen::bind_local(&local.socket)
+        let l = crate::listen::bind_local_with(&local.socket, &local.access()?)
             .map_err(|e| anyhow::anyhow!("local socket {}: {e}", local.socket.display()))?;
         tasks.spawn(crate::derive::serve_local(
             l,
