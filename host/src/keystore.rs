@@ -103,11 +103,12 @@
 //! ever held in zeroizing buffers, and no `Debug` output, error or log line
 //! contains it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -433,6 +434,92 @@ pub trait KeyStore: Send + Sync {
     fn version(&self, name: &KeyName, version: u32) -> Result<Option<StoredKey>, KeyStoreError>;
     /// Every key, sorted by name, without material.
     fn list(&self) -> Result<Vec<KeyInfo>, KeyStoreError>;
+}
+
+// ------------------------------------------------------------- the cache
+
+/// The store with each key's current version decrypted once per version:
+/// `serve`'s sessions read keys on the runtime thread, and a rotation
+/// wakes every session that holds the key, so without it a thousand
+/// sessions would each read and decrypt the same new version. The
+/// key-version watcher calls [`CachedKeys::refresh`] (on the blocking
+/// pool) before it publishes a new version map, so the sessions it wakes
+/// find the new versions decrypted; a version no longer current, or a key
+/// removed, leaves the cache then (within the watcher's poll interval).
+/// Bounded by the keys in the store.
+pub struct CachedKeys {
+    inner: Arc<DirKeyStore>,
+    cache: std::sync::RwLock<BTreeMap<KeyName, StoredKey>>,
+    decrypts: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for CachedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.cache.read().map_or(0, |c| c.len());
+        write!(f, "CachedKeys({n} current versions cached)")
+    }
+}
+
+impl CachedKeys {
+    pub fn new(inner: Arc<DirKeyStore>) -> Self {
+        Self {
+            inner,
+            cache: std::sync::RwLock::new(BTreeMap::new()),
+            decrypts: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<DirKeyStore> {
+        &self.inner
+    }
+
+    /// Reads and decrypts done (not answered from the cache).
+    pub fn decrypts(&self) -> u64 {
+        self.decrypts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Brings the cache to `versions` (each key's current version): drops
+    /// what is no longer current and decrypts what is. Blocking.
+    pub fn refresh(&self, versions: &BTreeMap<KeyName, u32>) {
+        if let Ok(mut c) = self.cache.write() {
+            c.retain(|name, k| versions.get(name) == Some(&k.version));
+        }
+        for (name, version) in versions {
+            let cached = self
+                .cache
+                .read()
+                .is_ok_and(|c| c.get(name).is_some_and(|k| k.version == *version));
+            if !cached {
+                let _ = self.current(name);
+            }
+        }
+    }
+}
+
+impl KeyStore for CachedKeys {
+    fn current(&self, name: &KeyName) -> Result<Option<StoredKey>, KeyStoreError> {
+        if let Some(k) = self.cache.read().ok().and_then(|c| c.get(name).cloned()) {
+            return Ok(Some(k));
+        }
+        self.decrypts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let k = self.inner.current(name)?;
+        if let (Some(k), Ok(mut c)) = (&k, self.cache.write()) {
+            // A newer version cached meanwhile stays.
+            if c.get(name).is_none_or(|old| old.version < k.version) {
+                c.insert(name.clone(), k.clone());
+            }
+        }
+        Ok(k)
+    }
+
+    fn version(&self, name: &KeyName, version: u32) -> Result<Option<StoredKey>, KeyStoreError> {
+        self.inner.version(name, version)
+    }
+
+    fn list(&self) -> Result<Vec<KeyInfo>, KeyStoreError> {
+        self.inner.list()
+    }
 }
 
 // ------------------------------------------------------------- the store
@@ -1239,6 +1326,48 @@ mod tests {
 
     fn allow(vms: &[&str], images: &[&str]) -> AllowList {
         AllowList::new(vms, images).unwrap()
+    }
+
+    #[test]
+    fn the_cache_decrypts_each_current_version_once_and_follows_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = Arc::new(store(dir.path()));
+        let disk = name("disk");
+        inner
+            .add(&disk, &material(SECRET), &allow(&["vm-1"], &[]))
+            .unwrap();
+        let keys = CachedKeys::new(inner.clone());
+        let versions = |s: &DirKeyStore| -> BTreeMap<KeyName, u32> {
+            s.list()
+                .unwrap()
+                .into_iter()
+                .map(|k| (k.name, k.current_version))
+                .collect()
+        };
+        keys.refresh(&versions(&inner));
+        assert_eq!(keys.decrypts(), 1);
+        // A thousand sessions asking: no more reads or decrypts.
+        for _ in 0..1000 {
+            assert_eq!(keys.current(&disk).unwrap().unwrap().version, 1);
+        }
+        assert_eq!(keys.decrypts(), 1);
+        // A rotation: seen once the watcher refreshes, decrypted once.
+        inner.rotate(&disk, None).unwrap();
+        assert_eq!(
+            keys.current(&disk).unwrap().unwrap().version,
+            1,
+            "until the watcher's refresh"
+        );
+        keys.refresh(&versions(&inner));
+        for _ in 0..1000 {
+            assert_eq!(keys.current(&disk).unwrap().unwrap().version, 2);
+        }
+        assert_eq!(keys.decrypts(), 2);
+        // A removed key leaves the cache with the refresh.
+        inner.remove(&disk).unwrap();
+        keys.refresh(&versions(&inner));
+        assert!(keys.current(&disk).is_err() || keys.current(&disk).unwrap().is_none());
+        assert!(format!("{keys:?}").contains("0 current versions"));
     }
 
     fn file_names(dir: &Path) -> Vec<String> {

@@ -63,7 +63,9 @@ pub async fn serve(
         .key_store
         .clone()
         .unwrap_or_else(|| config.node_dir.join(crate::keystore::DEFAULT_STORE_DIR));
-    let store = Arc::new(DirKeyStore::open(&store_dir, master)?);
+    let store = Arc::new(crate::keystore::CachedKeys::new(Arc::new(
+        DirKeyStore::open(&store_dir, master)?,
+    )));
     let initial: BTreeMap<KeyName, u32> = store
         .list()?
         .into_iter()

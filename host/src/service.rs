@@ -27,7 +27,7 @@ use crate::admission::AdmissionControl;
 use crate::attestation::{record_quote, verify_evidence};
 use crate::derive::{self, DerivedKeys};
 use crate::health::{DrillCounters, RingCounters};
-use crate::keystore::{DirKeyStore, KeyStore};
+use crate::keystore::{CachedKeys, KeyStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::release;
@@ -47,7 +47,9 @@ pub const FEATURE_RETRY_AFTER: Duration = Duration::from_secs(30);
 pub(crate) struct Shared {
     /// The TLS configuration ([`crate::connection::tls_accept`]).
     pub(crate) tls: Arc<rustls::ServerConfig>,
-    pub(crate) keys: Option<Arc<DirKeyStore>>,
+    /// The key store, each key's current version decrypted once
+    /// ([`CachedKeys`]).
+    pub(crate) keys: Option<Arc<CachedKeys>>,
     pub(crate) key_versions: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
     pub(crate) derived: Arc<DerivedKeys>,
     pub(crate) registry: Registry,
@@ -482,19 +484,27 @@ pub const KEY_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// listing per interval (no decryption), whatever the number of sessions;
 /// each session then pushes to its own guest.
 pub(crate) async fn watch_key_versions(
-    store: Arc<DirKeyStore>,
+    store: Arc<CachedKeys>,
     tx: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
     stop: watch::Receiver<bool>,
 ) {
     let poll = move || {
         let store = store.clone();
         async move {
-            match tokio::task::spawn_blocking(move || store.list()).await {
-                Ok(Ok(keys)) => Some(Arc::new(
-                    keys.into_iter()
+            // The cache is brought to the new versions before they are
+            // published: the sessions they wake find them decrypted.
+            let listed = tokio::task::spawn_blocking(move || {
+                store.list().map(|keys| {
+                    let versions = keys
+                        .into_iter()
                         .map(|k| (k.name, k.current_version))
-                        .collect::<BTreeMap<KeyName, u32>>(),
-                )),
+                        .collect::<BTreeMap<KeyName, u32>>();
+                    store.refresh(&versions);
+                    versions
+                })
+            });
+            match listed.await {
+                Ok(Ok(versions)) => Some(Arc::new(versions)),
                 Ok(Err(e)) => {
                     rl_warn!(error = %e, "key store listing failed");
                     None
