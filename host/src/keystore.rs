@@ -441,12 +441,14 @@ pub trait KeyStore: Send + Sync {
 /// The store with each key's current version decrypted once per version:
 /// `serve`'s sessions read keys on the runtime thread, and a rotation
 /// wakes every session that holds the key, so without it a thousand
-/// sessions would each read and decrypt the same new version. The
-/// key-version watcher calls [`CachedKeys::refresh`] (on the blocking
-/// pool) before it publishes a new version map, so the sessions it wakes
-/// find the new versions decrypted; a version no longer current, or a key
-/// removed, leaves the cache then (within the watcher's poll interval).
-/// Bounded by the keys in the store.
+/// sessions would each read and decrypt the same new version. Which
+/// version is current is looked up every time (a directory listing, no
+/// key file read), so a rotation or removal on disk is served at once;
+/// only the decrypted version is cached. The key-version watcher calls
+/// [`CachedKeys::refresh`] (on the blocking pool) before it publishes a
+/// new version map, so the sessions it wakes find the new versions
+/// decrypted; versions no longer current leave the cache then. Bounded
+/// by the keys in the store (one version each).
 pub struct CachedKeys {
     inner: Arc<DirKeyStore>,
     cache: std::sync::RwLock<BTreeMap<KeyName, StoredKey>>,
@@ -498,7 +500,15 @@ impl CachedKeys {
 
 impl KeyStore for CachedKeys {
     fn current(&self, name: &KeyName) -> Result<Option<StoredKey>, KeyStoreError> {
-        if let Some(k) = self.cache.read().ok().and_then(|c| c.get(name).cloned()) {
+        let Some(version) = self.inner.current_version(name)? else {
+            return Ok(None);
+        };
+        if let Some(k) = self
+            .cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(name).filter(|k| k.version == version).cloned())
+        {
             return Ok(Some(k));
         }
         self.decrypts
@@ -782,6 +792,13 @@ impl DirKeyStore {
     }
 
     // ------------------------------------------------------ internals
+
+    /// The current version of `name` (a directory listing, no read of a
+    /// key file), or `None`.
+    pub fn current_version(&self, name: &KeyName) -> Result<Option<u32>, KeyStoreError> {
+        let key_dir = self.key_dir(name)?;
+        Ok(self.versions(&key_dir)?.last().copied())
+    }
 
     fn key_dir(&self, name: &KeyName) -> Result<PathBuf, KeyStoreError> {
         check_dotless(name)?;
@@ -1355,8 +1372,8 @@ mod tests {
         inner.rotate(&disk, None).unwrap();
         assert_eq!(
             keys.current(&disk).unwrap().unwrap().version,
-            1,
-            "until the watcher's refresh"
+            2,
+            "served at once"
         );
         keys.refresh(&versions(&inner));
         for _ in 0..1000 {
