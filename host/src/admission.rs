@@ -19,8 +19,15 @@
 //!    (vm-id, or `cid:N` for an unmapped vsock peer). Empty: `rate-limited`.
 //! 4. **`max_connections`**: connections being served. Full: `busy`.
 //! 5. **`max_handshakes`**: served connections not yet Established. Full:
-//!    `busy`. The slot is released when the session reaches Established
-//!    ([`Ticket::established`]) or the connection ends.
+//!    `busy`.
+//! 6. **The peer's handshakes** (`max_handshakes_per_peer`, default 2):
+//!    its served connections not yet Established. Full: `busy`. A
+//!    well-behaved guest has one handshake in progress (two while it
+//!    re-attests beside its session's end); without this cap a few dozen
+//!    cooperating VMs stalling handshakes would fill the node's
+//!    `max_handshakes` and every other guest, at boot too, would get
+//!    `busy`. Both handshake slots are released when the session reaches
+//!    Established ([`Ticket::established`]) or the connection ends.
 //!
 //! A refused connection still completes TLS (bounded by the TLS handshake
 //! timeout), because errors travel inside TLS; the driver then sends the
@@ -100,6 +107,10 @@ pub struct AdmissionConfig {
     /// the transport is closed at once. Default 16, or `max_open` if lower.
     #[serde(default)]
     pub max_open_per_peer: Option<usize>,
+    /// Served connections of one peer not yet Established; over it:
+    /// `busy`. Default 2, or `max_handshakes` if lower.
+    #[serde(default)]
+    pub max_handshakes_per_peer: Option<usize>,
     /// Base `retry-after` of `busy` and `rate-limited`, in ms.
     #[serde(default = "default_busy_retry_after_ms")]
     pub busy_retry_after_ms: u32,
@@ -127,6 +138,9 @@ pub struct AdmissionConfig {
 fn default_max_handshakes() -> usize {
     DEFAULT_MAX_HANDSHAKES
 }
+
+/// Default `max_handshakes_per_peer` (see the module primer).
+pub const DEFAULT_MAX_HANDSHAKES_PER_PEER: usize = 2;
 fn default_busy_retry_after_ms() -> u32 {
     DEFAULT_BUSY_RETRY_AFTER_MS
 }
@@ -155,6 +169,7 @@ impl Default for AdmissionConfig {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_open: None,
             max_open_per_peer: None,
+            max_handshakes_per_peer: None,
             busy_retry_after_ms: DEFAULT_BUSY_RETRY_AFTER_MS,
             retry_jitter_percent: DEFAULT_RETRY_JITTER_PERCENT,
             peer_connection_burst: DEFAULT_PEER_CONNECTION_BURST,
@@ -203,6 +218,7 @@ pub struct Limits {
     pub max_handshakes: usize,
     pub max_open: usize,
     pub max_open_per_peer: usize,
+    pub max_handshakes_per_peer: usize,
     pub busy_retry_after: Duration,
     pub retry_jitter_percent: u32,
     pub peer_connection_burst: u32,
@@ -232,6 +248,15 @@ impl Limits {
             wide(max_open_per_peer),
             1,
             wide(max_open),
+        )?;
+        let max_handshakes_per_peer = c
+            .max_handshakes_per_peer
+            .unwrap_or(DEFAULT_MAX_HANDSHAKES_PER_PEER.min(c.max_handshakes));
+        check(
+            "max_handshakes_per_peer",
+            wide(max_handshakes_per_peer),
+            1,
+            wide(c.max_handshakes),
         )?;
         check(
             "busy_retry_after_ms",
@@ -282,6 +307,7 @@ impl Limits {
             max_handshakes: c.max_handshakes,
             max_open,
             max_open_per_peer,
+            max_handshakes_per_peer,
             busy_retry_after: Duration::from_millis(c.busy_retry_after_ms.into()),
             retry_jitter_percent: c.retry_jitter_percent,
             peer_connection_burst: c.peer_connection_burst,
@@ -378,6 +404,7 @@ struct PeerEntry {
     bucket: TokenBucket,
     /// The transports the peer holds.
     open: Arc<Slots>,
+    handshakes: Arc<Slots>,
     last_seen: Instant,
 }
 
@@ -389,10 +416,12 @@ struct PeerTable {
     /// Shared by peers that found the table full of active peers.
     overflow: TokenBucket,
     overflow_open: Arc<Slots>,
+    overflow_handshakes: Arc<Slots>,
     max: usize,
     burst: u32,
     refill: Duration,
     max_open_per_peer: usize,
+    max_handshakes_per_peer: usize,
 }
 
 impl PeerTable {
@@ -405,10 +434,12 @@ impl PeerTable {
                 now,
             ),
             overflow_open: Slots::new(limits.max_open_per_peer),
+            overflow_handshakes: Slots::new(limits.max_handshakes_per_peer),
             max: limits.max_peers,
             burst: limits.peer_connection_burst,
             refill: limits.peer_connection_refill,
             max_open_per_peer: limits.max_open_per_peer,
+            max_handshakes_per_peer: limits.max_handshakes_per_peer,
         }
     }
 
@@ -442,9 +473,19 @@ impl PeerTable {
                 PeerEntry {
                     bucket: TokenBucket::full(self.burst, self.refill, now),
                     open: Slots::new(self.max_open_per_peer),
+                    handshakes: Slots::new(self.max_handshakes_per_peer),
                     last_seen: now,
                 },
             );
+        }
+    }
+
+    /// One of the peer's handshake slots, if it has one free.
+    fn handshake(&mut self, peer: &str, now: Instant) -> Option<Slot> {
+        self.enter(peer, now);
+        match self.peers.get_mut(peer) {
+            Some(e) => e.handshakes.try_acquire(),
+            None => self.overflow_handshakes.try_acquire(),
         }
     }
 
@@ -575,16 +616,19 @@ pub enum RefuseReason {
     MaxConnections,
     /// `max_handshakes` in use: `busy`.
     MaxHandshakes,
+    /// The peer has `max_handshakes_per_peer` in progress: `busy`.
+    PeerHandshakes,
     /// The peer's connection bucket is empty: `rate-limited`.
     PeerConnectionRate,
 }
 
 impl RefuseReason {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::PeerOpen,
         Self::MaxOpen,
         Self::MaxConnections,
         Self::MaxHandshakes,
+        Self::PeerHandshakes,
         Self::PeerConnectionRate,
     ];
 
@@ -595,6 +639,7 @@ impl RefuseReason {
             Self::MaxOpen => "max_open",
             Self::MaxConnections => "max_connections",
             Self::MaxHandshakes => "max_handshakes",
+            Self::PeerHandshakes => "peer_handshakes",
             Self::PeerConnectionRate => "peer_connection_rate",
         }
     }
@@ -618,7 +663,8 @@ pub struct Ticket {
     _peer_open: Slot,
     _open: Slot,
     _connection: Slot,
-    handshake: Option<Slot>,
+    /// The node's handshake slot and the peer's.
+    handshake: Option<(Slot, Slot)>,
 }
 
 impl Ticket {
@@ -725,12 +771,20 @@ impl AdmissionControl {
                 held,
             );
         };
+        let Some(peer_handshake) = self.with_peers(|t| t.handshake(peer, now)) else {
+            return refuse(
+                Refusal::Busy,
+                RefuseReason::PeerHandshakes,
+                Duration::ZERO,
+                held,
+            );
+        };
         let (peer_open, open) = held;
         Decision::Admit(Ticket {
             _peer_open: peer_open,
             _open: open,
             _connection: connection,
-            handshake: Some(handshake),
+            handshake: Some((handshake, peer_handshake)),
         })
     }
 
@@ -808,6 +862,7 @@ mod tests {
         assert_eq!(l.max_handshakes, 256);
         assert_eq!(l.max_open, 4096);
         assert_eq!(l.max_open_per_peer, 16);
+        assert_eq!(l.max_handshakes_per_peer, 2);
         assert_eq!(l.busy_retry_after, 5 * S);
         assert_eq!(l.retry_jitter_percent, 100);
         assert_eq!(
@@ -868,6 +923,63 @@ mod tests {
             "session_message_refill_ms",
         );
         bad(|c| c.max_peers = 0, "max_peers");
+        bad(
+            |c| c.max_handshakes_per_peer = Some(0),
+            "max_handshakes_per_peer",
+        );
+        bad(
+            |c| c.max_handshakes_per_peer = Some(c.max_handshakes + 1),
+            "max_handshakes_per_peer",
+        );
+        // Unset, it follows a low max_handshakes down.
+        let one = AdmissionConfig {
+            max_handshakes: 1,
+            ..AdmissionConfig::default()
+        };
+        assert_eq!(Limits::new(8, &one).unwrap().max_handshakes_per_peer, 1);
+    }
+
+    #[test]
+    fn stalled_handshakes_of_a_few_vms_cannot_fill_the_node() {
+        // 28 cooperating VMs each trying to keep 9 handshakes stalled
+        // (the review's figure: 252 of 256) get 2 each; a good guest
+        // still gets a slot.
+        let ac = AdmissionControl::new(
+            Limits::new(2048, &AdmissionConfig::default()).unwrap(),
+            Instant::now(),
+        );
+        let now = Instant::now();
+        let mut held = Vec::new();
+        let mut busy = 0;
+        for vm in 0..28 {
+            for _ in 0..9 {
+                match ac.admit(&format!("vm-bad-{vm}"), now, || 0) {
+                    Decision::Admit(t) => held.push(t),
+                    Decision::Refuse(r) => {
+                        assert_eq!(r.reason, RefuseReason::PeerHandshakes);
+                        assert_eq!(r.refusal, Refusal::Busy);
+                        busy += 1;
+                    }
+                    Decision::Close(r) => panic!("{r:?}"),
+                }
+            }
+        }
+        assert_eq!(held.len(), 28 * 2);
+        assert_eq!(busy, 28 * 7);
+        assert_eq!(ac.usage().handshakes, 56);
+        let Decision::Admit(mut good) = ac.admit("vm-good", now, || 0) else {
+            panic!("the good guest was refused");
+        };
+        // Established: both its slots go back; a re-attestation fits.
+        good.established();
+        assert_eq!(ac.usage().handshakes, 56);
+        assert!(matches!(ac.admit("vm-good", now, || 0), Decision::Admit(_)));
+        // A bad VM's stalled handshake ending frees its own slot only.
+        held.pop();
+        assert!(matches!(
+            ac.admit("vm-bad-27", now, || 0),
+            Decision::Admit(_)
+        ));
     }
 
     #[test]

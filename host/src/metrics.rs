@@ -210,6 +210,7 @@ fn refuse_index(r: RefuseReason) -> usize {
         RefuseReason::MaxHandshakes => 2,
         RefuseReason::PeerConnectionRate => 3,
         RefuseReason::PeerOpen => 4,
+        RefuseReason::PeerHandshakes => 5,
     }
 }
 
