@@ -67,6 +67,19 @@ pub trait Handler {
     fn on_derive_not_sent(&mut self, purpose: &Purpose, _length: u8, why: RequestRefused) {
         self.on_derive_failed(purpose, &why.to_string());
     }
+
+    /// The handler's own timer (a workload that asks periodically): the
+    /// session loop calls [`Handler::on_wake`] at this instant, read again
+    /// before each wait. `None` (the default): never. An instant already
+    /// past fires at once, so `on_wake` must move it on.
+    fn wake_at(&self) -> Option<Instant> {
+        None
+    }
+
+    /// [`Handler::wake_at`] came; acts on `guest` as `on_event` does.
+    fn on_wake(&mut self, _guest: &mut Guest, _now: Instant) -> Reaction {
+        Reaction::default()
+    }
 }
 
 /// Derivations asked for and not yet answered; one runs at a time (the
@@ -446,14 +459,7 @@ impl Agent {
                             }
                             derive.on_event(&ev, handler);
                             let r = handler.on_event(ev, &mut guest, now);
-                            derive.queue.extend(r.derive);
-                            pending.absorb(r.out);
-                            if r.finish && pending.close.is_none() {
-                                let (g, o) = guest.finish(GoodbyeReason::Normal);
-                                guest = g;
-                                pending.absorb(o);
-                                detail = "done".into();
-                            }
+                            apply(r, &mut guest, &mut derive, &mut pending, &mut detail);
                         }
                     }
                 }
@@ -502,7 +508,14 @@ impl Agent {
                     detail: "session ended".into(),
                 };
             };
+            let wake = handler.wake_at();
             tokio::select! {
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                    wake.unwrap_or(deadline),
+                )), if wake.is_some() => {
+                    let r = handler.on_wake(&mut guest, Instant::now());
+                    apply(r, &mut guest, &mut derive, &mut pending, &mut detail);
+                }
                 _ = stop.changed() => {
                     let (g, o) = guest.finish(GoodbyeReason::Shutdown);
                     guest = g;
@@ -560,6 +573,25 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// Takes in what a handler's reaction asked for: its derivations, its
+/// output, and the session's end if it asked to finish.
+fn apply(
+    r: Reaction,
+    guest: &mut Guest,
+    derive: &mut Derivations,
+    pending: &mut Output<GuestEvent>,
+    detail: &mut String,
+) {
+    derive.queue.extend(r.derive);
+    pending.absorb(r.out);
+    if r.finish && pending.close.is_none() {
+        let (g, o) = std::mem::replace(guest, Guest::Closed).finish(GoodbyeReason::Normal);
+        *guest = g;
+        pending.absorb(o);
+        *detail = "done".into();
     }
 }
 

@@ -8,6 +8,9 @@
 //! - once attested it asks for the sandbox's key (key-release);
 //! - each time the rolled-out feature becomes usable it runs one
 //!   derivation (key-derivation), so a ring's traffic follows its stage;
+//!   with [`Workload::Every`], it asks again at that pace while the feature
+//!   stays usable (one derivation outstanding at most), so a bake that
+//!   starts again later still sees traffic;
 //! - when an update turns the feature off it tries once more, as a
 //!   workload would: its own session must refuse (the probe); a session
 //!   that ignored the kill would send the request, and the drill counts it;
@@ -92,12 +95,22 @@ pub struct Fleet {
     tasks: tokio::task::JoinSet<()>,
 }
 
+/// How often a good guest derives while the rolled-out feature is usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Once each time the feature becomes usable.
+    OncePerEnable,
+    /// Then again every so often while it stays usable.
+    Every(std::time::Duration),
+}
+
 /// One guest's plan.
 #[derive(Debug, Clone)]
 pub struct GuestPlan {
     pub build: Build,
     /// Delay of its first attempt from the fleet's start.
     pub delay: std::time::Duration,
+    pub workload: Workload,
 }
 
 impl Fleet {
@@ -128,6 +141,7 @@ impl Fleet {
                 GuestCtx {
                     id,
                     build: plan.build,
+                    workload: plan.workload,
                     feature,
                     tx: tx.clone(),
                 },
@@ -153,6 +167,7 @@ impl Fleet {
 struct GuestCtx {
     id: usize,
     build: Build,
+    workload: Workload,
     feature: u16,
     tx: mpsc::UnboundedSender<Report>,
 }
@@ -187,6 +202,8 @@ async fn run_guest(
                 let mut h = DrillGuest {
                     ctx: ctx.clone(),
                     unknown_sent: false,
+                    next_derive: None,
+                    outstanding: false,
                 };
                 let a = agent.attempt(&mut h, &mut stop).await;
                 let at = Instant::now();
@@ -221,11 +238,29 @@ async fn run_guest(
 struct DrillGuest {
     ctx: GuestCtx,
     unknown_sent: bool,
+    /// [`Workload::Every`]: when it asks again (the feature usable).
+    next_derive: Option<Instant>,
+    /// A derivation of its own is queued or running.
+    outstanding: bool,
 }
 
 impl DrillGuest {
     fn state(&self, map: &Features) -> Option<FeatureState> {
         map.get(&self.ctx.feature).copied()
+    }
+
+    /// A good guest's derivation, unless one of its own is outstanding.
+    fn derive(&mut self, r: &mut Reaction, now: Instant) {
+        if self.ctx.build != Build::Good || self.outstanding {
+            return;
+        }
+        if let Ok(p) = Purpose::new(PURPOSE) {
+            r.derive.push((p, DERIVE_LENGTH));
+            self.outstanding = true;
+        }
+        if let Workload::Every(every) = self.ctx.workload {
+            self.next_derive = Some(now + every);
+        }
     }
 
     /// The bad build's call: one frame `[99, {}]`, a well-formed message
@@ -266,6 +301,9 @@ impl Handler for DrillGuest {
             GuestEvent::Features(features) => {
                 let state = self.state(&features);
                 let _ = self.ctx.tx.send(Report::Update { id, at, state });
+                if state != Some(FeatureState::Enabled) {
+                    self.next_derive = None;
+                }
                 match state {
                     Some(FeatureState::Enabled) => self.bad_call(&mut r),
                     Some(FeatureState::Disabled) => {
@@ -294,11 +332,7 @@ impl Handler for DrillGuest {
                 }
             }
             GuestEvent::FeatureUsable { feature } if feature == self.ctx.feature => {
-                if self.ctx.build == Build::Good
-                    && let Ok(p) = Purpose::new(PURPOSE)
-                {
-                    r.derive.push((p, DERIVE_LENGTH));
-                }
+                self.derive(&mut r, now);
             }
             _ => {}
         }
@@ -306,6 +340,7 @@ impl Handler for DrillGuest {
     }
 
     fn on_derived(&mut self, _purpose: &Purpose, _key: &[u8]) {
+        self.outstanding = false;
         let _ = self.ctx.tx.send(Report::Derived {
             id: self.ctx.id,
             at: Instant::now(),
@@ -314,6 +349,7 @@ impl Handler for DrillGuest {
     }
 
     fn on_derive_failed(&mut self, _purpose: &Purpose, _why: &str) {
+        self.outstanding = false;
         let _ = self.ctx.tx.send(Report::Derived {
             id: self.ctx.id,
             at: Instant::now(),
@@ -322,5 +358,28 @@ impl Handler for DrillGuest {
     }
 
     /// Off or held back: not a failure; the next `FeatureUsable` asks.
-    fn on_derive_not_sent(&mut self, _purpose: &Purpose, _length: u8, _why: RequestRefused) {}
+    fn on_derive_not_sent(&mut self, _purpose: &Purpose, _length: u8, _why: RequestRefused) {
+        self.outstanding = false;
+        self.next_derive = None;
+    }
+
+    fn wake_at(&self) -> Option<Instant> {
+        self.next_derive
+    }
+
+    fn on_wake(&mut self, _guest: &mut Guest, now: Instant) -> Reaction {
+        let mut r = Reaction::default();
+        // Not yet due (an early wake): the same instant is read again.
+        if self.next_derive.is_some_and(|t| t <= now) {
+            self.next_derive = None;
+            self.derive(&mut r, now);
+            if self.next_derive.is_none()
+                && let Workload::Every(every) = self.ctx.workload
+            {
+                // One still outstanding: look again a period later.
+                self.next_derive = Some(now + every);
+            }
+        }
+        r
+    }
 }

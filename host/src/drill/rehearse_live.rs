@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use vkx_common::wire::FeatureState;
 
 use super::DrillArgs;
-use super::fleet::{Build, GuestPlan};
+use super::fleet::{Build, GuestPlan, Workload};
 use super::sandbox::{Sandbox, Spec};
 use super::scenario::{
     ATTACH_LIMIT, Drill, FEATURE, FleetState, POLL, SETTLE_LIMIT, Size, ensure_attached,
@@ -131,6 +131,7 @@ pub(super) async fn live(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> 
         .map(|_| GuestPlan {
             build: Build::Good,
             delay: Duration::ZERO,
+            workload: Workload::OncePerEnable,
         })
         .collect();
     drill.start_fleet(&plans, None)?;

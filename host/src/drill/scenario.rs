@@ -67,7 +67,7 @@ use tokio::sync::{mpsc, watch};
 use vkx_common::wire::FeatureState;
 
 use super::DrillArgs;
-use super::fleet::{Build, Fleet, GuestPlan, Report};
+use super::fleet::{Build, Fleet, GuestPlan, Report, Workload};
 use super::picture;
 use super::sandbox::{Sandbox, Spec, ensure_fd_limit, output_ok};
 use super::timeline::{Sample, Samples, Timeline};
@@ -497,6 +497,7 @@ async fn kill_under_load(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> 
         .map(|_| GuestPlan {
             build: Build::Good,
             delay: Duration::ZERO,
+            workload: Workload::OncePerEnable,
         })
         .collect();
     let t_storm = Instant::now();
@@ -840,6 +841,7 @@ fn controller_size(size: Size) -> (usize, usize) {
 async fn start_walk(
     args: &DrillArgs,
     bad_ring: Option<usize>,
+    workload: Workload,
 ) -> anyhow::Result<(Timeline, Drill, Vec<Build>)> {
     let (nodes, per_node) = controller_size(args.size);
     let total = nodes * per_node;
@@ -869,6 +871,7 @@ async fn start_walk(
         .map(|b| GuestPlan {
             build: *b,
             delay: Duration::ZERO,
+            workload,
         })
         .collect();
     let bad = builds.iter().filter(|b| **b == Build::Bad).count();
@@ -909,7 +912,7 @@ fn errors_sent(drill: &Drill) -> Option<u64> {
 }
 
 async fn clean(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
-    let (mut tl, mut drill, _) = start_walk(args, None).await?;
+    let (mut tl, mut drill, _) = start_walk(args, None, Workload::OncePerEnable).await?;
     let total = drill.sandbox.vms.len();
     let errors_before = errors_sent(&drill);
     let (report, seen) = run_controller(&mut drill, args.size, &mut tl).await?;
@@ -989,7 +992,7 @@ async fn clean(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
 
 async fn seed_incident(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
     // The ring after the canary runs the bad build.
-    let (mut tl, mut drill, builds) = start_walk(args, Some(1)).await?;
+    let (mut tl, mut drill, builds) = start_walk(args, Some(1), Workload::OncePerEnable).await?;
     let total = drill.sandbox.vms.len();
     let bad: Vec<usize> = (0..total).filter(|i| builds[*i] == Build::Bad).collect();
     let good: Vec<usize> = (0..total).filter(|i| builds[*i] == Build::Good).collect();
@@ -1187,6 +1190,12 @@ const ETCD_LOSS_LOCK_TTL: Duration = Duration::from_secs(crate::rollout_run::MIN
 /// lease and the keep-alive's timeouts, so that the lease lapses.
 const ETCD_LOSS_MIN_OUTAGE: Duration = Duration::from_secs(3 * crate::rollout_run::MIN_LOCK_TTL_S);
 
+/// etcd-loss: its guests keep deriving at this pace while the feature is
+/// usable. A guest that asked once, within the re-enable jitter of the
+/// stage, would have gone quiet before the bake of 1pct starts again
+/// after the outage, and the controller would see no traffic to judge.
+const ETCD_LOSS_DERIVE_EVERY: Duration = Duration::from_secs(1);
+
 /// What the etcd-loss script saw, on the drill's clock.
 #[derive(Debug, Default)]
 struct Outage {
@@ -1207,7 +1216,8 @@ struct Outage {
 
 async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
     use crate::rollout::controller::{Outcome, RunEventKind};
-    let (mut tl, mut drill, _) = start_walk(args, None).await?;
+    let (mut tl, mut drill, _) =
+        start_walk(args, None, Workload::Every(ETCD_LOSS_DERIVE_EVERY)).await?;
     let total = drill.sandbox.vms.len();
     let nodes = drill.sandbox.nodes.len();
     // The guests of canary and 1pct hold the feature once 1pct's stage is
