@@ -98,8 +98,12 @@ pub const HANDSHAKE_BUCKETS: [(u64, &str); 12] = [
     (5_000, "5"),
     (10_000, "10"),
     (20_000, "20"),
-    (45_000, "45"),
+    (30_000, "30"),
 ];
+const _: () = assert!(
+    HANDSHAKE_BUCKETS[HANDSHAKE_BUCKETS.len() - 1].0
+        == vkx_common::session::host::HANDSHAKE_DEADLINE.as_secs() * 1000
+);
 
 /// The `[metrics]` table of host.toml.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -1275,7 +1279,7 @@ mod tests {
     #[test]
     fn the_latency_histogram_is_cumulative() {
         let m = Metrics::default();
-        for ms in [5, 10, 11, 700, 44_000, 90_000] {
+        for ms in [5, 10, 11, 700, 29_000, 90_000] {
             m.handshake_latency(Duration::from_millis(ms));
         }
         let t = render(&m, &usage(), 0);
@@ -1288,7 +1292,7 @@ mod tests {
         assert_eq!(b("0.01").as_deref(), Some("2"));
         assert_eq!(b("0.025").as_deref(), Some("3"));
         assert_eq!(b("1").as_deref(), Some("4"));
-        assert_eq!(b("45").as_deref(), Some("5"));
+        assert_eq!(b("30").as_deref(), Some("5"));
         assert_eq!(b("+Inf").as_deref(), Some("6"));
         assert_eq!(
             value(&t, "vkx_handshake_duration_seconds_count").as_deref(),
@@ -1296,7 +1300,7 @@ mod tests {
         );
         assert_eq!(
             value(&t, "vkx_handshake_duration_seconds_sum").as_deref(),
-            Some("134.726000")
+            Some("119.726000")
         );
     }
 

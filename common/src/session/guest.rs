@@ -40,7 +40,10 @@ use crate::wire::{
 
 /// §11.1 guest timers.
 pub const AWAIT_CHALLENGE_TIMEOUT: Duration = Duration::from_secs(10);
-pub const QUOTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Below the host's `AWAIT_EVIDENCE_TIMEOUT` (20 s), so that a guest whose
+/// TPM is slow gives up, with its own `internal`, before the host times
+/// it out.
+pub const QUOTE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const AWAIT_RESULT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(120);
