@@ -4,14 +4,18 @@
 //! Positive message vectors are checked three ways, each against an
 //! independent party: our decoder against the JSON value, our encoder
 //! against the hex, the hex against the diagnostic notation as parsed by
-//! cbor-diag, and the bytes against the CDDL (cddl crate) and a second CBOR
-//! implementation (ciborium).
+//! cbor-diag, and the bytes against the CDDL (cddl crate, through
+//! `support::validate`) and a second CBOR implementation (ciborium). The
+//! diagnostic notation must also be written exactly as PROTOCOL.md §16.1
+//! says ([`diag_16_1`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
 
 use vkx_common::transcript::{ConfirmRole, confirm_tag, transcript_hash};
 use vkx_common::wire::{FrameDecoder, Message, MessageType};
-use vkx_spec::{CDDL, Vector, VectorFiles};
+use vkx_spec::{Vector, VectorFiles};
+
+mod support;
 
 #[test]
 fn every_vector_file_is_checked() {
@@ -85,14 +89,85 @@ fn check_positive(v: &Vector) {
         .unwrap_or_else(|e| panic!("{name}: diag does not parse: {e}"));
     assert_eq!(diag.to_bytes(), cbor, "{name}: diag and cbor disagree");
 
-    cddl::validate_cbor_from_slice(CDDL, &cbor, None)
-        .unwrap_or_else(|e| panic!("{name}: does not match vkx.cddl: {e}"));
+    support::validate(&cbor).unwrap_or_else(|e| panic!("{name}: does not match vkx.cddl: {e}"));
 
     let value: ciborium::Value = ciborium::from_reader(cbor.as_slice())
         .unwrap_or_else(|e| panic!("{name}: ciborium cannot read it: {e}"));
     let mut again = Vec::new();
     ciborium::into_writer(&value, &mut again).unwrap();
     assert_eq!(again, cbor, "{name}: ciborium re-encodes differently");
+
+    // One rule for every vector's diag (§16.1); the drafting tool
+    // (examples/draft_vector.rs, cbor-diag) writes the same.
+    let mut expected_diag = String::new();
+    diag_16_1(&value, &mut expected_diag);
+    assert_eq!(
+        v.str("diag"),
+        expected_diag,
+        "{name}: diag is not written as §16.1 says"
+    );
+    assert_eq!(
+        cbor_diag::parse_bytes(&cbor).unwrap().to_diag(),
+        expected_diag,
+        "{name}: cbor-diag no longer writes diag as §16.1 says"
+    );
+}
+
+/// The diagnostic notation of §16.1 for a deterministically encoded item:
+/// compact (no spaces), byte strings as `h'...'` in lowercase hex, and an
+/// encoding indicator (RFC 8949 §8.1) on exactly the unsigned integers
+/// whose head has a following argument: `_0` (24..=255), `_1` (..=65535),
+/// `_2` (..=2^32-1), `_3` (above). No indicator on string, array or map
+/// lengths, and no indefinite-length marker.
+fn diag_16_1(value: &ciborium::Value, out: &mut String) {
+    use ciborium::Value;
+    match value {
+        Value::Integer(i) => {
+            let n = u64::try_from(*i).expect("§5.2 rule 4: unsigned integers only");
+            let indicator = match n {
+                0..=23 => "",
+                24..=0xff => "_0",
+                0x100..=0xffff => "_1",
+                0x1_0000..=0xffff_ffff => "_2",
+                _ => "_3",
+            };
+            out.push_str(&format!("{n}{indicator}"));
+        }
+        Value::Bytes(b) => out.push_str(&format!("h'{}'", hex::encode(b))),
+        Value::Text(t) => {
+            out.push('"');
+            for c in t.chars() {
+                if c == '"' || c == '\\' {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+            out.push('"');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (n, item) in items.iter().enumerate() {
+                if n > 0 {
+                    out.push(',');
+                }
+                diag_16_1(item, out);
+            }
+            out.push(']');
+        }
+        Value::Map(entries) => {
+            out.push('{');
+            for (n, (k, v)) in entries.iter().enumerate() {
+                if n > 0 {
+                    out.push(',');
+                }
+                diag_16_1(k, out);
+                out.push(':');
+                diag_16_1(v, out);
+            }
+            out.push('}');
+        }
+        other => panic!("§5.2 rule 4: no such item in a message: {other:?}"),
+    }
 }
 
 fn check_negative(v: &Vector) {
