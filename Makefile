@@ -15,7 +15,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test chaos drill lint demo bench deps rust-components fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench deps rust-components deny-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -76,10 +76,15 @@ drill: deps
 	  $${CARGO_TARGET_DIR:-target}/debug/vkx-host drill --scenario $$s --size full --out target/drill || status=1; \
 	done; exit $$status
 
-## lint: formatting and clippy with warnings as errors, on everything.
-lint: rust-components
+## lint: formatting, the dependency policy (deny.toml: licences, banned
+## crates, crates.io only) and clippy with warnings as errors, on everything.
+lint: rust-components deny-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	# No advisories check (it fetches the advisory database). Duplicate versions
+	# are warnings; without --hide-inclusion-graph cargo-deny shows who pulls a crate in.
+	$(CARGO) deny --locked check --hide-inclusion-graph licenses bans sources
+	$(CARGO) deny --locked --manifest-path fuzz/Cargo.toml --config deny.toml check --hide-inclusion-graph licenses bans sources
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p vkx-e2e --all-targets --features insecure-soft-tpm --locked -- -D warnings
 	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --locked -- -D warnings
@@ -105,6 +110,13 @@ bench: deps
 	# The kill switch's propagation to 1,000 in-process hosts (each the real rollout code with its
 	# own etcd watch; then one shared file): put -> applied on all, over 50 flips.
 	$(CARGO) run --release --quiet -p vkx-e2e --example rollout_propagation
+
+# cargo-deny for `make lint`, pinned (0.20.2 needs Rust 1.88; a different
+# installed version is replaced, so every machine applies deny.toml alike).
+CARGO_DENY_VERSION := 0.20.2
+deny-tools:
+	@[ "$$($(CARGO) deny --version 2>/dev/null)" = "cargo-deny $(CARGO_DENY_VERSION)" ] || \
+	  $(CARGO) install cargo-deny --locked --version $(CARGO_DENY_VERSION)
 
 fuzz-tools: rust-components
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2
