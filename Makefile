@@ -8,10 +8,11 @@ CARGO ?= cargo
 # Debian packages the build and tests need: the TSS libraries tss-esapi
 # links against, swtpm as every test's TPM, tpm2-tools as the independent
 # cross-check, spin for the protocol model, systemd for `systemd-analyze
-# verify` of the units the agents ship, etcd (server and etcdctl) as the
+# verify` of the units the agents ship, strace to hold the agents' system
+# calls against those units' filters, etcd (server and etcdctl) as the
 # fleet store of the rollout tests, protoc for etcd-client's build.
 APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm2-tools spin systemd \
-	etcd-server etcd-client protobuf-compiler
+	strace etcd-server etcd-client protobuf-compiler
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
