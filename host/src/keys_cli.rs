@@ -8,6 +8,7 @@
 //! vkx-host keys list --node-dir D [--json]
 //! vkx-host keys verify --node-dir D
 //! vkx-host keys remove NAME --node-dir D
+//! vkx-host keys seal (NAME... | --all) --node-dir D [--danger-accept-rollback]
 //! ```
 //!
 //! Every command takes the node directory made by `vkx-host init` (for
@@ -23,8 +24,13 @@
 //!
 //! Nothing prints material: not the results, not `list`, not an error.
 //! `verify` reads and authenticates every version of every key (after a
-//! restore from backup, say) and fails if any does not. Errors end the
-//! command with a message and a non-zero exit status (the binary's).
+//! restore from backup, say) and fails if any does not, and reports keys
+//! refused as a whole (their sealed current-version record missing,
+//! invalid or contradicted). `seal` records each named key's newest
+//! authenticated version as current: once for a store written before
+//! records existed, or to adopt a version written without one; it prints
+//! the version and its creation time for the operator to check. Errors end
+//! the command with a message and a non-zero exit status (the binary's).
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -35,7 +41,7 @@ use zeroize::Zeroizing;
 
 use crate::keystore::{
     AllowList, DEFAULT_GENERATED_LEN, DEFAULT_STORE_DIR, DirKeyStore, KeyInfo, KeyStore,
-    validate_key_name,
+    SealChange, Sealed, validate_key_name,
 };
 
 /// Where the store is.
@@ -132,6 +138,31 @@ pub enum KeysCommand {
         store: StoreArgs,
         /// The key's name.
         name: String,
+    },
+    /// Record each key's newest authenticated version as its current one,
+    /// in its sealed record. Needed once for a store written before vkx
+    /// kept records (every key of it is refused until then); also adopts
+    /// a newer version written without a record. Check the versions it
+    /// prints: they are served from now on.
+    Seal {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The keys to seal.
+        #[arg(
+            value_name = "NAME",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        names: Vec<String>,
+        /// Seal every key of the store.
+        #[arg(long)]
+        all: bool,
+        /// Also move a record back to the newest version left when the
+        /// version it names is gone, and replace an invalid record. Either
+        /// may undo a rotation (for instance one made after a leak): only
+        /// after restoring from backup has failed.
+        #[arg(long)]
+        danger_accept_rollback: bool,
     },
 }
 
@@ -245,8 +276,69 @@ fn execute(
             let versions = store.remove(&name)?;
             writeln!(out, "removed key {name} ({versions} versions)")?;
         }
+        KeysCommand::Seal {
+            store,
+            names,
+            all,
+            danger_accept_rollback,
+        } => {
+            let names = names
+                .iter()
+                .map(|n| validate_key_name(n))
+                .collect::<Result<Vec<_>, _>>()?;
+            let store = open(&store)?;
+            let names = if all { store.names()? } else { names };
+            let mut failed = 0usize;
+            for name in &names {
+                match store.seal_current(name, danger_accept_rollback) {
+                    Ok(sealed) => print_sealed(&sealed, out)?,
+                    Err(e) => {
+                        failed += 1;
+                        writeln!(err, "FAIL  {name}: {e}")?;
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} keys could not be sealed", names.len());
+            }
+            if names.is_empty() {
+                writeln!(out, "no keys in {}", store.dir().display())?;
+            }
+        }
     }
     Ok(())
+}
+
+/// One line per sealed key: the version now current, and what changed.
+fn print_sealed(sealed: &Sealed, out: &mut dyn Write) -> io::Result<()> {
+    let (name, version) = (&sealed.name, sealed.version);
+    let created = utc(sealed.created_unix);
+    match sealed.change {
+        SealChange::Unchanged => writeln!(
+            out,
+            "key {name} already sealed at version {version} (created {created})"
+        ),
+        SealChange::First => writeln!(
+            out,
+            "sealed key {name} at version {version} (created {created}); it had no record: \
+             check that version {version} is the newest you wrote"
+        ),
+        SealChange::Forward { from } => writeln!(
+            out,
+            "sealed key {name} at version {version} (created {created}); the record named \
+             version {from}"
+        ),
+        SealChange::Back { from } => writeln!(
+            out,
+            "sealed key {name} at version {version} (created {created}): ROLLED BACK from \
+             version {from}, whose file is gone"
+        ),
+        SealChange::ReplacedInvalid => writeln!(
+            out,
+            "sealed key {name} at version {version} (created {created}): replaced an invalid \
+             record"
+        ),
+    }
 }
 
 /// Opens the store with the node's master key.

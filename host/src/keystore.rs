@@ -10,9 +10,11 @@
 //! keys/
 //!   disk/
 //!     00000003.key
-//!     00000004.key      <- current: the highest version
+//!     00000004.key
+//!     current.json      <- sealed record: "the current version is 4"
 //!   vm-17-config/
 //!     00000001.key
+//!     current.json
 //! ```
 //!
 //! Versions are `u32` starting at 1, written as at least eight decimal
@@ -22,7 +24,8 @@
 //! oldest versions are deleted so that at most [`MAX_VERSIONS_KEPT`]
 //! remain (a guest may still hold data under a recent earlier version).
 //!
-//! The current version is the highest version file present. If that file
+//! The current version is the one the key's sealed record names (below),
+//! not whichever file happens to be the highest present. If that file
 //! cannot be read or authenticated, reads of the current version fail
 //! with [`KeyStoreError::Corrupt`]: the store never falls back to an older
 //! version on its own, because the older version may be the one the
@@ -30,7 +33,56 @@
 //! file from backup, or `keys remove` the key. For the same reason `list`
 //! fails, naming the file, if a key's current version cannot be
 //! authenticated; [`DirKeyStore::verify`] (`keys verify`) reports every
-//! version of every key one by one.
+//! version of every key one by one. The agent's view ([`CachedKeys`])
+//! leaves such a key out instead, with a warning: it is not served, the
+//! other keys still are.
+//!
+//! # The sealed current-version record
+//!
+//! Version files are authenticated one by one, so on their own they cannot
+//! say which one is current: someone who may delete files in the store
+//! (but cannot read `master.key`) could delete the newest version and make
+//! the host serve the previous one. Each key's directory therefore holds
+//! `current.json`: the key's name, its current version and, while a
+//! rotation is under way, the version being written (`pending`), with an
+//! HMAC-SHA-256 over a domain-separated, length-prefixed encoding of those
+//! fields. The HMAC key is derived from the master key with HKDF-SHA-256
+//! and its own label, so it is never the AES key itself. A read refuses
+//! the key (it is not served; other keys are) when:
+//!
+//! - the record is missing ([`KeyStoreError::Unsealed`]);
+//! - it fails authentication or names another key
+//!   ([`KeyStoreError::RecordInvalid`]);
+//! - the version it names has no file ([`KeyStoreError::RecordedVersionMissing`]);
+//! - a version file newer than the record's current one exists that is not
+//!   the rotation in progress ([`KeyStoreError::Unrecorded`]): an old
+//!   record put back, or an old file of a removed key restored.
+//!
+//! A store written before records existed has none, so every key in it is
+//! refused until the operator runs `vkx-host keys seal --all`
+//! ([`DirKeyStore::seal_current`]), which records each key's highest
+//! authenticated version and prints it. The record is never created on
+//! the fly: someone who deleted a record together with the newest version
+//! would get exactly that roll-back. `keys seal` never moves a record to
+//! an older version, nor replaces an invalid record, unless given
+//! `--danger-accept-rollback`.
+//!
+//! What the record cannot stop: someone who can *read* the store and
+//! saved an earlier record (and can write the store) may put it back and
+//! delete the newer versions. Only a monotonic counter outside the disk
+//! (a TPM NV index) would close that; file modes keep records unreadable
+//! to anyone but the store's owner.
+//!
+//! # Ownership and permissions
+//!
+//! [`DirKeyStore::open`] refuses a store directory not owned by the
+//! process's effective uid ([`KeyStoreError::NotOwned`]) or with any group
+//! or other permission bit set ([`KeyStoreError::DirectoryExposed`]: read
+//! lists the key names, execute reaches the files, write deletes them).
+//! Each read refuses a key whose directory fails the same checks or is a
+//! symbolic link ([`KeyStoreError::Symlink`]). vkx creates every
+//! directory of the store 0700, so a store made by its own tools always
+//! passes.
 //!
 //! # File format and encryption
 //!
@@ -61,13 +113,21 @@
 //! name, the temporary name is unlinked and the directory fsynced. A link,
 //! unlike a rename, fails if the target exists: version files are never
 //! replaced, and two concurrent rotations cannot both claim the same
-//! version (the loser gets [`KeyStoreError::ConcurrentWrite`]). A new key
-//! is built in a `.tmp-<random>` directory of the store and renamed into
-//! place, so a key appears with its first version or not at all. A crash at
-//! any point leaves the old state or the new one, never a half-written key;
-//! at worst a `.tmp-*` file or directory stays behind. Reads ignore those;
-//! write operations delete the ones older than [`STALE_TEMP_AGE`] (younger
-//! ones may belong to a writer still at work).
+//! version (the loser gets [`KeyStoreError::ConcurrentWrite`]). A record
+//! is written the same way but renamed over the old one. Writers of one
+//! key (rotate, seal, remove) hold an exclusive `flock` on its directory,
+//! so no record is written from a stale read; readers take no lock.
+//!
+//! A rotation from version N records "current N, pending N+1", writes
+//! version N+1, then records "current N+1". Until that last step the key
+//! is served at N and version N+1 is not served at all; the next rotation
+//! deletes such an uncommitted file and writes N+1 afresh. A new key is
+//! built (first version and record) in a `.tmp-<random>` directory of the
+//! store and renamed into place, so a key appears complete or not at all.
+//! A crash at any point leaves the old state or the new one, never a
+//! half-written key; at worst a `.tmp-*` file or directory stays behind.
+//! Reads ignore those; write operations delete the ones older than
+//! [`STALE_TEMP_AGE`] (younger ones may belong to a writer still at work).
 //!
 //! `remove` renames the key's directory to `.removed-<random>` (the key is
 //! gone at that instant), then deletes it; write operations delete
@@ -107,13 +167,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::{hkdf, hmac};
 use serde::{Deserialize, Serialize};
+use vkx_common::rl_warn;
 use vkx_common::wire::{KeyMaterial, KeyName, MAX_KEY_MATERIAL, VmId};
 use zeroize::Zeroizing;
 
@@ -162,6 +225,16 @@ const TEMP_PREFIX: &str = ".tmp-";
 const REMOVED_PREFIX: &str = ".removed-";
 /// Domain separation for the associated data of a key file.
 const AAD_DOMAIN: &[u8] = b"vkx key store\0";
+/// A key's sealed current-version record, in the key's directory (not a
+/// version file name, does not start with '.').
+pub const RECORD_FILE: &str = "current.json";
+/// Largest record file read: a valid one is under 250 bytes.
+const MAX_RECORD_FILE: u64 = 1024;
+/// Domain separation for the MAC of a record.
+const RECORD_DOMAIN: &[u8] = b"vkx key store record\0";
+/// HKDF label of the record MAC key: a key of its own, derived from the
+/// master key, never the AES key itself.
+const RECORD_KEY_LABEL: &[u8] = b"vkx key store record mac key v1";
 
 // ----------------------------------------------------------------- errors
 
@@ -205,6 +278,81 @@ pub enum KeyStoreError {
     },
     #[error("cryptography failed: {0}")]
     Crypto(&'static str),
+    #[error(
+        "key {name} has no sealed current-version record ({shown}), so it is refused: without one, \
+         deleting its newest version file would roll it back unnoticed. A store written by vkx \
+         before records existed has none: check the versions with `vkx-host keys verify`, then \
+         record the newest as current with `vkx-host keys seal {name}` (or `--all`)",
+        shown = .path.display()
+    )]
+    Unsealed { name: KeyName, path: PathBuf },
+    #[error(
+        "the sealed record {shown} of key {name} is invalid: {reason}. It was modified or damaged, \
+         or sealed with another master key, so the key is refused. Restore the record from \
+         backup; or, if the newest version present is the one to serve, \
+         `vkx-host keys seal --danger-accept-rollback {name}`",
+        shown = .path.display()
+    )]
+    RecordInvalid {
+        name: KeyName,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "key {name}: its sealed record names version {version} as current, but {shown} is \
+         missing: it was deleted (possibly to roll the key back) or lost. The key is refused \
+         rather than served at an older version. Restore the file from backup, or `keys remove` \
+         the key; to serve the newest version left instead, \
+         `vkx-host keys seal --danger-accept-rollback {name}`",
+        shown = .path.display()
+    )]
+    RecordedVersionMissing {
+        name: KeyName,
+        version: u32,
+        path: PathBuf,
+    },
+    #[error(
+        "key {name}: {shown} (version {version}) is newer than the current version {current} its \
+         sealed record names, and no rotation recorded it: an earlier record was put back, or a \
+         file of a removed key restored. The key is refused. If version {version} is the newest \
+         version you wrote, `vkx-host keys seal {name}` records it; otherwise delete the file",
+        shown = .path.display()
+    )]
+    Unrecorded {
+        name: KeyName,
+        version: u32,
+        current: u32,
+        path: PathBuf,
+    },
+    #[error(
+        "{shown} has mode {mode:04o}: group or others may list, enter or change it, so the key \
+         store refuses it. Restrict it with `chmod 700 {shown}`",
+        shown = .path.display()
+    )]
+    DirectoryExposed { path: PathBuf, mode: u32 },
+    #[error(
+        "{shown} is owned by uid {owner}, but vkx-host runs as uid {expected}: that user could \
+         read or replace the keys, so it is refused. If it is genuine, \
+         `chown -R {expected} {shown}` (or run vkx-host as uid {owner})",
+        shown = .path.display()
+    )]
+    NotOwned {
+        path: PathBuf,
+        owner: u32,
+        expected: u32,
+    },
+    #[error(
+        "{} is a symbolic link: vkx makes key directories itself and never links them, so it is \
+         refused. Replace the link with the directory, or remove the key",
+        path.display()
+    )]
+    Symlink { path: PathBuf },
+    #[error(
+        "cannot learn this process's effective uid from /proc/self/status ({source}), so the \
+         owner of the key store {} cannot be checked: mount /proc",
+        path.display()
+    )]
+    UnknownUid { path: PathBuf, source: io::Error },
     /// A fault injected by the crash-safety tests: the "process" stops
     /// where it is, without cleaning up.
     #[cfg(test)]
@@ -241,6 +389,16 @@ impl MasterKey {
         UnboundKey::new(&AES_256_GCM, &self.0[..])
             .map(LessSafeKey::new)
             .map_err(|_| KeyStoreError::Crypto("AES-256-GCM key setup"))
+    }
+
+    /// The HMAC-SHA-256 key of the current-version records: HKDF-SHA-256
+    /// of the master key (no salt) expanded with [`RECORD_KEY_LABEL`].
+    fn record_key(&self) -> Result<hmac::Key, KeyStoreError> {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(&self.0[..]);
+        let okm = prk
+            .expand(&[RECORD_KEY_LABEL], hmac::HMAC_SHA256)
+            .map_err(|_| KeyStoreError::Crypto("HKDF expansion of the record key"))?;
+        Ok(hmac::Key::from(okm))
     }
 }
 
@@ -426,11 +584,11 @@ pub struct VersionCheck {
 /// The read side of a key store: what the host agent needs to release
 /// keys. Calls may block on I/O.
 pub trait KeyStore: Send + Sync {
-    /// The current (highest) version of `name`, or `None` if there is no
-    /// such key.
+    /// The current version of `name` (the one its sealed record names),
+    /// or `None` if there is no such key. An error refuses the key.
     fn current(&self, name: &KeyName) -> Result<Option<StoredKey>, KeyStoreError>;
     /// Version `version` of `name`, or `None` if it does not exist (never
-    /// written, or pruned).
+    /// written, pruned, or newer than the current version).
     fn version(&self, name: &KeyName, version: u32) -> Result<Option<StoredKey>, KeyStoreError>;
     /// Every key, sorted by name, without material.
     fn list(&self) -> Result<Vec<KeyInfo>, KeyStoreError>;
@@ -442,9 +600,12 @@ pub trait KeyStore: Send + Sync {
 /// `serve`'s sessions read keys on the runtime thread, and a rotation
 /// wakes every session that holds the key, so without it a thousand
 /// sessions would each read and decrypt the same new version. Which
-/// version is current is looked up every time (a directory listing, no
-/// key file read), so a rotation or removal on disk is served at once;
-/// only the decrypted version is cached. The key-version watcher calls
+/// version is current is looked up every time (a directory listing and
+/// the key's sealed record, checked; no key file read), so a rotation,
+/// removal or roll-back attempt on disk is seen at once; only the
+/// decrypted version is cached. Its `list` leaves refused keys out (with
+/// a rate-limited warning) instead of failing: the agent still starts and
+/// serves every other key. The key-version watcher calls
 /// [`CachedKeys::refresh`] (on the blocking pool) before it publishes a
 /// new version map, so the sessions it wakes find the new versions
 /// decrypted; versions no longer current leave the cache then. Bounded
@@ -527,8 +688,16 @@ impl KeyStore for CachedKeys {
         self.inner.version(name, version)
     }
 
+    /// The keys that can be served. A refused key (corrupt current
+    /// version, missing or invalid record, ...) is left out with a warning:
+    /// it is not served, and the failure of one key stops neither the
+    /// agent's start nor the rotations of the others.
     fn list(&self) -> Result<Vec<KeyInfo>, KeyStoreError> {
-        self.inner.list()
+        let survey = self.inner.survey()?;
+        for (name, error) in &survey.refused {
+            rl_warn!(key = %name, error = %error, "key refused, not served");
+        }
+        Ok(survey.keys)
     }
 }
 
@@ -548,6 +717,82 @@ struct KeyFile {
     ciphertext: String,
 }
 
+/// The on-disk document of a key's current-version record.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordFile {
+    format: u32,
+    name: String,
+    current: u32,
+    pending: Option<u32>,
+    /// HMAC-SHA-256 of [`record_message`], hex.
+    mac: String,
+}
+
+/// What a key's record says: the current version, and the version a
+/// rotation is writing (always greater), if one is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record {
+    current: u32,
+    pending: Option<u32>,
+}
+
+/// A key as its record and directory listing show it, checked: the
+/// record is authentic, its current version's file is there, and no
+/// unrecorded newer version is.
+#[derive(Debug)]
+struct KeyState {
+    current: u32,
+    pending: Option<u32>,
+    /// The committed versions present, ascending; the last is `current`.
+    versions: Vec<u32>,
+}
+
+/// Every key of the store, split into those that can be served and those
+/// refused ([`DirKeyStore::survey`]).
+#[derive(Debug, Default)]
+pub struct Survey {
+    pub keys: Vec<KeyInfo>,
+    pub refused: Vec<(KeyName, KeyStoreError)>,
+}
+
+/// What `keys seal` did to one key's record ([`DirKeyStore::seal_current`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SealChange {
+    /// The record already named this version.
+    Unchanged,
+    /// There was no record (a store written before records existed).
+    First,
+    /// The record named an older version.
+    Forward { from: u32 },
+    /// The record named a newer version whose file is gone; done only with
+    /// `accept_rollback`.
+    Back { from: u32 },
+    /// The record was invalid; replaced only with `accept_rollback`.
+    ReplacedInvalid,
+}
+
+/// The outcome of [`DirKeyStore::seal_current`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub name: KeyName,
+    /// The version now recorded as current.
+    pub version: u32,
+    /// When that version was written (seconds since the Unix epoch).
+    pub created_unix: u64,
+    pub change: SealChange,
+}
+
+/// How [`DirKeyStore::write_file`] puts a finished temporary file in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    /// A hard link: fails if the name exists (version files).
+    New,
+    /// A rename over the old file (records).
+    Replace,
+}
+
 /// The points of a write where the crash-safety tests stop the "process".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -564,6 +809,13 @@ enum Step {
     StagingReady,
     /// A new key's directory renamed into place, store not fsynced.
     Published,
+    /// A record's temporary file fsynced, not renamed over the record.
+    RecordSynced,
+    /// A rotation's "pending" record in place, the new version not yet
+    /// written.
+    PendingRecorded,
+    /// A rotation's final record in place, old versions not yet pruned.
+    Committed,
 }
 
 /// A key store in a directory, sealed with the node's master key.
@@ -572,13 +824,19 @@ pub struct DirKeyStore {
     dir: PathBuf,
     master: MasterKey,
     rng: SystemRandom,
+    /// This process's effective uid: the owner every directory of the
+    /// store must have.
+    euid: u32,
     #[cfg(test)]
     crash_at: Option<Step>,
 }
 
 impl DirKeyStore {
     /// Opens the store in `dir`, creating the directory (mode 0700) if it
-    /// does not exist.
+    /// does not exist. Refuses a directory not owned by this process's
+    /// effective uid, or that group or others have any permission on
+    /// (a symbolic link to the store is followed; the directory it names
+    /// is checked).
     pub fn open(dir: &Path, master: MasterKey) -> Result<Self, KeyStoreError> {
         let err = |source| KeyStoreError::Directory {
             path: dir.to_path_buf(),
@@ -587,13 +845,20 @@ impl DirKeyStore {
         if !dir.exists() {
             create_private_dir(dir).map_err(err)?;
         }
-        if !fs::metadata(dir).map_err(err)?.is_dir() {
+        let meta = fs::metadata(dir).map_err(err)?;
+        if !meta.is_dir() {
             return Err(err(io::Error::other("not a directory")));
         }
+        let euid = crate::node::effective_uid().map_err(|source| KeyStoreError::UnknownUid {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        check_private_dir(dir, &meta, euid)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             master,
             rng: SystemRandom::new(),
+            euid,
             #[cfg(test)]
             crash_at: None,
         })
@@ -615,7 +880,9 @@ impl DirKeyStore {
             .map_err(|reason| KeyStoreError::InvalidMaterial { reason })?;
         let key_dir = self.key_dir(name)?;
         self.clean_store();
-        if !self.versions(&key_dir)?.is_empty() {
+        if !self.versions(&key_dir)?.is_empty()
+            || fs::symlink_metadata(key_dir.join(RECORD_FILE)).is_ok()
+        {
             return Err(KeyStoreError::Exists { name: name.clone() });
         }
         if self.key_dirs()?.len() >= MAX_KEYS {
@@ -639,8 +906,13 @@ impl DirKeyStore {
             path: staging.clone(),
             source,
         })?;
+        let first = Record {
+            current: 1,
+            pending: None,
+        };
         let published = self
             .write_new_file(&staging, &version_file_name(1), &bytes, name)
+            .and_then(|()| self.write_record(&staging, name, first))
             .and_then(|()| self.crash_point(Step::StagingReady))
             .and_then(|()| match fs::rename(&staging, &key_dir) {
                 Ok(()) => Ok(()),
@@ -683,16 +955,20 @@ impl DirKeyStore {
 
     /// Writes a new version of `name` with `material`, or random material
     /// of the current version's length if `None`; keeps the allow-lists.
-    /// Then deletes the oldest versions beyond [`MAX_VERSIONS_KEPT`].
+    /// Records it as current (see the module's crash-safety notes), then
+    /// deletes the oldest versions beyond [`MAX_VERSIONS_KEPT`]. Refuses a
+    /// key that reads refuse.
     pub fn rotate(
         &self,
         name: &KeyName,
         material: Option<&KeyMaterial>,
     ) -> Result<KeyInfo, KeyStoreError> {
         let key_dir = self.key_dir(name)?;
-        let current = self
-            .current(name)?
+        let _lock = self.lock_key_dir(&key_dir, name)?;
+        let state = self
+            .state(name)?
             .ok_or_else(|| KeyStoreError::NotFound { name: name.clone() })?;
+        let current = self.read_current(name, &state)?;
         let version = current
             .version
             .checked_add(1)
@@ -716,9 +992,111 @@ impl DirKeyStore {
         };
         let bytes = self.seal(&key)?;
         self.clean_temps(&key_dir);
+        // An earlier rotation stopped before its commit: its version was
+        // never served, and its number is taken again.
+        if let Some(pending) = state.pending {
+            let path = key_dir.join(version_file_name(pending));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(KeyStoreError::Io { path, source }),
+            }
+        }
+        self.write_record(
+            &key_dir,
+            name,
+            Record {
+                current: current.version,
+                pending: Some(version),
+            },
+        )?;
+        self.crash_point(Step::PendingRecorded)?;
         self.write_new_file(&key_dir, &version_file_name(version), &bytes, name)?;
-        let versions = self.prune(&key_dir)?;
+        self.write_record(
+            &key_dir,
+            name,
+            Record {
+                current: version,
+                pending: None,
+            },
+        )?;
+        self.crash_point(Step::Committed)?;
+        let versions = self.prune(&key_dir, version)?;
         Ok(KeyInfo::new(&key, versions))
+    }
+
+    /// Records the highest version of `name` present as its current
+    /// version (`keys seal`), after authenticating that version: for a
+    /// store written before records existed, or to adopt a newer version
+    /// written without one. Refuses to move the record to an older version
+    /// (the file of the recorded one is gone) or to replace an invalid
+    /// record unless `accept_rollback`: either may be a roll-back attempt.
+    pub fn seal_current(
+        &self,
+        name: &KeyName,
+        accept_rollback: bool,
+    ) -> Result<Sealed, KeyStoreError> {
+        let key_dir = self.key_dir(name)?;
+        let _lock = self.lock_key_dir(&key_dir, name)?;
+        if !self.check_key_dir(&key_dir)? {
+            return Err(KeyStoreError::NotFound { name: name.clone() });
+        }
+        let Some(&newest) = self.versions(&key_dir)?.last() else {
+            return Err(KeyStoreError::NotFound { name: name.clone() });
+        };
+        // Never an older version in its place if it does not authenticate.
+        let key = self.read_version(name, &key_dir, newest)?;
+        let change = match self.read_record(&key_dir, name) {
+            Ok(None) => SealChange::First,
+            Ok(Some(r)) if r.current == newest => SealChange::Unchanged,
+            Ok(Some(r)) if r.current < newest => SealChange::Forward { from: r.current },
+            Ok(Some(r)) if accept_rollback => SealChange::Back { from: r.current },
+            Ok(Some(r)) => {
+                return Err(KeyStoreError::RecordedVersionMissing {
+                    name: name.clone(),
+                    version: r.current,
+                    path: key_dir.join(version_file_name(r.current)),
+                });
+            }
+            Err(KeyStoreError::RecordInvalid { .. }) if accept_rollback => {
+                SealChange::ReplacedInvalid
+            }
+            Err(e) => return Err(e),
+        };
+        let record = Record {
+            current: newest,
+            pending: None,
+        };
+        if change != SealChange::Unchanged || self.read_record(&key_dir, name)? != Some(record) {
+            self.write_record(&key_dir, name, record)?;
+        }
+        Ok(Sealed {
+            name: name.clone(),
+            version: newest,
+            created_unix: key.created_unix,
+            change,
+        })
+    }
+
+    /// The names of the keys in the store (directories holding a version
+    /// or a record), sorted; nothing is read or checked.
+    pub fn names(&self) -> Result<Vec<KeyName>, KeyStoreError> {
+        self.key_dirs()
+    }
+
+    /// Every key, split into those that can be served ([`KeyInfo`]) and
+    /// those refused, with why. Fails only if the store cannot be scanned.
+    pub fn survey(&self) -> Result<Survey, KeyStoreError> {
+        let mut survey = Survey::default();
+        for name in self.key_dirs()? {
+            match self.key_info(&name) {
+                Ok(Some(info)) => survey.keys.push(info),
+                // Removed meanwhile: not a key any more.
+                Ok(None) => {}
+                Err(e) => survey.refused.push((name, e)),
+            }
+        }
+        Ok(survey)
     }
 
     /// Removes a key with all its versions. Returns how many versions it
@@ -743,6 +1121,8 @@ impl DirKeyStore {
                 });
             }
         }
+        // A rotation of the key under way finishes first.
+        let _lock = self.lock_key_dir(&key_dir, name)?;
         self.clean_store();
         let versions = self.versions(&key_dir)?.len();
         let removed = self
@@ -775,29 +1155,266 @@ impl DirKeyStore {
     /// `keys verify`, e.g. after restoring a backup). Fails only if the
     /// store cannot be scanned; each version's outcome is in its
     /// [`VersionCheck`].
+    ///
+    /// A key refused as a whole (its record missing, invalid or
+    /// contradicted, its directory exposed) fails on the line of the
+    /// version concerned: the recorded version whose file is missing, the
+    /// unrecorded newer version, or else the newest version present.
     pub fn verify(&self) -> Result<Vec<VersionCheck>, KeyStoreError> {
         let mut out = Vec::new();
         for name in self.key_dirs()? {
             let key_dir = self.key_dir(&name)?;
-            for version in self.versions(&key_dir)? {
-                let result = self.read_version(&name, &key_dir, version).map(|_| ());
-                out.push(VersionCheck {
+            let versions = self.versions(&key_dir)?;
+            let mut checks: Vec<VersionCheck> = versions
+                .iter()
+                .map(|&version| VersionCheck {
                     name: name.clone(),
                     version,
-                    result,
-                });
+                    result: self.read_version(&name, &key_dir, version).map(|_| ()),
+                })
+                .collect();
+            if let Err(e) = self.state(&name) {
+                let at = match &e {
+                    KeyStoreError::RecordedVersionMissing { version, .. }
+                    | KeyStoreError::Unrecorded { version, .. } => *version,
+                    _ => versions.last().copied().unwrap_or(0),
+                };
+                match checks.iter_mut().find(|c| c.version == at) {
+                    Some(c) if c.result.is_ok() => c.result = Err(e),
+                    // Already failing on its own.
+                    Some(_) => {}
+                    None => checks.push(VersionCheck {
+                        name: name.clone(),
+                        version: at,
+                        result: Err(e),
+                    }),
+                }
+                checks.sort_by_key(|c| c.version);
             }
+            out.extend(checks);
         }
         Ok(out)
     }
 
     // ------------------------------------------------------ internals
 
-    /// The current version of `name` (a directory listing, no read of a
-    /// key file), or `None`.
+    /// The current version of `name` as its sealed record names it,
+    /// checked like every read (the record authentic, the version's file
+    /// present, no unrecorded newer one), but without reading or
+    /// decrypting a key file; `None` if there is no such key.
     pub fn current_version(&self, name: &KeyName) -> Result<Option<u32>, KeyStoreError> {
+        Ok(self.state(name)?.map(|s| s.current))
+    }
+
+    /// The checked state of a key ([`KeyState`]), or `None` if there is no
+    /// such key (no directory, or one without versions and record).
+    fn state(&self, name: &KeyName) -> Result<Option<KeyState>, KeyStoreError> {
         let key_dir = self.key_dir(name)?;
-        Ok(self.versions(&key_dir)?.last().copied())
+        if !self.check_key_dir(&key_dir)? {
+            return Ok(None);
+        }
+        // Listed before the record is read: a rotation writes the record
+        // that allows a version ("pending") before it links the version,
+        // so every version listed here is allowed by the record read next.
+        let listed = self.versions(&key_dir)?;
+        let record = match self.read_record(&key_dir, name)? {
+            Some(record) => record,
+            // An empty directory, or the key removed since the listing.
+            None if self.versions(&key_dir)?.is_empty() => return Ok(None),
+            None => {
+                return Err(KeyStoreError::Unsealed {
+                    name: name.clone(),
+                    path: key_dir.join(RECORD_FILE),
+                });
+            }
+        };
+        if let Some(version) = listed
+            .iter()
+            .rev()
+            .copied()
+            .find(|&v| v > record.current && Some(v) != record.pending)
+        {
+            return Err(KeyStoreError::Unrecorded {
+                name: name.clone(),
+                version,
+                current: record.current,
+                path: key_dir.join(version_file_name(version)),
+            });
+        }
+        let current_path = key_dir.join(version_file_name(record.current));
+        match fs::symlink_metadata(&current_path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(KeyStoreError::RecordedVersionMissing {
+                    name: name.clone(),
+                    version: record.current,
+                    path: current_path,
+                });
+            }
+            Err(source) => {
+                return Err(KeyStoreError::Io {
+                    path: current_path,
+                    source,
+                });
+            }
+        }
+        let mut versions: Vec<u32> = listed.into_iter().filter(|&v| v < record.current).collect();
+        versions.push(record.current);
+        Ok(Some(KeyState {
+            current: record.current,
+            pending: record.pending,
+            versions,
+        }))
+    }
+
+    /// Reads and authenticates the current version of a checked key.
+    fn read_current(&self, name: &KeyName, state: &KeyState) -> Result<StoredKey, KeyStoreError> {
+        let key_dir = self.key_dir(name)?;
+        match self.read_version(name, &key_dir, state.current) {
+            Err(KeyStoreError::Io { path, source }) if source.kind() == io::ErrorKind::NotFound => {
+                Err(KeyStoreError::RecordedVersionMissing {
+                    name: name.clone(),
+                    version: state.current,
+                    path,
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// What `list` shows of one key, or `None` if it does not exist.
+    fn key_info(&self, name: &KeyName) -> Result<Option<KeyInfo>, KeyStoreError> {
+        let Some(state) = self.state(name)? else {
+            return Ok(None);
+        };
+        let current = self.read_current(name, &state)?;
+        Ok(Some(KeyInfo::new(&current, state.versions)))
+    }
+
+    /// Checks a key's directory: `false` if it does not exist; refused if
+    /// it is a symbolic link, not a directory, not owned by this process's
+    /// effective uid, or open to group or others.
+    fn check_key_dir(&self, key_dir: &Path) -> Result<bool, KeyStoreError> {
+        let meta = match fs::symlink_metadata(key_dir) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(KeyStoreError::Io {
+                    path: key_dir.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        if meta.file_type().is_symlink() {
+            return Err(KeyStoreError::Symlink {
+                path: key_dir.to_path_buf(),
+            });
+        }
+        if !meta.is_dir() {
+            return Err(KeyStoreError::Corrupt {
+                path: key_dir.to_path_buf(),
+                reason: "not a directory".into(),
+            });
+        }
+        check_private_dir(key_dir, &meta, self.euid)?;
+        Ok(true)
+    }
+
+    /// Takes an exclusive `flock` on a key's directory, held until the
+    /// returned handle is dropped: writers of one key take turns.
+    fn lock_key_dir(&self, key_dir: &Path, name: &KeyName) -> Result<File, KeyStoreError> {
+        let dir = File::open(key_dir).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => KeyStoreError::NotFound { name: name.clone() },
+            _ => KeyStoreError::Io {
+                path: key_dir.to_path_buf(),
+                source,
+            },
+        })?;
+        dir.lock().map_err(|source| KeyStoreError::Io {
+            path: key_dir.to_path_buf(),
+            source,
+        })?;
+        Ok(dir)
+    }
+
+    /// Reads and authenticates a key's record; `None` if there is none.
+    fn read_record(&self, key_dir: &Path, name: &KeyName) -> Result<Option<Record>, KeyStoreError> {
+        let path = key_dir.join(RECORD_FILE);
+        let invalid = |reason: String| KeyStoreError::RecordInvalid {
+            name: name.clone(),
+            path: path.clone(),
+            reason,
+        };
+        let raw = match read_capped(&path, MAX_RECORD_FILE) {
+            Ok(raw) => raw,
+            Err(KeyStoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
+            Err(KeyStoreError::Corrupt { reason, .. }) => return Err(invalid(reason)),
+            Err(e) => return Err(e),
+        };
+        let file: RecordFile = serde_json::from_slice(&raw).map_err(|e| {
+            invalid(format!(
+                "not a record ({:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
+        if file.format != FORMAT {
+            return Err(invalid(format!(
+                "format {} (this vkx reads format {FORMAT})",
+                file.format
+            )));
+        }
+        let mac = hex::decode(&file.mac).map_err(|_| invalid("the MAC is not hex".into()))?;
+        let record = Record {
+            current: file.current,
+            pending: file.pending,
+        };
+        // The name is covered by the MAC as the directory spells it: a
+        // record copied from another key fails here.
+        hmac::verify(
+            &self.master.record_key()?,
+            &record_message(name, record),
+            &mac,
+        )
+        .map_err(|_| {
+            invalid(
+                "authentication failed (edited, copied from another key, or sealed with \
+                 another master key)"
+                    .into(),
+            )
+        })?;
+        if file.name != name.as_str() {
+            return Err(invalid("names another key".into()));
+        }
+        if record.current == 0 || record.pending.is_some_and(|p| p <= record.current) {
+            return Err(invalid("impossible versions".into()));
+        }
+        Ok(Some(record))
+    }
+
+    /// Writes a key's record atomically and durably, replacing the old
+    /// one.
+    fn write_record(
+        &self,
+        key_dir: &Path,
+        name: &KeyName,
+        record: Record,
+    ) -> Result<(), KeyStoreError> {
+        let mac = hmac::sign(&self.master.record_key()?, &record_message(name, record));
+        let file = RecordFile {
+            format: FORMAT,
+            name: name.as_str().to_owned(),
+            current: record.current,
+            pending: record.pending,
+            mac: hex::encode(mac.as_ref()),
+        };
+        let mut json = serde_json::to_vec_pretty(&file)
+            .map_err(|_| KeyStoreError::Crypto("record serialisation"))?;
+        json.push(b'\n');
+        self.write_file(key_dir, RECORD_FILE, &json, name, Publish::Replace)
     }
 
     fn key_dir(&self, name: &KeyName) -> Result<PathBuf, KeyStoreError> {
@@ -806,7 +1423,7 @@ impl DirKeyStore {
     }
 
     /// The names of the key directories that hold at least one version
-    /// file, sorted. Entries starting with `.`, non-directories (also
+    /// file or a record, sorted. Entries starting with `.`, non-directories (also
     /// symlinks) and names that are not key names are not keys.
     fn key_dirs(&self) -> Result<Vec<KeyName>, KeyStoreError> {
         let dir_err = |source| KeyStoreError::Directory {
@@ -831,7 +1448,9 @@ impl DirKeyStore {
             let Ok(name) = validate_key_name(file_name) else {
                 continue;
             };
-            if self.versions(&item.path())?.is_empty() {
+            if self.versions(&item.path())?.is_empty()
+                && fs::symlink_metadata(item.path().join(RECORD_FILE)).is_err()
+            {
                 continue;
             }
             if out.len() >= MAX_KEYS {
@@ -880,7 +1499,7 @@ impl DirKeyStore {
         version: u32,
     ) -> Result<StoredKey, KeyStoreError> {
         let path = key_dir.join(version_file_name(version));
-        let raw = read_capped(&path)?;
+        let raw = read_capped(&path, MAX_KEY_FILE)?;
         self.open_sealed(&path, &raw, name, version)
     }
 
@@ -1012,9 +1631,7 @@ impl DirKeyStore {
     }
 
     /// Writes `bytes` as the new file `dir/file_name`, atomically and
-    /// durably, never replacing an existing file: temporary file (O_EXCL,
-    /// 0600), write, fsync, hard link to the final name, unlink the
-    /// temporary name, fsync the directory.
+    /// durably, never replacing an existing file.
     fn write_new_file(
         &self,
         dir: &Path,
@@ -1022,6 +1639,27 @@ impl DirKeyStore {
         bytes: &[u8],
         name: &KeyName,
     ) -> Result<(), KeyStoreError> {
+        self.write_file(dir, file_name, bytes, name, Publish::New)
+    }
+
+    /// Writes `bytes` as `dir/file_name`, atomically and durably:
+    /// temporary file (O_EXCL, 0600), write, fsync, then a hard link to the
+    /// final name and unlink of the temporary one ([`Publish::New`], fails
+    /// if the name exists), or a rename over it ([`Publish::Replace`]);
+    /// then fsync the directory.
+    fn write_file(
+        &self,
+        dir: &Path,
+        file_name: &str,
+        bytes: &[u8],
+        name: &KeyName,
+        publish: Publish,
+    ) -> Result<(), KeyStoreError> {
+        // The version files' crash points; a record has its own.
+        let step = |step: Step| match publish {
+            Publish::New => self.crash_point(step),
+            Publish::Replace => Ok(()),
+        };
         let temp = dir.join(self.temp_name()?);
         let target = dir.join(file_name);
         let io_err = |path: &Path| {
@@ -1032,21 +1670,27 @@ impl DirKeyStore {
         let (first, second) = bytes.split_at(bytes.len() / 2);
         let written = (|| {
             file.write_all(first).map_err(io_err(&temp))?;
-            self.crash_point(Step::TempPartlyWritten)?;
+            step(Step::TempPartlyWritten)?;
             file.write_all(second).map_err(io_err(&temp))?;
-            self.crash_point(Step::TempWritten)?;
+            step(Step::TempWritten)?;
             file.sync_all().map_err(io_err(&temp))?;
-            self.crash_point(Step::TempSynced)?;
-            // Unlike rename, a link fails if the target exists.
-            match fs::hard_link(&temp, &target) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    Err(KeyStoreError::ConcurrentWrite { name: name.clone() })
+            step(Step::TempSynced)?;
+            match publish {
+                // Unlike rename, a link fails if the target exists.
+                Publish::New => match fs::hard_link(&temp, &target) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        Err(KeyStoreError::ConcurrentWrite { name: name.clone() })
+                    }
+                    Err(source) => Err(KeyStoreError::Io {
+                        path: target.clone(),
+                        source,
+                    }),
+                },
+                Publish::Replace => {
+                    self.crash_point(Step::RecordSynced)?;
+                    fs::rename(&temp, &target).map_err(io_err(&target))
                 }
-                Err(source) => Err(KeyStoreError::Io {
-                    path: target.clone(),
-                    source,
-                }),
             }
         })();
         drop(file);
@@ -1056,15 +1700,18 @@ impl DirKeyStore {
             }
             return Err(e);
         }
-        self.crash_point(Step::Linked)?;
-        fs::remove_file(&temp).map_err(io_err(&temp))?;
+        if publish == Publish::New {
+            self.crash_point(Step::Linked)?;
+            fs::remove_file(&temp).map_err(io_err(&temp))?;
+        }
         sync_dir(dir)
     }
 
-    /// Deletes the oldest versions beyond [`MAX_VERSIONS_KEPT`]; returns
-    /// the versions left.
-    fn prune(&self, key_dir: &Path) -> Result<Vec<u32>, KeyStoreError> {
+    /// Deletes the oldest versions beyond [`MAX_VERSIONS_KEPT`] (counting
+    /// from `current` down); returns the versions left up to `current`.
+    fn prune(&self, key_dir: &Path, current: u32) -> Result<Vec<u32>, KeyStoreError> {
         let mut versions = self.versions(key_dir)?;
+        versions.retain(|&v| v <= current);
         let excess = versions.len().saturating_sub(MAX_VERSIONS_KEPT);
         if excess == 0 {
             return Ok(versions);
@@ -1155,16 +1802,23 @@ impl DirKeyStore {
 
 impl KeyStore for DirKeyStore {
     fn current(&self, name: &KeyName) -> Result<Option<StoredKey>, KeyStoreError> {
-        let key_dir = self.key_dir(name)?;
-        match self.versions(&key_dir)?.last() {
+        match self.state(name)? {
             None => Ok(None),
-            Some(&version) => self.read_version(name, &key_dir, version).map(Some),
+            Some(state) => self.read_current(name, &state).map(Some),
         }
     }
 
+    /// A version newer than the current one is never returned: it is an
+    /// uncommitted rotation, or not this key's.
     fn version(&self, name: &KeyName, version: u32) -> Result<Option<StoredKey>, KeyStoreError> {
         let key_dir = self.key_dir(name)?;
         if version == 0 {
+            return Ok(None);
+        }
+        let Some(state) = self.state(name)? else {
+            return Ok(None);
+        };
+        if version > state.current {
             return Ok(None);
         }
         match self.read_version(name, &key_dir, version) {
@@ -1175,26 +1829,14 @@ impl KeyStore for DirKeyStore {
         }
     }
 
+    /// Fails on the first key refused (in name order); see
+    /// [`DirKeyStore::survey`] for every key's outcome.
     fn list(&self) -> Result<Vec<KeyInfo>, KeyStoreError> {
-        let mut out = Vec::new();
-        for name in self.key_dirs()? {
-            let key_dir = self.key_dir(&name)?;
-            let versions = self.versions(&key_dir)?;
-            // Removed meanwhile: not a key any more.
-            let Some(&version) = versions.last() else {
-                continue;
-            };
-            let current = match self.read_version(&name, &key_dir, version) {
-                Err(KeyStoreError::Io { source, .. })
-                    if source.kind() == io::ErrorKind::NotFound =>
-                {
-                    continue;
-                }
-                other => other?,
-            };
-            out.push(KeyInfo::new(&current, versions));
+        let survey = self.survey()?;
+        match survey.refused.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(survey.keys),
         }
-        Ok(out)
     }
 }
 
@@ -1241,7 +1883,50 @@ fn header_aad(file: &KeyFile) -> Vec<u8> {
     out
 }
 
-fn read_capped(path: &Path) -> Result<Vec<u8>, KeyStoreError> {
+/// What a record's MAC covers: a domain tag, the format, the key's name
+/// (length-prefixed), the current version and the pending one (tagged),
+/// so that no two records encode alike.
+fn record_message(name: &KeyName, record: Record) -> Vec<u8> {
+    let name = name.as_str().as_bytes();
+    let mut out = Vec::with_capacity(RECORD_DOMAIN.len() + name.len() + 32);
+    out.extend_from_slice(RECORD_DOMAIN);
+    out.extend_from_slice(&FORMAT.to_be_bytes());
+    out.extend_from_slice(&u64::try_from(name.len()).unwrap_or(u64::MAX).to_be_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(&record.current.to_be_bytes());
+    match record.pending {
+        None => out.push(0),
+        Some(p) => {
+            out.push(1);
+            out.extend_from_slice(&p.to_be_bytes());
+        }
+    }
+    out
+}
+
+/// Refuses a directory of the store not owned by `euid`, or with any
+/// group or other permission bit: read lists it, execute reaches its
+/// files, write deletes or replaces them.
+fn check_private_dir(path: &Path, meta: &fs::Metadata, euid: u32) -> Result<(), KeyStoreError> {
+    if meta.uid() != euid {
+        return Err(KeyStoreError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            expected: euid,
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyStoreError::DirectoryExposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Reads a whole regular file of at most `limit` bytes.
+fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, KeyStoreError> {
     let io_err = |source| KeyStoreError::Io {
         path: path.to_path_buf(),
         source,
@@ -1254,13 +1939,11 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, KeyStoreError> {
         });
     }
     let mut raw = Vec::new();
-    file.take(MAX_KEY_FILE + 1)
-        .read_to_end(&mut raw)
-        .map_err(io_err)?;
-    if raw.len() as u64 > MAX_KEY_FILE {
+    file.take(limit + 1).read_to_end(&mut raw).map_err(io_err)?;
+    if raw.len() as u64 > limit {
         return Err(KeyStoreError::Corrupt {
             path: path.to_path_buf(),
-            reason: format!("larger than {MAX_KEY_FILE} bytes"),
+            reason: format!("larger than {limit} bytes"),
         });
     }
     Ok(raw)
@@ -1459,8 +2142,12 @@ mod tests {
         assert_eq!(mode(s.dir()), 0o700);
         assert_eq!(mode(&s.dir().join("disk")), 0o700);
         assert_eq!(mode(&key_path(&s, "disk", 1)), 0o600);
+        assert_eq!(mode(&s.dir().join("disk").join(RECORD_FILE)), 0o600);
         assert_eq!(file_names(s.dir()), ["cfg", "disk"]);
-        assert_eq!(file_names(&s.dir().join("disk")), ["00000001.key"]);
+        assert_eq!(
+            file_names(&s.dir().join("disk")),
+            ["00000001.key", RECORD_FILE]
+        );
         // The file holds no plaintext.
         let raw = fs::read(key_path(&s, "disk", 1)).unwrap();
         let text = String::from_utf8(raw).unwrap();
@@ -1474,10 +2161,22 @@ mod tests {
             .add(&name("disk"), &material(SECRET), &allow(&["vm-1"], &[]))
             .unwrap();
         let other = DirKeyStore::open(&dir.path().join("keys"), master(2)).unwrap();
+        // The record is checked first, and fails first.
         let err = other.current(&name("disk")).unwrap_err();
-        assert!(matches!(err, KeyStoreError::Corrupt { .. }), "{err:?}");
+        assert!(
+            matches!(err, KeyStoreError::RecordInvalid { .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("another master key"), "{err}");
-        assert_corrupt(other.list(), "list");
+        assert!(matches!(
+            other.list(),
+            Err(KeyStoreError::RecordInvalid { .. })
+        ));
+        // The version file itself fails too.
+        let key_dir = other.dir().join("disk");
+        assert_corrupt(other.read_version(&name("disk"), &key_dir, 1), "file");
+        // And `seal` cannot paper over it: the version does not authenticate.
+        assert_corrupt(other.seal_current(&name("disk"), true), "seal");
     }
 
     #[test]
@@ -1517,24 +2216,39 @@ mod tests {
             edit(&path, f);
             assert_corrupt(s.current(&name("disk")), what);
         }
-        // The version, consistently with the file name: authentication
-        // still fails.
+        // The version, consistently with the file name and a record naming
+        // it: authentication still fails.
+        let record = |key: &str, current: u32| {
+            s.write_record(
+                &s.dir().join(key),
+                &name(key),
+                Record {
+                    current,
+                    pending: None,
+                },
+            )
+            .unwrap();
+        };
         fs::write(&path, &pristine).unwrap();
         edit(&path, |v| v["version"] = 5.into());
         fs::rename(&path, key_path(&s, "disk", 5)).unwrap();
+        record("disk", 5);
         assert_corrupt(s.current(&name("disk")), "version");
         fs::remove_file(key_path(&s, "disk", 5)).unwrap();
         // The name, consistently with the directory.
-        fs::create_dir(s.dir().join("other")).unwrap();
+        create_new_private_dir(&s.dir().join("other")).unwrap();
         fs::write(key_path(&s, "other", 1), &pristine).unwrap();
         edit(&key_path(&s, "other", 1), |v| v["name"] = "other".into());
+        record("other", 1);
         assert_corrupt(s.current(&name("other")), "name");
         // A file copied unchanged to another key's or version's place.
         fs::write(key_path(&s, "other", 1), &pristine).unwrap();
         assert_corrupt(s.current(&name("other")), "copied to another key");
         fs::write(key_path(&s, "disk", 2), &pristine).unwrap();
+        record("disk", 2);
         assert_corrupt(s.current(&name("disk")), "copied to another version");
         fs::remove_file(key_path(&s, "disk", 2)).unwrap();
+        record("disk", 1);
         // Untouched, it still reads.
         fs::write(&path, &pristine).unwrap();
         assert_eq!(
@@ -1814,8 +2528,17 @@ mod tests {
             allowed_images: BTreeSet::new(),
             material: material(SECRET),
         };
-        fs::create_dir(s.dir().join("disk")).unwrap();
+        create_new_private_dir(&s.dir().join("disk")).unwrap();
         fs::write(key_path(&s, "disk", u32::MAX), s.seal(&key).unwrap()).unwrap();
+        s.write_record(
+            &s.dir().join("disk"),
+            &name("disk"),
+            Record {
+                current: u32::MAX,
+                pending: None,
+            },
+        )
+        .unwrap();
         assert_eq!(s.current(&name("disk")).unwrap().unwrap(), key);
         assert!(matches!(
             s.rotate(&name("disk"), None),
@@ -1882,7 +2605,7 @@ mod tests {
         s.rotate(&name("disk"), None).unwrap();
         assert_eq!(
             file_names(&key_dir),
-            [".tmp-fresh", "00000001.key", "00000002.key"]
+            [".tmp-fresh", "00000001.key", "00000002.key", RECORD_FILE]
         );
         s.generate(&name("cfg"), 32, &AllowList::default()).unwrap();
         assert_eq!(file_names(s.dir()), [".tmp-fresh-dir", "cfg", "disk"]);
@@ -1973,7 +2696,7 @@ mod tests {
             Err(KeyStoreError::ConcurrentWrite { .. })
         ));
         assert_eq!(fs::read(key_path(&s, "disk", 1)).unwrap(), before);
-        assert_eq!(file_names(&key_dir), ["00000001.key"]);
+        assert_eq!(file_names(&key_dir), ["00000001.key", RECORD_FILE]);
         // Two threads rotating at once: each rotation either succeeds with
         // its own version or reports the race; the store stays readable.
         let s = std::sync::Arc::new(s);
@@ -2002,10 +2725,13 @@ mod tests {
     #[test]
     fn a_crash_during_rotate_leaves_the_old_or_the_new_version() {
         for step in [
+            Step::RecordSynced,
+            Step::PendingRecorded,
             Step::TempPartlyWritten,
             Step::TempWritten,
             Step::TempSynced,
             Step::Linked,
+            Step::Committed,
         ] {
             let dir = tempfile::tempdir().unwrap();
             let mut s = store(dir.path());
@@ -2024,7 +2750,8 @@ mod tests {
             let s = store(dir.path());
             let current = s.current(&name("disk")).unwrap().unwrap();
             match step {
-                Step::Linked => {
+                // Only the final record commits the new version.
+                Step::Committed => {
                     assert_eq!((current.version, &current.material), (2, &new), "{step:?}");
                 }
                 _ => assert_eq!(
@@ -2039,15 +2766,27 @@ mod tests {
                 "{step:?}"
             );
             assert_eq!(s.list().unwrap().len(), 1);
-            // A temporary file stays behind, and does not get in the way.
-            assert!(
-                file_names(&s.dir().join("disk"))
-                    .iter()
-                    .any(|n| n.starts_with(TEMP_PREFIX)),
+            // The uncommitted version is never served, not even by number.
+            if step == Step::Linked {
+                assert!(key_path(&s, "disk", 2).exists());
+                assert_eq!(s.version(&name("disk"), 2).unwrap(), None);
+                assert_eq!(s.list().unwrap()[0].versions, [1]);
+            }
+            // A temporary file may stay behind, and does not get in the way.
+            let temp_left = file_names(&s.dir().join("disk"))
+                .iter()
+                .any(|n| n.starts_with(TEMP_PREFIX));
+            assert_eq!(
+                temp_left,
+                !matches!(step, Step::PendingRecorded | Step::Committed),
                 "{step:?}"
             );
             let info = s.rotate(&name("disk"), None).unwrap();
             assert_eq!(info.current_version, current.version + 1, "{step:?}");
+            let key = s.current(&name("disk")).unwrap().unwrap();
+            assert_eq!(key.version, current.version + 1, "{step:?}");
+            assert_ne!(key.material, new, "{step:?}");
+            assert!(s.verify().unwrap().iter().all(|c| c.result.is_ok()));
         }
     }
 
@@ -2058,6 +2797,7 @@ mod tests {
             Step::TempWritten,
             Step::TempSynced,
             Step::Linked,
+            Step::RecordSynced,
             Step::StagingReady,
             Step::Published,
         ] {
@@ -2087,5 +2827,428 @@ mod tests {
             }
             assert!(s.verify().unwrap().iter().all(|c| c.result.is_ok()));
         }
+    }
+
+    // ------------------------------------------- records and permissions
+
+    /// The record on disk, as JSON.
+    fn record_json(s: &DirKeyStore, key: &str) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(s.dir().join(key).join(RECORD_FILE)).unwrap()).unwrap()
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// Whether this test runs as root (needed to give a directory away).
+    fn running_as_root(test: &str) -> bool {
+        let root = crate::node::effective_uid().unwrap() == 0;
+        if !root {
+            eprintln!("{test}: skipped, not running as root: cannot chown to another uid");
+        }
+        root
+    }
+
+    #[test]
+    fn rotate_moves_the_sealed_record_with_the_current_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        s.add(&name("disk"), &material(SECRET), &allow(&["vm-1"], &[]))
+            .unwrap();
+        let r = record_json(&s, "disk");
+        assert_eq!(
+            (r["name"].as_str(), r["current"].as_u64()),
+            (Some("disk"), Some(1))
+        );
+        assert!(r["pending"].is_null(), "{r}");
+        for v in 2..=12u32 {
+            s.rotate(&name("disk"), None).unwrap();
+            let r = record_json(&s, "disk");
+            assert_eq!(r["current"].as_u64(), Some(u64::from(v)), "{r}");
+            assert!(r["pending"].is_null(), "{r}");
+            assert_eq!(s.current_version(&name("disk")).unwrap(), Some(v));
+        }
+        // The MAC is bound to the master key: the same record does not
+        // verify under another.
+        let other = DirKeyStore::open(s.dir(), master(2)).unwrap();
+        assert!(matches!(
+            other.current_version(&name("disk")),
+            Err(KeyStoreError::RecordInvalid { .. })
+        ));
+        // The record key is not the AES key, and depends on the master key.
+        let msg = record_message(
+            &name("disk"),
+            Record {
+                current: 1,
+                pending: None,
+            },
+        );
+        let tag = |k: &MasterKey| hmac::sign(&k.record_key().unwrap(), &msg).as_ref().to_vec();
+        let plain = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &[1; 32]), &msg);
+        assert_ne!(tag(&master(1)), plain.as_ref());
+        assert_ne!(tag(&master(1)), tag(&master(2)));
+        assert_eq!(tag(&master(1)), tag(&master(1)));
+    }
+
+    #[test]
+    fn deleting_the_newest_version_refuses_the_key_instead_of_rolling_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = Arc::new(store(dir.path()));
+        let disk = name("disk");
+        inner
+            .add(&disk, &material(SECRET), &allow(&["vm-1"], &[]))
+            .unwrap();
+        inner.rotate(&disk, None).unwrap();
+        inner.rotate(&disk, None).unwrap();
+        inner
+            .add(&name("cfg"), &material(b"cfg"), &allow(&["vm-1"], &[]))
+            .unwrap();
+        let keys = CachedKeys::new(inner.clone());
+        // Served and cached at version 3.
+        assert_eq!(keys.current(&disk).unwrap().unwrap().version, 3);
+        fs::remove_file(key_path(&inner, "disk", 3)).unwrap();
+        for (what, r) in [
+            ("store", inner.current(&disk).map(|_| ())),
+            ("cache", keys.current(&disk).map(|_| ())),
+            ("version 2", inner.version(&disk, 2).map(|_| ())),
+            ("current version", inner.current_version(&disk).map(|_| ())),
+        ] {
+            let err = r.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    KeyStoreError::RecordedVersionMissing { version: 3, .. }
+                ),
+                "{what}: {err:?}"
+            );
+        }
+        let err = inner.current(&disk).unwrap_err().to_string();
+        assert!(
+            err.contains("00000003.key") && err.contains("refused"),
+            "{err}"
+        );
+        // The operator's listing fails; the agent's leaves the key out and
+        // serves the other one.
+        assert!(inner.list().is_err());
+        let served: Vec<_> = keys.list().unwrap().into_iter().map(|k| k.name).collect();
+        assert_eq!(served, [name("cfg")]);
+        assert!(keys.current(&name("cfg")).unwrap().is_some());
+        keys.refresh(&BTreeMap::from([(name("cfg"), 1)]));
+        assert!(keys.current(&disk).is_err());
+        // `verify` names the missing version; rotating is refused.
+        let checks = inner.verify().unwrap();
+        let failed: Vec<_> = checks
+            .iter()
+            .filter(|c| c.result.is_err())
+            .map(|c| (c.name.as_str(), c.version))
+            .collect();
+        assert_eq!(failed, [("disk", 3)]);
+        assert!(matches!(
+            inner.rotate(&disk, None),
+            Err(KeyStoreError::RecordedVersionMissing { .. })
+        ));
+        // `seal` does not roll back unless told to.
+        assert!(matches!(
+            inner.seal_current(&disk, false),
+            Err(KeyStoreError::RecordedVersionMissing { .. })
+        ));
+        assert!(inner.current(&disk).is_err());
+        let sealed = inner.seal_current(&disk, true).unwrap();
+        assert_eq!(
+            (sealed.version, sealed.change),
+            (2, SealChange::Back { from: 3 })
+        );
+        assert_eq!(keys.current(&disk).unwrap().unwrap().version, 2);
+        // Deleting every version leaves the record: still refused.
+        inner.rotate(&disk, None).unwrap();
+        for v in 1..=3 {
+            let _ = fs::remove_file(key_path(&inner, "disk", v));
+        }
+        assert!(matches!(
+            inner.current(&disk),
+            Err(KeyStoreError::RecordedVersionMissing { version: 3, .. })
+        ));
+        assert!(inner.names().unwrap().contains(&disk));
+    }
+
+    #[test]
+    fn a_tampered_missing_or_replayed_record_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let disk = name("disk");
+        s.add(&disk, &material(SECRET), &allow(&["vm-1"], &[]))
+            .unwrap();
+        s.add(&name("cfg"), &material(b"cfg"), &AllowList::default())
+            .unwrap();
+        let record_path = s.dir().join("disk").join(RECORD_FILE);
+        let at_v1 = fs::read(&record_path).unwrap();
+        s.rotate(&disk, None).unwrap();
+        let pristine = fs::read(&record_path).unwrap();
+        let invalid = |what: &str| {
+            let err = s.current(&disk).unwrap_err();
+            assert!(
+                matches!(err, KeyStoreError::RecordInvalid { .. }),
+                "{what}: {err:?}"
+            );
+            assert!(err.to_string().contains("current.json"), "{what}: {err}");
+        };
+        type Edit = (&'static str, fn(&mut serde_json::Value));
+        let edits: [Edit; 7] = [
+            ("current lowered", |v| v["current"] = 1.into()),
+            ("current raised", |v| v["current"] = 3.into()),
+            ("pending added", |v| v["pending"] = 3.into()),
+            ("mac bit", |v| {
+                let mut m = hex::decode(v["mac"].as_str().unwrap()).unwrap();
+                m[0] ^= 1;
+                v["mac"] = hex::encode(m).into();
+            }),
+            ("mac not hex", |v| v["mac"] = "zz".into()),
+            ("unknown field", |v| v["extra"] = 1.into()),
+            ("format", |v| v["format"] = 2.into()),
+        ];
+        for (what, f) in edits {
+            fs::write(&record_path, &pristine).unwrap();
+            edit(&record_path, f);
+            invalid(what);
+        }
+        for junk in [&b""[..], b"{", b"\x00\xff", &[b' '; 2048]] {
+            fs::write(&record_path, junk).unwrap();
+            invalid("junk");
+        }
+        // Another key's genuine record.
+        fs::copy(s.dir().join("cfg").join(RECORD_FILE), &record_path).unwrap();
+        invalid("copied from another key");
+        // A genuine earlier record put back while the newer version is
+        // there: the newer version is unrecorded.
+        fs::write(&record_path, &at_v1).unwrap();
+        let err = s.current(&disk).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyStoreError::Unrecorded {
+                    version: 2,
+                    current: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(s.version(&disk, 1).is_err());
+        // Deleted: refused (never re-created on the fly, never the highest
+        // file taken on trust).
+        fs::remove_file(&record_path).unwrap();
+        let err = s.current(&disk).unwrap_err();
+        assert!(matches!(err, KeyStoreError::Unsealed { .. }), "{err:?}");
+        assert!(err.to_string().contains("keys seal disk"), "{err}");
+        assert!(!record_path.exists());
+        // The other key is untouched throughout.
+        assert!(s.current(&name("cfg")).unwrap().is_some());
+        // Restored, it reads again.
+        fs::write(&record_path, &pristine).unwrap();
+        assert_eq!(s.current(&disk).unwrap().unwrap().version, 2);
+        // An invalid record is replaced by `seal` only when told to.
+        fs::write(&record_path, b"{}").unwrap();
+        assert!(matches!(
+            s.seal_current(&disk, false),
+            Err(KeyStoreError::RecordInvalid { .. })
+        ));
+        assert_eq!(
+            s.seal_current(&disk, true).unwrap().change,
+            SealChange::ReplacedInvalid
+        );
+        assert_eq!(s.current(&disk).unwrap().unwrap().version, 2);
+    }
+
+    #[test]
+    fn an_old_file_of_a_removed_key_put_back_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let disk = name("disk");
+        s.add(&disk, &material(b"old"), &allow(&["vm-1"], &[]))
+            .unwrap();
+        s.rotate(&disk, None).unwrap();
+        let old_v2 = fs::read(key_path(&s, "disk", 2)).unwrap();
+        s.remove(&disk).unwrap();
+        s.add(&disk, &material(b"new"), &allow(&["vm-1"], &[]))
+            .unwrap();
+        // Authentic (same name, version and master key), but not this key's.
+        fs::write(key_path(&s, "disk", 2), &old_v2).unwrap();
+        assert!(matches!(
+            s.current(&disk),
+            Err(KeyStoreError::Unrecorded { version: 2, .. })
+        ));
+        fs::remove_file(key_path(&s, "disk", 2)).unwrap();
+        assert_eq!(s.current(&disk).unwrap().unwrap().material.expose(), b"new");
+    }
+
+    #[test]
+    fn a_store_without_records_is_refused_until_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = Arc::new(store(dir.path()));
+        let disk = name("disk");
+        inner
+            .add(&disk, &material(SECRET), &allow(&["vm-1"], &[]))
+            .unwrap();
+        inner.rotate(&disk, None).unwrap();
+        inner
+            .generate(&name("cfg"), 16, &AllowList::default())
+            .unwrap();
+        // As the previous vkx left it: no records.
+        for key in ["disk", "cfg"] {
+            fs::remove_file(inner.dir().join(key).join(RECORD_FILE)).unwrap();
+        }
+        for key in [&disk, &name("cfg")] {
+            assert!(matches!(
+                inner.current(key),
+                Err(KeyStoreError::Unsealed { .. })
+            ));
+        }
+        // A single version is no exception: it may be what is left after
+        // deleting the newer ones.
+        assert!(matches!(
+            inner.rotate(&name("cfg"), None),
+            Err(KeyStoreError::Unsealed { .. })
+        ));
+        assert!(matches!(inner.list(), Err(KeyStoreError::Unsealed { .. })));
+        let keys = CachedKeys::new(inner.clone());
+        assert!(keys.list().unwrap().is_empty());
+        let checks = inner.verify().unwrap();
+        assert_eq!(checks.iter().filter(|c| c.result.is_err()).count(), 2);
+        assert_eq!(inner.names().unwrap(), [name("cfg"), disk.clone()]);
+        // The explicit migration.
+        let sealed = inner.seal_current(&disk, false).unwrap();
+        assert_eq!((sealed.version, sealed.change), (2, SealChange::First));
+        assert!(sealed.created_unix > 1_700_000_000);
+        assert_eq!(inner.seal_current(&name("cfg"), false).unwrap().version, 1);
+        assert_eq!(keys.list().unwrap().len(), 2);
+        assert_eq!(keys.current(&disk).unwrap().unwrap().version, 2);
+        assert_eq!(
+            inner.seal_current(&disk, false).unwrap().change,
+            SealChange::Unchanged
+        );
+        assert!(matches!(
+            inner.seal_current(&name("nope"), false),
+            Err(KeyStoreError::NotFound { .. })
+        ));
+        // `seal` adopts a newer authentic version (a record older than its
+        // files, e.g. restored from a backup taken mid-rotation).
+        let at_v2 = fs::read(inner.dir().join("disk").join(RECORD_FILE)).unwrap();
+        inner.rotate(&disk, None).unwrap();
+        fs::write(inner.dir().join("disk").join(RECORD_FILE), at_v2).unwrap();
+        assert!(inner.current(&disk).is_err());
+        assert_eq!(
+            inner.seal_current(&disk, false).unwrap().change,
+            SealChange::Forward { from: 2 }
+        );
+        assert_eq!(inner.current(&disk).unwrap().unwrap().version, 3);
+    }
+
+    #[test]
+    fn store_and_key_directories_open_to_group_or_others_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        s.add(&name("disk"), &material(SECRET), &allow(&["vm-1"], &[]))
+            .unwrap();
+        s.add(&name("cfg"), &material(b"cfg"), &allow(&["vm-1"], &[]))
+            .unwrap();
+        let top = s.dir().to_path_buf();
+        for mode in [
+            0o750, 0o705, 0o710, 0o701, 0o740, 0o704, 0o720, 0o702, 0o777,
+        ] {
+            set_mode(&top, mode);
+            let err = DirKeyStore::open(&top, master(1)).unwrap_err();
+            assert!(
+                matches!(err, KeyStoreError::DirectoryExposed { mode: m, ref path } if m == mode && *path == top),
+                "{mode:o}: {err:?}"
+            );
+            assert!(err.to_string().contains("chmod 700"), "{err}");
+        }
+        set_mode(&top, 0o700);
+        let s = DirKeyStore::open(&top, master(1)).unwrap();
+        // A key's directory: that key is refused, the other still served.
+        let key_dir = top.join("disk");
+        for mode in [0o750, 0o705, 0o711, 0o770] {
+            set_mode(&key_dir, mode);
+            let err = s.current(&name("disk")).unwrap_err();
+            assert!(
+                matches!(err, KeyStoreError::DirectoryExposed { mode: m, .. } if m == mode),
+                "{mode:o}: {err:?}"
+            );
+            assert!(s.current(&name("cfg")).unwrap().is_some());
+            assert!(s.rotate(&name("disk"), None).is_err());
+        }
+        set_mode(&key_dir, 0o700);
+        assert!(s.current(&name("disk")).unwrap().is_some());
+        // A store created by the store itself passes, whatever the umask
+        // let through (DirBuilder's 0700 only loses bits to it).
+        let fresh = DirKeyStore::open(&dir.path().join("a/b/keys"), master(1)).unwrap();
+        fresh
+            .generate(&name("k"), 32, &AllowList::default())
+            .unwrap();
+        for p in [
+            dir.path().join("a"),
+            dir.path().join("a/b"),
+            fresh.dir().to_path_buf(),
+            fresh.dir().join("k"),
+        ] {
+            assert_eq!(
+                fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o700,
+                "{}",
+                p.display()
+            );
+        }
+    }
+
+    #[test]
+    fn store_and_key_directories_of_another_uid_are_refused() {
+        if !running_as_root("store_and_key_directories_of_another_uid_are_refused") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        s.add(&name("disk"), &material(SECRET), &allow(&["vm-1"], &[]))
+            .unwrap();
+        let top = s.dir().to_path_buf();
+        std::os::unix::fs::chown(&top, Some(65534), None).unwrap();
+        let err = DirKeyStore::open(&top, master(1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyStoreError::NotOwned { owner: 65534, expected: 0, ref path } if *path == top
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("chown -R 0 ") && text.contains("uid 65534"),
+            "{text}"
+        );
+        std::os::unix::fs::chown(&top, Some(0), None).unwrap();
+        let s = DirKeyStore::open(&top, master(1)).unwrap();
+        std::os::unix::fs::chown(top.join("disk"), Some(65534), None).unwrap();
+        assert!(matches!(
+            s.current(&name("disk")),
+            Err(KeyStoreError::NotOwned { owner: 65534, .. })
+        ));
+        std::os::unix::fs::chown(top.join("disk"), Some(0), None).unwrap();
+        assert!(s.current(&name("disk")).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_symlinked_key_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        s.add(&name("disk"), &material(SECRET), &allow(&["vm-1"], &[]))
+            .unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::rename(s.dir().join("disk"), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, s.dir().join("disk")).unwrap();
+        let err = s.current(&name("disk")).unwrap_err();
+        assert!(matches!(err, KeyStoreError::Symlink { .. }), "{err:?}");
+        assert!(matches!(
+            s.rotate(&name("disk"), None),
+            Err(KeyStoreError::Symlink { .. })
+        ));
     }
 }

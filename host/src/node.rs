@@ -8,8 +8,18 @@
 //! The master key is 32 random bytes in `master.key` (mode 0600).
 //! [`load_master_key`] refuses a master key file that group or others may
 //! read: such a key may have leaked, and with it every stored key.
+//! [`load`] refuses the TLS private key likewise.
+//!
+//! Both secret files are also refused when they are a symbolic link (a link
+//! may point at a file someone else controls) or are not owned by the
+//! process's effective uid (another user who owns the file can read it,
+//! or may have put it there): `open_private_file`. The effective uid is
+//! read from `/proc/self/status` (`effective_uid`), so no unsafe FFI is
+//! needed; where that file is missing, loading fails closed.
 
+use std::fs::{File, Metadata};
 use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use rcgen::{CertificateParams, KeyPair, KeyUsagePurpose};
@@ -53,6 +63,42 @@ pub enum NodeError {
         shown = .path.display()
     )]
     MasterKeyExposed { path: PathBuf, mode: u32 },
+    #[error(
+        "node TLS key {shown} has mode {mode:04o}: group or others may read it, so it is refused. \
+         If anyone else could have read it, treat the node identity as exposed (every guest \
+         pins it: re-initialise the node and re-pin the guests); otherwise restrict it with \
+         `chmod 600 {shown}`",
+        shown = .path.display()
+    )]
+    NodeKeyExposed { path: PathBuf, mode: u32 },
+    #[error(
+        "{shown} is owned by uid {owner}, but vkx-host runs as uid {expected}: a secret file \
+         another user owns may have been read or planted by that user, so it is refused. If the \
+         file is genuine, give it to this user with `chown {expected} {shown}` (or run vkx-host \
+         as uid {owner})",
+        shown = .path.display()
+    )]
+    NotOwned {
+        path: PathBuf,
+        owner: u32,
+        expected: u32,
+    },
+    #[error(
+        "{} is a symbolic link: a secret file must be the regular file itself (a link may point \
+         at a file another user controls), so it is refused. Replace the link with the file it \
+         points to",
+        path.display()
+    )]
+    Symlink { path: PathBuf },
+    #[error(
+        "cannot learn this process's effective uid from /proc/self/status ({source}), so the \
+         owner of {} cannot be checked: mount /proc",
+        path.display()
+    )]
+    UnknownUid {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("master key: {0}")]
     MasterKey(#[from] crate::keystore::KeyStoreError),
 }
@@ -113,27 +159,45 @@ pub fn init(dir: &Path) -> Result<NodeIdentity, NodeError> {
     Ok(NodeIdentity { host_key_sha256 })
 }
 
-/// Reads the node's TLS certificate and key.
+/// Reads the node's TLS certificate and key. Refuses a key file that is a
+/// symbolic link, is not owned by this process's effective uid, or that
+/// group or others may read (mode & 0o077 != 0). The certificate is
+/// public and not checked.
 pub fn load(dir: &Path) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), NodeError> {
     use std::io::Read as _;
-    let read = |name: &str| -> Result<Vec<u8>, NodeError> {
-        let path = dir.join(name);
+    let read = |file: File, path: PathBuf| -> Result<Vec<u8>, NodeError> {
         let mut buf = Vec::new();
-        std::fs::File::open(&path)
-            .and_then(|f| f.take(MAX_IDENTITY_FILE).read_to_end(&mut buf))
+        file.take(MAX_IDENTITY_FILE)
+            .read_to_end(&mut buf)
             .map_err(|source| NodeError::Io { path, source })?;
         Ok(buf)
     };
-    let cert = CertificateDer::from(read(NODE_CERT_FILE)?);
-    let key = PrivateKeyDer::try_from(read(NODE_KEY_FILE)?).map_err(|e| NodeError::Invalid {
-        dir: dir.to_path_buf(),
-        reason: format!("{NODE_KEY_FILE}: {e}"),
+    let cert_path = dir.join(NODE_CERT_FILE);
+    let cert_file = File::open(&cert_path).map_err(|source| NodeError::Io {
+        path: cert_path.clone(),
+        source,
     })?;
+    let cert = CertificateDer::from(read(cert_file, cert_path)?);
+    let key_path = dir.join(NODE_KEY_FILE);
+    let (key_file, meta) = open_private_file(&key_path)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(NodeError::NodeKeyExposed {
+            path: key_path,
+            mode,
+        });
+    }
+    let key =
+        PrivateKeyDer::try_from(read(key_file, key_path)?).map_err(|e| NodeError::Invalid {
+            dir: dir.to_path_buf(),
+            reason: format!("{NODE_KEY_FILE}: {e}"),
+        })?;
     Ok((cert, key))
 }
 
 /// Reads the node's master key from `dir`/`master.key`. Refuses a file
-/// that is not exactly [`MASTER_KEY_LEN`] bytes, and one that group or
+/// that is not exactly [`MASTER_KEY_LEN`] bytes, a symbolic link, a file
+/// not owned by this process's effective uid, and one that group or
 /// others may read (mode & 0o077 != 0).
 pub fn load_master_key(dir: &Path) -> Result<MasterKey, NodeError> {
     use std::io::Read as _;
@@ -146,9 +210,9 @@ pub fn load_master_key(dir: &Path) -> Result<MasterKey, NodeError> {
         dir: dir.to_path_buf(),
         reason: format!("{MASTER_KEY_FILE}: {reason}"),
     };
-    let mut file = match std::fs::File::open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let (mut file, meta) = match open_private_file(&path) {
+        Ok(opened) => opened,
+        Err(NodeError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return Err(invalid(format!(
                 "missing. `vkx-host init` creates it; a node initialised before the key store \
                  existed needs one made by hand: (umask 077; head -c {MASTER_KEY_LEN} \
@@ -156,20 +220,11 @@ pub fn load_master_key(dir: &Path) -> Result<MasterKey, NodeError> {
                 path.display()
             )));
         }
-        Err(source) => return Err(io(source)),
+        Err(e) => return Err(e),
     };
-    // The metadata of the file opened, not of whatever the path names now.
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(invalid("not a regular file".into()));
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(NodeError::MasterKeyExposed { path, mode });
-        }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(NodeError::MasterKeyExposed { path, mode });
     }
     if meta.len() != MASTER_KEY_LEN as u64 {
         return Err(invalid(format!(
@@ -180,6 +235,79 @@ pub fn load_master_key(dir: &Path) -> Result<MasterKey, NodeError> {
     let mut bytes = zeroize::Zeroizing::new([0u8; MASTER_KEY_LEN]);
     file.read_exact(&mut bytes[..]).map_err(io)?;
     Ok(MasterKey::new(bytes))
+}
+
+/// Opens a secret file of the node for reading, with the metadata of the
+/// file actually opened. Refuses a symbolic link ([`NodeError::Symlink`]),
+/// anything but a regular file, and a file not owned by this process's
+/// effective uid ([`NodeError::NotOwned`]). The mode is the caller's to
+/// check (its error says what the file protects).
+///
+/// The path is looked at without following links, then opened, and the
+/// two must be the same inode: a link swapped in between is caught too.
+pub(crate) fn open_private_file(path: &Path) -> Result<(File, Metadata), NodeError> {
+    let io = |source| NodeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let invalid = |reason: &str| NodeError::Invalid {
+        dir: path.parent().unwrap_or(path).to_path_buf(),
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let link = std::fs::symlink_metadata(path).map_err(io)?;
+    if link.file_type().is_symlink() {
+        return Err(NodeError::Symlink {
+            path: path.to_path_buf(),
+        });
+    }
+    let file = File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if (meta.dev(), meta.ino()) != (link.dev(), link.ino()) {
+        return Err(invalid("replaced while being opened"));
+    }
+    if !meta.is_file() {
+        return Err(invalid("not a regular file"));
+    }
+    let expected = effective_uid().map_err(|source| NodeError::UnknownUid {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.uid() != expected {
+        return Err(NodeError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            expected,
+        });
+    }
+    Ok((file, meta))
+}
+
+/// Largest `/proc/self/status` read: the file is about 1.5 KiB.
+const MAX_PROC_STATUS: u64 = 64 * 1024;
+
+/// This process's effective uid: the second field of the `Uid:` line of
+/// `/proc/self/status` (real, effective, saved, filesystem). Read from
+/// the kernel's text rather than through `geteuid(2)`, which would need
+/// unsafe FFI in this `forbid(unsafe_code)` crate.
+pub(crate) fn effective_uid() -> std::io::Result<u32> {
+    use std::io::Read as _;
+    let mut status = String::new();
+    File::open("/proc/self/status")?
+        .take(MAX_PROC_STATUS)
+        .read_to_string(&mut status)?;
+    parse_effective_uid(&status).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no well-formed Uid: line in /proc/self/status",
+        )
+    })
+}
+
+fn parse_effective_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut fields = line.split_whitespace();
+    fields.next()?;
+    fields.next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -249,5 +377,108 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let err = load_master_key(&node).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    /// Whether this test runs as root (needed to give a file away).
+    fn running_as_root(test: &str) -> bool {
+        let root = effective_uid().unwrap() == 0;
+        if !root {
+            eprintln!("{test}: skipped, not running as root: cannot chown a file to another uid");
+        }
+        root
+    }
+
+    #[test]
+    fn the_effective_uid_is_the_owner_of_new_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("probe");
+        std::fs::write(&path, b"").unwrap();
+        let owner = std::fs::metadata(&path).unwrap().uid();
+        assert_eq!(effective_uid().unwrap(), owner);
+        let status = "Name:\tx\nUid:\t1000\t1001\t1002\t1003\nGid:\t5\t5\t5\t5\n";
+        assert_eq!(parse_effective_uid(status), Some(1001));
+        for bad in ["", "Uid:\t1000\n", "Uid:\t1000\tx\t1\t1\n", "Gid:\t1\t2\n"] {
+            assert_eq!(parse_effective_uid(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn secret_files_owned_by_another_uid_are_refused() {
+        if !running_as_root("secret_files_owned_by_another_uid_are_refused") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node");
+        init(&node).unwrap();
+        for file in [MASTER_KEY_FILE, NODE_KEY_FILE] {
+            let path = node.join(file);
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let err = if file == MASTER_KEY_FILE {
+                load_master_key(&node).map(|_| ()).unwrap_err()
+            } else {
+                load(&node).map(|_| ()).unwrap_err()
+            };
+            assert!(
+                matches!(
+                    err,
+                    NodeError::NotOwned { owner: 65534, expected: 0, path: ref p } if *p == path
+                ),
+                "{file}: {err:?}"
+            );
+            let text = err.to_string();
+            assert!(text.contains(&path.display().to_string()), "{text}");
+            assert!(
+                text.contains("uid 65534") && text.contains("uid 0"),
+                "{text}"
+            );
+            assert!(text.contains("chown 0 "), "{text}");
+            std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        }
+        assert!(load_master_key(&node).is_ok());
+        assert!(load(&node).is_ok());
+    }
+
+    #[test]
+    fn secret_files_that_are_symlinks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node");
+        init(&node).unwrap();
+        for file in [MASTER_KEY_FILE, NODE_KEY_FILE] {
+            let path = node.join(file);
+            // The genuine file, moved aside and linked to: still refused.
+            let real = dir.path().join(format!("{file}.real"));
+            std::fs::rename(&path, &real).unwrap();
+            std::os::unix::fs::symlink(&real, &path).unwrap();
+            let err = if file == MASTER_KEY_FILE {
+                load_master_key(&node).map(|_| ()).unwrap_err()
+            } else {
+                load(&node).map(|_| ()).unwrap_err()
+            };
+            assert!(matches!(err, NodeError::Symlink { .. }), "{file}: {err:?}");
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+            std::fs::remove_file(&path).unwrap();
+            std::fs::rename(&real, &path).unwrap();
+        }
+        assert!(load_master_key(&node).is_ok());
+        assert!(load(&node).is_ok());
+    }
+
+    #[test]
+    fn a_node_key_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node");
+        init(&node).unwrap();
+        let path = node.join(NODE_KEY_FILE);
+        for mode in [0o640, 0o604, 0o644] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = load(&node).map(|_| ()).unwrap_err();
+            assert!(
+                matches!(err, NodeError::NodeKeyExposed { mode: m, .. } if m == mode),
+                "{mode:o}: {err}"
+            );
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(load(&node).is_ok());
     }
 }

@@ -141,7 +141,7 @@ image = "img"
     }
 
     fn store(dir: &std::path::Path) -> DirKeyStore {
-        let s = DirKeyStore::open(dir, MasterKey::generate().unwrap()).unwrap();
+        let s = DirKeyStore::open(&dir.join("keys"), MasterKey::generate().unwrap()).unwrap();
         let by_image = AllowList::new::<&str, &str>(&[], &["img"]).unwrap();
         let by_vm = AllowList::new::<&str, &str>(&["vm-1"], &[]).unwrap();
         let nobody = AllowList::new::<&str, &str>(&["vm-9"], &[]).unwrap();

@@ -540,3 +540,98 @@ fn sigkill_during_rotate_leaves_a_readable_store() {
     let after = &store.list().unwrap()[0];
     assert!(after.versions.len() <= MAX_VERSIONS_KEPT, "{after:?}");
 }
+
+/// Deleting the newest version file does not roll the key back: the host
+/// refuses it, `list` and `verify` say why, and only an explicit
+/// `seal --danger-accept-rollback` serves the older version.
+#[test]
+fn deleting_the_newest_version_refuses_the_key_until_the_operator_decides() {
+    let node = Node::new();
+    ok(keys(
+        &node,
+        &["generate", "disk", "--allow-vm", "vm-1"],
+        b"",
+    ));
+    ok(keys(&node, &["generate", "cfg", "--allow-vm", "vm-1"], b""));
+    ok(keys(&node, &["rotate", "disk"], b""));
+    ok(keys(&node, &["rotate", "disk"], b""));
+    let key_dir = Path::new(&node.node_dir()).join("keys/disk");
+    std::fs::remove_file(key_dir.join("00000003.key")).unwrap();
+    let err = fails(keys(&node, &["list"], b""), "00000003.key");
+    assert!(err.contains("is missing"), "{err}");
+    let o = keys(&node, &["verify"], b"");
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("FAIL  disk v3"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("ok    cfg v1"), "{}", stdout(&o));
+    let store = library_store(&node);
+    assert!(store.current(&key_name("disk")).is_err());
+    assert!(store.current(&key_name("cfg")).unwrap().is_some());
+    fails(keys(&node, &["rotate", "disk"], b""), "is missing");
+    fails(
+        keys(&node, &["seal", "disk"], b""),
+        "danger-accept-rollback",
+    );
+    let out = ok(keys(
+        &node,
+        &["seal", "disk", "--danger-accept-rollback"],
+        b"",
+    ));
+    assert!(
+        out.contains("sealed key disk at version 2") && out.contains("ROLLED BACK"),
+        "{out}"
+    );
+    assert_eq!(
+        store.current(&key_name("disk")).unwrap().unwrap().version,
+        2
+    );
+    ok(keys(&node, &["verify"], b""));
+}
+
+/// A store as the previous vkx wrote it (no records) is refused key by
+/// key until `keys seal --all`.
+#[test]
+fn a_store_without_records_is_sealed_explicitly() {
+    let node = Node::new();
+    ok(keys(
+        &node,
+        &["generate", "disk", "--allow-vm", "vm-1"],
+        b"",
+    ));
+    ok(keys(&node, &["rotate", "disk"], b""));
+    ok(keys(&node, &["generate", "cfg", "--allow-vm", "vm-1"], b""));
+    let store_dir = Path::new(&node.node_dir()).join("keys");
+    for key in ["disk", "cfg"] {
+        std::fs::remove_file(store_dir.join(key).join("current.json")).unwrap();
+    }
+    let err = fails(
+        keys(&node, &["list"], b""),
+        "no sealed current-version record",
+    );
+    assert!(err.contains("keys seal"), "{err}");
+    fails(keys(&node, &["verify"], b""), "2 of 3 key versions failed");
+    fails(keys(&node, &["seal"], b""), "<NAME>");
+    let out = ok(keys(&node, &["seal", "--all"], b""));
+    assert!(out.contains("sealed key disk at version 2"), "{out}");
+    assert!(out.contains("sealed key cfg at version 1"), "{out}");
+    assert!(out.contains("it had no record"), "{out}");
+    assert_eq!(list_json(&node).len(), 2);
+    let again = ok(keys(&node, &["seal", "disk"], b""));
+    assert!(again.contains("already sealed at version 2"), "{again}");
+}
+
+/// The store refuses a directory group or others may list.
+#[test]
+fn a_store_directory_others_may_list_is_refused() {
+    let node = Node::new();
+    ok(keys(
+        &node,
+        &["generate", "disk", "--allow-vm", "vm-1"],
+        b"",
+    ));
+    let store_dir = Path::new(&node.node_dir()).join("keys");
+    std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = fails(keys(&node, &["list"], b""), "chmod 700");
+    assert!(err.contains(&store_dir.display().to_string()), "{err}");
+    std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    ok(keys(&node, &["list"], b""));
+}

@@ -185,6 +185,60 @@ fn keys_are_released_by_policy_delivered_and_rotated_without_leaking() {
     );
 }
 
+/// A key the store refuses is withheld, and never served at an older
+/// version: here one key lost its sealed record (as in a store from
+/// before records) and another its newest version file. The host still
+/// starts and serves what it can.
+#[test]
+fn a_refused_key_is_withheld_and_the_host_serves_the_rest() {
+    let d = Deployment::new("vm-1", "log_level = \"debug\"");
+    let pin = d.node.pin().to_owned();
+    keys_cmd(
+        &d,
+        &["add", "disk", "--from-stdin", "--allow-image", "img"],
+        DISK_V1,
+    );
+    keys_cmd(&d, &["rotate", "disk", "--from-stdin"], DISK_V2);
+    keys_cmd(&d, &["generate", "secret", "--allow-vm", "vm-9"], b"");
+    let store = Path::new(&d.node.node_dir()).join("keys");
+    std::fs::remove_file(store.join("secret/current.json")).unwrap();
+    let key_dir = d.path("keys");
+    let cfg = d
+        .guest_config(
+            "disk.toml",
+            &d.socket(),
+            &pin,
+            &format!(
+                "keys = [\"disk\"]\nkey_dir = \"{}\"\n[retry]\nbase_ms = 100\ncap_ms = 1000\nfloor_ms = 50\n",
+                key_dir.display()
+            ),
+        )
+        .display()
+        .to_string();
+    let host = d.start_host("host.log");
+    host.wait_log(LIMIT, "the refusal of the unsealed key", |l| {
+        l.contains("key refused, not served") && l.contains("secret")
+    });
+    let o = run("vkx-guest", &["once", "--config", &cfg], b"");
+    assert_eq!(o.status.code(), Some(0), "{o:?}\n{}", host.log());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("key delivered: disk version 2"));
+    assert_eq!(key_file(&key_dir, "disk"), DISK_V2);
+
+    // The newest version deleted: withheld, not version 1 instead.
+    std::fs::remove_file(store.join("disk/00000002.key")).unwrap();
+    let o = run("vkx-guest", &["once", "--config", &cfg], b"");
+    assert_ne!(o.status.code(), Some(0), "{o:?}");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("key delivered"),
+        "{o:?}"
+    );
+    assert_eq!(key_file(&key_dir, "disk"), DISK_V2);
+    host.wait_log(LIMIT, "the withheld key", |l| {
+        l.contains("key withheld") && l.contains("00000002.key")
+    });
+    assert!(host.stop().success());
+}
+
 /// Derived shared keys (PROTOCOL.md §9): the guest's K (delivered to its
 /// derived directory) equals the host's, which an allowed local process
 /// fetches through the host's local socket; a process the allow-list does
