@@ -17,11 +17,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// The cases, in order, with the title printed when a case has no row.
-const CASES: [(&str, &str); 7] = [
+const CASES: [(&str, &str); 8] = [
     ("a", "host unreachable for 1 h (virtual time)"),
     ("b", "host answers unknown-message / unsupported-version"),
     ("c", "1,024 guests reconnect at once (herd)"),
     ("d", "hostile peer"),
+    ("d2", "many hostile VMs stall handshakes"),
     ("e", "TPM faults: transient codes, device missing"),
     ("f", "host and guest killed mid-handshake, restarted"),
     ("g", "kill switch flipped while 1,024 guests hold sessions"),

@@ -26,6 +26,11 @@
 //!   per-connection bound, since every transport beyond the peer's
 //!   allowance is closed before TLS; the host wrote at most `PEER_BURST` lines per
 //!   call site naming the hostile peer; the metrics count the refusals.
+//! - d2, many hostile VMs (issue #13, item 4): 30 VMs, each with its own
+//!   listener, each keep 9 handshakes stalled in AwaitEvidence (a valid
+//!   `hello`, never `evidence`): 270, more than the node's default
+//!   `max_handshakes`. The per-peer cap holds them to 2 each, so the
+//!   good guest attests every time and the node's limit never refuses.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the failure report.
 #![allow(clippy::print_stdout)] // Each case prints its figure.
@@ -316,6 +321,213 @@ fn d_hostile_peer_memory_logs_and_service_stay_bounded() {
     assert!(
         failure.is_empty(),
         "a good guest failed under attack: {failure}"
+    );
+    assert!(pass, "{figure}\n{text}");
+}
+
+// ---------------------------------------------------------------------------
+// d2: many hostile VMs at once, each stalling handshakes.
+
+/// Hostile VMs, each with its own listener (so its own peer identity).
+/// With the review's 9 stalls each, 30 of them ask for 270 handshake
+/// slots, more than the node's default `max_handshakes` (256): without
+/// a per-peer cap every other guest gets `busy`.
+const D2_VMS: usize = 30;
+/// Stalled handshakes each hostile VM tries to hold at once.
+const D2_STALLS: usize = 9;
+/// The good guest's pace: within a well-behaved peer's own connection
+/// allowance (burst 10, then 1 per 6 s), so only the attack can fail it.
+const D2_GOOD_INTERVAL: Duration = Duration::from_secs(4);
+/// How often the sampler scrapes the host's metrics.
+const D2_SAMPLE: Duration = Duration::from_millis(100);
+
+/// One staller: TLS, a valid `hello`, read the `challenge`, then never
+/// send `evidence`, holding the handshake until the host times it out
+/// or the attack ends; then again. A refused attempt (busy,
+/// rate-limited, closed) waits a little and tries again, as an attacker
+/// would.
+fn d2_stall(socket: &Path, pin: &str, stop: &AtomicBool, held: &AtomicU64, refused: &AtomicU64) {
+    let hello = long_hello_frame();
+    while !stop.load(Ordering::Relaxed) {
+        let attempt = connect(socket, pin).and_then(|mut tls| {
+            tls.write_all(&hello)?;
+            tls.flush()?;
+            Ok(tls)
+        });
+        let Ok(mut tls) = attempt else {
+            refused.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        };
+        if !matches!(
+            vkx_e2e::raw::read_messages(&mut tls, 1).as_slice(),
+            [Message::Challenge(_)]
+        ) {
+            refused.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        held.fetch_add(1, Ordering::Relaxed);
+        // Hold it: read (the host's eventual `timeout`) until the host
+        // closes or the attack ends.
+        tls.sock.set_read_timeout(Some(POLL)).unwrap();
+        let mut buf = [0u8; 1024];
+        while !stop.load(Ordering::Relaxed) {
+            match std::io::Read::read(&mut tls, &mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+#[test]
+fn d2_many_hostile_vms_stalling_handshakes_cannot_lock_out_a_good_guest() {
+    let per_peer = vkx_host::admission::DEFAULT_MAX_HANDSHAKES_PER_PEER;
+    let bound = D2_VMS * per_peer + D_GOOD_CONNECTIONS;
+    let row = Row::start(
+        "d2",
+        "many hostile VMs stall handshakes",
+        format!(
+            "handshakes in progress <= {D2_VMS} VMs x max_handshakes_per_peer {per_peer} + the good guest's 1 = {bound} \
+             (of max_handshakes 256); every good guest attests"
+        ),
+    );
+    // Longer than AWAIT_EVIDENCE_TIMEOUT at full size, so stalls expire and
+    // are renewed (within the VMs' connection rate).
+    let attack = size(Duration::from_secs(45), Duration::from_secs(8));
+
+    let d = Deployment::new("vm-1", "");
+    let metrics = d.path("metrics.sock");
+    let socks: Vec<std::path::PathBuf> = (0..D2_VMS)
+        .map(|i| d.path(&format!("evil-{i:02}.sock")))
+        .collect();
+    let mut extra = format!("[metrics]\nsocket = \"{}\"\n", metrics.display());
+    for (i, s) in socks.iter().enumerate() {
+        extra += &format!(
+            "\n[[unix_listener]]\npath = \"{}\"\nvm_id = \"vm-evil-{i:02}\"\n",
+            s.display()
+        );
+    }
+    d.write_host_config(&extra);
+    // Enrolled VMs, as real tenants would be: vm-1's registry entry and
+    // policy under each hostile name (the policy admits them past
+    // `hello`; they never get as far as a quote).
+    let mut entry = d.node.entry("vm-1");
+    let policy_path = d.path("policy.toml");
+    let mut policy = std::fs::read_to_string(&policy_path).unwrap();
+    let vm_block = policy[policy.find("[[vm]]").unwrap()..].to_owned();
+    for i in 0..D2_VMS {
+        let vm = format!("vm-evil-{i:02}");
+        entry["vm_id"] = serde_json::Value::String(vm.clone());
+        let path = Path::new(&d.node.registry()).join(format!("{vm}.json"));
+        std::fs::write(path, serde_json::to_vec(&entry).unwrap()).unwrap();
+        policy += "\n";
+        policy += &vm_block.replace("id = \"vm-1\"", &format!("id = \"{vm}\""));
+    }
+    std::fs::write(&policy_path, policy).unwrap();
+    let host = start_host(&d, &metrics);
+    for s in &socks {
+        host.wait_for_path(s);
+    }
+    let pin = d.node.pin().to_owned();
+    let good_config = d.guest_config("guest.toml", &d.socket(), &pin, "");
+    let good_config = good_config.display().to_string();
+    let good_once = || run("vkx-guest", &["once", "--config", &good_config], b"");
+    let o = good_once();
+    assert_eq!(o.status.code(), Some(0), "{o:?}\n{}", host.log());
+
+    let stop = AtomicBool::new(false);
+    let held = AtomicU64::new(0);
+    let refused = AtomicU64::new(0);
+    let peak = AtomicU64::new(0);
+    let (good, failure) = std::thread::scope(|s| {
+        for sock in &socks {
+            for _ in 0..D2_STALLS {
+                let (stop, held, refused, pin) = (&stop, &held, &refused, &pin);
+                s.spawn(move || d2_stall(sock, pin, stop, held, refused));
+            }
+        }
+        let (stop_s, peak_s, metrics_s) = (&stop, &peak, &metrics);
+        s.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            while !stop_s.load(Ordering::Relaxed) {
+                if let Ok(text) = rt.block_on(vkx_host::metrics::fetch(metrics_s)) {
+                    peak_s.fetch_max(
+                        value(&text, "vkx_handshakes_in_progress"),
+                        Ordering::Relaxed,
+                    );
+                }
+                std::thread::sleep(D2_SAMPLE);
+            }
+        });
+        // Let the stalls take what they can, then the good guest, again
+        // and again.
+        let t_full = Instant::now();
+        while held.load(Ordering::Relaxed) < (D2_VMS * per_peer) as u64 && t_full.elapsed() < LIMIT
+        {
+            std::thread::sleep(POLL);
+        }
+        let t0 = Instant::now();
+        let mut good = Vec::new();
+        let mut failure = String::new();
+        while t0.elapsed() < attack {
+            let t = Instant::now();
+            let o = good_once();
+            good.push((o.status.code(), t.elapsed()));
+            if o.status.code() != Some(0) {
+                failure = String::from_utf8_lossy(&o.stderr).into_owned();
+                break;
+            }
+            std::thread::sleep(D2_GOOD_INTERVAL.saturating_sub(t.elapsed()));
+        }
+        stop.store(true, Ordering::Relaxed);
+        (good, failure)
+    });
+
+    let text = wait_value(&metrics, "vkx_connections_open", 0);
+    let capped = value(
+        &text,
+        "vkx_admissions_refused_total{reason=\"peer_handshakes\"}",
+    );
+    let node_full = value(
+        &text,
+        "vkx_admissions_refused_total{reason=\"max_handshakes\"}",
+    );
+    let peak = peak.load(Ordering::Relaxed);
+    let held = held.load(Ordering::Relaxed);
+    let good_ok = good.iter().filter(|(c, _)| *c == Some(0)).count();
+    let slowest = good.iter().map(|(_, t)| *t).max().unwrap_or_default();
+    let pass = failure.is_empty()
+        && !good.is_empty()
+        && good_ok == good.len()
+        && peak <= bound as u64
+        && held >= (D2_VMS * per_peer) as u64
+        && capped > 0
+        && node_full == 0;
+    let figure = format!(
+        "{D2_VMS} VMs x {D2_STALLS} stallers for {:.0} s: {held} handshakes stalled in AwaitEvidence, \
+         {capped} refused busy by the per-peer cap, {} attempts refused in all (busy, rate-limited), \
+         {node_full} by the node's max_handshakes; peak {peak} handshakes in progress; \
+         good guest attested {good_ok}/{} (slowest {:.2} s)",
+        attack.as_secs_f64(),
+        refused.load(Ordering::Relaxed),
+        good.len(),
+        slowest.as_secs_f64(),
+    );
+    row.finish(&figure, pass);
+    assert!(
+        failure.is_empty(),
+        "a good guest failed while {D2_VMS} VMs stalled handshakes: {failure}\n{figure}"
     );
     assert!(pass, "{figure}\n{text}");
 }
