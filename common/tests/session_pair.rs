@@ -632,6 +632,42 @@ fn host_shutdown_tells_the_guest_when_to_return() {
 }
 
 #[test]
+fn the_host_sends_an_established_session_to_reattest() {
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    let host = std::mem::replace(&mut p.host, Host::Closed);
+    let (h, out) = host.reattest(Duration::from_secs(1));
+    assert!(matches!(h, Host::Closed));
+    let sent: Vec<Message> = out
+        .send
+        .iter()
+        .map(|b| Message::decode(b).unwrap())
+        .collect();
+    assert!(
+        matches!(
+            sent.as_slice(),
+            [Message::Goodbye(g)] if g.reason == GoodbyeReason::Reattest && g.retry_after_ms == Some(1000)
+        ),
+        "{sent:?}"
+    );
+    p.host = h;
+    p.take_host(out);
+    p.run();
+    assert_eq!(
+        p.guest_closed,
+        Some(CloseReason::Orderly {
+            retry_after: Some(Duration::from_secs(1))
+        })
+    );
+    // Not yet Established: left as it is (its evidence meets the policy
+    // of its verification).
+    let p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    let (h, out) = p.host.reattest(Duration::from_secs(1));
+    assert!(out.send.is_empty() && out.close.is_none());
+    assert!(!matches!(h, Host::Closed | Host::Established(_)));
+}
+
+#[test]
 fn a_malformed_error_is_never_answered() {
     // A busy error that also carries a supported-version range: it fails to
     // decode, but it is an error, so neither side answers it (§8.3).

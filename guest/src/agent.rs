@@ -29,8 +29,8 @@ use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
 use vkx_common::transcript::{ConfirmRole, confirm_tag};
 use vkx_common::wire::{
-    AgentName, AgentVersion, Evidence, FrameDecoder, GoodbyeReason, Message, PROTOCOL_VERSION_1,
-    PcrBankSelection, Purpose, VersionRange, encode_frame,
+    AgentName, AgentVersion, Evidence, FrameDecoder, GoodbyeReason, Message, MessageType,
+    PROTOCOL_VERSION_1, PcrBankSelection, Purpose, VersionRange, encode_frame,
 };
 use vkx_common::{rl_info, rl_warn};
 use zeroize::Zeroizing;
@@ -554,6 +554,11 @@ impl Agent {
                                         );
                                         let (g, o) = guest.on_payload(payload, now);
                                         guest = g;
+                                        if let (Some(CloseReason::Orderly { .. }), Some(why)) =
+                                            (&o.close, goodbye_reason(payload))
+                                        {
+                                            detail = format!("goodbye from the host: {why}");
+                                        }
                                         pending.absorb(o);
                                         if pending.close.is_some() { break; }
                                     }
@@ -595,6 +600,24 @@ fn apply(
     }
 }
 
+/// The reason of a `goodbye` payload, as the session-ended line names it
+/// (the host's `reattest` after a policy change or a rewind, `shutdown`,
+/// `idle`); `None` for any other message.
+fn goodbye_reason(payload: &[u8]) -> Option<&'static str> {
+    if Message::envelope_type(payload)? != u64::from(MessageType::Goodbye.code()) {
+        return None;
+    }
+    match Message::decode(payload) {
+        Ok(Message::Goodbye(g)) => Some(match g.reason {
+            GoodbyeReason::Normal => "normal",
+            GoodbyeReason::Shutdown => "shutdown",
+            GoodbyeReason::Reattest => "reattest",
+            GoodbyeReason::Idle => "idle",
+        }),
+        _ => None,
+    }
+}
+
 fn describe(f: &Failure, fallback: &str) -> String {
     match f {
         Failure::Code { code, retry_after } => match retry_after {
@@ -606,5 +629,35 @@ fn describe(f: &Failure, fallback: &str) -> String {
         },
         Failure::Permanent => "protocol violation by the host".into(),
         Failure::Transport => fallback.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use vkx_common::wire::{Goodbye, Ping};
+
+    #[test]
+    fn the_session_ended_line_names_the_hosts_goodbye_reason() {
+        let goodbye = |reason| {
+            Message::Goodbye(Goodbye {
+                reason,
+                retry_after_ms: Some(1000),
+            })
+            .encode()
+            .unwrap()
+        };
+        assert_eq!(
+            goodbye_reason(&goodbye(GoodbyeReason::Reattest)),
+            Some("reattest")
+        );
+        assert_eq!(
+            goodbye_reason(&goodbye(GoodbyeReason::Shutdown)),
+            Some("shutdown")
+        );
+        let ping = Message::Ping(Ping { sequence: 1 }).encode().unwrap();
+        assert_eq!(goodbye_reason(&ping), None);
+        assert_eq!(goodbye_reason(&[0x82, 0x0e]), None);
     }
 }

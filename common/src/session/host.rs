@@ -438,6 +438,24 @@ impl Host {
         Self::refuse(Refusal::RateLimited, retry_after)
     }
 
+    /// The host sends this session to attest again (PROTOCOL.md §11.7:
+    /// another session of its VM showed a rewound TPM, §15.8, or the
+    /// host's policy changed so that it no longer allows what the session
+    /// proved): in Established, `goodbye(reattest)` with `retry-after`,
+    /// then close. A session not yet Established is left as it is: its
+    /// evidence is judged by the policy of the moment it is verified.
+    pub fn reattest(self, retry_after: Duration) -> (Self, Out) {
+        let mut out = Out::default();
+        match self {
+            Self::Established(_) => {
+                out.goodbye(GoodbyeReason::Reattest, Some(retry_after_ms(retry_after)));
+                out.close(CloseReason::Orderly { retry_after: None });
+                (Self::Closed, out)
+            }
+            other => (other, out),
+        }
+    }
+
     /// The host agent is stopping: tell the guest when to come back.
     pub fn shutdown(self, retry_after: Duration) -> (Self, Out) {
         let mut out = Out::default();
