@@ -147,7 +147,7 @@ pub struct VmPolicy {
 }
 
 /// A validated policy.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     vms: BTreeMap<VmId, VmPolicy>,
 }

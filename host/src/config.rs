@@ -14,6 +14,9 @@ use crate::vsock::VsockListenerConfig;
 
 /// Default connection limit: one per VM of a large node, with headroom.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
+/// Largest host.toml read: a [vsock] map of 4,096 VMs and every table
+/// fit many times over; a wrong path cannot exhaust memory.
+pub const MAX_HOST_TOML: u64 = 4 * 1024 * 1024;
 /// Most Unix listeners one host serves (one per VM in development).
 pub const MAX_LISTENERS: usize = 4096;
 
@@ -136,10 +139,29 @@ pub const MAX_SHUTDOWN_RETRY_AFTER_S: u32 = 24 * 3600;
 
 impl ServeConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
+        Self::from_text(path, &Self::read(path)?)
+    }
+
+    /// host.toml's text, at most [`MAX_HOST_TOML`] bytes.
+    pub fn read(path: &Path) -> anyhow::Result<String> {
+        use std::io::Read as _;
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_HOST_TOML + 1).read_to_string(&mut text))
             .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
+        anyhow::ensure!(
+            text.len() as u64 <= MAX_HOST_TOML,
+            "{} is larger than {MAX_HOST_TOML} bytes",
+            path.display()
+        );
+        Ok(text)
+    }
+
+    /// Parses and checks host.toml's `text` (read from `path`, which the
+    /// errors name).
+    pub fn from_text(path: &Path, text: &str) -> anyhow::Result<Self> {
         let c: Self =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if let Some(v) = &c.vsock {
             v.validate()
                 .map_err(|e| anyhow::anyhow!("{}: [vsock]: {e}", path.display()))?;
@@ -231,6 +253,19 @@ mod tests {
         ] {
             assert!(load(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_host_toml_over_the_size_cap_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.toml");
+        let head = format!("node_dir = \"/n\"\nregistry = \"/r\"\npolicy = \"/p\"\n{UNIX}");
+        let pad = usize::try_from(MAX_HOST_TOML).unwrap() - head.len();
+        std::fs::write(&path, format!("{head}{}", "#".repeat(pad))).unwrap();
+        assert!(ServeConfig::load(&path).is_ok(), "at the cap");
+        std::fs::write(&path, format!("{head}{}", "#".repeat(pad + 1))).unwrap();
+        let e = ServeConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
     }
 
     const UNIX: &str = "[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n";

@@ -37,7 +37,9 @@ use crate::health::RingCounters;
 use crate::metrics::{EstablishedGuard, FeatureGauge, HandshakeOutcome, Metrics};
 use crate::rollout::Feature;
 use crate::rollout::service::View;
-use crate::service::{ConnState, Shared, handle_event, push_rotations, verify_and_record};
+use crate::service::{
+    ConnState, Reattest, Shared, handle_event, push_rotations, verify_and_record,
+};
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
@@ -329,7 +331,7 @@ pub(crate) async fn connection<S>(
     let selection = peer_id
         .vm_id
         .as_ref()
-        .and_then(|vm| shared.policy.selection(vm).map(|s| (vm.clone(), s)));
+        .and_then(|vm| shared.trust().policy.selection(vm).map(|s| (vm.clone(), s)));
     // The VM's feature map now; the session is told every change of it
     // once Established (PROTOCOL.md §12.2).
     let vm = selection.as_ref().map(|(vm, _)| vm.clone());
@@ -342,8 +344,11 @@ pub(crate) async fn connection<S>(
     drop(view);
     let mut gauge: Option<FeatureGauge> = None;
     // Registered once Established: another session of this VM that shows
-    // a rewound TPM sends this one to re-attest (§15.8).
+    // a rewound TPM (§15.8), or a reload that no longer allows what this
+    // one proved, sends it to re-attest.
     let mut vm_session: Option<crate::service::VmSession<'_>> = None;
+    // The PCR values of the accepted evidence, for the registration.
+    let mut proven: Vec<vkx_common::wire::PcrBankValues> = Vec::new();
     let session_id = random.session_id;
     let peer = PeerContext {
         vm_id: vm.clone(),
@@ -388,9 +393,21 @@ pub(crate) async fn connection<S>(
                 host = h;
                 out = o;
             }
-            () = reattest_asked(&mut vm_session) => {
-                rl_info!(peer: vm_id, "another session of this VM showed a rewound TPM: goodbye, re-attest");
-                let (h, o) = host.shutdown(crate::service::REATTEST_RETRY_AFTER);
+            why = reattest_asked(&mut vm_session) => {
+                let base = crate::service::REATTEST_RETRY_AFTER;
+                let retry_after = match why {
+                    Reattest::Rewind => {
+                        rl_info!(peer: vm_id, "another session of this VM showed a rewound TPM: goodbye(reattest)");
+                        base
+                    }
+                    // One line per reload says how many and which; this
+                    // one only at debug.
+                    Reattest::Reload { spread } => {
+                        vkx_common::rl_log!(debug, peer: vm_id, "the reloaded policy or CID map no longer allows this session: goodbye(reattest)");
+                        crate::service::shutdown_retry_after(base, spread, shared.draw())
+                    }
+                };
+                let (h, o) = host.reattest(retry_after);
                 host = h;
                 out = o;
             }
@@ -515,6 +532,7 @@ pub(crate) async fn connection<S>(
                         evidence,
                     } => {
                         let s = shared.clone();
+                        let pcrs = evidence.pcr_values.clone();
                         let verdict = tokio::task::spawn_blocking(move || {
                             verify_and_record(&s, &vm_id, &transcript_hash, &selection, &evidence)
                         })
@@ -522,6 +540,9 @@ pub(crate) async fn connection<S>(
                         .unwrap_or(Verdict::LocalFailure);
                         if verdict == Verdict::Rejected {
                             conn.ring.attestation_failed();
+                        }
+                        if verdict == Verdict::Accepted {
+                            proven = pcrs;
                         }
                         host.on_verdict(verdict, std::time::Instant::now())
                     }
@@ -547,7 +568,14 @@ pub(crate) async fn connection<S>(
         }
         track.check_established(&host);
         if gauge.is_none() && matches!(host, Host::Established(_)) {
-            vm_session = vm.as_ref().map(|v| shared.vm_sessions.register(v));
+            let proof = crate::reload::Proof {
+                cid: peer_id.cid,
+                pcrs: std::mem::take(&mut proven),
+                ..crate::reload::Proof::default()
+            };
+            vm_session = vm
+                .as_ref()
+                .map(|v| shared.vm_sessions.register(v, proof, &shared.trust));
             gauge = Some(FeatureGauge::new(
                 shared.metrics.clone(),
                 features.clone(),
@@ -583,13 +611,16 @@ pub(crate) async fn connection<S>(
 /// two bytes are looked at: every message this protocol knows has a type
 /// below 24, which CBOR encodes in the byte after the array head, and a
 /// payload the session could decode is canonical.
-/// Resolves when this session is asked to re-attest; never without a
-/// registration.
-async fn reattest_asked(s: &mut Option<crate::service::VmSession<'_>>) {
+/// Resolves, with why, when this session is asked to re-attest (also
+/// when it was at its registration); never without a registration.
+async fn reattest_asked(s: &mut Option<crate::service::VmSession<'_>>) -> Reattest {
     if let Some(s) = s {
-        while s.reattest.changed().await.is_ok() {
-            if *s.reattest.borrow() {
-                return;
+        loop {
+            if let Some(why) = *s.reattest.borrow_and_update() {
+                return why;
+            }
+            if s.reattest.changed().await.is_err() {
+                break;
             }
         }
     }
@@ -648,7 +679,8 @@ fn note_drill(
     conn: &mut ConnState,
 ) {
     let Some(vm) = vm else { return };
-    let image = shared.policy.vm(vm).map(|p| p.image.as_str());
+    let trust = shared.trust();
+    let image = trust.policy.vm(vm).map(|p| p.image.as_str());
     let Some(o) = view.drill_narrows(vm, image) else {
         return;
     };

@@ -35,6 +35,8 @@
 //!   certificate digest).
 //! - [`release`]: which keys an attested VM gets (policy grant and the
 //!   key's allow-list).
+//! - [`reload`]: the policy and CID map reloaded on SIGHUP, and the live
+//!   sessions a reload no longer allows sent to re-attest.
 //! - [`rollout`]: staged rollout and kill switch: the signed rollout
 //!   document, rings, per-VM feature maps, admission (revisions only go
 //!   up; widening needs a trusted signature), persistence.
@@ -69,6 +71,7 @@ pub mod node;
 pub mod publish;
 pub mod registry;
 pub mod release;
+pub mod reload;
 pub mod rollout;
 pub mod rollout_cli;
 pub mod rollout_run;

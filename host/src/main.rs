@@ -43,7 +43,7 @@ enum Command {
         dir: PathBuf,
     },
     /// Run the host agent with the given configuration (host.toml) until
-    /// SIGTERM or SIGINT.
+    /// SIGTERM or SIGINT. SIGHUP reloads the policy and the CID map.
     Serve {
         #[arg(long)]
         config: PathBuf,
@@ -517,8 +517,10 @@ fn evidence(cmd: EvidenceCommand) -> anyhow::Result<bool> {
     }
 }
 
-fn serve(config: &std::path::Path) -> anyhow::Result<bool> {
-    let config = vkx_host::config::ServeConfig::load(config)?;
+fn serve(path: &std::path::Path) -> anyhow::Result<bool> {
+    let text = vkx_host::config::ServeConfig::read(path)?;
+    let config = vkx_host::config::ServeConfig::from_text(path, &text)?;
+    let source = vkx_host::reload::Source::new(path.to_path_buf(), &text, &config)?;
     let level = config
         .log_level
         .as_deref()
@@ -533,17 +535,24 @@ fn serve(config: &std::path::Path) -> anyhow::Result<bool> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    rt.block_on(vkx_host::serve::serve(config, async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }))?;
+    rt.block_on(async {
+        // SIGHUP reloads the policy and the CID map (`systemctl reload`);
+        // caught from here on, before any listener exists.
+        let requests = vkx_host::reload::sighup().context("catch SIGHUP")?;
+        let reload = vkx_host::reload::Reload { source, requests };
+        vkx_host::serve::serve(config, Some(reload), async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        })
+        .await
+    })?;
     Ok(true)
 }
 

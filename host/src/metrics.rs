@@ -25,7 +25,8 @@
 //! `vkx_errors_sent_total{code}`, `vkx_admissions_refused_total{reason}`,
 //! `vkx_sessions_rate_limited_total`, `vkx_log_lines_suppressed_total`,
 //! `vkx_keys_released_total`, `vkx_key_updates_pushed_total`,
-//! `vkx_key_updates_acked_total{result}`; for the rollout and kill switch
+//! `vkx_key_updates_acked_total{result}`, `vkx_reloads_total{outcome}`,
+//! `vkx_reload_last_success_timestamp_seconds`; for the rollout and kill switch
 //! `vkx_feature_sessions{feature,state}`, `vkx_rollout_feature_killed`,
 //! `vkx_rollout_feature_stage`, `vkx_rollout_revision`,
 //! `vkx_rollout_issued_timestamp_seconds`,
@@ -239,6 +240,10 @@ pub struct Metrics {
     updates_pushed: AtomicU64,
     updates_installed: AtomicU64,
     updates_failed: AtomicU64,
+    /// Reloads (SIGHUP) of the policy and CID map: applied, refused.
+    reloads: [AtomicU64; 2],
+    /// When the last reload was applied (Unix seconds; 0: none yet).
+    reload_last_ok_unix: AtomicU64,
     /// The rollout and kill switch ([`RolloutMetrics`]).
     pub rollout: RolloutMetrics,
     /// Health signals per ring and feature ([`crate::health`]).
@@ -492,6 +497,14 @@ impl Metrics {
         add(&self.rewinds[usize::from(!refused)], 1);
     }
 
+    /// A reload ended: applied (`ok`, at `unix`) or refused.
+    pub fn reload(&self, ok: bool, unix: u64) {
+        add(&self.reloads[usize::from(!ok)], 1);
+        if ok {
+            self.reload_last_ok_unix.store(unix, Ordering::Relaxed);
+        }
+    }
+
     /// A session closed for sending faster than its message budget.
     pub fn session_rate_limited(&self) {
         add(&self.sessions_rate_limited, 1);
@@ -733,6 +746,32 @@ pub fn render(m: &Metrics, usage: &Usage, suppressed: u64) -> String {
         "vkx_key_updates_acked_total",
         "result=\"failed\"",
         get(&m.updates_failed),
+    );
+    family(
+        &mut o,
+        "vkx_reloads_total",
+        "counter",
+        "Reloads of the policy and CID map (SIGHUP), by outcome: ok (applied) or invalid (refused, nothing applied).",
+    );
+    for (i, outcome) in ["ok", "invalid"].iter().enumerate() {
+        sample(
+            &mut o,
+            "vkx_reloads_total",
+            &format!("outcome=\"{outcome}\""),
+            get(&m.reloads[i]),
+        );
+    }
+    family(
+        &mut o,
+        "vkx_reload_last_success_timestamp_seconds",
+        "gauge",
+        "When the last reload was applied (Unix time; 0 if none since the start).",
+    );
+    sample(
+        &mut o,
+        "vkx_reload_last_success_timestamp_seconds",
+        "",
+        get(&m.reload_last_ok_unix),
     );
     render_rollout(&mut o, &m.rollout);
     m.health.render(&mut o);
@@ -1123,6 +1162,9 @@ mod tests {
         m.update_acked(false);
         m.session_rate_limited();
         m.rewind(true);
+        m.reload(true, 1_700_000_000);
+        m.reload(false, 0);
+        m.reload(false, 0);
         let guard = m.established();
         let all_on: Features = FEATURES
             .iter()
@@ -1174,6 +1216,9 @@ mod tests {
             ("vkx_attestation_rewinds_total{action=\"refused\"}", "1"),
             ("vkx_attestation_rewinds_total{action=\"flagged\"}", "0"),
             ("vkx_log_lines_suppressed_total", "42"),
+            ("vkx_reloads_total{outcome=\"ok\"}", "1"),
+            ("vkx_reloads_total{outcome=\"invalid\"}", "2"),
+            ("vkx_reload_last_success_timestamp_seconds", "1700000000"),
             ("vkx_keys_released_total", "3"),
             ("vkx_key_updates_pushed_total", "1"),
             ("vkx_key_updates_acked_total{result=\"installed\"}", "1"),

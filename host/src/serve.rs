@@ -4,8 +4,9 @@
 //! each accepted guest connection meets [`crate::admission`] first, and an
 //! admitted one is driven by [`crate::connection`] against the shared
 //! service context ([`crate::service`]). Beside them run the key-version
-//! watcher, the metrics endpoint, the derived-key socket and the health
-//! summary's publisher ([`crate::health::publish`]).
+//! watcher, the metrics endpoint, the derived-key socket, the health
+//! summary's publisher ([`crate::health::publish`]) and the reload of the
+//! policy and CID map on SIGHUP ([`crate::reload`]).
 //!
 //! Bounded by construction. Over its peer's open transports
 //! (`[admission] max_open_per_peer`) or the hard ceiling (`max_open`) a
@@ -31,7 +32,6 @@ use ring::rand::SystemRandom;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::time::{Instant as TokioInstant, timeout_at};
-use vkx_common::policy::Policy;
 use vkx_common::session::host::HostConfig;
 use vkx_common::wire::{KeyName, PROTOCOL_VERSION_1, VersionRange, VmId};
 use vkx_common::{rl_info, rl_warn};
@@ -44,16 +44,19 @@ use crate::keystore::{DirKeyStore, KeyStore};
 use crate::listen::{Accept, accept_loop};
 use crate::metrics::{Metrics, MetricsConfig};
 use crate::registry::Registry;
+use crate::reload::{Reload, Trust};
 use crate::rollout::service::Rollout;
 use crate::service::{FEATURE_RETRY_AFTER, Shared, shutdown_spread, watch_key_versions};
-use crate::vsock::{Admission, CidMap, admit};
+use crate::vsock::{Admission, admit};
 
 /// How long live sessions get to say goodbye at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves; with `reload`, takes in a new policy
+/// and CID map on each of its requests ([`crate::reload`]).
 pub async fn serve(
     config: ServeConfig,
+    reload: Option<Reload>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (cert, key) = crate::node::load(&config.node_dir)?;
@@ -88,7 +91,7 @@ pub async fn serve(
         key_versions,
         derived: Arc::new(DerivedKeys::default()),
         registry: Registry::open(&config.registry)?,
-        policy: Policy::load(&config.policy)?,
+        trust: watch::channel(Arc::new(Trust::load(&config)?)).0,
         config: Arc::new(HostConfig {
             versions: VersionRange {
                 min: PROTOCOL_VERSION_1,
@@ -130,18 +133,20 @@ pub async fn serve(
         listeners.push(Listener::Unix(listener, vm_id));
     }
     if let Some(v) = &config.vsock {
-        let map = v.cid_map()?;
         let listener = crate::vsock::bind(v)
             .map_err(|e| anyhow::anyhow!("listen on vsock port {}: {e}", v.port))?;
         listeners.push(Listener::Vsock {
             listener,
-            map,
+            trust: shared.trust.subscribe(),
             require_privileged_port: v.require_privileged_port,
         });
     }
     let count = listeners.len();
     tasks.spawn(rollout.run(stop_rx.clone()));
     tasks.spawn(report_suppressed(stop_rx.clone()));
+    if let Some(reload) = reload {
+        tasks.spawn(crate::reload::run(reload, shared.clone(), stop_rx.clone()));
+    }
     tasks.spawn(crate::health::publish(
         metrics.clone(),
         health,
@@ -216,10 +221,11 @@ pub async fn serve(
 enum Listener {
     /// Plain Unix or hybrid vsock: the socket is the VM (§2.3.1, §2.4).
     Unix(UnixListener, VmId),
-    /// AF_VSOCK: the peer's CID is the VM (§2.2).
+    /// AF_VSOCK: the peer's CID is the VM (§2.2), by the CID map in force
+    /// (a reload replaces it).
     Vsock {
         listener: tokio_vsock::VsockListener,
-        map: CidMap,
+        trust: watch::Receiver<Arc<Trust>>,
         require_privileged_port: bool,
     },
 }
@@ -241,11 +247,17 @@ impl Accept for Listener {
             }
             Listener::Vsock {
                 listener,
-                map,
+                trust,
                 require_privileged_port,
             } => {
                 let (s, addr) = listener.accept().await?;
-                let admission = admit(map, addr.cid(), addr.port(), *require_privileged_port);
+                let map = trust.borrow().clone();
+                let admission = admit(
+                    &map.cid_map,
+                    addr.cid(),
+                    addr.port(),
+                    *require_privileged_port,
+                );
                 if let Admission::Unmapped { reason } = &admission {
                     rl_warn!(peer: admission.log_peer(), %reason, "peer not admitted by identity");
                 }

@@ -17,7 +17,6 @@ use std::time::Duration;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::watch;
 use vkx_common::errors::ErrorCode;
-use vkx_common::policy::Policy;
 use vkx_common::session::Output;
 use vkx_common::session::host::{DeriveAnswer, Host, HostConfig, HostEvent, Verdict};
 use vkx_common::wire::{FeatureState, Features, KeyName, Purpose, ReleasedKey, VmId, feature};
@@ -31,6 +30,7 @@ use crate::keystore::{CachedKeys, KeyStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::release;
+use crate::reload::{Proof, Trust};
 use crate::rollout::Feature;
 use crate::rollout::service::View;
 
@@ -53,7 +53,9 @@ pub(crate) struct Shared {
     pub(crate) key_versions: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
     pub(crate) derived: Arc<DerivedKeys>,
     pub(crate) registry: Registry,
-    pub(crate) policy: Policy,
+    /// The policy and CID map in force, replaced whole by a reload
+    /// ([`crate::reload`]); read it with [`Shared::trust`].
+    pub(crate) trust: watch::Sender<Arc<Trust>>,
     pub(crate) config: Arc<HostConfig>,
     pub(crate) rng: SystemRandom,
     pub(crate) shutdown_retry_after: Duration,
@@ -72,18 +74,38 @@ pub(crate) struct Shared {
     pub(crate) quote_locks: QuoteLocks,
 }
 
-/// `retry-after` of the `goodbye` that sends a session to re-attest
-/// (another session of its VM showed a rewound TPM).
+/// `retry-after` of the `goodbye(reattest)` that sends a session to
+/// re-attest (another session of its VM showed a rewound TPM, or a reload
+/// no longer allows it); a reload that ends many sessions spreads their
+/// returns over [`shutdown_spread`] above it.
 pub const REATTEST_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-type SessionsByVm = BTreeMap<VmId, Vec<(u64, watch::Sender<bool>)>>;
+/// Why a live session is sent to re-attest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reattest {
+    /// Another session of its VM showed a rewound TPM (§15.8).
+    Rewind,
+    /// A reload no longer allows it ([`crate::reload::allows`]); the
+    /// guests it sends back return spread over `spread`.
+    Reload { spread: Duration },
+}
+
+/// One registered session: its id, its re-attest flag, what it proved.
+#[derive(Debug)]
+struct Registered {
+    id: u64,
+    tx: watch::Sender<Option<Reattest>>,
+    proof: Proof,
+}
+
+type SessionsByVm = BTreeMap<VmId, Vec<Registered>>;
 
 /// The live (Established) sessions of each VM: each registers a channel
-/// that, when set, makes it say `goodbye` and close, so the guest
-/// re-attests. Bounded by the connections admitted.
+/// that, when set, makes it say `goodbye(reattest)` and close, so the
+/// guest re-attests. Bounded by the connections admitted.
 #[derive(Debug, Default)]
 pub(crate) struct VmSessions {
-    /// The last id given, and each VM's sessions (id, re-attest flag).
+    /// The last id given, and each VM's sessions.
     inner: std::sync::Mutex<(u64, SessionsByVm)>,
 }
 
@@ -93,20 +115,41 @@ pub(crate) struct VmSession<'a> {
     table: &'a VmSessions,
     vm: VmId,
     id: u64,
-    /// Turns true when the session must re-attest.
-    pub(crate) reattest: watch::Receiver<bool>,
+    /// Set when the session must re-attest, and why.
+    pub(crate) reattest: watch::Receiver<Option<Reattest>>,
 }
 
 impl VmSessions {
-    pub(crate) fn register(&self, vm: &VmId) -> VmSession<'_> {
-        let (tx, rx) = watch::channel(false);
+    /// Registers a session of `vm` that proved `proof`, its grants taken
+    /// from the trust in force, which also decides whether it may stay:
+    /// under the table's lock, so a reload published meanwhile is seen
+    /// either here or by its own pass over the table.
+    pub(crate) fn register(
+        &self,
+        vm: &VmId,
+        mut proof: Proof,
+        trust: &watch::Sender<Arc<Trust>>,
+    ) -> VmSession<'_> {
         let mut g = self
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = trust.borrow().clone();
+        if let Some(p) = now.policy.vm(vm) {
+            proof.keys.clone_from(&p.keys);
+            proof.derive.clone_from(&p.derive);
+        }
+        let flag = crate::reload::allows(&now, vm, &proof)
+            .err()
+            .map(|_| Reattest::Reload {
+                spread: Duration::ZERO,
+            });
+        let (tx, rx) = watch::channel(flag);
         g.0 += 1;
         let id = g.0;
-        g.1.entry(vm.clone()).or_default().push((id, tx));
+        g.1.entry(vm.clone())
+            .or_default()
+            .push(Registered { id, tx, proof });
         VmSession {
             table: self,
             vm: vm.clone(),
@@ -122,11 +165,35 @@ impl VmSessions {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         g.1.get(vm).map_or(0, |list| {
-            for (_, tx) in list {
-                tx.send_replace(true);
+            for r in list {
+                r.tx.send_replace(Some(Reattest::Rewind));
             }
             list.len()
         })
+    }
+
+    /// Tells every live session `trust` no longer allows to re-attest,
+    /// their returns spread by their number ([`shutdown_spread`]).
+    pub(crate) fn reattest_disallowed(&self, trust: &Trust) -> crate::reload::Ended {
+        let g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ended = crate::reload::Ended::default();
+        let mut told = Vec::new();
+        for (vm, list) in &g.1 {
+            for r in list {
+                if let Err(why) = crate::reload::allows(trust, vm, &r.proof) {
+                    ended.note(vm, why);
+                    told.push(&r.tx);
+                }
+            }
+        }
+        let spread = shutdown_spread(told.len() as u64);
+        for tx in told {
+            tx.send_replace(Some(Reattest::Reload { spread }));
+        }
+        ended
     }
 
     #[cfg(test)]
@@ -144,7 +211,7 @@ impl Drop for VmSession<'_> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(list) = g.1.get_mut(&self.vm) {
-            list.retain(|(id, _)| *id != self.id);
+            list.retain(|r| r.id != self.id);
             if list.is_empty() {
                 g.1.remove(&self.vm);
             }
@@ -172,19 +239,27 @@ impl QuoteLocks {
 }
 
 impl Shared {
+    /// The policy and CID map in force now.
+    pub(crate) fn trust(&self) -> Arc<Trust> {
+        self.trust.borrow().clone()
+    }
+
     /// The feature map `vm` gets under `view`: what the session announces
     /// (challenge, `feature-update`) and enforces. A peer the policy does
     /// not know gets none (it is refused after hello anyway).
     pub(crate) fn feature_map(&self, view: &View, vm: Option<&VmId>) -> Features {
         match vm {
-            Some(vm) => view.features_for(vm, self.policy.vm(vm).map(|p| p.image.as_str())),
+            Some(vm) => view.features_for(vm, self.trust().policy.vm(vm).map(|p| p.image.as_str())),
             None => Features::new(),
         }
     }
 
     /// The health counters of `vm`'s ring under `view`.
     pub(crate) fn ring(&self, view: &View, vm: Option<&VmId>) -> Arc<RingCounters> {
-        let image = vm.and_then(|v| self.policy.vm(v)).map(|p| p.image.as_str());
+        let trust = self.trust();
+        let image = vm
+            .and_then(|v| trust.policy.vm(v))
+            .map(|p| p.image.as_str());
         self.metrics.health.ring(view, vm, image)
     }
 
@@ -273,7 +348,8 @@ pub(crate) fn push_rotations(
     if features.get(&feature::KEY_ROTATION) != Some(&FeatureState::Enabled) {
         return out;
     }
-    let (Some(store), Some(vm)) = (shared.store(), shared.policy.vm(s.vm_id())) else {
+    let trust = shared.trust();
+    let (Some(store), Some(vm)) = (shared.store(), trust.policy.vm(s.vm_id())) else {
         return out;
     };
     let now = std::time::Instant::now();
@@ -325,7 +401,7 @@ pub(crate) fn verify_and_record(
 ) -> Verdict {
     match verify_evidence(
         &shared.registry,
-        &shared.policy,
+        &shared.trust().policy,
         vm,
         transcript_hash,
         selection,
@@ -399,7 +475,8 @@ pub(crate) fn handle_event(
         HostEvent::KeyRequest { vm_id, names } => {
             let mut host = host;
             let mut out = Output::default();
-            if let (Host::Established(s), Some(vm)) = (&mut host, shared.policy.vm(&vm_id)) {
+            let trust = shared.trust();
+            if let (Host::Established(s), Some(vm)) = (&mut host, trust.policy.vm(&vm_id)) {
                 let (answer, versions) = release::decide(shared.store(), vm, names);
                 shared.metrics.keys_released(answer.released.len());
                 match answer.refused.first() {
@@ -421,8 +498,9 @@ pub(crate) fn handle_event(
             let mut out = Output::default();
             let mut open = true;
             if let Host::Established(s) = &mut host {
+                let trust = shared.trust();
                 let answer =
-                    derive::answer(tls, shared.policy.vm(&vm_id), &purpose, length, &guest_tag);
+                    derive::answer(tls, trust.policy.vm(&vm_id), &purpose, length, &guest_tag);
                 let reply = match answer {
                     derive::Answer::Confirm { key, host_tag } => {
                         shared
@@ -521,18 +599,54 @@ mod vm_session_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    /// vm-1 and vm-2 with PCR sha256:7 in `vm1` and `vm2`.
+    fn trust_of(vm1: &str, vm2: &str) -> watch::Sender<Arc<Trust>> {
+        let policy = vkx_common::policy::Policy::from_toml(&format!(
+            "[[image]]\nname = \"img\"\nkeys = [\"disk\"]\n\
+             [[vm]]\nid = \"vm-1\"\nimage = \"img\"\n\
+             [[vm.pcr]]\nbank = \"sha256\"\nindex = 7\nallowed = [\"{vm1}\"]\n\
+             [[vm]]\nid = \"vm-2\"\nimage = \"img\"\n\
+             [[vm.pcr]]\nbank = \"sha256\"\nindex = 7\nallowed = [\"{vm2}\"]\n"
+        ))
+        .unwrap();
+        watch::channel(Arc::new(Trust {
+            policy,
+            cid_map: crate::vsock::CidMap::default(),
+        }))
+        .0
+    }
+
+    fn proof(pcr7: &str) -> Proof {
+        Proof {
+            pcrs: vec![vkx_common::wire::PcrBankValues {
+                hash_alg: vkx_common::wire::HashAlg::Sha256,
+                values: BTreeMap::from([(7, hex::decode(pcr7).unwrap())]),
+            }],
+            ..Proof::default()
+        }
+    }
+
     #[test]
     fn every_live_session_of_the_vm_is_told_and_leaves_when_dropped() {
         let t = VmSessions::default();
+        let trust = trust_of(A, A);
         let vm = VmId::new("vm-1").unwrap();
         let other = VmId::new("vm-2").unwrap();
-        let a = t.register(&vm);
-        let b = t.register(&vm);
-        let c = t.register(&other);
+        let a = t.register(&vm, proof(A), &trust);
+        let b = t.register(&vm, proof(A), &trust);
+        let c = t.register(&other, proof(A), &trust);
         assert_eq!(t.live(&vm), 2);
         assert_eq!(t.reattest_all(&vm), 2);
-        assert!(*a.reattest.borrow() && *b.reattest.borrow());
-        assert!(!*c.reattest.borrow(), "another VM's session is left alone");
+        assert_eq!(*a.reattest.borrow(), Some(Reattest::Rewind));
+        assert_eq!(*b.reattest.borrow(), Some(Reattest::Rewind));
+        assert_eq!(
+            *c.reattest.borrow(),
+            None,
+            "another VM's session is left alone"
+        );
         drop(a);
         assert_eq!(t.live(&vm), 1);
         drop(b);
@@ -540,6 +654,45 @@ mod vm_session_tests {
         assert_eq!(t.reattest_all(&vm), 0);
         drop(c);
         assert!(t.inner.lock().unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn a_reload_sends_back_exactly_the_sessions_it_no_longer_allows() {
+        let t = VmSessions::default();
+        let trust = trust_of(A, A);
+        let vm1 = VmId::new("vm-1").unwrap();
+        let vm2 = VmId::new("vm-2").unwrap();
+        let a = t.register(&vm1, proof(A), &trust);
+        let b = t.register(&vm1, proof(A), &trust);
+        let c = t.register(&vm2, proof(A), &trust);
+        // Registered with the grants in force.
+        let disk = KeyName::new("disk").unwrap();
+        assert!(
+            t.inner.lock().unwrap().1[&vm1][0]
+                .proof
+                .keys
+                .contains(&disk)
+        );
+        // vm-1's PCR 7 value revoked; vm-2's kept.
+        let revoked = trust_of(B, A);
+        let ended = t.reattest_disallowed(&revoked.borrow());
+        assert_eq!(ended.count, 2);
+        assert!(ended.named.iter().all(|(vm, _)| vm == &vm1));
+        let spread = shutdown_spread(2);
+        assert_eq!(*a.reattest.borrow(), Some(Reattest::Reload { spread }));
+        assert_eq!(*b.reattest.borrow(), Some(Reattest::Reload { spread }));
+        assert_eq!(*c.reattest.borrow(), None);
+        // The same trust again ends nothing more than it did.
+        drop((a, b));
+        assert_eq!(t.reattest_disallowed(&revoked.borrow()).count, 0);
+        // A session that registers after the reload was published (its
+        // evidence verified under the old policy) is flagged at once.
+        let late = t.register(&vm1, proof(A), &revoked);
+        assert!(matches!(
+            *late.reattest.borrow(),
+            Some(Reattest::Reload { .. })
+        ));
+        drop((c, late));
     }
 
     #[test]

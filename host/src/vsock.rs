@@ -302,7 +302,7 @@ impl VsockListenerConfig {
 }
 
 /// A validated CID → vm-id mapping.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CidMap {
     by_cid: HashMap<u32, VmId>,
 }

@@ -5,7 +5,8 @@
 //! command line each one runs (its `ExecStart`, with the built binary and
 //! this test's configuration in place of `/usr/bin` and `/etc/vkx`) does
 //! its job against a real host and swtpm: the host serves, the boot
-//! one-shot attests, the daemon holds its session and stops on SIGTERM.
+//! one-shot attests, the daemon holds its session, the host's
+//! `ExecReload` reloads its policy, and both stop on SIGTERM.
 //!
 //! systemd is not running where these tests run, so the sandbox itself
 //! cannot be applied. What can break an agent inside it is checked
@@ -490,6 +491,31 @@ fn every_units_command_line_does_its_job() {
     assert_eq!((name.as_str(), args[0].as_str()), ("vkx-guest", "run"));
     let daemon = Traced::spawn(d.work.path(), "daemon", &name, &args);
     daemon.wait_until("the daemon's session", || daemon.log().contains("attested"));
+
+    // The host unit's reload (its ExecReload=, $MAINPID the traced
+    // agent): the policy is read again, off the runtime thread, and the
+    // session it still allows is kept.
+    let reload = values(&unit_text(UNITS[0]), "ExecReload");
+    let reload: Vec<String> = reload
+        .first()
+        .expect("an ExecReload= line")
+        .split_whitespace()
+        .map(|w| {
+            w.replace(
+                "$MAINPID",
+                &host.agent_pid().expect("the host's execve in the trace"),
+            )
+        })
+        .collect();
+    let o = Command::new(&reload[0])
+        .args(&reload[1..])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{reload:?}: {o:?}");
+    host.wait_until("the reload", || {
+        host.log().contains("reload applied") && host.log().contains("sessions_reattest=0")
+    });
+    assert!(!daemon.log().contains("session ended"), "{}", daemon.log());
     let daemon_trace = daemon.trace.clone();
     assert!(daemon.terminate().success());
     let host_trace = host.trace.clone();
