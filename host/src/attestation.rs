@@ -10,7 +10,7 @@
 use vkx_common::policy::{Policy, Refusal, VmPolicy};
 use vkx_common::tpm::{Public, QuoteExpectations, TpmParseError, VerifiedQuote, VerifyError};
 use vkx_common::transcript::TRANSCRIPT_HASH_LEN;
-use vkx_common::wire::{Evidence, PcrBankSelection, VmId};
+use vkx_common::wire::{Evidence, HashAlg, PcrBankSelection, PcrBankValues, VmId};
 
 use crate::registry::{QuoteObservation, Registry, RegistryError};
 
@@ -40,13 +40,26 @@ pub enum Rejection {
     Registry(#[from] RegistryError),
     #[error("registry entry for {vm_id} is corrupt: {detail}")]
     CorruptEntry { vm_id: VmId, detail: String },
+    /// The policy asks for a PCR the challenge did not select: it was
+    /// reloaded between this handshake's challenge and its evidence. The
+    /// guest is not at fault; it is told `internal` and tries again,
+    /// challenged for the new selection.
+    #[error(
+        "the policy now asks for PCR {}:{index}, which this handshake's challenge did not \
+         select (reloaded meanwhile)",
+        .bank.name()
+    )]
+    SelectionStale { bank: HashAlg, index: u8 },
 }
 
 impl Rejection {
     /// True when the host failed locally (answer "internal", not
     /// "attestation-failed").
     pub fn is_local(&self) -> bool {
-        matches!(self, Self::Registry(_) | Self::CorruptEntry { .. })
+        matches!(
+            self,
+            Self::Registry(_) | Self::CorruptEntry { .. } | Self::SelectionStale { .. }
+        )
     }
 }
 
@@ -97,8 +110,28 @@ pub fn verify_evidence(
             pcr_values: &evidence.pcr_values,
         },
     )?;
-    let grants = policy.evaluate(vm_id, &evidence.pcr_values)?.clone();
+    let grants = judge(policy, vm_id, selection, &evidence.pcr_values)?;
     Ok(Accepted { grants, quote })
+}
+
+/// The policy's verdict on verified PCR `values`, quoted for `selection`.
+fn judge(
+    policy: &Policy,
+    vm_id: &VmId,
+    selection: &[PcrBankSelection],
+    values: &[PcrBankValues],
+) -> Result<VmPolicy, Rejection> {
+    match policy.evaluate(vm_id, values) {
+        Ok(grants) => Ok(grants.clone()),
+        Err(Refusal::PcrMissing { bank, index })
+            if !selection
+                .iter()
+                .any(|s| s.hash_alg == bank && s.pcrs.contains(&index)) =>
+        {
+            Err(Rejection::SelectionStale { bank, index })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A quote whose TPM clock state is older than the last accepted one for
@@ -267,6 +300,47 @@ mod tests {
             record_quote(&reg, &vm, &quote(5, 2, 9_100, true), 6, false).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn a_pcr_the_challenge_did_not_select_is_the_hosts_fault() {
+        let policy = Policy::from_toml(&format!(
+            "[[image]]\nname = \"img\"\n\
+             [[image.pcr]]\nbank = \"sha256\"\nindex = 0\nallowed = [\"{z}\"]\n\
+             [[image.pcr]]\nbank = \"sha256\"\nindex = 7\nallowed = [\"{z}\"]\n\
+             [[vm]]\nid = \"vm-1\"\nimage = \"img\"\n",
+            z = "00".repeat(32)
+        ))
+        .unwrap();
+        let vm = VmId::new("vm-1").unwrap();
+        let only7 = [PcrBankValues {
+            hash_alg: HashAlg::Sha256,
+            values: std::collections::BTreeMap::from([(7, vec![0; 32])]),
+        }];
+        let select = |pcrs: Vec<u8>| {
+            [PcrBankSelection {
+                hash_alg: HashAlg::Sha256,
+                pcrs,
+            }]
+        };
+        // Challenged for PCR 7 under a policy since reloaded to ask for
+        // PCR 0 too: local, the guest tries again.
+        let e = judge(&policy, &vm, &select(vec![7]), &only7).unwrap_err();
+        assert!(
+            matches!(e, Rejection::SelectionStale { index: 0, .. }) && e.is_local(),
+            "{e}"
+        );
+        // Challenged for PCR 0 and not reporting it: the guest's fault.
+        let e = judge(&policy, &vm, &select(vec![0, 7]), &only7).unwrap_err();
+        assert!(
+            matches!(e, Rejection::Policy(Refusal::PcrMissing { index: 0, .. })) && !e.is_local(),
+            "{e}"
+        );
+        let both = [PcrBankValues {
+            hash_alg: HashAlg::Sha256,
+            values: std::collections::BTreeMap::from([(0, vec![0; 32]), (7, vec![0; 32])]),
+        }];
+        assert!(judge(&policy, &vm, &select(vec![0, 7]), &both).is_ok());
     }
 
     #[test]
