@@ -9,7 +9,9 @@
 //!   the session is untouched and a new attestation still meets the old
 //!   policy;
 //! - a reload that still allows the guest (a value added, a restart-only
-//!   setting changed, a storm of SIGHUPs) leaves its session alone.
+//!   setting changed, a storm of SIGHUPs) leaves its session alone;
+//! - a key the image no longer grants: the session holding it re-attests
+//!   (its boot is still allowed) and the key is withheld from then on.
 //!
 //! Before SIGHUP was handled, its default action killed the host: each
 //! test fails there.
@@ -248,6 +250,66 @@ fn a_reload_that_still_allows_the_session_leaves_it_alone() {
     assert!(!glog.contains("session ended"), "{glog}");
     assert_eq!(count(&glog, "attested"), 1, "{glog}");
     assert_eq!(value(&scrape(&n.metrics), "vkx_sessions_established"), 1);
+    assert!(guest.stop().success());
+    assert!(host.stop().success());
+}
+
+#[test]
+fn a_withdrawn_key_grant_sends_the_session_to_reattest_and_the_key_is_withheld() {
+    let n = Node::new();
+    let node = n.d.node.node_dir();
+    let o = vkx_e2e::run(
+        "vkx-host",
+        &[
+            "keys",
+            "add",
+            "disk",
+            "--from-stdin",
+            "--allow-image",
+            "img",
+            "--node-dir",
+            &node,
+        ],
+        &[0x5a; 32],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let host = n.start_host();
+    let key_dir = n.d.path("keys");
+    let config = n.d.guest_config(
+        "guest.toml",
+        &n.d.socket(),
+        n.d.node.pin(),
+        &format!(
+            "keys = [\"disk\"]\nkey_dir = \"{}\"\n{FAST_RETRY}",
+            key_dir.display()
+        ),
+    );
+    let guest = Agent::spawn(
+        "vkx-guest",
+        &["run", "--config", &config.display().to_string()],
+        n.d.path("guest.log"),
+    );
+    guest.wait_log(LIMIT, "the key", |l| l.contains("key delivered"));
+
+    // The image no longer grants "disk"; the guest's PCRs still match.
+    let policy = n.policy();
+    assert_eq!(count(&policy, "keys = [\"disk\"]"), 1, "{policy}");
+    n.write_policy(&policy.replace("keys = [\"disk\"]", "keys = []"));
+    host.signal("HUP");
+    let hlog = host.wait_log(LIMIT, "the reload", |l| l.contains("reload applied"));
+    assert!(hlog.contains("sessions_reattest=1"), "{hlog}");
+    assert!(hlog.contains("vm-1: a key or derivation purpose"), "{hlog}");
+    // Sent to re-attest; attested again (its boot is still allowed), and
+    // the key is withheld under the new policy.
+    let glog = guest.wait_log(LIMIT, "the withheld key", |l| {
+        l.contains("the host withheld a key")
+    });
+    assert!(
+        glog.contains("session ended (goodbye from the host: reattest)"),
+        "{glog}"
+    );
+    assert_eq!(count(&glog, "attested"), 2, "{glog}");
+    assert_eq!(count(&glog, "key delivered"), 1, "{glog}");
     assert!(guest.stop().success());
     assert!(host.stop().success());
 }
