@@ -1,6 +1,9 @@
 //! Watch a source, publish on a [`tokio::sync::watch`]: the one shape
 //! behind every "something outside the agent changed" input of `serve`
-//! (the key store's current versions, the rollout document's sources).
+//! (the key store's current versions, the rollout document's sources, the
+//! policy and CID map a SIGHUP reloads, [`crate::reload`], which looks on
+//! request instead of per interval and publishes with
+//! [`publish_if_changed`]).
 //!
 //! A poller is an async closure that looks at its source once and says
 //! what it saw: `Some(value)` to publish (only a value that differs from
