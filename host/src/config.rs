@@ -14,7 +14,7 @@ use crate::vsock::VsockListenerConfig;
 
 /// Default connection limit: one per VM of a large node, with headroom.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
-/// Largest host.toml read: a [vsock] map of 4,096 VMs and every table
+/// Largest host.toml read: a `[vsock]` map of 4,096 VMs and every table
 /// fit many times over; a wrong path cannot exhaust memory.
 pub const MAX_HOST_TOML: u64 = 4 * 1024 * 1024;
 /// Most Unix listeners one host serves (one per VM in development).
