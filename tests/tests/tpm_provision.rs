@@ -569,6 +569,8 @@ fn only_the_holder_of_the_ak_auth_quotes_and_the_guest_cannot_clear() {
             "e",
             "-G",
             "ecc256:ecdsa-sha256:null",
+            "-a",
+            "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|sign",
             "-p",
             "mine",
             "-c",
