@@ -59,15 +59,18 @@ pin=$($HOST init --dir "$work/node" | sed -n 's/^host key pin (SPKI SHA-256, for
 [ ${#pin} = 64 ] || fail "no host key pin"
 $HOST vtpm provision --tcti "$tcti" --vm-id demo-vm --registry "$work/registry" --ca-dir "$work/node/ca" >/dev/null
 t_prov=$(( $(ms) - t ))
+# The AK's authValue: installed in the guest for the agent only.
+ak_auth="$work/registry/vtpm-auth/demo-vm.ak-auth"
+[ -f "$ak_auth" ] || fail "provisioning wrote no AK auth file"
 echo "host key pin: $pin"
-echo "demo-vm provisioned: EK and AK in its vTPM, AK certificate in its NV, registry entry in $work/registry"
+echo "demo-vm provisioned: EK and AK (authValue only the agent holds) in its vTPM, AK certificate in its NV, registry entry in $work/registry"
 
 step "3. The VM boots: firmware and OS measure themselves into PCRs 7 and 9"
 tpm2_pcrextend -T "$tcti" "7:sha256=$(printf 'secure boot: on' | sha256sum | cut -d' ' -f1)"
 tpm2_pcrextend -T "$tcti" "9:sha256=$(printf 'kernel 6.1 + initrd' | sha256sum | cut -d' ' -f1)"
 
 step "4. Operator: policy (this boot's PCRs 0,7,9 are the reference) and a disk key for the image"
-$GUEST evidence --tcti "$tcti" --nonce "$(printf '0%.0s' $(seq 64))" --pcrs sha256:0,7,9 --out-dir "$work/ref" >/dev/null
+$GUEST evidence --tcti "$tcti" --ak-auth-file "$ak_auth" --nonce "$(printf '0%.0s' $(seq 64))" --pcrs sha256:0,7,9 --out-dir "$work/ref" >/dev/null
 python3 - "$work/ref/pcrs.json" "$work/policy.toml" <<'PY'
 import json, sys
 pcrs = json.load(open(sys.argv[1]))["sha256"]
@@ -109,6 +112,7 @@ cat > "$work/guest.toml" <<EOF
 host_socket = "$work/vm.vsock_7861"
 host_key_sha256 = "$pin"
 tcti = "$tcti"
+ak_auth_file = "$ak_auth"
 run_dir = "$work/run"
 keys = ["disk"]
 key_dir = "$keys"

@@ -230,6 +230,7 @@ pub trait Quote: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct Tpm {
     pub tcti: String,
+    pub ak_auth: crate::tpm::AkAuth,
 }
 
 impl Quote for Tpm {
@@ -238,7 +239,7 @@ impl Quote for Tpm {
         selection: &[PcrBankSelection],
         qualifying_data: &[u8; 32],
     ) -> Result<Evidence, String> {
-        crate::tpm::collect_evidence(&self.tcti, selection, qualifying_data)
+        crate::tpm::collect_evidence(&self.tcti, &self.ak_auth, selection, qualifying_data)
             .map_err(|e| e.to_string())
     }
 }
@@ -284,6 +285,10 @@ impl Agent {
                     .tcti
                     .clone()
                     .unwrap_or_else(crate::tpm::tcti_from_env),
+                ak_auth: match &config.ak_auth_file {
+                    Some(path) => crate::tpm::AkAuth::load(path)?,
+                    None => crate::tpm::AkAuth::empty(),
+                },
             }),
             host: config.host.clone(),
             rng: SystemRandom::new(),

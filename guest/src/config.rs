@@ -10,6 +10,10 @@
 //! # ... or, for development and tests only, a plain Unix socket:
 //! # host_socket = "/run/vkx/host.sock"
 //! tcti = "device:/dev/tpmrm0"
+//! # The AK's authValue, from `vkx-host vtpm provision` (<vm-id>.ak-auth),
+//! # owned by the agent's user, mode 0400; unset: an empty authValue (a
+//! # vTPM provisioned before provisioning set one)
+//! ak_auth_file = "/etc/vkx/ak-auth"
 //! run_dir = "/run/vkx"      # the daemon's status file
 //! keys = ["disk"]            # asked for after each attestation
 //! key_dir = "/run/vkx/keys"  # delivered here (tmpfs), mode 0400
@@ -67,6 +71,8 @@ struct ConfigFile {
     #[serde(default)]
     tcti: Option<String>,
     #[serde(default)]
+    ak_auth_file: Option<PathBuf>,
+    #[serde(default)]
     run_dir: Option<PathBuf>,
     #[serde(default)]
     log_level: Option<String>,
@@ -119,6 +125,8 @@ pub struct Config {
     pub host: Target,
     /// The TPM; `None`: $VKX_TPM_TCTI, else device:/dev/tpmrm0.
     pub tcti: Option<String>,
+    /// The AK's authValue file (PROTOCOL.md §7.6); `None`: empty.
+    pub ak_auth_file: Option<PathBuf>,
     /// Runtime state (tmpfs): the daemon's status file.
     pub run_dir: PathBuf,
     /// Log level (even at trace, no key material is logged).
@@ -235,6 +243,7 @@ impl Config {
             key_group: f.key_group,
             host,
             tcti: f.tcti,
+            ak_auth_file: f.ak_auth_file,
             run_dir: f.run_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
             retry,
         })

@@ -67,6 +67,10 @@ enum Command {
         /// TCTI of the TPM; default: $VKX_TPM_TCTI, else device:/dev/tpmrm0.
         #[arg(long)]
         tcti: Option<String>,
+        /// The AK's authValue file (guest.toml's ak_auth_file); default:
+        /// an empty authValue.
+        #[arg(long)]
+        ak_auth_file: Option<PathBuf>,
         /// Qualifying data: 32 bytes as 64 hex digits.
         #[arg(long)]
         nonce: String,
@@ -99,10 +103,11 @@ fn main() -> ExitCode {
         Command::Status { config } => status(&config),
         Command::Evidence {
             tcti,
+            ak_auth_file,
             nonce,
             pcrs,
             out_dir,
-        } => evidence(tcti, &nonce, &pcrs, &out_dir),
+        } => evidence(tcti, ak_auth_file.as_deref(), &nonce, &pcrs, &out_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,7 +118,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn evidence(tcti: Option<String>, nonce: &str, pcrs: &[String], out: &Path) -> anyhow::Result<()> {
+fn evidence(
+    tcti: Option<String>,
+    ak_auth_file: Option<&Path>,
+    nonce: &str,
+    pcrs: &[String],
+    out: &Path,
+) -> anyhow::Result<()> {
     let nonce_bytes = hex::decode(nonce.trim()).context("--nonce is not hex")?;
     let Ok(nonce) = <[u8; NONCE_LEN]>::try_from(nonce_bytes.as_slice()) else {
         bail!("--nonce must be {NONCE_LEN} bytes (64 hex digits)");
@@ -126,7 +137,12 @@ fn evidence(tcti: Option<String>, nonce: &str, pcrs: &[String], out: &Path) -> a
     let QuoteBundle {
         evidence,
         ak_public,
-    } = tpm::collect_quote(&tcti, &selection, &nonce)?;
+    } = tpm::collect_quote(
+        &tcti,
+        &ak_auth_file.map_or_else(|| Ok(tpm::AkAuth::empty()), tpm::AkAuth::load)?,
+        &selection,
+        &nonce,
+    )?;
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let write = |name: &str, bytes: &[u8]| {
         let path = out.join(name);

@@ -17,14 +17,26 @@
 //! call that resubmits up to 5 times itself, so at most 25 submissions of
 //! one command reach the TPM).
 //!
+//! The AK has an authValue (PROTOCOL.md §7.6): the host draws it at
+//! provisioning and the operator installs it as the agent's
+//! `ak_auth_file`, readable by the agent's user only, so other processes
+//! that can open the TPM cannot quote with the AK. [`AkAuth`] reads that
+//! file (bounded, refused if group or others may read it) and keeps the
+//! value zeroizing; a vTPM provisioned before vkx set one takes
+//! [`AkAuth::empty`]. A refused authorisation becomes
+//! [`TpmError::AkAuthRefused`], naming the fix.
+//!
 //! The API is synchronous: TPM calls block, so async callers run it on a
 //! blocking thread.
 
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use tss_esapi::Context;
 use tss_esapi::constants::PropertyTag;
+use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
 use tss_esapi::handles::{
     KeyHandle, NvIndexHandle, NvIndexTpmHandle, PersistentTpmHandle, TpmHandle,
 };
@@ -32,7 +44,7 @@ use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::resource_handles::NvAuth;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    Attest, AttestInfo, Data, PcrSelectSize, PcrSelection, PcrSelectionList, PcrSlot, Public,
+    Attest, AttestInfo, Auth, Data, PcrSelectSize, PcrSelection, PcrSelectionList, PcrSlot, Public,
     PublicBuffer, SignatureScheme,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
@@ -44,7 +56,8 @@ use vkx_common::wire::{
     PcrBankSelection, PcrBankValues,
 };
 
-use vkx_common::tss::{describe, handle_exists, retry_transient};
+use vkx_common::tss::{TssFault, classify, describe, handle_exists, retry_transient};
+use zeroize::Zeroizing;
 
 /// The TPM a guest uses unless told otherwise: the kernel's resource
 /// manager, so other TPM users in the VM are not disturbed.
@@ -61,6 +74,12 @@ pub const MAX_QUOTE_ROUNDS: usize = 3;
 /// NV reads go in chunks of at most this size (TPM2B_MAX_NV_BUFFER on
 /// PC-client TPMs is at least 512).
 const MAX_NV_CHUNK: usize = 512;
+/// The AK authValue's size: 32 bytes, as `vkx-host vtpm provision` draws
+/// it (the most a TPM takes for a SHA-256 object).
+pub const AK_AUTH_LEN: usize = 32;
+/// Largest `ak_auth_file` read: 64 hex digits and a newline, with room for
+/// trailing whitespace; anything larger is not such a file.
+pub const MAX_AK_AUTH_FILE: u64 = 1024;
 
 /// Errors of evidence collection, each naming the fix.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +123,82 @@ pub enum TpmError {
     },
     #[error("TPM command {op} failed: {detail}")]
     Tpm { op: &'static str, detail: String },
+    #[error("ak_auth_file {}: {reason}", path.display())]
+    AkAuthFile { path: PathBuf, reason: String },
+    #[error(
+        "the AK at {AK_PERSISTENT_HANDLE:#010x} refused {}: install the file `vkx-host vtpm provision` wrote for this VM (<registry>/vtpm-auth/<vm-id>.ak-auth) and name it in guest.toml's ak_auth_file (vkx-guest evidence: --ak-auth-file)",
+        if *configured { "the authorisation in ak_auth_file (it belongs to another vTPM, or the vTPM was provisioned again)" } else { "an empty authorisation (no ak_auth_file is configured)" }
+    )]
+    AkAuthRefused { configured: bool },
+    #[error(
+        "the TPM is in dictionary-attack lockout (too many wrong authorisations): it recovers by itself over time; the host's lockout auth resets it at once"
+    )]
+    TpmLockout,
+}
+
+/// The AK's authValue. `Debug` is redacted.
+#[derive(Clone, Default)]
+pub struct AkAuth(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for AkAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "AkAuth(empty)"
+        } else {
+            "AkAuth(<redacted>)"
+        })
+    }
+}
+
+impl AkAuth {
+    /// No authValue: a vTPM provisioned before vkx set one.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Reads `path`: [`AK_AUTH_LEN`] bytes as hex, surrounding whitespace
+    /// ignored. Refused if group or others may access the file, if it is
+    /// not a regular file, or if it is larger than [`MAX_AK_AUTH_FILE`].
+    pub fn load(path: &Path) -> Result<Self, TpmError> {
+        use std::os::unix::fs::MetadataExt;
+        let bad = |reason: String| TpmError::AkAuthFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(bad("not a regular file".into()));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(bad(format!(
+                "mode {:04o}: group or others may read it; make it 0400 (or 0600), owned by the agent's user",
+                meta.mode() & 0o7777
+            )));
+        }
+        let mut text = Zeroizing::new(String::new());
+        file.take(MAX_AK_AUTH_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| bad(e.to_string()))?;
+        if text.len() as u64 > MAX_AK_AUTH_FILE {
+            return Err(bad(format!("larger than {MAX_AK_AUTH_FILE} bytes")));
+        }
+        let hex_text = text.trim();
+        let mut value = Zeroizing::new(vec![0u8; AK_AUTH_LEN]);
+        if hex_text.len() != 2 * AK_AUTH_LEN
+            || hex::decode_to_slice(hex_text, value.as_mut_slice()).is_err()
+        {
+            return Err(bad(format!(
+                "not {AK_AUTH_LEN} bytes as {} hex digits",
+                2 * AK_AUTH_LEN
+            )));
+        }
+        Ok(Self(value))
+    }
 }
 
 fn tpm_err(op: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
@@ -131,22 +226,35 @@ pub struct QuoteBundle {
 /// certificate (if the vTPM has one).
 pub fn collect_evidence(
     tcti: &str,
+    ak_auth: &AkAuth,
     selection: &[PcrBankSelection],
     qualifying_data: &[u8; 32],
 ) -> Result<Evidence, TpmError> {
-    collect_quote(tcti, selection, qualifying_data).map(|b| b.evidence)
+    collect_quote(tcti, ak_auth, selection, qualifying_data).map(|b| b.evidence)
 }
 
 /// Like [`collect_evidence`], and also returns the AK's public area.
 pub fn collect_quote(
     tcti: &str,
+    ak_auth: &AkAuth,
     selection: &[PcrBankSelection],
     qualifying_data: &[u8; 32],
 ) -> Result<QuoteBundle, TpmError> {
     check_selection(selection)?;
     let mut ctx = open_context(tcti)?;
     let ak = open_ak(&mut ctx)?;
-    let result = quote_with(&mut ctx, &ak, selection, qualifying_data);
+    let result = Auth::try_from(ak_auth.0.to_vec())
+        .and_then(|auth| ctx.tr_set_auth(ak.handle.into(), auth))
+        .map_err(tpm_err("Esys_TR_SetAuth (AK)"))
+        .and_then(|()| {
+            quote_with(
+                &mut ctx,
+                &ak,
+                !ak_auth.is_empty(),
+                selection,
+                qualifying_data,
+            )
+        });
     let mut object = ak.handle.into();
     let _ = ctx.tr_close(&mut object);
     result
@@ -231,6 +339,7 @@ fn open_ak(ctx: &mut Context) -> Result<Ak, TpmError> {
 fn quote_with(
     ctx: &mut Context,
     ak: &Ak,
+    ak_auth_configured: bool,
     selection: &[PcrBankSelection],
     qualifying_data: &[u8; 32],
 ) -> Result<QuoteBundle, TpmError> {
@@ -250,7 +359,15 @@ fn quote_with(
                 )
             })
         })
-        .map_err(tpm_err("Quote"))?;
+        .map_err(|e| match classify(&e) {
+            TssFault::Tpm(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth) => {
+                TpmError::AkAuthRefused {
+                    configured: ak_auth_configured,
+                }
+            }
+            TssFault::Tpm(Tss2ResponseCodeKind::Lockout) => TpmError::TpmLockout,
+            _ => tpm_err("Quote")(e),
+        })?;
         if !quoted_values_match(&attest, &pcr_values) {
             continue;
         }
@@ -524,9 +641,36 @@ mod tests {
     }
 
     #[test]
+    fn ak_auth_files_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ak-auth");
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write(&format!("{}\n", "ab".repeat(32)), 0o400);
+        let auth = AkAuth::load(&path).unwrap();
+        assert_eq!(auth.0.as_slice(), [0xab; 32]);
+        assert_eq!(format!("{auth:?}"), "AkAuth(<redacted>)");
+        assert!(AkAuth::empty().is_empty());
+        write(&"ab".repeat(32), 0o640);
+        assert!(matches!(
+            AkAuth::load(&path),
+            Err(TpmError::AkAuthFile { .. })
+        ));
+        for bad in ["ab".repeat(31), "xy".repeat(32), "ab".repeat(600)] {
+            write(&bad, 0o600);
+            assert!(AkAuth::load(&path).is_err(), "{}", bad.len());
+        }
+        assert!(AkAuth::load(&dir.path().join("absent")).is_err());
+    }
+
+    #[test]
     fn missing_tpm_names_the_fix() {
         let e = collect_evidence(
             "device:/nonexistent/tpmrm0",
+            &AkAuth::empty(),
             &[parse_pcr_selection("sha256:0").unwrap()],
             &[0; 32],
         )

@@ -231,7 +231,7 @@ mod tests {
         let c = load("[vsock]\nvm = [ { cid = 17, vm_id = \"vm-17\" } ]\n").unwrap();
         let v = c.vsock.unwrap();
         assert_eq!(v.port, vkx_common::session::transport::VKX_PORT);
-        assert!(!v.require_privileged_port);
+        assert!(v.require_privileged_port, "on by default on AF_VSOCK");
         assert_eq!(v.cid_map().unwrap().get(17).unwrap().as_str(), "vm-17");
         let c = load("[[hybrid_vsock]]\npath = \"/run/vm.vsock\"\nvm_id = \"vm-1\"\n").unwrap();
         assert_eq!(

@@ -80,3 +80,4 @@ pub mod service;
 pub mod source;
 pub mod vsock;
 pub mod vtpm;
+pub mod vtpm_auth;

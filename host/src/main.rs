@@ -332,6 +332,9 @@ fn vtpm(cmd: VtpmCommand) -> anyhow::Result<bool> {
                 ProvisionAction::CertificateRewritten => {
                     "already provisioned; AK certificate rewritten"
                 }
+                ProvisionAction::AkReplaced => {
+                    "provisioned before the AK had an authValue: AK replaced (new name), certificate and registry entry rewritten"
+                }
             };
             println!(
                 "vm {vm_id}: {action}; ek {} at {:#010x}, ak name {} at {:#010x}, ak cert in nv {:#010x} (ek derive {:.1} ms, ak derive {:.1} ms)",
@@ -342,6 +345,15 @@ fn vtpm(cmd: VtpmCommand) -> anyhow::Result<bool> {
                 vkx_common::tpm::AK_CERT_NV_INDEX,
                 out.ek_create.as_secs_f64() * 1e3,
                 out.ak_create.as_secs_f64() * 1e3,
+            );
+            if out.hardened_now {
+                println!(
+                    "vm {vm_id}: AK authValue set; endorsement and lockout auth held by the host, disableClear set"
+                );
+            }
+            println!(
+                "vm {vm_id}: install {} in the guest as its ak_auth_file (owner vkx-guest, mode 0400): without it the agent cannot quote",
+                out.ak_auth_file.display()
             );
         }
     }

@@ -183,7 +183,7 @@ pub async fn connect_check(path: &Path, port: u32) -> Result<u32, HybridConnectE
 /// ```toml
 /// [vsock_listener]
 /// port = 7861                    # default; >= 1024, same as the guests'
-/// require_privileged_port = true # default false
+/// require_privileged_port = true # default; false admits any source port
 ///
 /// [[vsock_listener.vm]]
 /// cid = 17
@@ -195,7 +195,9 @@ pub struct VsockListenerConfig {
     #[serde(default = "default_port")]
     pub port: u32,
     /// Serve peers whose source port is >= 1024 as unmapped (§2.2).
-    #[serde(default)]
+    /// Default on: inside the guest only a process with
+    /// `CAP_NET_BIND_SERVICE` (the agent) binds such a port (§15.7).
+    #[serde(default = "default_require_privileged_port")]
     pub require_privileged_port: bool,
     /// The CID → vm-id mapping. The mapping must describe the VM that
     /// currently owns each CID (§2.1).
@@ -215,11 +217,15 @@ fn default_port() -> u32 {
     VKX_PORT
 }
 
+fn default_require_privileged_port() -> bool {
+    true
+}
+
 impl Default for VsockListenerConfig {
     fn default() -> Self {
         Self {
             port: VKX_PORT,
-            require_privileged_port: false,
+            require_privileged_port: default_require_privileged_port(),
             vm: Vec::new(),
         }
     }
@@ -464,7 +470,11 @@ mod tests {
         let c: VsockListenerConfig =
             toml::from_str("[[vm]]\ncid = 17\nvm_id = \"vm-17\"\n").unwrap();
         assert_eq!(c.port, VKX_PORT);
-        assert!(!c.require_privileged_port);
+        assert!(
+            c.require_privileged_port,
+            "AF_VSOCK requires a reserved source port unless told otherwise"
+        );
+        assert!(VsockListenerConfig::default().require_privileged_port);
         assert_eq!(c.vm, vec![vm(17, "vm-17")]);
         let m = c.cid_map().unwrap();
         assert_eq!(m.len(), 1);
@@ -472,12 +482,12 @@ mod tests {
         assert_eq!(m.get(18), None);
 
         let c: VsockListenerConfig = toml::from_str(
-            "port = 9000\nrequire_privileged_port = true\n\
+            "port = 9000\nrequire_privileged_port = false\n\
              [[vm]]\ncid = 3\nvm_id = \"a\"\n[[vm]]\ncid = 4\nvm_id = \"b\"\n",
         )
         .unwrap();
         assert_eq!(c.port, 9000);
-        assert!(c.require_privileged_port);
+        assert!(!c.require_privileged_port, "the operator may turn it off");
         assert_eq!(c.cid_map().unwrap().len(), 2);
         assert_eq!(
             c.listen_addr(),

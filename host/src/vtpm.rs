@@ -3,9 +3,35 @@
 //!
 //! What it trusts: the TPM behind the TCTI is the vTPM this host just
 //! created for the VM (swtpm state the host owns, before the guest runs),
-//! with empty owner and endorsement auth. It does not trust what it finds
-//! already in the vTPM: an existing AK or EK must be exactly the key this
-//! code derives, and must not be recorded for another VM.
+//! with empty owner auth, and empty endorsement and lockout auth unless
+//! this code set them (their values are then in [`crate::vtpm_auth`]). It
+//! does not trust what it finds already in the vTPM: an existing AK or EK
+//! must be exactly the key this code derives, and must not be recorded for
+//! another VM.
+//!
+//! Who may use the AK (PROTOCOL.md §7.6, §15.7). The AK is created with a
+//! random authValue that only the host and the guest agent know (the
+//! agent's `ak_auth_file`), so a process in the guest that can open the
+//! TPM but not that file cannot quote with it. Two more settings keep that
+//! true: the endorsement hierarchy gets an authValue the host keeps (or
+//! anyone could derive the same primary AK again, under an authValue of
+//! their own), and the lockout hierarchy too, with `disableClear` set under
+//! it (TPM2_Clear would reset the endorsement auth, and the counters rewind
+//! detection compares, §15.8). The owner hierarchy stays open: the guest's
+//! own TPM users need it, and the AK certificate's NV index is read under
+//! it; what the owner can do to the AK (evict it, disable the endorsement
+//! hierarchy until the next boot) denies service and proves nothing.
+//! The AK has noDA: its authValue is 256 random bits, which no dictionary
+//! attack guesses, and without noDA any process that can open the TPM
+//! could lock the agent out (a few wrong tries put DA-protected objects in
+//! lockout, on swtpm after 3). noDA is part of the template, so it changed
+//! the AK (its name, the registry's `ak_public`/`ak_name`, the
+//! certificate). A vTPM provisioned before (the AK without noDA and with an
+//! empty authValue, hierarchies open) keeps working, with neither
+//! protection, until provisioning runs again while the VM is stopped: the
+//! run recognises the old AK (it derives the old template too), evicts
+//! it, persists the new one, closes the hierarchies, and rewrites the
+//! certificate and the registry entry ([`ProvisionAction::AkReplaced`]).
 //!
 //! AK design. The AK is a *primary* key in the endorsement hierarchy, made
 //! from a fixed template (restricted, sign-only, fixedTPM, fixedParent,
@@ -45,7 +71,8 @@ use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder};
 use tss_esapi::constants::PropertyTag;
 use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
 use tss_esapi::handles::{
-    KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, PersistentTpmHandle, TpmHandle,
+    AuthHandle, KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, PersistentTpmHandle,
+    TpmHandle,
 };
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::dynamic_handles::Persistent;
@@ -54,8 +81,8 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme, MaxNvBuffer, NvPublicBuilder,
-    Public, PublicBuffer, PublicBuilder, PublicEccParametersBuilder, PublicKeyRsa,
+    Auth, EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme, MaxNvBuffer,
+    NvPublicBuilder, Public, PublicBuffer, PublicBuilder, PublicEccParametersBuilder, PublicKeyRsa,
     PublicRsaParametersBuilder, RsaExponent, RsaScheme, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
@@ -69,6 +96,7 @@ use vkx_common::tpm::{
 use crate::registry::{
     self, EkAlg, Registry, RegistryEntry, RegistryError, create_private_dir, create_private_file,
 };
+use crate::vtpm_auth::{AUTH_LEN, AuthStore, AuthStoreError, VtpmAuth};
 use vkx_common::tss::{TssFault, classify, describe, handle_exists, retry_transient};
 
 /// NV writes go in chunks of at most this size: TPM2_NV_Write takes one
@@ -100,6 +128,13 @@ const CA_ORGANIZATION: &str = "vkx";
 pub enum VtpmError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("vTPM authorisation values: {0}")]
+    AuthStore(#[from] AuthStoreError),
+    #[error(
+        "this vTPM's endorsement or lockout hierarchy has an authorisation value, but the host holds none for vm {vm_id} (in {}): it was set up by something else, or the host's copy was lost; provision a fresh vTPM",
+        dir.display()
+    )]
+    HierarchyAuthUnknown { vm_id: String, dir: PathBuf },
     #[error("a vTPM CA already exists in {}: it signed every AK certificate of this node; remove it deliberately if you mean to start over", dir.display())]
     CaExists { dir: PathBuf },
     #[error("no vTPM CA in {}: {source} (create one with `vkx-host vtpm ca-init --dir {}`)", dir.display(), dir.display())]
@@ -439,12 +474,20 @@ pub enum ProvisionAction {
     /// The AK matched the registry but the NV certificate was missing or
     /// different: a fresh certificate was written.
     CertificateRewritten,
+    /// The vTPM held the AK of the old template (no noDA, no authValue):
+    /// it was replaced, with a new certificate and registry entry.
+    AkReplaced,
 }
 
 /// The result of `provision`, with timings of the TPM work.
 #[derive(Debug, Clone)]
 pub struct ProvisionOutcome {
     pub action: ProvisionAction,
+    /// The AK authValue, hex, for the guest's `ak_auth_file` (mode 0600).
+    pub ak_auth_file: PathBuf,
+    /// This run set the AK's authValue, the endorsement and lockout auth
+    /// or disableClear (a new vTPM, or one provisioned before they were).
+    pub hardened_now: bool,
     pub ak_name: Vec<u8>,
     pub ek_create: Duration,
     pub ak_create: Duration,
@@ -464,26 +507,167 @@ pub fn provision(
     let vm_id = vm.as_str();
     let registry = Registry::open(registry_dir)?;
     let ca = NodeCa::load(ca_dir)?;
+    let store = AuthStore::new(registry_dir);
     let mut ctx = open_context(tcti)?;
+
+    // The authorisation values: the host's, or new ones for a vTPM whose
+    // hierarchies are still open.
+    let hardening = Hardening::read(&mut ctx)?;
+    let (auth, auth_is_new) = match store.load(vm_id)? {
+        Some(auth) => (auth, false),
+        None if hardening.endorsement_auth || hardening.lockout_auth => {
+            // Most likely another VM's vTPM: say so if the registry knows.
+            if let Some(name) = read_persistent_name(&mut ctx, AK_PERSISTENT_HANDLE)?
+                && let Some(other) = registry.by_ak_name(&name)?
+                && other.vm_id != vm_id
+            {
+                return Err(VtpmError::AkOfOtherVm {
+                    vm_id: vm_id.into(),
+                    other_vm: other.vm_id,
+                });
+            }
+            return Err(VtpmError::HierarchyAuthUnknown {
+                vm_id: vm_id.into(),
+                dir: store.dir().to_path_buf(),
+            });
+        }
+        None => (VtpmAuth::generate()?, true),
+    };
+    if hardening.endorsement_auth {
+        set_hierarchy_auth(&mut ctx, ObjectHandle::Endorsement, &auth.endorsement)?;
+    }
+    if hardening.lockout_auth {
+        set_hierarchy_auth(&mut ctx, ObjectHandle::Lockout, &auth.lockout)?;
+    }
 
     // Derive both keys; nothing is changed in the TPM before every check
     // has passed.
     let started = Instant::now();
-    let ek = create_primary(&mut ctx, ek_template(ek_alg)?, "CreatePrimary (EK)")?;
+    let ek = create_primary(&mut ctx, ek_template(ek_alg)?, None, "CreatePrimary (EK)")?;
     let ek_create = started.elapsed();
     let started = Instant::now();
-    let ak = create_primary(&mut ctx, ak_template(ek_alg)?, "CreatePrimary (AK)")?;
+    let ak = create_primary(
+        &mut ctx,
+        ak_template(ek_alg)?,
+        Some(auth_value(&auth.ak)?),
+        "CreatePrimary (AK)",
+    )?;
     let ak_create = started.elapsed();
-    let result = provision_with_keys(&mut ctx, &registry, &ca, vm_id, ek_alg, &ek, &ak);
+    let keys = Keys {
+        ek_alg,
+        ek: &ek,
+        ak: &ak,
+    };
+    let auth = NewAuth {
+        store: &store,
+        auth: &auth,
+        is_new: auth_is_new,
+        hardening,
+    };
+    let result = provision_with_keys(&mut ctx, &registry, &ca, vm_id, &keys, &auth);
     // Persisting made copies; the transient objects go either way.
     let _ = ctx.flush_context(ObjectHandle::from(ek.handle));
     let _ = ctx.flush_context(ObjectHandle::from(ak.handle));
+    let (action, ak_auth_file) = result?;
     Ok(ProvisionOutcome {
-        action: result?,
+        action,
+        ak_auth_file,
+        hardened_now: !hardening.complete(),
         ak_name: ak.name,
         ek_create,
         ak_create,
     })
+}
+
+/// TPMA_PERMANENT bits (TPM 2.0 Part 2, 8.6), read with TPM_PT_PERMANENT.
+const PERMANENT_ENDORSEMENT_AUTH_SET: u32 = 1 << 1;
+const PERMANENT_LOCKOUT_AUTH_SET: u32 = 1 << 2;
+const PERMANENT_DISABLE_CLEAR: u32 = 1 << 8;
+
+/// What of the hardening a vTPM already has.
+#[derive(Debug, Clone, Copy)]
+struct Hardening {
+    endorsement_auth: bool,
+    lockout_auth: bool,
+    disable_clear: bool,
+}
+
+impl Hardening {
+    fn read(ctx: &mut Context) -> Result<Self, VtpmError> {
+        let bits = retry_transient(|| ctx.get_tpm_property(PropertyTag::Permanent))
+            .map_err(tpm_err("GetCapability (TPM_PT_PERMANENT)"))?
+            .ok_or_else(|| VtpmError::Tpm {
+                op: "GetCapability (TPM_PT_PERMANENT)",
+                detail: "the TPM did not report TPM_PT_PERMANENT".into(),
+            })?;
+        Ok(Self {
+            endorsement_auth: bits & PERMANENT_ENDORSEMENT_AUTH_SET != 0,
+            lockout_auth: bits & PERMANENT_LOCKOUT_AUTH_SET != 0,
+            disable_clear: bits & PERMANENT_DISABLE_CLEAR != 0,
+        })
+    }
+
+    /// Set in the order [`harden`] sets them, after the AK was persisted
+    /// with its authValue: all three set means the AK has it too.
+    fn complete(self) -> bool {
+        self.endorsement_auth && self.lockout_auth && self.disable_clear
+    }
+}
+
+fn auth_value(value: &[u8; AUTH_LEN]) -> Result<Auth, VtpmError> {
+    Auth::try_from(value.to_vec()).map_err(tpm_err("authValue"))
+}
+
+fn set_hierarchy_auth(
+    ctx: &mut Context,
+    hierarchy: ObjectHandle,
+    value: &[u8; AUTH_LEN],
+) -> Result<(), VtpmError> {
+    let auth = auth_value(value)?;
+    ctx.tr_set_auth(hierarchy, auth)
+        .map_err(tpm_err("Esys_TR_SetAuth"))
+}
+
+/// Sets what is missing, in this order: endorsement auth, lockout auth,
+/// disableClear (under the lockout auth).
+fn harden(ctx: &mut Context, auth: &VtpmAuth, was: Hardening) -> Result<(), VtpmError> {
+    if !was.endorsement_auth {
+        let new = auth_value(&auth.endorsement)?;
+        authorized(ctx, |ctx| {
+            ctx.hierarchy_change_auth(AuthHandle::Endorsement, new.clone())
+        })
+        .map_err(tpm_err("HierarchyChangeAuth (endorsement)"))?;
+        set_hierarchy_auth(ctx, ObjectHandle::Endorsement, &auth.endorsement)?;
+    }
+    if !was.lockout_auth {
+        let new = auth_value(&auth.lockout)?;
+        authorized(ctx, |ctx| {
+            ctx.hierarchy_change_auth(AuthHandle::Lockout, new.clone())
+        })
+        .map_err(tpm_err("HierarchyChangeAuth (lockout)"))?;
+        set_hierarchy_auth(ctx, ObjectHandle::Lockout, &auth.lockout)?;
+    }
+    if !was.disable_clear {
+        authorized(ctx, |ctx| ctx.clear_control(AuthHandle::Lockout, true))
+            .map_err(tpm_err("ClearControl (disableClear)"))?;
+    }
+    Ok(())
+}
+
+/// The keys derived for this run.
+struct Keys<'a> {
+    ek_alg: EkAlg,
+    ek: &'a DerivedKey,
+    ak: &'a DerivedKey,
+}
+
+/// The authorisation values of this run and what the vTPM already has.
+struct NewAuth<'a> {
+    store: &'a AuthStore,
+    auth: &'a VtpmAuth,
+    /// Generated by this run: not yet in the store.
+    is_new: bool,
+    hardening: Hardening,
 }
 
 struct DerivedKey {
@@ -497,10 +681,10 @@ fn provision_with_keys(
     registry: &Registry,
     ca: &NodeCa,
     vm_id: &str,
-    ek_alg: EkAlg,
-    ek: &DerivedKey,
-    ak: &DerivedKey,
-) -> Result<ProvisionAction, VtpmError> {
+    keys: &Keys<'_>,
+    auth: &NewAuth<'_>,
+) -> Result<(ProvisionAction, PathBuf), VtpmError> {
+    let Keys { ek_alg, ek, ak } = *keys;
     let ak_name_hex = hex::encode(&ak.name);
     // 1. The registry: this AK must not be another VM's, and this VM must
     //    not already have another AK.
@@ -513,8 +697,13 @@ fn provision_with_keys(
         });
     }
     let recorded = registry.by_vm_id(vm_id)?;
+    // The old template's AK of this vTPM, derived only when needed.
+    let mut legacy = None;
     if let Some(r) = &recorded
         && !r.ak_name.eq_ignore_ascii_case(&ak_name_hex)
+        && !r
+            .ak_name
+            .eq_ignore_ascii_case(&hex::encode(legacy_ak_name(ctx, ek_alg, &mut legacy)?))
     {
         return Err(VtpmError::VmOnOtherVtpm {
             vm_id: vm_id.into(),
@@ -525,6 +714,19 @@ fn provision_with_keys(
     // 2. What the vTPM already holds at the persistent handles.
     let persisted_ak = read_persistent_name(ctx, AK_PERSISTENT_HANDLE)?;
     if let Some(name) = &persisted_ak
+        && *name != ak.name
+        && *name == legacy_ak_name(ctx, ek_alg, &mut legacy)?
+    {
+        // The old template's AK: replaced below, unless another VM's.
+        if let Some(other) = registry.by_ak_name(name)?
+            && other.vm_id != vm_id
+        {
+            return Err(VtpmError::AkOfOtherVm {
+                vm_id: vm_id.into(),
+                other_vm: other.vm_id,
+            });
+        }
+    } else if let Some(name) = &persisted_ak
         && *name != ak.name
     {
         // Maybe a vkx AK of the other algorithm, recorded for a VM.
@@ -556,15 +758,60 @@ fn provision_with_keys(
             what: "not the TCG default-template EK of this vTPM",
         });
     }
-    // 3. Make keys persistent where missing.
+    // 3. The authorisation values are on disk before the TPM holds them.
+    if auth.is_new {
+        auth.store.create(vm_id, auth.auth)?;
+    }
+    let ak_auth_file = auth.store.write_ak_auth(vm_id, auth.auth)?;
+    // 4. Make keys persistent where missing. Until the hardening is
+    //    complete, a persisted AK may be the old template's, or lack its
+    //    authValue (an interrupted run): persist it again from the
+    //    transient copy, made with the authValue.
     if persisted_ek.is_none() {
         persist(ctx, ek.handle, ek_handle, "EvictControl (EK)")?;
     }
-    if persisted_ak.is_none() {
+    let ak_in_place =
+        persisted_ak.as_deref() == Some(ak.name.as_slice()) && auth.hardening.complete();
+    if persisted_ak.is_some() && !ak_in_place {
+        evict_persistent(ctx, AK_PERSISTENT_HANDLE, "EvictControl (evict old AK)")?;
+    }
+    if !ak_in_place {
         persist(ctx, ak.handle, AK_PERSISTENT_HANDLE, "EvictControl (AK)")?;
     }
-    // 4. The certificate in NV, and the registry entry.
+    harden(ctx, auth.auth, auth.hardening)?;
+    let action = certificate_and_entry(ctx, ca, registry, recorded, vm_id, keys)?;
+    Ok((action, ak_auth_file))
+}
+
+/// Step 5 of provisioning: the certificate in NV, and the registry entry.
+fn certificate_and_entry(
+    ctx: &mut Context,
+    ca: &NodeCa,
+    registry: &Registry,
+    recorded: Option<RegistryEntry>,
+    vm_id: &str,
+    keys: &Keys<'_>,
+) -> Result<ProvisionAction, VtpmError> {
+    let Keys { ek_alg, ek, ak } = *keys;
+    let ak_name_hex = hex::encode(&ak.name);
+    // 5. The certificate in NV, and the registry entry.
     let stored_cert = read_nv_cert(ctx)?;
+    if let Some(r) = &recorded
+        && !r.ak_name.eq_ignore_ascii_case(&ak_name_hex)
+    {
+        // Recorded with the old template's AK (step 1 checked it is this
+        // vTPM's): the new AK, its certificate, the same VM.
+        let cert = ca.issue_ak_cert(vm_id, &ak.public)?;
+        write_nv_cert(ctx, &cert, stored_cert.is_some())?;
+        let entry = RegistryEntry {
+            ak_public: hex::encode(marshal_tpm2b_public(&ak.public)?),
+            ak_name: ak_name_hex,
+            ak_cert_sha256: sha256_hex(&cert),
+            ..r.clone()
+        };
+        registry.replace(&entry)?;
+        return Ok(ProvisionAction::AkReplaced);
+    }
     if let Some(r) = recorded {
         let matches = stored_cert.as_deref().is_some_and(|c| {
             hex::encode(ring::digest::digest(&ring::digest::SHA256, c)) == r.ak_cert_sha256
@@ -634,13 +881,26 @@ fn ek_template(alg: EkAlg) -> Result<Public, VtpmError> {
 }
 
 /// The AK template: a restricted signing key that can only sign
-/// TPM-generated data, bound to this TPM (see the module documentation).
+/// TPM-generated data, bound to this TPM, exempt from dictionary-attack
+/// lockout (see the module documentation).
 pub fn ak_template(alg: EkAlg) -> Result<Public, VtpmError> {
+    ak_template_with(alg, true)
+}
+
+/// The AK template of vTPMs provisioned before the AK had an authValue:
+/// the same without noDA. Provisioning derives it only to recognise such
+/// an AK and replace it.
+pub fn legacy_ak_template(alg: EkAlg) -> Result<Public, VtpmError> {
+    ak_template_with(alg, false)
+}
+
+fn ak_template_with(alg: EkAlg, no_da: bool) -> Result<Public, VtpmError> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
+        .with_no_da(no_da)
         .with_restricted(true)
         .with_sign_encrypt(true)
         .with_decrypt(false)
@@ -689,13 +949,14 @@ pub fn ak_template(alg: EkAlg) -> Result<Public, VtpmError> {
 fn create_primary(
     ctx: &mut Context,
     template: Public,
+    auth_value: Option<Auth>,
     op: &'static str,
 ) -> Result<DerivedKey, VtpmError> {
     let created = authorized(ctx, |ctx| {
         ctx.create_primary(
             Hierarchy::Endorsement,
             template.clone(),
-            None,
+            auth_value.clone(),
             None,
             None,
             None,
@@ -709,6 +970,26 @@ fn create_primary(
         public,
         name: name.value().to_vec(),
     })
+}
+
+/// The name of the AK the old template (no noDA) gives in this vTPM,
+/// derived once per run and kept in `cache`.
+fn legacy_ak_name<'a>(
+    ctx: &mut Context,
+    alg: EkAlg,
+    cache: &'a mut Option<Vec<u8>>,
+) -> Result<&'a [u8], VtpmError> {
+    if cache.is_none() {
+        let old = create_primary(
+            ctx,
+            legacy_ak_template(alg)?,
+            None,
+            "CreatePrimary (old AK template)",
+        )?;
+        let _ = ctx.flush_context(ObjectHandle::from(old.handle));
+        *cache = Some(old.name);
+    }
+    Ok(cache.as_deref().unwrap_or_default())
 }
 
 /// The TPM name of the object at a persistent handle, or `None` if the
@@ -739,8 +1020,9 @@ fn is_absent(e: &TssError) -> bool {
     )
 }
 
-/// Runs a command that needs owner or endorsement authorization (empty
-/// password), with the bounded retry of transient TPM refusals.
+/// Runs a command that needs hierarchy authorization (a password session
+/// with the value set on the hierarchy's ESYS_TR: empty for the owner),
+/// with the bounded retry of transient TPM refusals.
 fn authorized<T>(
     ctx: &mut Context,
     mut command: impl FnMut(&mut Context) -> tss_esapi::Result<T>,
@@ -761,6 +1043,18 @@ fn persist(
             ObjectHandle::from(key),
             Persistent::Persistent(persistent),
         )
+    })
+    .map_err(tpm_err(op))?;
+    Ok(())
+}
+
+/// Removes the persistent object at `handle` (owner authorization).
+fn evict_persistent(ctx: &mut Context, handle: u32, op: &'static str) -> Result<(), VtpmError> {
+    let persistent = PersistentTpmHandle::new(handle).map_err(tpm_err(op))?;
+    let object = retry_transient(|| ctx.tr_from_tpm_public(TpmHandle::Persistent(persistent)))
+        .map_err(tpm_err(op))?;
+    authorized(ctx, |ctx| {
+        ctx.evict_control(Provision::Owner, object, Persistent::Persistent(persistent))
     })
     .map_err(tpm_err(op))?;
     Ok(())
@@ -911,6 +1205,17 @@ mod tests {
         for alg in [EkAlg::Ecc, EkAlg::Rsa] {
             let ak = ak_template(alg).unwrap();
             assert!(ak.object_attributes().restricted());
+            assert!(ak.object_attributes().no_da());
+            assert_eq!(
+                u32::from(ak.object_attributes()),
+                crate::drill::softtpm::AK_ATTRIBUTES
+            );
+            let old = legacy_ak_template(alg).unwrap();
+            assert!(!old.object_attributes().no_da());
+            assert_eq!(
+                u32::from(old.object_attributes()) | 0x400,
+                u32::from(ak.object_attributes())
+            );
             ek_template(alg).unwrap();
         }
     }

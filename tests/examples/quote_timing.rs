@@ -26,6 +26,8 @@ fn main() {
         let node = Node::new();
         let tpm = Swtpm::start();
         assert!(node.provision(&tpm, "vm-t", ek).status.success());
+        let auth =
+            vkx_guest::tpm::AkAuth::load(std::path::Path::new(&node.ak_auth_file("vm-t"))).unwrap();
         let selection = vec![PcrBankSelection {
             hash_alg: HashAlg::Sha256,
             pcrs: (0..8).collect(),
@@ -34,7 +36,7 @@ fn main() {
             .map(|i| {
                 let th = [i as u8; 32];
                 let t = Instant::now();
-                vkx_guest::tpm::collect_evidence(&tpm.tcti(), &selection, &th).unwrap();
+                vkx_guest::tpm::collect_evidence(&tpm.tcti(), &auth, &selection, &th).unwrap();
                 t.elapsed().as_secs_f64() * 1e3
             })
             .collect();

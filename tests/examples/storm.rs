@@ -797,7 +797,10 @@ fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -
             String::from_utf8_lossy(&o.stderr)
         );
         // This vTPM's current PCRs are its reference values.
-        let ev = vkx_guest::tpm::collect_evidence(&tpm.tcti(), &selection, &[0; 32]).unwrap();
+        let auth =
+            vkx_guest::tpm::AkAuth::load(std::path::Path::new(&node.ak_auth_file(vm))).unwrap();
+        let ev =
+            vkx_guest::tpm::collect_evidence(&tpm.tcti(), &auth, &selection, &[0; 32]).unwrap();
         let mut rules = String::new();
         for (index, digest) in &ev.pcr_values[0].values {
             rules += &format!(

@@ -72,6 +72,8 @@ impl Deployment {
                 "evidence",
                 "--tcti",
                 &self.tpm.tcti(),
+                "--ak-auth-file",
+                &self.node.ak_auth_file(&self.vm_id),
                 "--nonce",
                 &"00".repeat(32),
                 "--pcrs",
@@ -123,9 +125,10 @@ impl Deployment {
         std::fs::write(
             &path,
             format!(
-                "host_socket = \"{}\"\nhost_key_sha256 = \"{pin}\"\ntcti = \"{}\"\nrun_dir = \"{}\"\n{extra}\n",
+                "host_socket = \"{}\"\nhost_key_sha256 = \"{pin}\"\ntcti = \"{}\"\nak_auth_file = \"{}\"\nrun_dir = \"{}\"\n{extra}\n",
                 socket.display(),
                 self.tpm.tcti(),
+                self.node.ak_auth_file(&self.vm_id),
                 self.path("run").display(),
             ),
         )

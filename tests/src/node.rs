@@ -81,6 +81,16 @@ impl Node {
         )
     }
 
+    /// The AK authValue file `vkx-host vtpm provision` wrote for `vm_id`
+    /// (the guest's `ak_auth_file`).
+    pub fn ak_auth_file(&self, vm_id: &str) -> String {
+        Path::new(&self.registry())
+            .join("vtpm-auth")
+            .join(format!("{vm_id}.ak-auth"))
+            .display()
+            .to_string()
+    }
+
     pub fn entry(&self, vm_id: &str) -> serde_json::Value {
         let path = Path::new(&self.registry()).join(format!("{vm_id}.json"));
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()

@@ -39,8 +39,14 @@ fn selection() -> Vec<PcrBankSelection> {
     }]
 }
 
-fn evidence(tpm: &Swtpm, th: &[u8; 32]) -> Evidence {
-    vkx_guest::tpm::collect_evidence(&tpm.tcti(), &selection(), th).unwrap()
+/// The AK authValue provisioning wrote for `vm` (the guest's ak_auth_file).
+fn ak_auth(node: &Node, vm: &str) -> vkx_guest::tpm::AkAuth {
+    vkx_guest::tpm::AkAuth::load(Path::new(&node.ak_auth_file(vm))).unwrap()
+}
+
+/// `vm`'s evidence from its vTPM `tpm`, quoted as its agent quotes.
+fn evidence(node: &Node, vm: &str, tpm: &Swtpm, th: &[u8; 32]) -> Evidence {
+    vkx_guest::tpm::collect_evidence(&tpm.tcti(), &ak_auth(node, vm), &selection(), th).unwrap()
 }
 
 /// A policy for `vm` that accepts exactly the PCR values in `ev`.
@@ -75,7 +81,7 @@ fn provisioned_guest_is_accepted_and_every_failure_has_its_reason() {
     provision(&node, &tpm, "vm-a");
     let vm = VmId::new("vm-a").unwrap();
     let th = [0x5a; 32];
-    let ev = evidence(&tpm, &th);
+    let ev = evidence(&node, "vm-a", &tpm, &th);
     let policy = policy_for("vm-a", &ev);
     let registry = registry(&node);
 
@@ -102,7 +108,7 @@ fn provisioned_guest_is_accepted_and_every_failure_has_its_reason() {
         &vm,
         &th,
         &selection(),
-        &evidence(&tpm, &th),
+        &evidence(&node, "vm-a", &tpm, &th),
     )
     .unwrap();
     assert_eq!(
@@ -206,10 +212,10 @@ fn a_pcr_changed_after_provisioning_fails_policy() {
     provision(&node, &tpm, "vm-a");
     let vm = VmId::new("vm-a").unwrap();
     let th = [1; 32];
-    let before = evidence(&tpm, &th);
+    let before = evidence(&node, "vm-a", &tpm, &th);
     let policy = policy_for("vm-a", &before);
     extend_pcr16(&tpm);
-    let after = evidence(&tpm, &th);
+    let after = evidence(&node, "vm-a", &tpm, &th);
     // The quote itself is genuine; the boot state is not the approved one.
     let err =
         verify_evidence(&registry(&node), &policy, &vm, &th, &selection(), &after).unwrap_err();
@@ -229,7 +235,7 @@ fn a_quote_from_another_vtpm_is_refused() {
     provision(&node, &a, "vm-a");
     provision(&node, &b, "vm-b");
     let th = [2; 32];
-    let from_b = evidence(&b, &th);
+    let from_b = evidence(&node, "vm-b", &b, &th);
     let policy = policy_for("vm-a", &from_b);
     // vm-b's vTPM answering for vm-a's connection: its AK is not vm-a's.
     let vm_a = VmId::new("vm-a").unwrap();
@@ -237,7 +243,7 @@ fn a_quote_from_another_vtpm_is_refused() {
         verify_evidence(&registry(&node), &policy, &vm_a, &th, &selection(), &from_b).unwrap_err();
     assert!(matches!(err, Rejection::AkNameMismatch { .. }), "{err}");
     // Even if it claims vm-a's AK name, the signature gives it away.
-    let a_ak = evidence(&a, &th).ak_name;
+    let a_ak = evidence(&node, "vm-a", &a, &th).ak_name;
     let mut forged = from_b.clone();
     forged.ak_name = a_ak;
     let err =
@@ -272,6 +278,8 @@ fn the_cli_verifies_guest_evidence_with_registry_and_policy() {
             "evidence",
             "--tcti",
             &tpm.tcti(),
+            "--ak-auth-file",
+            &node.ak_auth_file("vm-a"),
             "--nonce",
             &nonce,
             "--pcrs",
@@ -290,7 +298,7 @@ fn the_cli_verifies_guest_evidence_with_registry_and_policy() {
         values.extend(hex::decode(pcrs["sha256"][i].as_str().unwrap()).unwrap());
     }
     std::fs::write(out.join("pcrs.bin"), &values).unwrap();
-    let ev = evidence(&tpm, &[0; 32]);
+    let ev = evidence(&node, "vm-a", &tpm, &[0; 32]);
     let policy = work.path().join("policy.toml");
     let mut text =
         "[[image]]\nname = \"img\"\n\n[[vm]]\nid = \"vm-a\"\nimage = \"img\"\n".to_owned();

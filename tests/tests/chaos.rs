@@ -695,9 +695,10 @@ fn guest_toml(d: &Deployment, stem: &str, tcti: &str, extra: &str) -> String {
     std::fs::write(
         &path,
         format!(
-            "host_socket = \"{}\"\nhost_key_sha256 = \"{}\"\ntcti = \"{tcti}\"\nrun_dir = \"{}\"\n{extra}\n",
+            "host_socket = \"{}\"\nhost_key_sha256 = \"{}\"\ntcti = \"{tcti}\"\nak_auth_file = \"{}\"\nrun_dir = \"{}\"\n{extra}\n",
             d.socket().display(),
             d.node.pin(),
+            d.node.ak_auth_file(&d.vm_id),
             d.path(&format!("run-{stem}")).display(),
         ),
     )

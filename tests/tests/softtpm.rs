@@ -238,8 +238,11 @@ fn soft_structures_have_a_real_vtpms_layout() {
     assert_eq!(hex::encode(&real_name), entry["ak_name"].as_str().unwrap());
 
     // A quote of the real vTPM, as the guest agent takes it.
+    let auth =
+        vkx_guest::tpm::AkAuth::load(std::path::Path::new(&node.ak_auth_file("vm-real"))).unwrap();
     for (selection, _) in selections() {
-        let ev = vkx_guest::tpm::collect_evidence(&swtpm.tcti(), &selection, &NONCE).unwrap();
+        let ev =
+            vkx_guest::tpm::collect_evidence(&swtpm.tcti(), &auth, &selection, &NONCE).unwrap();
         let real = Attest::parse(&ev.tpm_attest).unwrap();
         let soft_q = soft.quote_raw(&selection, &NONCE).unwrap();
         let mine = Attest::parse(&soft_q.attest).unwrap();

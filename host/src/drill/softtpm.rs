@@ -28,7 +28,7 @@
 //! - the AK's TPM2B_PUBLIC as a TPM marshals the key made from vkx's AK
 //!   template (`crate::vtpm::ak_template`, ECC): ECC P-256,
 //!   nameAlg SHA-256, objectAttributes fixedTPM | fixedParent |
-//!   sensitiveDataOrigin | userWithAuth | restricted | sign
+//!   sensitiveDataOrigin | userWithAuth | noDA | restricted | sign
 //!   ([`AK_ATTRIBUTES`]), empty authPolicy, symmetric NULL, scheme
 //!   ECDSA/SHA-256, kdf NULL, both coordinates 32 bytes;
 //! - an EK public of the TCG default ECC P-256 template (L-2), as the
@@ -72,8 +72,8 @@ use vkx_common::wire::{
 };
 
 /// objectAttributes of vkx's AK: fixedTPM, fixedParent,
-/// sensitiveDataOrigin, userWithAuth, restricted, sign.
-pub const AK_ATTRIBUTES: u32 = 0x0005_0072;
+/// sensitiveDataOrigin, userWithAuth, noDA, restricted, sign.
+pub const AK_ATTRIBUTES: u32 = 0x0005_0472;
 
 /// objectAttributes of the TCG default EK template: fixedTPM, fixedParent,
 /// sensitiveDataOrigin, adminWithPolicy, restricted, decrypt.
