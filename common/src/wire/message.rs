@@ -234,15 +234,14 @@ impl fmt::Debug for KeyMaterial {
     }
 }
 
+/// Constant time in the contents (`subtle`); lengths are public (the wire
+/// shows them).
 impl PartialEq for KeyMaterial {
     fn eq(&self, other: &Self) -> bool {
-        self.0.len() == other.0.len()
-            && self
-                .0
-                .iter()
-                .zip(&other.0)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        use subtle::ConstantTimeEq;
+        // ct_eq on slices of different lengths is false, without looking
+        // at the contents.
+        bool::from(self.0.as_slice().ct_eq(other.0.as_slice()))
     }
 }
 
