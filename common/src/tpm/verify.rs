@@ -50,8 +50,8 @@
 //!
 //! What it bounds: the TPMS_ATTEST at [`crate::wire::MAX_TPM_ATTEST`]
 //! bytes before it is hashed; everything else through the parsers. The
-//! work is one signature verification and two hashes over at most a few
-//! KiB.
+//! work is one signature verification and a few hashes over at most a
+//! few KiB.
 
 use ring::signature::{self, UnparsedPublicKey};
 use thiserror::Error;

@@ -191,9 +191,13 @@ impl SoftTpm {
         let ak_name = Public::parse(&ak_public)
             .expect("the soft AK public area parses")
             .name();
-        let qualified_signer = Public::parse(&ak_public)
-            .expect("the soft AK public area parses")
-            .qualified_name(&TPM_RH_ENDORSEMENT.to_be_bytes());
+        // Computed here, not with the verifier's `Public::qualified_name`:
+        // the soft TPM is one of the verifier's judges.
+        let mut qn = ring::digest::Context::new(&ring::digest::SHA256);
+        qn.update(&TPM_RH_ENDORSEMENT.to_be_bytes());
+        qn.update(&ak_name);
+        let mut qualified_signer = HashAlg::Sha256.tpm_alg_id().to_be_bytes().to_vec();
+        qualified_signer.extend_from_slice(qn.finish().as_ref());
         let (_, ek_point) = derive_key(seed, b"ek", index);
         Self {
             index,
