@@ -13,6 +13,11 @@
 #   sig.bin      TPMT_SIGNATURE marshalled ("tss" format, tpm2_quote -s)
 #   ak.pub       TPM2B_PUBLIC of the signing key (tpm2_createak -u, tss format)
 #   ak.name      the key's TPM name, nameAlg || digest (tpm2_createak -n)
+#   ak.qname     the key's qualified name as the TPM reports it
+#                (tpm2_readpublic -q): what the quote's qualifiedSigner is
+#   parent.qname the qualified name of the key's parent (the EK for an
+#                AK of tpm2_createak; an owner-hierarchy primary for the
+#                unrestricted key), tpm2_readpublic -q
 #   other-ak.pub TPM2B_PUBLIC of a second AK of the same kind (negative tests)
 #   nonce.bin    the 32-byte qualifying data passed to tpm2_quote -q
 #   pcrs.bin     tpm2-tools "values" PCR output (tpm2_quote -o, -F values):
@@ -88,8 +93,10 @@ done
 
 cd "$WORK"
 tpm2_createek -c ek-ecc.ctx -G ecc -u ek-ecc.pub >/dev/null
+tpm2_readpublic -c ek-ecc.ctx -q ek-ecc.qname >/dev/null
 tpm2_flushcontext -t
 tpm2_createek -c ek-rsa.ctx -G rsa -u ek-rsa.pub >/dev/null
+tpm2_readpublic -c ek-rsa.ctx -q ek-rsa.qname >/dev/null
 tpm2_flushcontext -t
 
 # make_ak NAME EK_CTX KEY_ALG SIG_SCHEME
@@ -97,6 +104,8 @@ make_ak() {
   tpm2_flushcontext -t
   tpm2_createak -C "$2" -c "$1.ctx" -G "$3" -g sha256 -s "$4" \
     -u "$1.pub" -n "$1.name" -f tss >/dev/null
+  tpm2_readpublic -c "$1.ctx" -q "$1.qname" >/dev/null
+  cp "${2%.ctx}.qname" "$1.parent.qname"
   # The TPM holds few transient objects: keep only contexts on disk.
   tpm2_flushcontext -t
   tpm2_flushcontext -s
@@ -148,6 +157,8 @@ quote_case() {
   fi
   cp "$ak.pub" "$dir/ak.pub"
   cp "$ak.name" "$dir/ak.name"
+  cp "$ak.qname" "$dir/ak.qname"
+  cp "$ak.parent.qname" "$dir/parent.qname"
   cp "$other.pub" "$dir/other-ak.pub"
   printf '%s\n' "$sel" >"$dir/selection.txt"
   write_pcrs_txt "$sel" "$dir/pcrs.bin" "$dir/pcrs.txt"
@@ -179,6 +190,7 @@ quote_case rsa2048-rsapss ak-rsapss ak-rsassa "sha256:0,1,2,7" rsa rsapss
 # a forged TPMS_ATTEST handed to it, so a verifier must refuse it.
 tpm2_flushcontext -t
 tpm2_createprimary -C o -G ecc -c primary.ctx >/dev/null
+tpm2_readpublic -c primary.ctx -q primary.qname >/dev/null
 tpm2_flushcontext -t
 tpm2_create -C primary.ctx -G ecc:ecdsa-sha256 \
   -a 'fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign' \
@@ -187,7 +199,9 @@ tpm2_flushcontext -t
 tpm2_flushcontext -s
 tpm2_load -C primary.ctx -u unrestricted.pubpart -r unrestricted.priv \
   -c unrestricted.ctx -n unrestricted.name >/dev/null
-tpm2_readpublic -c unrestricted.ctx -o unrestricted.pub -f tss >/dev/null
+tpm2_readpublic -c unrestricted.ctx -o unrestricted.pub -f tss \
+  -q unrestricted.qname >/dev/null
+cp primary.qname unrestricted.parent.qname
 tpm2_flushcontext -t
 tpm2_flushcontext -s
 quote_case ecc-unrestricted unrestricted ak-ecc "sha256:0,1,2,7" ecc ecdsa \

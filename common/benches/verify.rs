@@ -11,13 +11,16 @@ use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
-use vkx_common::tpm::{Attest, Public, PublicKey, QuoteExpectations, Signature, verify_quote};
+use vkx_common::tpm::{
+    AkParent, Attest, Public, PublicKey, QuoteExpectations, Signature, verify_quote,
+};
 use vkx_common::wire::{HashAlg, PcrBankSelection, PcrBankValues};
 
 struct Case {
     attest: Vec<u8>,
     sig: Vec<u8>,
     ak: Public,
+    parent_qname: Vec<u8>,
     nonce: Vec<u8>,
     selection: Vec<PcrBankSelection>,
     values: Vec<PcrBankValues>,
@@ -40,6 +43,7 @@ fn load(name: &str) -> Case {
         attest: read("attest.bin"),
         sig: read("sig.bin"),
         ak: Public::parse(&read("ak.pub")).unwrap(),
+        parent_qname: read("parent.qname"),
         nonce: read("nonce.bin"),
         selection: vec![PcrBankSelection {
             hash_alg: HashAlg::Sha256,
@@ -91,6 +95,9 @@ fn verify(c: &mut Criterion) {
     for name in ["ecc-p256-ecdsa", "rsa2048-rsassa", "rsa2048-rsapss"] {
         let case = load(name);
         let expect = QuoteExpectations {
+            ak_parent: AkParent::Key {
+                qualified_name: &case.parent_qname,
+            },
             qualifying_data: &case.nonce,
             pcr_selection: &case.selection,
             pcr_values: &case.values,

@@ -37,3 +37,10 @@ pub mod transcript;
 #[cfg(feature = "tss")]
 pub mod tss;
 pub mod wire;
+
+/// Compile-time check that `T` wipes its memory when dropped (implements
+/// [`zeroize::ZeroizeOnDrop`]): `const _: () =
+/// vkx_common::assert_zeroize_on_drop::<T>();` beside a type that carries
+/// key material. The deprecated `#[zeroize(drop)]` attribute wipes too but
+/// does not implement the trait, so it cannot be checked this way.
+pub const fn assert_zeroize_on_drop<T: zeroize::ZeroizeOnDrop + ?Sized>() {}

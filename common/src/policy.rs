@@ -27,6 +27,16 @@
 //! image = "debian-12-2026.11"
 //! keys = ["vm-17-config"]      # in addition to the image's keys
 //! ```
+//!
+//! SHA-1 PCR banks are refused unless an image opts in with
+//! `danger_allow_sha1_pcrs = true`: SHA-1 has practical chosen-prefix
+//! collisions, so a sha1 PCR value says less about what was measured than
+//! a SHA-2 one. The opt-in is per image, not node-wide, because the bank a
+//! VM can be measured in is a property of its firmware, that is of its
+//! image: one legacy image must not open SHA-1 for every VM on the node.
+//! A VM's own `[[vm.pcr]]` rules use its image's setting. Without the
+//! opt-in the host never selects a sha1 bank, and evaluation refuses
+//! reported sha1 values ([`Refusal::Sha1Bank`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -108,6 +118,9 @@ struct ImageFile {
     derive: Vec<String>,
     #[serde(default)]
     pcr: Vec<PcrFile>,
+    /// Accept sha1 PCR rules for this image's VMs (see the primer).
+    #[serde(default)]
+    danger_allow_sha1_pcrs: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +157,8 @@ pub struct VmPolicy {
     pub pcrs: BTreeMap<PcrId, BTreeSet<Vec<u8>>>,
     pub keys: BTreeSet<KeyName>,
     pub derive: BTreeSet<Purpose>,
+    /// The image opted in to sha1 PCR banks (`danger_allow_sha1_pcrs`).
+    pub allow_sha1_pcrs: bool,
 }
 
 /// A validated policy.
@@ -167,6 +182,8 @@ pub enum Refusal {
         /// First 8 bytes in hex: enough to find it in an event log.
         digest_prefix: String,
     },
+    #[error("the evidence reports a sha1 PCR bank, which this VM's image does not allow")]
+    Sha1Bank,
 }
 
 fn parse_bank(s: &str, at: &str) -> Result<HashAlg, PolicyError> {
@@ -177,14 +194,25 @@ fn parse_bank(s: &str, at: &str) -> Result<HashAlg, PolicyError> {
     })
 }
 
+/// Parses PCR rules; a sha1 rule only when `allow_sha1` (the setting of
+/// `image`, named in the refusal).
 fn parse_pcrs(
     rules: &[PcrFile],
     at: &str,
+    image: &str,
+    allow_sha1: bool,
 ) -> Result<BTreeMap<PcrId, BTreeSet<Vec<u8>>>, PolicyError> {
     let mut out = BTreeMap::new();
     for (i, rule) in rules.iter().enumerate() {
         let here = format!("{at} pcr #{}", i + 1);
         let bank = parse_bank(&rule.bank, &here)?;
+        if bank == HashAlg::Sha1 && !allow_sha1 {
+            return Err(invalid(format!(
+                "{here}: bank sha1 is refused (SHA-1 has practical collisions); prefer a sha256 \
+                 rule, or set `danger_allow_sha1_pcrs = true` in image {image:?} if its \
+                 firmware measures into sha1 only"
+            )));
+        }
         if rule.index > 23 {
             return Err(invalid(format!(
                 "{here}: index {} is not 0..23",
@@ -292,11 +320,12 @@ impl Policy {
                     .collect::<String>()
             );
             check_image_name(&img.name).map_err(|e| invalid(format!("{at}: {e}")))?;
-            let pcrs = parse_pcrs(&img.pcr, &at)?;
+            let allow_sha1 = img.danger_allow_sha1_pcrs;
+            let pcrs = parse_pcrs(&img.pcr, &at, &img.name, allow_sha1)?;
             let keys = parse_grants(&img.keys, &at, "key", KeyName::new)?;
             let derive = parse_grants(&img.derive, &at, "purpose", Purpose::new)?;
             if images
-                .insert(img.name.clone(), (pcrs, keys, derive))
+                .insert(img.name.clone(), (pcrs, keys, derive, allow_sha1))
                 .is_some()
             {
                 return Err(invalid(format!("{at} is defined twice")));
@@ -306,11 +335,11 @@ impl Policy {
         for vm in &file.vm {
             let at = format!("vm {:?}", vm.id);
             let vm_id = VmId::new(vm.id.clone()).map_err(|e| invalid(format!("{at}: {e}")))?;
-            let (image_pcrs, image_keys, image_derive) = images
+            let (image_pcrs, image_keys, image_derive, allow_sha1) = images
                 .get(&vm.image)
                 .ok_or_else(|| invalid(format!("{at}: image {:?} is not defined", vm.image)))?;
             let mut pcrs = image_pcrs.clone();
-            pcrs.extend(parse_pcrs(&vm.pcr, &at)?);
+            pcrs.extend(parse_pcrs(&vm.pcr, &at, &vm.image, *allow_sha1)?);
             if pcrs.is_empty() {
                 return Err(invalid(format!(
                     "{at}: no PCR rules (from image or VM): such a VM would be trusted \
@@ -338,6 +367,7 @@ impl Policy {
                 pcrs,
                 keys,
                 derive,
+                allow_sha1_pcrs: *allow_sha1,
             };
             if vms.insert(vm_id, entry).is_some() {
                 return Err(invalid(format!("{at} is listed twice")));
@@ -376,6 +406,11 @@ impl Policy {
             .vms
             .get(vm_id)
             .ok_or_else(|| Refusal::UnknownVm(vm_id.clone()))?;
+        // The host selects no sha1 bank for such a VM (`selection`), so
+        // reported sha1 values mean a selection this policy did not make.
+        if !vm.allow_sha1_pcrs && values.iter().any(|b| b.hash_alg == HashAlg::Sha1) {
+            return Err(Refusal::Sha1Bank);
+        }
         for ((bank, index), allowed) in &vm.pcrs {
             let digest = values
                 .iter()
@@ -545,5 +580,82 @@ allowed = ["{C}"]
             let err = Policy::from_toml(&text).unwrap_err().to_string();
             assert!(err.contains(want), "want {want:?} in {err}");
         }
+    }
+
+    const SHA1: &str = "1111111111111111111111111111111111111111";
+
+    fn sha1_rule(table: &str) -> String {
+        format!("[[{table}.pcr]]\nbank = \"sha1\"\nindex = 0\nallowed = [\"{SHA1}\"]\n")
+    }
+
+    #[test]
+    fn sha1_banks_need_the_images_explicit_opt_in() {
+        // In an image's rules, and in a VM's (which uses its image's
+        // setting): a configuration error that names the fix.
+        let in_image = policy().replacen(
+            "[[image.pcr]]",
+            &format!("{}[[image.pcr]]", sha1_rule("image")),
+            1,
+        );
+        let in_vm = format!("{}{}", policy(), sha1_rule("vm"));
+        for text in [&in_image, &in_vm] {
+            let err = Policy::from_toml(text).unwrap_err();
+            assert!(matches!(err, PolicyError::Invalid(_)), "{err}");
+            let err = err.to_string();
+            assert!(err.contains("bank sha1 is refused"), "{err}");
+            assert!(err.contains("danger_allow_sha1_pcrs = true"), "{err}");
+            assert!(err.contains("\"deb12\""), "{err}");
+        }
+        // Opted in: accepted, selected, and evaluated.
+        let opt_in = |t: &str| {
+            t.replacen(
+                "derive = [\"disk-unlock:v1\"]",
+                "derive = [\"disk-unlock:v1\"]\ndanger_allow_sha1_pcrs = true",
+                1,
+            )
+        };
+        let p = Policy::from_toml(&opt_in(&in_vm)).unwrap();
+        assert!(Policy::from_toml(&opt_in(&in_image)).is_ok());
+        let sel = p.selection(&vm("vm-2")).unwrap();
+        assert_eq!(sel[0].hash_alg, HashAlg::Sha1);
+        let mut v = values(A, C);
+        v.insert(
+            0,
+            PcrBankValues {
+                hash_alg: HashAlg::Sha1,
+                values: [(0u8, hex_bytes(SHA1))].into(),
+            },
+        );
+        assert!(p.evaluate(&vm("vm-2"), &v).is_ok());
+        // A bad opt-in value is a syntax error, not "false".
+        let bad = policy().replacen(
+            "derive = [\"disk-unlock:v1\"]",
+            "derive = [\"disk-unlock:v1\"]\ndanger_allow_sha1_pcrs = \"yes\"",
+            1,
+        );
+        assert!(matches!(
+            Policy::from_toml(&bad),
+            Err(PolicyError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn reported_sha1_values_are_refused_without_the_opt_in() {
+        // Evidence for a selection the host would not make: a sha1 bank
+        // beside the sha256 one the policy asks for.
+        let p = Policy::from_toml(&policy()).unwrap();
+        assert!(
+            p.selection(&vm("vm-1"))
+                .unwrap()
+                .iter()
+                .all(|b| b.hash_alg != HashAlg::Sha1)
+        );
+        let mut v = values(A, A);
+        v.push(PcrBankValues {
+            hash_alg: HashAlg::Sha1,
+            values: [(0u8, hex_bytes(SHA1))].into(),
+        });
+        assert_eq!(p.evaluate(&vm("vm-1"), &v), Err(Refusal::Sha1Bank));
+        assert!(p.evaluate(&vm("vm-1"), &values(A, A)).is_ok());
     }
 }

@@ -86,7 +86,15 @@ pub fn verify_confirm_tag(
     tag: &[u8; CONFIRM_TAG_LEN],
 ) -> bool {
     let want = confirm_tag(key, role, purpose);
-    want.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    tags_equal(&want, tag)
+}
+
+/// Equality of two confirmation tags in constant time (`subtle`): a tag
+/// is derived from a secret key, so how long a comparison takes must not
+/// say how many leading bytes matched.
+pub fn tags_equal(a: &[u8; CONFIRM_TAG_LEN], b: &[u8; CONFIRM_TAG_LEN]) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
 }
 
 #[cfg(test)]
@@ -114,5 +122,27 @@ mod tests {
         assert_ne!(g, confirm_tag(&k, ConfirmRole::Host, "disk"));
         assert!(verify_confirm_tag(&k, ConfirmRole::Guest, "disk", &g));
         assert!(!verify_confirm_tag(&k, ConfirmRole::Host, "disk", &g));
+    }
+
+    #[test]
+    fn a_tag_wrong_in_any_bit_is_refused() {
+        let k = [9u8; 32];
+        let g = confirm_tag(&k, ConfirmRole::Guest, "disk");
+        for byte in 0..CONFIRM_TAG_LEN {
+            for bit in 0..8 {
+                let mut t = g;
+                t[byte] ^= 1 << bit;
+                assert!(!verify_confirm_tag(&k, ConfirmRole::Guest, "disk", &t));
+                assert!(!tags_equal(&g, &t));
+            }
+        }
+        assert!(!verify_confirm_tag(
+            &[8u8; 32],
+            ConfirmRole::Guest,
+            "disk",
+            &g
+        ));
+        assert!(!verify_confirm_tag(&k, ConfirmRole::Guest, "disc", &g));
+        assert!(tags_equal(&g, &g));
     }
 }

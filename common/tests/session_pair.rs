@@ -614,6 +614,41 @@ fn derive_confirmation_mismatch_is_opaque_and_permanent() {
     );
 }
 
+/// The guest compares the host's confirmation tag in constant time
+/// (`transcript::tags_equal`): the exact tag confirms, a tag wrong in its
+/// last bit only (what a timing attack would home in on) does not.
+#[test]
+fn derive_confirmation_needs_every_bit() {
+    let expected = [2u8; 16];
+    let mut near = expected;
+    near[15] ^= 1;
+    for (answer, confirmed) in [(expected, true), (near, false)] {
+        let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+        p.run();
+        let Guest::Established(s) = &mut p.guest else {
+            panic!()
+        };
+        let purpose = Purpose::new("disk-unlock:v1").unwrap();
+        let out = s
+            .request_derive(purpose, 32, [1; 16], expected, p.now)
+            .unwrap();
+        p.take_guest(out);
+        p.run();
+        let Host::Established(h) = &mut p.host else {
+            panic!()
+        };
+        let (_, out) = h.answer_derive(DeriveAnswer::Confirm(answer));
+        p.take_host(out);
+        p.run();
+        let derived = p
+            .guest_events
+            .iter()
+            .any(|e| matches!(e, GuestEvent::Derived { .. }));
+        assert_eq!(derived, confirmed, "{answer:?}");
+        assert_eq!(p.guest_closed.is_some(), !confirmed, "{answer:?}");
+    }
+}
+
 #[test]
 fn host_shutdown_tells_the_guest_when_to_return() {
     let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use vkx_common::tpm::{
-    Public, QuoteExpectations, TpmParseError, VerifiedQuote, VerifyError, verify_quote,
+    AkParent, Public, QuoteExpectations, TpmParseError, VerifiedQuote, VerifyError, verify_quote,
 };
 use vkx_common::wire::{HashAlg, PcrBankSelection, PcrBankValues};
 
@@ -30,6 +30,10 @@ struct Case {
     ak: Public,
     ak_pub: Vec<u8>,
     ak_name: Vec<u8>,
+    /// The AK's qualified name as tpm2-tools reports it.
+    ak_qname: Vec<u8>,
+    /// Its parent's (the EK's) qualified name.
+    parent_qname: Vec<u8>,
     other_ak: Public,
     nonce: Vec<u8>,
     selection: Vec<PcrBankSelection>,
@@ -58,6 +62,8 @@ impl Case {
             ak: Public::parse(&ak_pub).unwrap(),
             ak_pub,
             ak_name: read("ak.name"),
+            ak_qname: read("ak.qname"),
+            parent_qname: read("parent.qname"),
             other_ak: Public::parse(&read("other-ak.pub")).unwrap(),
             nonce: read("nonce.bin"),
             selection,
@@ -67,6 +73,9 @@ impl Case {
 
     fn expect(&self) -> QuoteExpectations<'_> {
         QuoteExpectations {
+            ak_parent: AkParent::Key {
+                qualified_name: &self.parent_qname,
+            },
             qualifying_data: &self.nonce,
             pcr_selection: &self.selection,
             pcr_values: &self.values,
@@ -218,7 +227,61 @@ fn fixtures_quote_non_zero_pcrs() {
     }
 }
 
+#[test]
+fn qualified_names_are_computed_as_the_tpm_reports_them() {
+    // tpm2-tools' qualified names (tpm2_readpublic -q) are the TPM's own
+    // bookkeeping: the computation must give them, and the quote carries
+    // the AK's as qualifiedSigner.
+    for c in good() {
+        let qn = c.ak.qualified_name(&c.parent_qname);
+        assert_eq!(qn, c.ak_qname, "{}: AK qualified name", c.name);
+        let attest = vkx_common::tpm::Attest::parse(&c.attest).unwrap();
+        assert_eq!(attest.qualified_signer(), qn, "{}: qualifiedSigner", c.name);
+    }
+    // The parent (an EK, a primary of the endorsement hierarchy) under its
+    // hierarchy: the EK's public area is not in the fixtures, but a
+    // hierarchy's qualified name is its handle, so the vkx AK's rule is
+    // the same computation one level up (checked live in
+    // tests/tests/softtpm.rs against a provisioned swtpm AK).
+    assert_eq!(
+        vkx_common::tpm::hierarchy_qualified_name(vkx_common::tpm::TPM_RH_ENDORSEMENT),
+        [0x40, 0, 0, 0x0b]
+    );
+}
+
 // --------------------------------------------------------------- refusals
+
+#[test]
+fn a_quote_naming_another_signer_is_refused() {
+    for c in good() {
+        // The AK taken for a vkx AK (a primary of the endorsement
+        // hierarchy), or under the storage hierarchy, or under another
+        // parent key: the quote's qualifiedSigner names another object.
+        let mut other_parent = c.parent_qname.clone();
+        other_parent[2] ^= 1;
+        for parent in [
+            AkParent::VKX,
+            AkParent::Hierarchy(vkx_common::tpm::TPM_RH_OWNER),
+            AkParent::Key {
+                qualified_name: &other_parent,
+            },
+            AkParent::Key {
+                qualified_name: &c.ak_qname,
+            },
+        ] {
+            let e = QuoteExpectations {
+                ak_parent: parent,
+                ..c.expect()
+            };
+            assert_eq!(
+                verify_quote(&c.attest, &c.sig, &c.ak, &e),
+                Err(VerifyError::QualifiedSignerMismatch),
+                "{}: {parent:?}",
+                c.name
+            );
+        }
+    }
+}
 
 #[test]
 fn old_or_wrong_qualifying_data_is_a_replay() {

@@ -33,13 +33,48 @@ use vkx_common::wire::{
     PROTOCOL_VERSION_1, PcrBankSelection, Purpose, VersionRange, encode_frame,
 };
 use vkx_common::{rl_info, rl_warn};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::config::Config;
 use crate::transport::Target;
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// The buffer TLS plaintext is read into: it holds key-release and
+/// key-update frames as they arrive, so it is wiped as soon as a read's
+/// bytes are consumed (into the frame decoder, itself zeroizing), and on
+/// drop. Fixed size: it never reallocates, so no copy is left behind.
+#[derive(Zeroize, ZeroizeOnDrop)]
+struct ReadBuf(Vec<u8>);
+
+const _: () = vkx_common::assert_zeroize_on_drop::<ReadBuf>();
+
+impl ReadBuf {
+    fn new() -> Self {
+        Self(vec![0u8; READ_CHUNK])
+    }
+
+    fn space(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+
+    /// The first `n` bytes, which a read just filled.
+    fn filled(&self, n: usize) -> &[u8] {
+        &self.0[..n.min(self.0.len())]
+    }
+
+    /// Wipes the first `n` bytes once they are consumed.
+    fn consumed(&mut self, n: usize) {
+        let n = n.min(self.0.len());
+        self.0[..n].zeroize();
+    }
+}
+
+/// A derived key K (§9) while it waits for the host's confirmation.
+type DerivedKey = Zeroizing<Vec<u8>>;
+
+const _: () = vkx_common::assert_zeroize_on_drop::<DerivedKey>();
 /// Rounds of event handling per input: each event yields at most one
 /// follow-up output, so a few rounds always settle.
 const MAX_EVENT_ROUNDS: usize = 8;
@@ -88,7 +123,7 @@ pub trait Handler {
 #[derive(Default)]
 struct Derivations {
     queue: std::collections::VecDeque<(Purpose, u8)>,
-    running: Option<(Purpose, Zeroizing<Vec<u8>>)>,
+    running: Option<(Purpose, DerivedKey)>,
 }
 
 impl Derivations {
@@ -397,7 +432,7 @@ impl Agent {
     {
         let mut derive = Derivations::default();
         let mut frames = FrameDecoder::new();
-        let mut buf = vec![0u8; READ_CHUNK];
+        let mut buf = ReadBuf::new();
         let mut pending = first;
         let mut established = false;
         let mut detail = String::from("session closed");
@@ -536,7 +571,7 @@ impl Agent {
                     guest = g;
                     pending = o;
                 }
-                n = tls.read(&mut buf) => {
+                n = tls.read(buf.space()) => {
                     let now = Instant::now();
                     match n {
                         Ok(0) | Err(_) => {
@@ -546,7 +581,7 @@ impl Agent {
                             detail = "the host closed the connection".into();
                         }
                         Ok(n) => {
-                            let mut input = &buf[..n];
+                            let mut input = buf.filled(n);
                             // Every frame consumes at least one byte.
                             loop {
                                 match frames.decode(&mut input) {
@@ -578,6 +613,7 @@ impl Agent {
                                     }
                                 }
                             }
+                            buf.consumed(n);
                         }
                     }
                 }
@@ -664,5 +700,19 @@ mod tests {
         let ping = Message::Ping(Ping { sequence: 1 }).encode().unwrap();
         assert_eq!(goodbye_reason(&ping), None);
         assert_eq!(goodbye_reason(&[0x82, 0x0e]), None);
+    }
+
+    #[test]
+    fn the_read_buffer_is_wiped_once_consumed() {
+        let mut buf = ReadBuf::new();
+        let frame = [0x5a_u8; 700];
+        buf.space()[..frame.len()].copy_from_slice(&frame);
+        assert_eq!(buf.filled(frame.len()), frame);
+        buf.consumed(frame.len());
+        assert!(buf.0.iter().all(|b| *b == 0));
+        assert_eq!(buf.0.len(), READ_CHUNK, "fixed size: it never reallocates");
+        // A count beyond the buffer (never returned by a read) is clamped.
+        buf.consumed(READ_CHUNK + 1);
+        assert!(buf.filled(READ_CHUNK + 1).len() == READ_CHUNK);
     }
 }

@@ -37,6 +37,17 @@ pub enum GetOutcome {
     Retryable(String),
 }
 
+/// Writes key material to `fd` (stdout, for `vkx-guest get`) with
+/// write(2) directly: `std::io::Stdout` would copy it into its line
+/// buffer, a process-wide allocation that is never zeroized. `fd` is
+/// duplicated for the write; the caller flushes anything it printed
+/// before.
+pub fn write_key(fd: std::os::fd::BorrowedFd<'_>, material: &KeyMaterial) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::fs::File::from(fd.try_clone_to_owned()?);
+    out.write_all(material.expose())
+}
+
 impl GetOutcome {
     /// The process exit code: 0 key, 4 refused, 2 permanent, 3 retryable.
     pub fn exit_code(&self) -> u8 {
@@ -175,6 +186,19 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn the_key_is_written_whole_and_unbuffered() {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let (mut r, w) = std::io::pipe().unwrap();
+        let key = KeyMaterial::new((0..=255u8).cycle().take(1024).collect());
+        write_key(w.as_fd(), &key).unwrap();
+        drop(w);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, key.expose());
+    }
 
     fn name(s: &str) -> KeyName {
         KeyName::new(s).unwrap()

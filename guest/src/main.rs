@@ -282,10 +282,12 @@ fn get(name: &str, config: &Path) -> ExitCode {
     let outcome = rt.block_on(vkx_guest::get::get(config, name));
     match &outcome {
         vkx_guest::get::GetOutcome::Key(material) => {
-            let mut out = std::io::stdout().lock();
+            use std::os::fd::AsFd;
+            let out = std::io::stdout();
             if out
-                .write_all(material.expose())
-                .and_then(|()| out.flush())
+                .lock()
+                .flush()
+                .and_then(|()| vkx_guest::get::write_key(out.as_fd(), material))
                 .is_err()
             {
                 eprintln!("vkx-guest: could not write the key to stdout");

@@ -8,7 +8,9 @@
 //! (or "internal" for [`Rejection::is_local`] failures).
 
 use vkx_common::policy::{Policy, Refusal, VmPolicy};
-use vkx_common::tpm::{Public, QuoteExpectations, TpmParseError, VerifiedQuote, VerifyError};
+use vkx_common::tpm::{
+    AkParent, Public, QuoteExpectations, TpmParseError, VerifiedQuote, VerifyError,
+};
 use vkx_common::transcript::TRANSCRIPT_HASH_LEN;
 use vkx_common::wire::{Evidence, HashAlg, PcrBankSelection, PcrBankValues, VmId};
 
@@ -31,6 +33,13 @@ pub enum Rejection {
     NotProvisioned(VmId),
     #[error("evidence names AK {claimed}, the registry has {recorded} for this VM (another vTPM?)")]
     AkNameMismatch { claimed: String, recorded: String },
+    #[error(
+        "evidence carries an AK certificate (SHA-256 {claimed_prefix}…) that is not the one provisioning issued for this VM (another vTPM, or its NV rewritten?)"
+    )]
+    AkCertMismatch {
+        /// First 8 bytes of the certificate's SHA-256, hex.
+        claimed_prefix: String,
+    },
     #[error("quote: {0}")]
     Quote(#[from] VerifyError),
     #[error("policy: {0}")]
@@ -65,6 +74,12 @@ impl Rejection {
 
 /// The AK public area recorded for `vm_id`.
 pub fn registered_ak(registry: &Registry, vm_id: &VmId) -> Result<Public, Rejection> {
+    registered(registry, vm_id).map(|(ak, _)| ak)
+}
+
+/// The AK public area recorded for `vm_id`, and the SHA-256 (hex) of the
+/// AK certificate provisioning issued (of nothing, for an enrolled AK).
+fn registered(registry: &Registry, vm_id: &VmId) -> Result<(Public, String), Rejection> {
     let entry = registry
         .by_vm_id(vm_id.as_str())?
         .ok_or_else(|| Rejection::NotProvisioned(vm_id.clone()))?;
@@ -78,7 +93,7 @@ pub fn registered_ak(registry: &Registry, vm_id: &VmId) -> Result<Public, Reject
     if hex::encode(ak.name()) != entry.ak_name.to_ascii_lowercase() {
         return Err(corrupt("ak_name does not match ak_public".to_owned()));
     }
-    Ok(ak)
+    Ok((ak, entry.ak_cert_sha256.to_ascii_lowercase()))
 }
 
 /// Decides on `evidence` from the VM the transport identified as `vm_id`,
@@ -92,7 +107,7 @@ pub fn verify_evidence(
     selection: &[PcrBankSelection],
     evidence: &Evidence,
 ) -> Result<Accepted, Rejection> {
-    let ak = registered_ak(registry, vm_id)?;
+    let (ak, cert_sha256) = registered(registry, vm_id)?;
     let recorded = ak.name();
     if evidence.ak_name != recorded {
         return Err(Rejection::AkNameMismatch {
@@ -100,11 +115,26 @@ pub fn verify_evidence(
             recorded: hex::encode(&recorded),
         });
     }
+    // The registry, not the certificate, is what this host trusts the AK
+    // by (§7.4 step 4); a certificate, when sent, must still be the one
+    // provisioning issued and recorded, or this vTPM is not the one the
+    // registry describes. Its content is not parsed here.
+    if let Some(cert) = &evidence.ak_cert {
+        let digest = ring::digest::digest(&ring::digest::SHA256, cert);
+        if hex::encode(digest.as_ref()) != cert_sha256 {
+            return Err(Rejection::AkCertMismatch {
+                claimed_prefix: hex::encode(&digest.as_ref()[..8]),
+            });
+        }
+    }
     let quote = vkx_common::tpm::verify_quote(
         &evidence.tpm_attest,
         &evidence.tpm_signature,
         &ak,
         &QuoteExpectations {
+            // The registry's AKs are vkx-provisioned: primaries of the
+            // endorsement hierarchy (PROTOCOL.md §7.6).
+            ak_parent: AkParent::VKX,
             qualifying_data: transcript_hash,
             pcr_selection: selection,
             pcr_values: &evidence.pcr_values,

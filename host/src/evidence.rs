@@ -14,7 +14,9 @@ use std::fmt::Write as _;
 
 use vkx_common::pcrs::{parse_pcr_list, split_pcr_values};
 use vkx_common::policy::Policy;
-use vkx_common::tpm::{Attest, Public, PublicKey, QuoteExpectations, Signature, VerifiedQuote};
+use vkx_common::tpm::{
+    AkParent, Attest, Public, PublicKey, QuoteExpectations, Signature, VerifiedQuote,
+};
 use vkx_common::wire::{PcrBankValues, VmId};
 
 /// Largest evidence file read: well above any TPM structure.
@@ -142,6 +144,8 @@ pub struct VerifyInputs<'a> {
     pub attest: &'a [u8],
     pub signature: &'a [u8],
     pub ak: &'a Public,
+    /// Where the AK sits: its qualified name is the quote's signer.
+    pub ak_parent: AkParent<'a>,
     /// tpm2-tools syntax, e.g. `sha256:0,1,7+sha1:0`.
     pub pcr_list: &'a str,
     /// The "values" file.
@@ -160,6 +164,7 @@ pub fn verify(inputs: &VerifyInputs<'_>) -> Result<(VerifiedQuote, Vec<PcrBankVa
         inputs.signature,
         inputs.ak,
         &QuoteExpectations {
+            ak_parent: inputs.ak_parent,
             qualifying_data: inputs.nonce,
             pcr_selection: &selection,
             pcr_values: &values,

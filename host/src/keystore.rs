@@ -1373,7 +1373,8 @@ impl DirKeyStore {
             pending: file.pending,
         };
         // The name is covered by the MAC as the directory spells it: a
-        // record copied from another key fails here.
+        // record copied from another key fails here. ring compares the
+        // tags in constant time.
         hmac::verify(
             &self.master.record_key()?,
             &record_message(name, record),

@@ -148,6 +148,11 @@ enum EvidenceCommand {
         /// Use the AK recorded for --vm-id in this registry.
         #[arg(long, requires = "vm_id")]
         registry: Option<PathBuf>,
+        /// Hex qualified name of the AK's parent, for an AK that is not a
+        /// vkx AK (a primary of the endorsement hierarchy): for an AK of
+        /// `tpm2_createak`, the EK's (`tpm2_readpublic -c ek.ctx -q FILE`).
+        #[arg(long, conflicts_with = "registry")]
+        ak_parent_qname: Option<String>,
         /// The VM (for --registry and --policy).
         #[arg(long)]
         vm_id: Option<String>,
@@ -469,6 +474,7 @@ fn evidence(cmd: EvidenceCommand) -> anyhow::Result<bool> {
             signature,
             ak_public,
             registry,
+            ak_parent_qname,
             vm_id,
             pcrs,
             pcr_list,
@@ -495,11 +501,19 @@ fn evidence(cmd: EvidenceCommand) -> anyhow::Result<bool> {
             let signature = read(&signature)?;
             let values = read(&pcrs)?;
             let nonce = ::hex::decode(nonce.trim()).context("--nonce is not hex")?;
+            let parent_qname = ak_parent_qname
+                .map(|h| ::hex::decode(h.trim()).context("--ak-parent-qname is not hex"))
+                .transpose()?;
+            let ak_parent = match &parent_qname {
+                Some(q) => vkx_common::tpm::AkParent::Key { qualified_name: q },
+                None => vkx_common::tpm::AkParent::VKX,
+            };
             print!("{}", describe(&attest, Some(&signature), Some(&ak)));
             let inputs = VerifyInputs {
                 attest: &attest,
                 signature: &signature,
                 ak: &ak,
+                ak_parent,
                 pcr_list: &pcr_list,
                 pcr_values: &values,
                 nonce: &nonce,

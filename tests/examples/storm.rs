@@ -68,7 +68,7 @@ use tokio::sync::{mpsc, watch};
 use vkx_common::retry::Failure;
 use vkx_common::session::CloseReason;
 use vkx_common::session::guest::{Guest, GuestEvent};
-use vkx_common::tpm::{Public, QuoteExpectations, verify_quote};
+use vkx_common::tpm::{AkParent, Public, QuoteExpectations, verify_quote};
 use vkx_common::wire::{
     HashAlg, KeyMaterial, KeyName, KeyRelease, Message, PcrBankSelection, ReleasedKey,
 };
@@ -676,6 +676,7 @@ fn measure_floor(node_dir: &Path, pin: [u8; 32]) -> Floor {
     let q = tpm.quote_raw(&selection, &nonce).unwrap();
     let ak = Public::parse(tpm.ak_public()).unwrap();
     let expect = QuoteExpectations {
+        ak_parent: AkParent::VKX,
         qualifying_data: &nonce,
         pcr_selection: &selection,
         pcr_values: &q.pcr_values,

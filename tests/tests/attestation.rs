@@ -157,6 +157,24 @@ fn provisioned_guest_is_accepted_and_every_failure_has_its_reason() {
         "{err}"
     );
 
+    // The AK certificate: provisioning's, or none, is accepted; another
+    // (a rewritten NV index, another vTPM's certificate) is refused.
+    assert!(
+        ev.ak_cert.is_some(),
+        "a provisioned vTPM sends its certificate"
+    );
+    let mut t = ev.clone();
+    t.ak_cert = None;
+    verify_evidence(&registry, &policy, &vm, &th, &selection(), &t).unwrap();
+    let mut t = ev.clone();
+    if let Some(c) = t.ak_cert.as_mut() {
+        let last = c.len() - 1;
+        c[last] ^= 1;
+    }
+    let err = verify_evidence(&registry, &policy, &vm, &th, &selection(), &t).unwrap_err();
+    assert!(matches!(err, Rejection::AkCertMismatch { .. }), "{err}");
+    assert!(!err.is_local());
+
     // Tampered attest and signature bytes.
     let mut t = ev.clone();
     t.tpm_attest[20] ^= 1;
@@ -243,9 +261,14 @@ fn a_quote_from_another_vtpm_is_refused() {
         verify_evidence(&registry(&node), &policy, &vm_a, &th, &selection(), &from_b).unwrap_err();
     assert!(matches!(err, Rejection::AkNameMismatch { .. }), "{err}");
     // Even if it claims vm-a's AK name, the signature gives it away.
-    let a_ak = evidence(&node, "vm-a", &a, &th).ak_name;
+    let from_a = evidence(&node, "vm-a", &a, &th);
     let mut forged = from_b.clone();
-    forged.ak_name = a_ak;
+    forged.ak_name = from_a.ak_name;
+    // With its own AK certificate it is caught by that first.
+    let err =
+        verify_evidence(&registry(&node), &policy, &vm_a, &th, &selection(), &forged).unwrap_err();
+    assert!(matches!(err, Rejection::AkCertMismatch { .. }), "{err}");
+    forged.ak_cert = from_a.ak_cert;
     let err =
         verify_evidence(&registry(&node), &policy, &vm_a, &th, &selection(), &forged).unwrap_err();
     assert!(
@@ -370,6 +393,7 @@ fn the_cli_accepts_tpm2_tools_quotes_and_refuses_a_wrong_nonce() {
             fixture(case, "ak.pub"),
             fixture(case, "pcrs.bin"),
         );
+        let parent = hex::encode(std::fs::read(fixture(case, "parent.qname")).unwrap());
         let args = |nonce: &str, ak: &str| {
             verify_cli(&[
                 "--attest",
@@ -378,6 +402,8 @@ fn the_cli_accepts_tpm2_tools_quotes_and_refuses_a_wrong_nonce() {
                 &sig,
                 "--ak-public",
                 ak,
+                "--ak-parent-qname",
+                &parent,
                 "--pcrs",
                 &pcrs,
                 "--pcr-list",
@@ -395,6 +421,28 @@ fn the_cli_accepts_tpm2_tools_quotes_and_refuses_a_wrong_nonce() {
         assert!(stdout(&o).contains("REFUSED"), "{case}");
         let o = args(&nonce, &fixture(case, "other-ak.pub"));
         assert_eq!(o.status.code(), Some(1), "{case}: {}", stdout(&o));
+        // Without the parent, the AK is taken for a vkx AK (a primary of
+        // the endorsement hierarchy): a tpm2_createak AK is not one.
+        let o = verify_cli(&[
+            "--attest",
+            &attest,
+            "--signature",
+            &sig,
+            "--ak-public",
+            &ak,
+            "--pcrs",
+            &pcrs,
+            "--pcr-list",
+            list.trim(),
+            "--nonce",
+            &nonce,
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{case}: {}", stdout(&o));
+        assert!(
+            stdout(&o).contains("REFUSED: qualifiedSigner"),
+            "{case}: {}",
+            stdout(&o)
+        );
     }
     let o = run(
         "vkx-host",
@@ -443,6 +491,11 @@ fn the_cli_verifies_a_quote_made_live_by_tpm2_tools() {
         "tpm2_createek",
         &["-T", &tcti, "-c", "ek.ctx", "-G", "ecc", "-u", "ek.pub"],
     );
+    tpm2(
+        dir,
+        "tpm2_readpublic",
+        &["-T", &tcti, "-c", "ek.ctx", "-q", "ek.qname"],
+    );
     flush();
     tpm2(
         dir,
@@ -478,6 +531,7 @@ fn the_cli_verifies_a_quote_made_live_by_tpm2_tools() {
         ],
     );
     let f = |n: &str| dir.join(n).display().to_string();
+    let ek_qname = hex::encode(std::fs::read(dir.join("ek.qname")).unwrap());
     let verify = |nonce: &str| {
         verify_cli(&[
             "--attest",
@@ -486,6 +540,8 @@ fn the_cli_verifies_a_quote_made_live_by_tpm2_tools() {
             &f("sig.bin"),
             "--ak-public",
             &f("ak.pub"),
+            "--ak-parent-qname",
+            &ek_qname,
             "--pcrs",
             &f("pcrs.bin"),
             "--pcr-list",

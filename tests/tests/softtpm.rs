@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use vkx_common::tpm::signature::Signature;
-use vkx_common::tpm::{Attest, Public, QuoteExpectations, verify_quote};
+use vkx_common::tpm::{AkParent, Attest, Public, QuoteExpectations, verify_quote};
 use vkx_common::wire::{HashAlg, PcrBankSelection, PcrBankValues};
 use vkx_e2e::node::Node;
 use vkx_e2e::softtpm::{Seed, SoftQuote, SoftTpm, TPM_RH_ENDORSEMENT};
@@ -65,6 +65,7 @@ fn ours(
         &q.signature,
         &ak,
         &QuoteExpectations {
+            ak_parent: AkParent::VKX,
             qualifying_data: &NONCE,
             pcr_selection: selection,
             pcr_values: values,
@@ -260,6 +261,22 @@ fn soft_structures_have_a_real_vtpms_layout() {
             "the real AK's qualified name"
         );
         assert_eq!(mine.qualified_signer(), soft.qualified_signer());
+        // The host's verifier computes the same, and accepts the real
+        // quote of the persisted AK (after a vTPM restart) with it.
+        let ak = Public::parse(&real_ak).unwrap();
+        assert_eq!(AkParent::VKX.qualified_name_of(&ak), expected);
+        verify_quote(
+            &ev.tpm_attest,
+            &ev.tpm_signature,
+            &ak,
+            &QuoteExpectations {
+                ak_parent: AkParent::VKX,
+                qualifying_data: &NONCE,
+                pcr_selection: &selection,
+                pcr_values: &ev.pcr_values,
+            },
+        )
+        .unwrap();
         assert_eq!(real.extra_data(), mine.extra_data());
         assert_eq!(real.pcr_select(), mine.pcr_select());
         assert_eq!(real.pcr_digest().len(), mine.pcr_digest().len());

@@ -813,12 +813,7 @@ impl Established {
                     );
                     return false;
                 }
-                let same = host_tag
-                    .iter()
-                    .zip(&c.confirm_tag)
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0;
-                if !same {
+                if !crate::transcript::tags_equal(host_tag, &c.confirm_tag) {
                     out.fail(
                         ErrorCode::AttestationFailed,
                         CloseReason::Failed(Failure::Permanent),

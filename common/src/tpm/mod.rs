@@ -13,6 +13,19 @@
 /// from the TCG-reserved EK handles 0x81010001/0x81010002.
 pub const AK_PERSISTENT_HANDLE: u32 = 0x8100_0A4B;
 
+/// TPM_RH_ENDORSEMENT (Part 2 §7.4): the hierarchy the vkx AK is a
+/// primary key of (PROTOCOL.md §7.6).
+pub const TPM_RH_ENDORSEMENT: u32 = 0x4000_000B;
+
+/// TPM_RH_OWNER: the storage hierarchy.
+pub const TPM_RH_OWNER: u32 = 0x4000_0001;
+
+/// The qualified name of a hierarchy: its handle, 4 bytes big-endian
+/// (Part 1 §16.5: a hierarchy's name and qualified name are its handle).
+pub fn hierarchy_qualified_name(handle: u32) -> [u8; 4] {
+    handle.to_be_bytes()
+}
+
 /// Persistent handle of the ECC P-256 endorsement key (TCG EK Credential
 /// Profile 2.3, "ECC NIST P256" EK handle).
 pub const EK_ECC_PERSISTENT_HANDLE: u32 = 0x8101_0002;
@@ -41,4 +54,4 @@ pub use attest::{Attest, ClockInfo, PcrSelection};
 pub use marshal::TpmParseError;
 pub use public::{KeyScheme, Public, PublicKey, SymmetricDef};
 pub use signature::Signature;
-pub use verify::{QuoteExpectations, VerifiedQuote, VerifyError, verify_quote};
+pub use verify::{AkParent, QuoteExpectations, VerifiedQuote, VerifyError, verify_quote};

@@ -272,6 +272,23 @@ impl Public {
         out
     }
 
+    /// The key's qualified name (Part 1 §16.5) under a parent whose
+    /// qualified name is `parent_qualified_name`: nameAlg as 2 big-endian
+    /// bytes, then H_nameAlg(parent's qualified name || [`Public::name`]).
+    /// A hierarchy's qualified name is its handle, 4 bytes big-endian
+    /// ([`super::hierarchy_qualified_name`]). A TPM2_Quote carries the
+    /// signing key's qualified name as qualifiedSigner.
+    pub fn qualified_name(&self, parent_qualified_name: &[u8]) -> Vec<u8> {
+        let mut ctx = ring::digest::Context::new(ring_digest(self.name_alg));
+        ctx.update(parent_qualified_name);
+        ctx.update(&self.name());
+        let d = ctx.finish();
+        let mut out = Vec::with_capacity(2 + d.as_ref().len());
+        out.extend_from_slice(&hash_id(self.name_alg).to_be_bytes());
+        out.extend_from_slice(d.as_ref());
+        out
+    }
+
     pub fn name_alg(&self) -> HashAlg {
         self.name_alg
     }

@@ -28,25 +28,30 @@
 //! 4. the TPMS_ATTEST parses (magic, type, sizes; see [`super::attest`]);
 //! 5. extraData equals the caller's qualifying data (freshness: a replayed
 //!    quote carries an old transcript hash);
-//! 6. qualifiedSigner uses the AK's nameAlg (see below);
+//! 6. qualifiedSigner is exactly the AK's qualified name under the parent
+//!    the caller names (see below);
 //! 7. the quoted PCR selection is exactly the requested one;
 //! 8. the reported PCR values cover exactly that selection;
 //! 9. pcrDigest equals H(reported values, in selection order), H being the
 //!    signature's hash, as TPM2_Quote computes it.
 //!
-//! qualifiedSigner is the AK's *qualified* name, nameAlg || H(parent's
-//! qualified name || AK name): it depends on the whole key hierarchy above
-//! the AK (for a vkx AK, the EK and the endorsement hierarchy), which the
-//! host does not have here, so only its nameAlg and length are checked.
-//! It could not establish trust anyway: it is a value the TPM copies from
-//! its own bookkeeping, and trust in the key comes from the AK's
-//! provenance (pinned name, certificate), not from what the quote says
-//! about it.
+//! qualifiedSigner is the AK's *qualified* name, nameAlg ||
+//! H_nameAlg(parent's qualified name || AK name), which the TPM copies
+//! from its own bookkeeping. It depends on where the AK sits in the key
+//! hierarchy, so the caller says ([`AkParent`]): a vkx AK is a primary of
+//! the endorsement hierarchy (PROTOCOL.md §7.6), whose qualified name is
+//! its handle 0x4000000B, so its qualified name follows from its public
+//! area alone; an AK made by `tpm2_createak` is a child of the EK, and the
+//! caller passes the EK's qualified name. The check adds no trust of its
+//! own (that comes from the AK's provenance: pinned name, certificate),
+//! but a quote signed by the right key that names another key, or the
+//! same key under another parent, is not what the host provisioned and is
+//! refused.
 //!
 //! What it bounds: the TPMS_ATTEST at [`crate::wire::MAX_TPM_ATTEST`]
 //! bytes before it is hashed; everything else through the parsers. The
-//! work is one signature verification and two hashes over at most a few
-//! KiB.
+//! work is one signature verification and a few hashes over at most a
+//! few KiB.
 
 use ring::signature::{self, UnparsedPublicKey};
 use thiserror::Error;
@@ -72,9 +77,40 @@ pub const AK_REQUIRED_ATTRIBUTES: u32 = attributes::RESTRICTED
 /// restricted key with both).
 pub const AK_FORBIDDEN_ATTRIBUTES: u32 = attributes::DECRYPT;
 
+/// Where the AK sits in its TPM's key hierarchy: what its qualified name,
+/// the quote's qualifiedSigner, is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AkParent<'a> {
+    /// The AK is a primary key of the hierarchy with this handle; a vkx
+    /// AK is a primary of [`super::TPM_RH_ENDORSEMENT`].
+    Hierarchy(u32),
+    /// The AK is a child of the key with this qualified name (an AK of
+    /// `tpm2_createak` under the EK: `tpm2_readpublic -c ek.ctx -q`).
+    Key { qualified_name: &'a [u8] },
+}
+
+impl AkParent<'static> {
+    /// The parent of every vkx-provisioned AK (PROTOCOL.md §7.6).
+    pub const VKX: Self = Self::Hierarchy(super::TPM_RH_ENDORSEMENT);
+}
+
+impl AkParent<'_> {
+    /// The qualified name `ak` has under this parent.
+    pub fn qualified_name_of(&self, ak: &Public) -> Vec<u8> {
+        match self {
+            Self::Hierarchy(handle) => ak.qualified_name(&super::hierarchy_qualified_name(*handle)),
+            Self::Key { qualified_name } => ak.qualified_name(qualified_name),
+        }
+    }
+}
+
 /// What the host expects the quote to show.
 #[derive(Debug, Clone, Copy)]
 pub struct QuoteExpectations<'a> {
+    /// Where the AK sits: its qualified name must be the quote's
+    /// qualifiedSigner.
+    pub ak_parent: AkParent<'a>,
     /// TPM2_Quote's qualifyingData: for vkx, the transcript hash.
     pub qualifying_data: &'a [u8],
     /// The PCRs the host asked for (Challenge.pcr_selection): banks in
@@ -132,7 +168,7 @@ pub enum VerifyError {
     BadSignature,
     #[error("extraData is not the expected qualifying data (stale or replayed quote)")]
     QualifyingDataMismatch,
-    #[error("qualifiedSigner does not use the AK's nameAlg")]
+    #[error("qualifiedSigner is not the AK's qualified name under the expected parent")]
     QualifiedSignerMismatch,
     #[error("quoted PCR selection differs from the requested one")]
     PcrSelectionMismatch,
@@ -192,10 +228,8 @@ pub fn verify_quote(
         return Err(VerifyError::QualifyingDataMismatch);
     }
 
-    // 6. qualifiedSigner's form.
-    let qs = quote.qualified_signer();
-    let name_alg = ak.name_alg().tpm_alg_id().to_be_bytes();
-    if qs.len() != 2 + ak.name_alg().digest_len() || qs[..2] != name_alg {
+    // 6. The signer, exactly (public values: no constant time needed).
+    if quote.qualified_signer() != expect.ak_parent.qualified_name_of(ak).as_slice() {
         return Err(VerifyError::QualifiedSignerMismatch);
     }
 

@@ -252,6 +252,23 @@ mod tests {
         assert_eq!(encode_frame(b"", &mut Vec::new()), Err(FrameError::Empty));
     }
 
+    /// The payload buffer holds key-release frames: it is a zeroizing
+    /// type (checked at compile time), and it is wiped when the next
+    /// decode call starts, not kept until the next frame arrives.
+    #[test]
+    fn a_delivered_payload_is_wiped_by_the_next_call() {
+        fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+        let mut d = FrameDecoder::new();
+        zeroize_on_drop(&d.payload);
+        let stream = frame(&[0xAB; 100]);
+        let mut input = &stream[..];
+        assert_eq!(d.decode(&mut input).unwrap().map(<[u8]>::len), Some(100));
+        assert_eq!(d.decode(&mut &[][..]).unwrap(), None);
+        assert!(d.payload.is_empty());
+        assert_eq!(d.buffered(), 0);
+        d.finish().unwrap();
+    }
+
     #[test]
     fn truncation_is_reported_with_counts() {
         let mut d = FrameDecoder::new();

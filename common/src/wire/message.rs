@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use super::codec::{Fields, Reader, Writer, check_len};
 use super::{DecodeError, EncodeError, MAX_FRAME_PAYLOAD, scan};
@@ -214,9 +214,10 @@ impl From<ErrorDetail> for String {
 
 /// Key material in transit. Zeroized on drop; `Debug` shows only the
 /// length; equality does not stop at the first difference.
-#[derive(Clone, Zeroize)]
-#[zeroize(drop)]
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct KeyMaterial(Vec<u8>);
+
+const _: () = crate::assert_zeroize_on_drop::<KeyMaterial>();
 
 impl KeyMaterial {
     pub fn new(bytes: Vec<u8>) -> Self {
@@ -234,15 +235,14 @@ impl fmt::Debug for KeyMaterial {
     }
 }
 
+/// Constant time in the contents (`subtle`); lengths are public (the wire
+/// shows them).
 impl PartialEq for KeyMaterial {
     fn eq(&self, other: &Self) -> bool {
-        self.0.len() == other.0.len()
-            && self
-                .0
-                .iter()
-                .zip(&other.0)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        use subtle::ConstantTimeEq;
+        // ct_eq on slices of different lengths is false, without looking
+        // at the contents.
+        bool::from(self.0.as_slice().ct_eq(other.0.as_slice()))
     }
 }
 
@@ -748,12 +748,24 @@ impl Message {
         }
         scan::scan(input)?;
         let msg = Self::decode_scanned(input)?;
-        // Gate 3: the input must be the one encoding of its value.
+        // Gate 3: the input must be the one encoding of its value. Where
+        // both carry key material, compared in constant time.
         let again = msg.encode_unchecked();
-        if again.as_slice() != input {
+        let same = if msg.carries_key_material() {
+            bool::from(subtle::ConstantTimeEq::ct_eq(again.as_slice(), input))
+        } else {
+            again.as_slice() == input
+        };
+        if !same {
             return Err(DecodeError::NonCanonical);
         }
         Ok(msg)
+    }
+
+    /// Whether the message holds [`KeyMaterial`] (key-release,
+    /// key-update).
+    pub fn carries_key_material(&self) -> bool {
+        matches!(self, Self::KeyRelease(_) | Self::KeyUpdate(_))
     }
 
     /// Gate 2 alone: the typed decode of input that passed the scan. Public
@@ -2168,5 +2180,42 @@ mod tests {
             "{dbg}"
         );
         assert!(dbg.contains("REDACTED"));
+    }
+
+    /// The writer's buffer is sized up front (`capacity_hint`): a
+    /// reallocation would free a copy of the key material unzeroized.
+    /// `Vec::with_capacity` gives exactly the capacity asked for, so a
+    /// grown buffer would show a larger one.
+    #[test]
+    fn key_carrying_encodings_never_reallocate() {
+        let key = |i: usize| ReleasedKey {
+            name: KeyName::new(format!("{i:02}{}", "k".repeat(MAX_KEY_NAME - 2))).unwrap(),
+            version: u32::MAX,
+            material: KeyMaterial::new(vec![0xA5; MAX_KEY_MATERIAL]),
+        };
+        let release = Message::KeyRelease(KeyRelease {
+            released: (0..MAX_KEYS_PER_REQUEST).map(key).collect(),
+            refused: Vec::new(),
+        });
+        let update = Message::KeyUpdate(KeyUpdate {
+            update_id: u64::MAX,
+            key: key(0),
+        });
+        for m in [release, update] {
+            assert!(m.carries_key_material());
+            let out = m.encode().unwrap();
+            assert_eq!(out.capacity(), m.capacity_hint(), "{}", m.summary());
+            // And the decoder's re-encoding (gate 3) accepts it.
+            assert!(Message::decode(&out).unwrap() == m);
+        }
+    }
+
+    #[test]
+    fn key_material_is_compared_by_content_and_length() {
+        let a = KeyMaterial::new(vec![1, 2, 3]);
+        assert!(a == KeyMaterial::new(vec![1, 2, 3]));
+        assert!(a != KeyMaterial::new(vec![1, 2, 4]));
+        assert!(a != KeyMaterial::new(vec![1, 2]));
+        assert!(a != KeyMaterial::new(vec![1, 2, 3, 0]));
     }
 }

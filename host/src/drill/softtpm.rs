@@ -191,6 +191,8 @@ impl SoftTpm {
         let ak_name = Public::parse(&ak_public)
             .expect("the soft AK public area parses")
             .name();
+        // Computed here, not with the verifier's `Public::qualified_name`:
+        // the soft TPM is one of the verifier's judges.
         let mut qn = ring::digest::Context::new(&ring::digest::SHA256);
         qn.update(&TPM_RH_ENDORSEMENT.to_be_bytes());
         qn.update(&ak_name);
@@ -784,6 +786,45 @@ mod tests {
         assert_ne!(a.ak_public(), c.ak_public());
         assert_ne!(a.ak_public()[2..], a.ek_public()[2..]);
         assert_eq!(a.ak.public_key().as_ref()[1..33], a.ak_public()[24..56]);
+    }
+
+    /// A signature by the right AK over a quote that names another signer
+    /// (a qualifiedSigner of the right form but not the AK's qualified
+    /// name): what only a forged TPM, or an AK moved under another parent,
+    /// would produce. The host refuses it.
+    #[test]
+    fn a_quote_naming_another_signer_is_refused() {
+        use vkx_common::tpm::{AkParent, QuoteExpectations, VerifyError, verify_quote};
+        let mut t = SoftTpm::new(&Seed::generate().unwrap(), 2);
+        let ak = Public::parse(t.ak_public()).unwrap();
+        let sel = vec![PcrBankSelection {
+            hash_alg: HashAlg::Sha256,
+            pcrs: vec![0, 7],
+        }];
+        let nonce = [9u8; 32];
+        let verify = |q: &SoftQuote| {
+            verify_quote(
+                &q.attest,
+                &q.signature,
+                &ak,
+                &QuoteExpectations {
+                    ak_parent: AkParent::VKX,
+                    qualifying_data: &nonce,
+                    pcr_selection: &sel,
+                    pcr_values: &q.pcr_values,
+                },
+            )
+        };
+        assert!(verify(&t.quote_raw(&sel, &nonce).unwrap()).is_ok());
+        let right = t.qualified_signer.clone();
+        let mut flipped = right.clone();
+        flipped[33] ^= 1;
+        let under_owner = ak.qualified_name(&0x4000_0001u32.to_be_bytes());
+        for tampered in [flipped, under_owner, ak.name()] {
+            t.qualified_signer = tampered;
+            let q = t.quote_raw(&sel, &nonce).unwrap();
+            assert_eq!(verify(&q), Err(VerifyError::QualifiedSignerMismatch));
+        }
     }
 
     #[test]
