@@ -2841,15 +2841,6 @@ mod tests {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
     }
 
-    /// Whether this test runs as root (needed to give a directory away).
-    fn running_as_root(test: &str) -> bool {
-        let root = crate::node::effective_uid().unwrap() == 0;
-        if !root {
-            eprintln!("{test}: skipped, not running as root: cannot chown to another uid");
-        }
-        root
-    }
-
     #[test]
     fn rotate_moves_the_sealed_record_with_the_current_version() {
         let dir = tempfile::tempdir().unwrap();
@@ -3203,7 +3194,9 @@ mod tests {
 
     #[test]
     fn store_and_key_directories_of_another_uid_are_refused() {
-        if !running_as_root("store_and_key_directories_of_another_uid_are_refused") {
+        if !crate::node::tests::running_as_root(
+            "store_and_key_directories_of_another_uid_are_refused",
+        ) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

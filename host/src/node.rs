@@ -311,7 +311,7 @@ fn parse_effective_uid(status: &str) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -379,11 +379,12 @@ mod tests {
         assert!(err.to_string().contains("missing"), "{err}");
     }
 
-    /// Whether this test runs as root (needed to give a file away).
-    fn running_as_root(test: &str) -> bool {
+    /// Whether this test runs as root (needed to give a file or a
+    /// directory away to another uid); the key store's tests use it too.
+    pub(crate) fn running_as_root(test: &str) -> bool {
         let root = effective_uid().unwrap() == 0;
         if !root {
-            eprintln!("{test}: skipped, not running as root: cannot chown a file to another uid");
+            eprintln!("{test}: skipped, not running as root: cannot chown to another uid");
         }
         root
     }
