@@ -5,7 +5,7 @@
 //! AF_VSOCK. The host listens on `VMADDR_CID_ANY:port` ([`bind`]); the
 //! hypervisor sets the peer address of each accepted socket, so the peer's
 //! CID is the VM's identity. [`VsockListenerConfig`] maps CIDs to vm-ids
-//! (`[vsock_listener]` in `host.toml`), [`CidMap`] is that mapping once
+//! (`[vsock]` in `host.toml`), [`CidMap`] is that mapping once
 //! validated, and [`admit`] is the pure decision on one accepted peer: a
 //! mapped VM, or a peer to serve as unmapped (§2.6: TLS, `hello`, then an
 //! opaque `attestation-failed`). With `require_privileged_port`, a peer
@@ -177,17 +177,14 @@ pub async fn connect_check(path: &Path, port: u32) -> Result<u32, HybridConnectE
 
 // ---------------------------------------------------------------- AF_VSOCK
 
-/// `[vsock_listener]` in `host.toml`: the AF_VSOCK listener and the VMs it
-/// knows by CID.
+/// `[vsock]` in `host.toml`: the AF_VSOCK listener and the VMs it knows
+/// by CID.
 ///
 /// ```toml
-/// [vsock_listener]
+/// [vsock]
 /// port = 7861                    # default; >= 1024, same as the guests'
 /// require_privileged_port = true # default; false admits any source port
-///
-/// [[vsock_listener.vm]]
-/// cid = 17
-/// vm_id = "vm-17"
+/// vm = [ { cid = 17, vm_id = "vm-17" } ]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -231,7 +228,7 @@ impl Default for VsockListenerConfig {
     }
 }
 
-/// Why a `[vsock_listener]` was refused.
+/// Why a `[vsock]` table was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum VsockConfigError {
@@ -239,7 +236,9 @@ pub enum VsockConfigError {
     PortReserved { port: u32 },
     #[error("port {VMADDR_PORT_ANY} is VMADDR_PORT_ANY, not a port to listen on")]
     PortAny,
-    #[error("no [[vsock_listener.vm]]: every guest would be refused")]
+    #[error(
+        "[vsock] maps no VM (vm = [{{ cid = N, vm_id = \"...\" }}]): every guest would be refused"
+    )]
     NoVms,
     #[error("{count} VMs; at most {MAX_VSOCK_VMS}")]
     TooManyVms { count: usize },
