@@ -16,7 +16,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test chaos drill lint demo bench deps rust-components deny-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench package deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -111,6 +111,20 @@ bench: deps
 	# The kill switch's propagation to 1,000 in-process hosts (each the real rollout code with its
 	# own etcd watch; then one shared file): put -> applied on all, over 50 flips.
 	$(CARGO) run --release --quiet -p vkx-e2e --example rollout_propagation
+
+## package: vkx-host_*.deb and vkx-guest_*.deb in target/debian/ (release
+## binaries, units, sysusers files, /etc/vkx conffiles, examples, man pages,
+## completions, a copyright naming every linked crate's licence), checked by
+## lintian (errors and warnings fail). scripts/package.sh.
+package: deps package-tools
+	bash scripts/package.sh
+
+# cargo-deb and lintian for `make package`, cargo-deb pinned like cargo-deny.
+CARGO_DEB_VERSION := 3.8.0
+package-tools:
+	@dpkg -s lintian >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lintian; }
+	@[ "$$($(CARGO) deb --version 2>/dev/null)" = "cargo-deb $(CARGO_DEB_VERSION)" ] || \
+	  $(CARGO) install cargo-deb --locked --version $(CARGO_DEB_VERSION)
 
 # cargo-deny for `make lint`, pinned (0.20.2 needs Rust 1.88; a different
 # installed version is replaced, so every machine applies deny.toml alike).

@@ -59,6 +59,17 @@ enum Command {
     },
     /// Print the agent and protocol versions.
     Version,
+    /// Print the completion script of SHELL for this command (bash: save
+    /// it as /usr/share/bash-completion/completions/vkx-guest; the packages
+    /// install it).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages, one per command (vkx-guest.1, vkx-guest-SUB.1, ...), into
+    /// DIR, made if missing (for packaging).
+    #[command(hide = true)]
+    Manpages {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Debugging: quote the vTPM with the provisioned AK and write the
     /// evidence as files that tpm2-tools can check: attest.bin
     /// (TPMS_ATTEST), signature.bin (TPMT_SIGNATURE), ak.pub
@@ -101,6 +112,8 @@ fn main() -> ExitCode {
         }
         Command::Once { .. } | Command::Run { .. } | Command::Get { .. } => Ok(()),
         Command::Status { config } => status(&config),
+        Command::Completions { shell } => completions(shell),
+        Command::Manpages { out } => manpages(&out),
         Command::Evidence {
             tcti,
             ak_auth_file,
@@ -362,4 +375,26 @@ fn once(config: &Path, retry_for: u64) -> ExitCode {
         }
     }
     ExitCode::from(outcome.exit_code())
+}
+
+/// `completions SHELL`: the script, to stdout (built in memory first:
+/// clap_complete panics on a failed write, e.g. a closed pipe).
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "vkx-guest", &mut script);
+    std::io::stdout()
+        .lock()
+        .write_all(&script)
+        .context("write the completion script to stdout")
+}
+
+/// `manpages --out DIR`: one page per command, from the same definitions
+/// `--help` prints.
+fn manpages(out: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    clap_mangen::generate_to(Cli::command(), out)
+        .with_context(|| format!("write the man pages into {}", out.display()))
 }

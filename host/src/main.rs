@@ -35,6 +35,17 @@ struct Cli {
 enum Command {
     /// Print the agent and protocol versions.
     Version,
+    /// Print the completion script of SHELL for this command (bash: save
+    /// it as /usr/share/bash-completion/completions/vkx-host; the packages
+    /// install it).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages, one per command (vkx-host.1, vkx-host-SUB.1, ...), into
+    /// DIR, made if missing (for packaging).
+    #[command(hide = true)]
+    Manpages {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Create this node's identity in DIR: the TLS key guests pin
     /// (printed as its SPKI SHA-256) and the vTPM CA (DIR/ca). Refuses to
     /// replace an existing identity.
@@ -248,6 +259,20 @@ fn main() -> ExitCode {
             );
             Ok(true)
         }
+        Command::Completions { shell } => {
+            // Built in memory first: clap_complete panics on a failed
+            // write (e.g. a closed pipe).
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vkx-host", &mut script);
+            std::io::stdout()
+                .lock()
+                .write_all(&script)
+                .context("write the completion script to stdout")
+                .map(|()| true)
+        }
+        Command::Manpages { out } => manpages(&out).map(|()| true),
         Command::Wire(WireCommand::Decode { hex, frames, input }) => decode(&input, hex, frames),
         Command::Init { dir } => vkx_host::node::init(&dir)
             .map(|id| {
@@ -616,4 +641,13 @@ fn derived_get(socket: &std::path::Path, vm_id: &str, purpose: &str) -> anyhow::
     out.write_all(&key)?;
     out.flush()?;
     Ok(true)
+}
+
+/// `manpages --out DIR`: one page per command, from the same definitions
+/// `--help` prints.
+fn manpages(out: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    clap_mangen::generate_to(Cli::command(), out)
+        .with_context(|| format!("write the man pages into {}", out.display()))
 }
