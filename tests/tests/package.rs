@@ -103,3 +103,20 @@ fn each_binary_writes_a_man_page_per_command_and_completion_scripts() {
         }
     }
 }
+
+#[test]
+fn the_shipped_examples_are_the_readmes_tables() {
+    // The README documents host.toml and guest.toml in one block each; the
+    // packages ship the same text as their examples.
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    for file in [
+        "host/dist/examples/host.toml",
+        "guest/dist/examples/guest.toml",
+    ] {
+        let example = std::fs::read_to_string(repo(file)).unwrap();
+        assert!(
+            readme.contains(&format!("```toml\n{example}```\n")),
+            "{file} differs from its README block: copy the block again"
+        );
+    }
+}
