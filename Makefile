@@ -16,7 +16,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test chaos drill lint demo bench package deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench package package-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -118,6 +118,13 @@ bench: deps
 ## lintian (errors and warnings fail). scripts/package.sh.
 package: deps package-tools
 	bash scripts/package.sh
+
+## package-test: the packages installed, upgraded (to revision 2) and purged
+## in a clean Debian root (mmdebstrap, cached in target/pkgroot/): users,
+## disabled units, conffiles kept across the upgrade, /var/lib/vkx untouched,
+## nothing left after purge. scripts/package-test.sh.
+package-test: package
+	bash scripts/package-test.sh
 
 # cargo-deb and lintian for `make package`, cargo-deb pinned like cargo-deny.
 CARGO_DEB_VERSION := 3.8.0
