@@ -16,7 +16,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test chaos drill lint demo bench deps rust-components deny-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench bench-peers peers-venv deps rust-components deny-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -111,6 +111,33 @@ bench: deps
 	# The kill switch's propagation to 1,000 in-process hosts (each the real rollout code with its
 	# own etcd watch; then one shared file): put -> applied on all, over 50 flips.
 	$(CARGO) run --release --quiet -p vkx-e2e --example rollout_propagation
+
+## bench-peers: vkx side by side with Keylime on this machine (README,
+## "Side by side with Keylime"); not part of `make test`. Installs what it
+## needs: swtpm and tpm2-tools (Debian, via deps), python3-venv and
+## python3-gpg (Debian: Keylime imports gpg, which PyPI ships only as
+## source), and a venv under target/peers/ with Keylime 7.14.3 from PyPI
+## (scripts/peers/requirements.txt, pinned). Function level: the same
+## recorded swtpm quotes and tampered cases through both verifiers.
+PEERS_DIR ?= target/peers
+PEERS_VENV := $(PEERS_DIR)/venv
+PEERS_ITERATIONS ?= 20000
+PEERS_KEYLIME_ITERATIONS ?= 5000
+peers-venv: deps
+	@missing=""; for p in python3-venv python3-gpg; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	# Debian's python3 (python3-gpg is built for it); the system site-packages only
+	# for gpg: everything else is pinned in the venv.
+	[ -x $(PEERS_VENV)/bin/python ] || /usr/bin/python3 -m venv --system-site-packages $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q -r scripts/peers/requirements.txt
+
+bench-peers: peers-venv
+	$(CARGO) build --locked --bins -p vkx-host -p vkx-guest
+	$(CARGO) run --release --quiet --locked -p vkx-e2e --example peer_quotes -- $(PEERS_DIR)/quotes $(PEERS_ITERATIONS)
+	$(PEERS_VENV)/bin/python scripts/peers/keylime_quotes.py $(PEERS_DIR)/quotes $(PEERS_KEYLIME_ITERATIONS)
 
 # cargo-deny for `make lint`, pinned (0.20.2 needs Rust 1.88; a different
 # installed version is replaced, so every machine applies deny.toml alike).
