@@ -135,7 +135,6 @@ peers-venv: deps
 	$(PEERS_VENV)/bin/pip install -q -r scripts/peers/requirements.txt
 
 bench-peers: peers-venv
-	$(CARGO) build --locked --bins -p vkx-host -p vkx-guest
 	$(CARGO) run --release --quiet --locked -p vkx-e2e --example peer_quotes -- $(PEERS_DIR)/quotes $(PEERS_ITERATIONS)
 	$(PEERS_VENV)/bin/python scripts/peers/keylime_quotes.py $(PEERS_DIR)/quotes $(PEERS_KEYLIME_ITERATIONS)
 
