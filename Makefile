@@ -119,10 +119,15 @@ bench: deps
 ## source), and a venv under target/peers/ with Keylime 7.14.3 from PyPI
 ## (scripts/peers/requirements.txt, pinned). Function level: the same
 ## recorded swtpm quotes and tampered cases through both verifiers.
+## Process level: Keylime's verifier and registrar attesting PEERS_AGENTS
+## minimal agents on swtpm (scripts/peers/keylime_process.py), 3 windows
+## of PEERS_SECONDS; then vkx's `storm` 3 times; the table of medians.
 PEERS_DIR ?= target/peers
 PEERS_VENV := $(PEERS_DIR)/venv
 PEERS_ITERATIONS ?= 20000
 PEERS_KEYLIME_ITERATIONS ?= 5000
+PEERS_AGENTS ?= 8
+PEERS_SECONDS ?= 30
 peers-venv: deps
 	@missing=""; for p in python3-venv python3-gpg; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -137,6 +142,11 @@ peers-venv: deps
 bench-peers: peers-venv
 	$(CARGO) run --release --quiet --locked -p vkx-e2e --example peer_quotes -- $(PEERS_DIR)/quotes $(PEERS_ITERATIONS)
 	$(PEERS_VENV)/bin/python scripts/peers/keylime_quotes.py $(PEERS_DIR)/quotes $(PEERS_KEYLIME_ITERATIONS)
+	$(PEERS_VENV)/bin/python scripts/peers/keylime_process.py $(PEERS_DIR)/process $(PEERS_AGENTS) $(PEERS_SECONDS)
+	for i in 1 2 3; do \
+	  $(CARGO) run --release --quiet --locked -p vkx-e2e --features insecure-soft-tpm --example storm > $(PEERS_DIR)/storm-$$i.log; \
+	done
+	python3 scripts/peers/summary.py $(PEERS_DIR)/process/keylime_process.json $(PEERS_DIR)/storm-1.log $(PEERS_DIR)/storm-2.log $(PEERS_DIR)/storm-3.log
 
 # cargo-deny for `make lint`, pinned (0.20.2 needs Rust 1.88; a different
 # installed version is replaced, so every machine applies deny.toml alike).
