@@ -16,7 +16,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test chaos drill lint demo bench package package-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench bench-peers peers-venv package package-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -132,6 +132,42 @@ package-tools:
 	@dpkg -s lintian >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lintian; }
 	@[ "$$($(CARGO) deb --version 2>/dev/null)" = "cargo-deb $(CARGO_DEB_VERSION)" ] || \
 	  $(CARGO) install cargo-deb --locked --version $(CARGO_DEB_VERSION)
+
+## bench-peers: vkx side by side with Keylime on this machine (README,
+## "Side by side with Keylime"); not part of `make test`. Installs what it
+## needs: swtpm and tpm2-tools (Debian, via deps), python3-venv and
+## python3-gpg (Debian: Keylime imports gpg, which PyPI ships only as
+## source), and a venv under target/peers/ with Keylime 7.14.3 from PyPI
+## (scripts/peers/requirements.txt, pinned). Function level: the same
+## recorded swtpm quotes and tampered cases through both verifiers.
+## Process level: Keylime's verifier and registrar attesting PEERS_AGENTS
+## minimal agents on swtpm (scripts/peers/keylime_process.py), 3 windows
+## of PEERS_SECONDS; then vkx's `storm` 3 times; the table of medians.
+PEERS_DIR ?= target/peers
+PEERS_VENV := $(PEERS_DIR)/venv
+PEERS_ITERATIONS ?= 20000
+PEERS_KEYLIME_ITERATIONS ?= 5000
+PEERS_AGENTS ?= 8
+PEERS_SECONDS ?= 30
+peers-venv: deps
+	@missing=""; for p in python3-venv python3-gpg; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	# Debian's python3 (python3-gpg is built for it); the system site-packages only
+	# for gpg: everything else is pinned in the venv.
+	[ -x $(PEERS_VENV)/bin/python ] || /usr/bin/python3 -m venv --system-site-packages $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q -r scripts/peers/requirements.txt
+
+bench-peers: peers-venv
+	$(CARGO) run --release --quiet --locked -p vkx-e2e --example peer_quotes -- $(PEERS_DIR)/quotes $(PEERS_ITERATIONS)
+	$(PEERS_VENV)/bin/python scripts/peers/keylime_quotes.py $(PEERS_DIR)/quotes $(PEERS_KEYLIME_ITERATIONS)
+	$(PEERS_VENV)/bin/python scripts/peers/keylime_process.py $(PEERS_DIR)/process $(PEERS_AGENTS) $(PEERS_SECONDS)
+	for i in 1 2 3; do \
+	  $(CARGO) run --release --quiet --locked -p vkx-e2e --features insecure-soft-tpm --example storm > $(PEERS_DIR)/storm-$$i.log; \
+	done
+	python3 scripts/peers/summary.py $(PEERS_DIR)/process/keylime_process.json $(PEERS_DIR)/storm-1.log $(PEERS_DIR)/storm-2.log $(PEERS_DIR)/storm-3.log
 
 # cargo-deny for `make lint`, pinned (0.20.2 needs Rust 1.88; a different
 # installed version is replaced, so every machine applies deny.toml alike).

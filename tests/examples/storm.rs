@@ -74,7 +74,7 @@ use vkx_common::wire::{
 };
 use vkx_e2e::agents::status_kib;
 use vkx_e2e::herd::{
-    Host, KEY, MAX_VMS, POLICY_PCRS, Site, SoftSite, ensure_fd_limit, failure_cause, guest_config,
+    Host, KEY, MAX_VMS, POLICY_PCRS, Site, SoftSite, ensure_fd_limit, failure_cause,
 };
 use vkx_e2e::node::Node;
 use vkx_e2e::softtpm::SoftTpm;
@@ -812,12 +812,22 @@ fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -
         vm_pcrs.push(rules);
     }
     let site = Site::new(node, vm_ids, "", &vm_pcrs);
+    // Each guest quotes with its AK's authValue, as `vkx-guest` does with
+    // its `ak_auth_file` (provisioning gives the AK one).
     let agents: Vec<Arc<Agent>> = site
         .sockets
         .iter()
         .zip(&tpms)
-        .map(|(socket, tpm)| {
-            Arc::new(Agent::new(&guest_config(socket, site.node.pin(), Some(&tpm.tcti()))).unwrap())
+        .zip(&site.vm_ids)
+        .map(|((socket, tpm), vm)| {
+            let text = format!(
+                "host_socket = \"{}\"\nhost_key_sha256 = \"{}\"\ntcti = \"{}\"\nak_auth_file = \"{}\"\n",
+                socket.display(),
+                site.node.pin(),
+                tpm.tcti(),
+                site.node.ak_auth_file(vm)
+            );
+            Arc::new(Agent::new(&vkx_guest::config::Config::from_toml(&text).unwrap()).unwrap())
         })
         .collect();
     // Each VM reconnects once per round.
