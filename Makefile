@@ -16,7 +16,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test chaos drill lint demo bench deps rust-components deny-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench profile deps rust-components deny-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -111,6 +111,11 @@ bench: deps
 	# The kill switch's propagation to 1,000 in-process hosts (each the real rollout code with its
 	# own etcd watch; then one shared file): put -> applied on all, over 50 flips.
 	$(CARGO) run --release --quiet -p vkx-e2e --example rollout_propagation
+
+## profile: perf profile of the host during storm (a) of `make bench`,
+## sorted by cause (the README's breakdown); scripts/profile-storm.sh.
+profile: deps
+	bash scripts/profile-storm.sh
 
 # cargo-deny for `make lint`, pinned (0.20.2 needs Rust 1.88; a different
 # installed version is replaced, so every machine applies deny.toml alike).
