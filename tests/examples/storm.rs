@@ -80,7 +80,7 @@ use vkx_common::wire::{
 };
 use vkx_e2e::agents::status_kib;
 use vkx_e2e::herd::{
-    Host, KEY, MAX_VMS, POLICY_PCRS, Site, SoftSite, ensure_fd_limit, failure_cause, guest_config,
+    Host, KEY, MAX_VMS, POLICY_PCRS, Site, SoftSite, ensure_fd_limit, failure_cause,
 };
 use vkx_e2e::node::Node;
 use vkx_e2e::softtpm::SoftTpm;
@@ -904,8 +904,19 @@ fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -
         .sockets
         .iter()
         .zip(&tpms)
-        .map(|(socket, tpm)| {
-            Arc::new(Agent::new(&guest_config(socket, site.node.pin(), Some(&tpm.tcti()))).unwrap())
+        .zip(&site.vm_ids)
+        .map(|((socket, tpm), vm)| {
+            // Provisioning gave each AK an authValue: the guest needs it
+            // to quote (as `vkx-guest` reads it from `ak_auth_file`).
+            let config = vkx_guest::config::Config::from_toml(&format!(
+                "host_socket = \"{}\"\nhost_key_sha256 = \"{}\"\ntcti = \"{}\"\nak_auth_file = \"{}\"\n",
+                socket.display(),
+                site.node.pin(),
+                tpm.tcti(),
+                site.node.ak_auth_file(vm),
+            ))
+            .unwrap();
+            Arc::new(Agent::new(&config).unwrap())
         })
         .collect();
     // Each VM reconnects once per round.
