@@ -16,7 +16,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test chaos drill lint demo bench bench-peers peers-venv package package-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench bench-peers peers-venv profile package package-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -168,6 +168,11 @@ bench-peers: peers-venv
 	  $(CARGO) run --release --quiet --locked -p vkx-e2e --features insecure-soft-tpm --example storm > $(PEERS_DIR)/storm-$$i.log; \
 	done
 	python3 scripts/peers/summary.py $(PEERS_DIR)/process/keylime_process.json $(PEERS_DIR)/storm-1.log $(PEERS_DIR)/storm-2.log $(PEERS_DIR)/storm-3.log
+
+## profile: perf profile of the host during storm (a) of `make bench`,
+## sorted by cause (the README's breakdown); scripts/profile-storm.sh.
+profile: deps
+	bash scripts/profile-storm.sh
 
 # cargo-deny for `make lint`, pinned (0.20.2 needs Rust 1.88; a different
 # installed version is replaced, so every machine applies deny.toml alike).

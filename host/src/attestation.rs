@@ -207,11 +207,13 @@ pub fn detect_rewind(last: &QuoteObservation, quote: &VerifiedQuote) -> Option<R
     None
 }
 
-/// Records an accepted quote's clock state for `vm_id` (atomic registry
-/// write) and reports a rewind against the previous one, if any. With
-/// `keep_on_rewind`, a rewound quote is not recorded: the last good state
-/// stays the baseline, so the VM stays refused until an operator accepts
-/// the new state ([`accept_rewind`]). The caller serialises calls per VM.
+/// Records an accepted quote's clock state for `vm_id` (its clock record,
+/// one in-place write and `fdatasync`) and reports a rewind against the
+/// previous one, if any. With `keep_on_rewind`, a rewound quote is not
+/// recorded: the last good state stays the baseline, so the VM stays
+/// refused until an operator accepts the new state ([`accept_rewind`]).
+/// The caller serialises calls per VM within the process; the clock
+/// record's lock serialises them with other processes.
 pub fn record_quote(
     registry: &Registry,
     vm_id: &VmId,
@@ -222,25 +224,21 @@ pub fn record_quote(
     let entry = registry
         .by_vm_id(vm_id.as_str())?
         .ok_or_else(|| Rejection::NotProvisioned(vm_id.clone()))?;
-    let rewind = entry
-        .last_quote
-        .as_ref()
-        .and_then(|last| detect_rewind(last, quote));
+    let mut clock = registry.clock(vm_id)?;
+    // No clock record yet: the baseline an older version kept in the entry.
+    let last = clock.recorded().unwrap_or(entry.last_quote);
+    let rewind = last.as_ref().and_then(|last| detect_rewind(last, quote));
     if rewind.is_some() && keep_on_rewind {
         return Ok(rewind);
     }
     let c = quote.clock_info;
-    let updated = crate::registry::RegistryEntry {
-        last_quote: Some(QuoteObservation {
-            clock: c.clock,
-            reset_count: c.reset_count,
-            restart_count: c.restart_count,
-            firmware_version: quote.firmware_version,
-            at_unix: now_unix,
-        }),
-        ..entry
-    };
-    registry.replace(&updated)?;
+    clock.record(Some(QuoteObservation {
+        clock: c.clock,
+        reset_count: c.reset_count,
+        restart_count: c.restart_count,
+        firmware_version: quote.firmware_version,
+        at_unix: now_unix,
+    }))?;
     Ok(rewind)
 }
 
@@ -251,13 +249,11 @@ pub fn accept_rewind(registry: &Registry, vm_id: &VmId) -> Result<bool, Rejectio
     let entry = registry
         .by_vm_id(vm_id.as_str())?
         .ok_or_else(|| Rejection::NotProvisioned(vm_id.clone()))?;
-    if entry.last_quote.is_none() {
+    let mut clock = registry.clock(vm_id)?;
+    if clock.recorded().unwrap_or(entry.last_quote).is_none() {
         return Ok(false);
     }
-    registry.replace(&crate::registry::RegistryEntry {
-        last_quote: None,
-        ..entry
-    })?;
+    clock.record(None)?;
     Ok(true)
 }
 
@@ -404,6 +400,43 @@ mod tests {
         assert_eq!(
             detect_rewind(&last, &quote(5, 1, 99_000, true)),
             Some(Rewind::RestartCount { was: 2, now: 1 })
+        );
+    }
+
+    /// Recording a quote leaves the VM's entry alone (same inode: no
+    /// rewrite and rename per attestation) and keeps the baseline.
+    #[cfg(unix)]
+    #[test]
+    fn recording_a_quote_does_not_rewrite_the_entry() {
+        use crate::registry::{EkAlg, RegistryEntry};
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path()).unwrap();
+        reg.insert(&RegistryEntry {
+            vm_id: "vm-1".into(),
+            ek_alg: EkAlg::Ecc,
+            ek_public: "00aa".into(),
+            ak_public: "00bb".into(),
+            ak_name: "000b".into(),
+            ak_cert_sha256: "cc".repeat(32),
+            created_unix: 1,
+            last_quote: None,
+        })
+        .unwrap();
+        let vm = VmId::new("vm-1").unwrap();
+        let path = dir.path().join("vm-1.json");
+        let before = std::fs::metadata(&path).unwrap().ino();
+        for (at, clock) in [(1, 10_000), (2, 10_500), (3, 11_000)] {
+            assert_eq!(
+                record_quote(&reg, &vm, &quote(5, 2, clock, true), at, true).unwrap(),
+                None
+            );
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), before);
+        assert!(
+            record_quote(&reg, &vm, &quote(5, 2, 10_900, true), 4, true)
+                .unwrap()
+                .is_some()
         );
     }
 }

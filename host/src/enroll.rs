@@ -111,6 +111,11 @@ pub fn enroll_simulated_vm(
             .map_or(0, |d| d.as_secs()),
         last_quote: None,
     };
+    // A new VM: no clock baseline (a record left by an entry removed by
+    // hand is not its own), and its clock file, so that its attestations
+    // only overwrite a slot. Reset before the entry is written, so a crash
+    // between the two cannot leave an old record under the new AK.
+    registry.reset_clock(&vm, None)?;
     registry.replace(&entry)?;
     Ok(entry)
 }

@@ -43,6 +43,12 @@
 //! It prints one block of figures, then exits non-zero if any guest of any
 //! run did not get the key (released, not refused).
 //!
+//! Options (after `--`): `--only-a` runs storm (a) and the floor only (the
+//! figure a change to the host's per-attestation cost moves, in a third of
+//! the time); `--perf FILE` also records the host during storm (a) with
+//! `perf record --call-graph dwarf` into FILE (`scripts/profile-storm.sh`
+//! runs it and sorts the samples into the README's breakdown).
+//!
 //! The guests share the machine's CPUs with the host: wall time and
 //! latencies include the load generator's own TLS and quote work (its CPU
 //! time is printed too); the host CPU figure does not.
@@ -753,12 +759,13 @@ fn hex_pin(pin: &str) -> [u8; 32] {
 /// then under the host's default admission control.
 struct SoftRuns {
     at_once: StormFigures,
-    default_admission: StormFigures,
+    /// `None` with `--only-a`.
+    default_admission: Option<StormFigures>,
     floor: Floor,
     note: String,
 }
 
-fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64) -> SoftRuns {
+fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64, opts: &Options) -> SoftRuns {
     let soft = SoftSite::new(n, "storm");
     let floor = measure_floor(
         Path::new(&soft.site.node.node_dir()),
@@ -767,16 +774,97 @@ fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64) -> SoftRuns {
     let agents = soft.agents();
     let (site, note) = (&soft.site, soft.note.clone());
     let host = site.start_host("at-once", &format!("[admission]\nmax_handshakes = {n}\n"));
+    let recorder = opts.perf.as_deref().map(|out| Perf::attach(host.pid, out));
     let at_once = storm(rt, &agents, host.pid, ticks, true);
+    if let Some(r) = recorder {
+        r.finish();
+    }
     finish_host(host, &at_once);
-    let host = site.start_host("default", "");
-    let default_admission = storm(rt, &agents, host.pid, ticks, true);
-    finish_host(host, &default_admission);
+    let default_admission = (!opts.only_a).then(|| {
+        let host = site.start_host("default", "");
+        let f = storm(rt, &agents, host.pid, ticks, true);
+        finish_host(host, &f);
+        f
+    });
     SoftRuns {
         at_once,
         default_admission,
         floor,
         note,
+    }
+}
+
+/// The command line: `[N] [--only-a] [--perf FILE]`.
+struct Options {
+    n: usize,
+    only_a: bool,
+    perf: Option<std::path::PathBuf>,
+}
+
+impl Options {
+    fn parse() -> Self {
+        let mut o = Self {
+            n: DEFAULT_GUESTS,
+            only_a: false,
+            perf: None,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--only-a" => o.only_a = true,
+                "--perf" => {
+                    o.perf = Some(args.next().expect("--perf FILE").into());
+                    o.only_a = true;
+                }
+                n => o.n = n.parse().expect("N (the number of guests) is a number"),
+            }
+        }
+        o
+    }
+}
+
+/// `perf record` attached to the host for storm (a).
+struct Perf {
+    child: std::process::Child,
+}
+
+/// Sampling frequency of the profile (Hz): about 4,000 samples over
+/// storm (a)'s one second of host CPU.
+const PERF_FREQUENCY: &str = "4000";
+/// Bytes of stack copied per sample for DWARF unwinding (the release
+/// build has no frame pointers).
+const PERF_STACK: &str = "dwarf,32768";
+
+impl Perf {
+    fn attach(pid: u32, out: &Path) -> Self {
+        let child = Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-F",
+                PERF_FREQUENCY,
+                "--call-graph",
+                PERF_STACK,
+            ])
+            .arg("-o")
+            .arg(out)
+            .args(["-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run perf (Debian package linux-perf)");
+        // perf opens its events asynchronously: give it time to attach.
+        std::thread::sleep(Duration::from_millis(500));
+        Self { child }
+    }
+
+    /// Stops recording (SIGINT, as perf expects) and waits for the file.
+    fn finish(mut self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "could not stop perf");
+        let _ = self.child.wait();
     }
 }
 
@@ -812,22 +900,23 @@ fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -
         vm_pcrs.push(rules);
     }
     let site = Site::new(node, vm_ids, "", &vm_pcrs);
-    // Each guest quotes with its AK's authValue, as `vkx-guest` does with
-    // its `ak_auth_file` (provisioning gives the AK one).
     let agents: Vec<Arc<Agent>> = site
         .sockets
         .iter()
         .zip(&tpms)
         .zip(&site.vm_ids)
         .map(|((socket, tpm), vm)| {
-            let text = format!(
+            // Provisioning gave each AK an authValue: the guest needs it
+            // to quote (as `vkx-guest` reads it from `ak_auth_file`).
+            let config = vkx_guest::config::Config::from_toml(&format!(
                 "host_socket = \"{}\"\nhost_key_sha256 = \"{}\"\ntcti = \"{}\"\nak_auth_file = \"{}\"\n",
                 socket.display(),
                 site.node.pin(),
                 tpm.tcti(),
-                site.node.ak_auth_file(vm)
-            );
-            Arc::new(Agent::new(&vkx_guest::config::Config::from_toml(&text).unwrap()).unwrap())
+                site.node.ak_auth_file(vm),
+            ))
+            .unwrap();
+            Arc::new(Agent::new(&config).unwrap())
         })
         .collect();
     // Each VM reconnects once per round.
@@ -844,9 +933,8 @@ fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -
 }
 
 fn main() {
-    let n: usize = std::env::args().nth(1).map_or(DEFAULT_GUESTS, |s| {
-        s.parse().expect("N (the number of guests) is a number")
-    });
+    let opts = Options::parse();
+    let n = opts.n;
     assert!(
         (1..=MAX_VMS).contains(&n),
         "N must be 1..={MAX_VMS} (one Unix listener per guest)"
@@ -861,8 +949,8 @@ fn main() {
         .build()
         .unwrap();
 
-    let soft = soft_runs(&rt, n, ticks);
-    let real = real_run(&rt, REAL_VMS, REAL_ROUNDS, ticks);
+    let soft = soft_runs(&rt, n, ticks, &opts);
+    let real = (!opts.only_a).then(|| real_run(&rt, REAL_VMS, REAL_ROUNDS, ticks));
 
     let mut out = String::new();
     let _ = writeln!(
@@ -879,12 +967,14 @@ fn main() {
         "  a) every handshake admitted at once ([admission] max_handshakes = {n}): the host's cost"
     );
     soft.at_once.print(&mut out);
-    let _ = writeln!(
-        out,
-        "  b) the host's default admission control (max_handshakes {DEFAULT_MAX_HANDSHAKES}; busy, retry-after {} s +{DEFAULT_RETRY_JITTER_PERCENT} % jitter, honoured)",
-        DEFAULT_BUSY_RETRY_AFTER_MS / 1000
-    );
-    soft.default_admission.print(&mut out);
+    if let Some(b) = &soft.default_admission {
+        let _ = writeln!(
+            out,
+            "  b) the host's default admission control (max_handshakes {DEFAULT_MAX_HANDSHAKES}; busy, retry-after {} s +{DEFAULT_RETRY_JITTER_PERCENT} % jitter, honoured)",
+            DEFAULT_BUSY_RETRY_AFTER_MS / 1000
+        );
+        b.print(&mut out);
+    }
     let f = &soft.floor;
     let _ = writeln!(
         out,
@@ -925,19 +1015,22 @@ fn main() {
             per_release.as_secs_f64() / f.per_handshake().as_secs_f64()
         ),
     );
-    let _ = writeln!(
-        out,
-        "  {REAL_VMS} guests with real vTPMs (one swtpm each, provisioned by vkx-host vtpm provision), all started at once, {REAL_ROUNDS} rounds"
-    );
-    real.print(&mut out);
+    if let Some(real) = &real {
+        let _ = writeln!(
+            out,
+            "  {REAL_VMS} guests with real vTPMs (one swtpm each, provisioned by vkx-host vtpm provision), all started at once, {REAL_ROUNDS} rounds"
+        );
+        real.print(&mut out);
+    }
     print!("{out}");
 
     let mut failed = Vec::new();
     for (what, f) in [
-        ("soft, all admitted", &soft.at_once),
-        ("soft, default admission", &soft.default_admission),
-        ("real vTPMs", &real),
+        ("soft, all admitted", Some(&soft.at_once)),
+        ("soft, default admission", soft.default_admission.as_ref()),
+        ("real vTPMs", real.as_ref()),
     ] {
+        let Some(f) = f else { continue };
         if !f.all_keyed() {
             failed.push(format!(
                 "{what}: {} of {} sessions got {KEY:?}",

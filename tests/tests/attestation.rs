@@ -93,12 +93,7 @@ fn provisioned_guest_is_accepted_and_every_failure_has_its_reason() {
         record_quote(&registry, &vm, &ok.quote, 1, true).unwrap(),
         None
     );
-    let seen = registry
-        .by_vm_id("vm-a")
-        .unwrap()
-        .unwrap()
-        .last_quote
-        .unwrap();
+    let seen = registry.last_quote(&vm).unwrap().unwrap();
     assert_eq!(seen.reset_count, ok.quote.clock_info.reset_count);
     // A later quote of the same running vTPM is no rewind.
     std::thread::sleep(std::time::Duration::from_millis(20));
