@@ -262,6 +262,23 @@ mod tests {
     use super::*;
     use vkx_common::tpm::ClockInfo;
 
+    /// A registry entry for vm-1 (the fields rewind tracking does not read
+    /// are placeholders).
+    fn enroll_vm1(reg: &Registry) {
+        use crate::registry::{EkAlg, RegistryEntry};
+        reg.insert(&RegistryEntry {
+            vm_id: "vm-1".into(),
+            ek_alg: EkAlg::Ecc,
+            ek_public: "00aa".into(),
+            ak_public: "00bb".into(),
+            ak_name: "000b".into(),
+            ak_cert_sha256: "cc".repeat(32),
+            created_unix: 1,
+            last_quote: None,
+        })
+        .unwrap();
+    }
+
     fn quote(reset_count: u32, restart_count: u32, clock: u64, safe: bool) -> VerifiedQuote {
         VerifiedQuote {
             clock_info: ClockInfo {
@@ -277,20 +294,9 @@ mod tests {
 
     #[test]
     fn a_refused_rewind_keeps_the_good_baseline_until_an_operator_accepts() {
-        use crate::registry::{EkAlg, RegistryEntry};
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::open(&dir.path().join("reg")).unwrap();
-        reg.insert(&RegistryEntry {
-            vm_id: "vm-1".into(),
-            ek_alg: EkAlg::Ecc,
-            ek_public: "00aa".into(),
-            ak_public: "00bb".into(),
-            ak_name: "000b".into(),
-            ak_cert_sha256: "cc".repeat(32),
-            created_unix: 1,
-            last_quote: None,
-        })
-        .unwrap();
+        enroll_vm1(&reg);
         let vm = VmId::new("vm-1").unwrap();
         assert_eq!(
             record_quote(&reg, &vm, &quote(5, 2, 10_000, true), 1, true).unwrap(),
@@ -408,21 +414,10 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn recording_a_quote_does_not_rewrite_the_entry() {
-        use crate::registry::{EkAlg, RegistryEntry};
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::open(dir.path()).unwrap();
-        reg.insert(&RegistryEntry {
-            vm_id: "vm-1".into(),
-            ek_alg: EkAlg::Ecc,
-            ek_public: "00aa".into(),
-            ak_public: "00bb".into(),
-            ak_name: "000b".into(),
-            ak_cert_sha256: "cc".repeat(32),
-            created_unix: 1,
-            last_quote: None,
-        })
-        .unwrap();
+        enroll_vm1(&reg);
         let vm = VmId::new("vm-1").unwrap();
         let path = dir.path().join("vm-1.json");
         let before = std::fs::metadata(&path).unwrap().ino();
