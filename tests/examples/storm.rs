@@ -22,7 +22,9 @@
 //! its answer, each guest's latency from its first connect to the key (p50,
 //! p99), the host's CPU time (user+system, /proc/PID/stat) over the storm
 //! divided by N, its peak RSS (VmHWM) and its RSS with the N sessions held
-//! idle (VmRSS). Then every session says goodbye and the host stops.
+//! idle (VmRSS); in run 1, also the host's CPU while the N sessions stay
+//! idle for a minute (keepalives only), and the guests' side of it. Then
+//! every session says goodbye and the host stops.
 //!
 //! The runs:
 //! 1. soft vTPMs, every handshake admitted at once (`[admission]
@@ -109,6 +111,13 @@ const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// Pause after the last answer before the idle RSS is read: in-flight
 /// buffers are released, only held sessions remain.
 const SETTLE: Duration = Duration::from_secs(1);
+/// Storm (a) then holds its sessions this long, keepalives only, and reads
+/// the host's CPU over it (issue 14's idle cost: at most 1 % of one core).
+/// Longer than the guests' keepalive interval, so every session pings once
+/// in it: the steady state of an idle node, not a quiet minute between
+/// pings.
+const IDLE_WINDOW: Duration =
+    Duration::from_secs(vkx_common::session::guest::KEEPALIVE_INTERVAL.as_secs() + 10);
 /// File descriptors beyond two per guest (host: listener and connection;
 /// this process: the guest's socket).
 const FD_HEADROOM: u64 = 256;
@@ -275,6 +284,16 @@ struct StormFigures {
     hwm_kib: u64,
     held: usize,
     orderly: usize,
+    /// With the sessions held idle for [`IDLE_WINDOW`]: the host's CPU and
+    /// this process's (the in-process guest agents').
+    idle: Option<IdleFigures>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IdleFigures {
+    window: Duration,
+    host_cpu: Duration,
+    self_cpu: Duration,
 }
 
 impl StormFigures {
@@ -304,6 +323,7 @@ impl StormFigures {
         self.hwm_kib = self.hwm_kib.max(later.hwm_kib);
         self.held = later.held;
         self.orderly += later.orderly;
+        self.idle = later.idle.or(self.idle);
     }
 
     fn print(&self, out: &mut String) {
@@ -393,6 +413,22 @@ impl StormFigures {
                     / self.held.max(1) as f64
             ),
         );
+        if let Some(i) = &self.idle {
+            let w = i.window.as_secs_f64();
+            line(
+                out,
+                "idle cost, sessions held",
+                format!(
+                    "host {:.0} ms CPU over {w:.0} s with {} sessions (keepalives only) = {:.2} % of one core (target <= 1 %); \
+                     the in-process guest agents {:.0} ms = {:.1} us per guest per second",
+                    i.host_cpu.as_secs_f64() * 1e3,
+                    self.held,
+                    i.host_cpu.as_secs_f64() / w * 100.0,
+                    i.self_cpu.as_secs_f64() * 1e3,
+                    i.self_cpu.as_secs_f64() * 1e6 / w / self.held.max(1) as f64,
+                ),
+            );
+        }
         line(
             out,
             "load generator CPU",
@@ -456,14 +492,15 @@ fn finish_host(host: Host, f: &StormFigures) {
 }
 
 /// Drives one guest per agent, all at once, against the host `pid`; holds
-/// the sessions (for [`SETTLE`] if `settle`, to read the idle RSS), then
-/// ends them.
+/// the sessions (for [`SETTLE`] if `settle`, to read the idle RSS, then
+/// `idle` more to read the idle CPU), then ends them.
 fn storm(
     rt: &tokio::runtime::Runtime,
     agents: &[Arc<Agent>],
     pid: u32,
     ticks: u64,
     settle: bool,
+    idle: Option<Duration>,
 ) -> StormFigures {
     let n = agents.len();
     let key = KeyName::new(KEY).unwrap();
@@ -501,6 +538,7 @@ fn storm(
             hwm_kib: 0,
             held: 0,
             orderly: 0,
+            idle: None,
         };
         let deadline = tokio::time::Instant::now() + STORM_LIMIT;
         let mut finished = 0;
@@ -543,6 +581,16 @@ fn storm(
         f.held = live.load(Ordering::SeqCst);
         f.rss_held_kib = status_kib(pid, "VmRSS");
         f.hwm_kib = status_kib(pid, "VmHWM");
+        if let Some(window) = idle {
+            let (host0, self0) = (cpu_time(&pid.to_string(), ticks), cpu_time("self", ticks));
+            tokio::time::sleep(window).await;
+            f.idle = Some(IdleFigures {
+                window,
+                host_cpu: cpu_time(&pid.to_string(), ticks) - host0,
+                self_cpu: cpu_time("self", ticks) - self0,
+            });
+            f.held = f.held.min(live.load(Ordering::SeqCst));
+        }
         let _ = stop_tx.send(true);
         let stop_deadline = tokio::time::Instant::now() + STOP_LIMIT;
         while let Ok(Some(r)) = tokio::time::timeout_at(stop_deadline, tasks.join_next()).await {
@@ -775,14 +823,16 @@ fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64, opts: &Options)
     let (site, note) = (&soft.site, soft.note.clone());
     let host = site.start_host("at-once", &format!("[admission]\nmax_handshakes = {n}\n"));
     let recorder = opts.perf.as_deref().map(|out| Perf::attach(host.pid, out));
-    let at_once = storm(rt, &agents, host.pid, ticks, true);
+    // Profiled runs skip the idle window (a minute of idle samples).
+    let idle = opts.perf.is_none().then_some(IDLE_WINDOW);
+    let at_once = storm(rt, &agents, host.pid, ticks, true, idle);
     if let Some(r) = recorder {
         r.finish();
     }
     finish_host(host, &at_once);
     let default_admission = (!opts.only_a).then(|| {
         let host = site.start_host("default", "");
-        let f = storm(rt, &agents, host.pid, ticks, true);
+        let f = storm(rt, &agents, host.pid, ticks, true, None);
         finish_host(host, &f);
         f
     });
@@ -924,9 +974,16 @@ fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -
         "real",
         &format!("[admission]\npeer_connection_burst = {}\n", rounds + 2),
     );
-    let mut figures = storm(rt, &agents, host.pid, ticks, rounds == 1);
+    let mut figures = storm(rt, &agents, host.pid, ticks, rounds == 1, None);
     for round in 1..rounds {
-        figures.merge(storm(rt, &agents, host.pid, ticks, round + 1 == rounds));
+        figures.merge(storm(
+            rt,
+            &agents,
+            host.pid,
+            ticks,
+            round + 1 == rounds,
+            None,
+        ));
     }
     finish_host(host, &figures);
     figures
