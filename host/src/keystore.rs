@@ -184,6 +184,29 @@ use crate::registry::{create_private_dir, create_private_file};
 
 /// The version of the key file format this code reads and writes.
 pub const FORMAT: u32 = 1;
+
+/// Parses one of the store's JSON files (`what`: "key file", "record").
+/// serde_json's messages may quote the input, so the reason says only
+/// where the parse failed.
+fn from_json<T: serde::de::DeserializeOwned>(raw: &[u8], what: &str) -> Result<T, String> {
+    serde_json::from_slice(raw).map_err(|e| {
+        format!(
+            "not a {what} ({:?} error at line {}, column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
+    })
+}
+
+/// A file's `format` field: this vkx reads [`FORMAT`] only.
+fn check_format(format: u32) -> Result<(), String> {
+    if format == FORMAT {
+        Ok(())
+    } else {
+        Err(format!("format {format} (this vkx reads format {FORMAT})"))
+    }
+}
 /// The master key: an AES-256 key.
 pub const MASTER_KEY_LEN: usize = 32;
 /// Keys a store may hold: a node serves about 1,000 VMs with a handful of
@@ -1353,20 +1376,8 @@ impl DirKeyStore {
             Err(KeyStoreError::Corrupt { reason, .. }) => return Err(invalid(reason)),
             Err(e) => return Err(e),
         };
-        let file: RecordFile = serde_json::from_slice(&raw).map_err(|e| {
-            invalid(format!(
-                "not a record ({:?} error at line {}, column {})",
-                e.classify(),
-                e.line(),
-                e.column()
-            ))
-        })?;
-        if file.format != FORMAT {
-            return Err(invalid(format!(
-                "format {} (this vkx reads format {FORMAT})",
-                file.format
-            )));
-        }
+        let file: RecordFile = from_json(&raw, "record").map_err(invalid)?;
+        check_format(file.format).map_err(invalid)?;
         let mac = hex::decode(&file.mac).map_err(|_| invalid("the MAC is not hex".into()))?;
         let record = Record {
             current: file.current,
@@ -1517,21 +1528,8 @@ impl DirKeyStore {
             path: path.to_path_buf(),
             reason,
         };
-        // serde_json's messages may quote the input; report only where.
-        let file: KeyFile = serde_json::from_slice(raw).map_err(|e| {
-            corrupt(format!(
-                "not a key file ({:?} error at line {}, column {})",
-                e.classify(),
-                e.line(),
-                e.column()
-            ))
-        })?;
-        if file.format != FORMAT {
-            return Err(corrupt(format!(
-                "format {} (this vkx reads format {FORMAT})",
-                file.format
-            )));
-        }
+        let file: KeyFile = from_json(raw, "key file").map_err(corrupt)?;
+        check_format(file.format).map_err(corrupt)?;
         if file.name != name.as_str() || file.version != version {
             return Err(corrupt(format!(
                 "holds key {:?} version {}, but its place is {name} version {version}",
