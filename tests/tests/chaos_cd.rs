@@ -233,21 +233,7 @@ fn d_hostile_peer_memory_logs_and_service_stay_bounded() {
         }
         // Meanwhile the well-behaved guest, again and again.
         let t0 = Instant::now();
-        let mut good = Vec::new();
-        let mut failure = String::new();
-        while t0.elapsed() < attack {
-            let t = Instant::now();
-            let o = good_once();
-            good.push((o.status.code(), t.elapsed()));
-            if o.status.code() != Some(0) {
-                // Reported below, after the attackers stopped.
-                failure = String::from_utf8_lossy(&o.stderr).into_owned();
-                break;
-            }
-            // A guest reconnecting now and then, well within its own
-            // connection budget (burst 10, then 1 per 6 s).
-            std::thread::sleep(D_GOOD_INTERVAL.saturating_sub(t.elapsed()));
-        }
+        let (good, failure) = good_guest_during(attack, D_GOOD_INTERVAL, &good_once);
         stop.store(true, Ordering::Relaxed);
         let elapsed = t0.elapsed();
         drop(idle);
@@ -477,19 +463,7 @@ fn d2_many_hostile_vms_stalling_handshakes_cannot_lock_out_a_good_guest() {
         {
             std::thread::sleep(POLL);
         }
-        let t0 = Instant::now();
-        let mut good = Vec::new();
-        let mut failure = String::new();
-        while t0.elapsed() < attack {
-            let t = Instant::now();
-            let o = good_once();
-            good.push((o.status.code(), t.elapsed()));
-            if o.status.code() != Some(0) {
-                failure = String::from_utf8_lossy(&o.stderr).into_owned();
-                break;
-            }
-            std::thread::sleep(D2_GOOD_INTERVAL.saturating_sub(t.elapsed()));
-        }
+        let (good, failure) = good_guest_during(attack, D2_GOOD_INTERVAL, &good_once);
         stop.store(true, Ordering::Relaxed);
         (good, failure)
     });
@@ -530,6 +504,30 @@ fn d2_many_hostile_vms_stalling_handshakes_cannot_lock_out_a_good_guest() {
         "a good guest failed while {D2_VMS} VMs stalled handshakes: {failure}\n{figure}"
     );
     assert!(pass, "{figure}\n{text}");
+}
+
+/// The well-behaved guest during an attack: `once` every `interval` (well
+/// within its own connection budget: burst 10, then 1 per 6 s) for
+/// `attack`, until the first failure. Each attempt's exit code and time,
+/// and the failure's stderr (empty if none), reported by the caller after
+/// the attackers stopped.
+fn good_guest_during(
+    attack: Duration,
+    interval: Duration,
+    once: &dyn Fn() -> std::process::Output,
+) -> (Vec<(Option<i32>, Duration)>, String) {
+    let t0 = Instant::now();
+    let mut good = Vec::new();
+    while t0.elapsed() < attack {
+        let t = Instant::now();
+        let o = once();
+        good.push((o.status.code(), t.elapsed()));
+        if o.status.code() != Some(0) {
+            return (good, String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+        std::thread::sleep(interval.saturating_sub(t.elapsed()));
+    }
+    (good, String::new())
 }
 
 /// A log line's call site: its message, without the level, target and
