@@ -62,6 +62,7 @@ test: deps
 ## table is printed even when a case fails; the target then fails too.
 ## `make test` runs the same suite at reduced size.
 chaos: deps
+	$(CARGO) build --workspace --bins --locked
 	status=0; VKX_CHAOS_FULL=1 $(CARGO) test -p vkx-e2e --features insecure-soft-tpm --test chaos --test chaos_cd --test chaos_g --locked -- --test-threads=1 || status=$$?; \
 	$(CARGO) run --quiet --locked -p vkx-e2e --example chaos_report || status=1; \
 	exit $$status
@@ -106,6 +107,8 @@ demo: deps
 bench: deps
 	$(CARGO) bench -p vkx-common --bench codec -- --noplot
 	$(CARGO) bench -p vkx-common --bench verify -- --noplot
+	# The examples run the release agents; they never build them themselves.
+	$(CARGO) build --release --workspace --bins --locked --quiet
 	$(CARGO) run --release --quiet -p vkx-e2e --example agent_bench
 	$(CARGO) run --release --quiet -p vkx-e2e --features insecure-soft-tpm --example storm
 	# The kill switch's propagation to 1,000 in-process hosts (each the real rollout code with its
@@ -161,6 +164,7 @@ peers-venv: deps
 	$(PEERS_VENV)/bin/pip install -q -r scripts/peers/requirements.txt
 
 bench-peers: peers-venv
+	$(CARGO) build --release --workspace --bins --locked --quiet
 	$(CARGO) run --release --quiet --locked -p vkx-e2e --example peer_quotes -- $(PEERS_DIR)/quotes $(PEERS_ITERATIONS)
 	$(PEERS_VENV)/bin/python scripts/peers/keylime_quotes.py $(PEERS_DIR)/quotes $(PEERS_KEYLIME_ITERATIONS)
 	$(PEERS_VENV)/bin/python scripts/peers/keylime_process.py $(PEERS_DIR)/process $(PEERS_AGENTS) $(PEERS_SECONDS)

@@ -21,6 +21,7 @@ mkdir -p "$out"
 if ! command -v perf >/dev/null || ! perf --version >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf
 fi
+cargo build --release --locked --quiet --workspace --bins
 cargo build --release --locked --quiet -p vkx-e2e --features insecure-soft-tpm --example storm
 data="$out/storm-a.perf.data"
 rm -f "$data"

@@ -22,57 +22,79 @@ pub mod swtpm;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-/// Path of a workspace binary, freshly built. `cargo test` does not
-/// rebuild another package's binaries, so the first call runs `cargo build
-/// --bins` for the agents (quick when nothing changed); a stale binary
-/// would make the tests check old code. Fails loudly if the build fails.
+/// Path of a workspace binary (`vkx-host`, `vkx-guest`) of this test
+/// build's profile. A test never builds: `make test` (and every make
+/// target that runs these tests or examples) builds the binaries first,
+/// `cargo build --workspace --bins` (with `--release` for a release test
+/// build). Fails with that command if the binary is missing, or older than
+/// a source file of the crates it is built from: a stale binary would make
+/// the tests check old code.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    BUILD.call_once(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--bins", "-p", "vkx-host", "-p", "vkx-guest"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        // Cargo gives a test process the variables of its own package
-        // (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...). A build script that
-        // watches one of them (ring's watches CARGO_MANIFEST_DIR) would
-        // see it change between `make`'s builds and this one, and every
-        // crate above it would be rebuilt each time.
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k == "CARGO_MANIFEST_DIR"
-                || k == "CARGO_MANIFEST_PATH"
-                || k == "CARGO_CRATE_NAME"
-                || k == "CARGO_PRIMARY_PACKAGE"
-                || k == "CARGO_TARGET_TMPDIR"
-                || k == "CARGO_RUSTC_CURRENT_DIR"
-                || k.starts_with("CARGO_PKG_")
-                || k.starts_with("CARGO_BIN_EXE_")
-            {
-                cmd.env_remove(&key);
-            }
-        }
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build for the agents");
-        assert!(status.success(), "cargo build --bins failed");
-    });
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let profile = if cfg!(debug_assertions) {
-        "debug"
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let (profile, flag) = if cfg!(debug_assertions) {
+        ("debug", "")
     } else {
-        "release"
+        ("release", " --release")
     };
     let path = target.join(profile).join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing after the build",
-        path.display()
-    );
+    let build = format!("cargo build --workspace --bins --locked{flag}");
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}; build the agents first: {build}", path.display()));
+    if let Some(newer) = newer_source(built) {
+        panic!(
+            "{} is older than {}; build the agents first: {build}",
+            path.display(),
+            newer.display()
+        );
+    }
     path
+}
+
+/// The workspace's root directory (this crate's parent).
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Source directories and files the agents are built from.
+const AGENT_SOURCES: &[&str] = &[
+    "Cargo.lock",
+    "common/Cargo.toml",
+    "common/src",
+    "host/Cargo.toml",
+    "host/src",
+    "guest/Cargo.toml",
+    "guest/src",
+];
+
+/// Entries scanned at most per directory while looking for a source newer
+/// than a binary (the crates hold about a hundred files each).
+const MAX_SOURCE_ENTRIES: usize = 4096;
+
+/// A file of [`AGENT_SOURCES`] modified after `built`, if any.
+fn newer_source(built: std::time::SystemTime) -> Option<PathBuf> {
+    let root = workspace_root();
+    let mut stack: Vec<PathBuf> = AGENT_SOURCES.iter().map(|p| root.join(p)).collect();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            let Ok(entries) = std::fs::read_dir(&path) else {
+                continue;
+            };
+            stack.extend(
+                entries
+                    .take(MAX_SOURCE_ENTRIES)
+                    .filter_map(|e| e.ok().map(|e| e.path())),
+            );
+        } else if meta.modified().is_ok_and(|m| m > built) {
+            return Some(path);
+        }
+    }
+    None
 }
 
 /// Runs a binary with `args`, feeding `stdin`, and returns its output.
@@ -102,5 +124,18 @@ pub fn run(name: &str, args: &[&str], stdin: &[u8]) -> Output {
 pub fn ensure_fd_limit(need: u64) {
     if let Err(e) = vkx_host::drill::sandbox::ensure_fd_limit(need) {
         panic!("{e:#}: raise the hard limit (ulimit -Hn) or pass a smaller N");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_binary_older_than_a_source_is_stale() {
+        assert!(newer_source(SystemTime::UNIX_EPOCH).is_some());
+        let future = SystemTime::now() + Duration::from_secs(86_400);
+        assert_eq!(newer_source(future), None);
     }
 }

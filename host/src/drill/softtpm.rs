@@ -51,10 +51,9 @@
 //! Keys are derived: scalar = SHA-256(label || seed || role || index ||
 //! counter), the first value in [1, n); one seed gives the same AKs, so a
 //! site can restart its host on the same registry. ring cannot compute a
-//! public key from a private scalar, so this module does that one P-256
-//! scalar multiplication itself (small, not constant-time: the scalars
-//! live only in this process, which holds the seed anyway), and ring's
-//! consistency check on the pair proves it right for every key.
+//! public key from a private scalar, so the `p256` crate does that one
+//! scalar multiplication, and ring's consistency check on the pair proves
+//! it right for every key.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -173,9 +172,8 @@ impl SoftTpm {
     /// The soft vTPM of VM number `index` of the sandbox of `seed`: the
     /// same keys for the same seed and index.
     // Both expects hold by construction: the public point is computed from
-    // the scalar (ring checks the pair, and the p256 unit tests prove the
-    // arithmetic), and the public area is marshalled here from a fixed
-    // template that `Public::parse` accepts (the unit test below).
+    // the scalar by the `p256` crate (ring checks the pair), and the
+    // public area is marshalled here from a fixed template that `Public::parse` accepts (the unit test below).
     #[allow(clippy::expect_used)]
     pub fn new(seed: &Seed, index: u32) -> Self {
         let rng = SystemRandom::new();
@@ -438,333 +436,26 @@ fn derive_key(
         ctx.update(&counter.to_be_bytes());
         let mut scalar = zeroize::Zeroizing::new([0u8; P256_LEN]);
         scalar.copy_from_slice(ctx.finish().as_ref());
-        if let Some(point) = p256::public_point(&scalar) {
-            return (scalar, point.to_vec());
+        if let Some(point) = public_point(&scalar) {
+            return (scalar, point);
         }
     }
     unreachable!("{MAX_DERIVE_TRIES} SHA-256 outputs all outside [1, n)")
 }
 
-/// Just enough NIST P-256 to compute a public key from a private scalar:
-/// field arithmetic in Montgomery form on four 64-bit limbs
-/// (little-endian), Jacobian points, double-and-add. Not constant-time;
-/// the scalars it sees are public (see the module primer).
-#[allow(clippy::cast_possible_truncation)] // Limb arithmetic: keeping the low 64 bits is the point.
-mod p256 {
-    type Fe = [u64; 4];
-
-    /// The field prime p = 2^256 - 2^224 + 2^192 + 2^96 - 1.
-    const P: Fe = [
-        0xffff_ffff_ffff_ffff,
-        0x0000_0000_ffff_ffff,
-        0x0000_0000_0000_0000,
-        0xffff_ffff_0000_0001,
-    ];
-    /// The group order n, big-endian.
-    const N_BE: [u8; 32] = [
-        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
-        0x25, 0x51,
-    ];
-    /// The base point G, big-endian coordinates.
-    const GX_BE: [u8; 32] = [
-        0x6b, 0x17, 0xd1, 0xf2, 0xe1, 0x2c, 0x42, 0x47, 0xf8, 0xbc, 0xe6, 0xe5, 0x63, 0xa4, 0x40,
-        0xf2, 0x77, 0x03, 0x7d, 0x81, 0x2d, 0xeb, 0x33, 0xa0, 0xf4, 0xa1, 0x39, 0x45, 0xd8, 0x98,
-        0xc2, 0x96,
-    ];
-    const GY_BE: [u8; 32] = [
-        0x4f, 0xe3, 0x42, 0xe2, 0xfe, 0x1a, 0x7f, 0x9b, 0x8e, 0xe7, 0xeb, 0x4a, 0x7c, 0x0f, 0x9e,
-        0x16, 0x2b, 0xce, 0x33, 0x57, 0x6b, 0x31, 0x5e, 0xce, 0xcb, 0xb6, 0x40, 0x68, 0x37, 0xbf,
-        0x51, 0xf5,
-    ];
-
-    fn from_be(b: &[u8; 32]) -> Fe {
-        let mut out = [0u64; 4];
-        for (i, limb) in out.iter_mut().enumerate() {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[32 - 8 * (i + 1)..32 - 8 * i]);
-            *limb = u64::from_be_bytes(w);
-        }
-        out
-    }
-
-    fn to_be(a: &Fe) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for (i, limb) in a.iter().enumerate() {
-            out[32 - 8 * (i + 1)..32 - 8 * i].copy_from_slice(&limb.to_be_bytes());
-        }
-        out
-    }
-
-    /// a + b over 256 bits, and the carry out.
-    fn add_raw(a: &Fe, b: &Fe) -> (Fe, bool) {
-        let mut out = [0u64; 4];
-        let mut carry = false;
-        for i in 0..4 {
-            let (s1, c1) = a[i].overflowing_add(b[i]);
-            let (s2, c2) = s1.overflowing_add(u64::from(carry));
-            out[i] = s2;
-            carry = c1 || c2;
-        }
-        (out, carry)
-    }
-
-    /// a - b over 256 bits, and the borrow out.
-    fn sub_raw(a: &Fe, b: &Fe) -> (Fe, bool) {
-        let mut out = [0u64; 4];
-        let mut borrow = false;
-        for i in 0..4 {
-            let (d1, b1) = a[i].overflowing_sub(b[i]);
-            let (d2, b2) = d1.overflowing_sub(u64::from(borrow));
-            out[i] = d2;
-            borrow = b1 || b2;
-        }
-        (out, borrow)
-    }
-
-    fn geq(a: &Fe, b: &Fe) -> bool {
-        !sub_raw(a, b).1
-    }
-
-    fn add(a: &Fe, b: &Fe) -> Fe {
-        let (s, carry) = add_raw(a, b);
-        if carry || geq(&s, &P) {
-            sub_raw(&s, &P).0
-        } else {
-            s
-        }
-    }
-
-    fn sub(a: &Fe, b: &Fe) -> Fe {
-        let (d, borrow) = sub_raw(a, b);
-        if borrow { add_raw(&d, &P).0 } else { d }
-    }
-
-    /// Montgomery product a·b·2^-256 mod p (CIOS). -p^-1 mod 2^64 is 1
-    /// for this p, so the reduction factor is the low limb itself.
-    fn mul(a: &Fe, b: &Fe) -> Fe {
-        let mut t = [0u64; 6];
-        for bi in b {
-            let mut carry = 0u64;
-            for j in 0..4 {
-                let x = u128::from(t[j]) + u128::from(a[j]) * u128::from(*bi) + u128::from(carry);
-                t[j] = x as u64;
-                carry = (x >> 64) as u64;
-            }
-            let x = u128::from(t[4]) + u128::from(carry);
-            t[4] = x as u64;
-            t[5] = (x >> 64) as u64;
-            let m = t[0];
-            let x = u128::from(t[0]) + u128::from(m) * u128::from(P[0]);
-            let mut carry = (x >> 64) as u64;
-            for j in 1..4 {
-                let x = u128::from(t[j]) + u128::from(m) * u128::from(P[j]) + u128::from(carry);
-                t[j - 1] = x as u64;
-                carry = (x >> 64) as u64;
-            }
-            let x = u128::from(t[4]) + u128::from(carry);
-            t[3] = x as u64;
-            t[4] = t[5] + (x >> 64) as u64;
-        }
-        let r = [t[0], t[1], t[2], t[3]];
-        if t[4] != 0 || geq(&r, &P) {
-            sub_raw(&r, &P).0
-        } else {
-            r
-        }
-    }
-
-    /// 2^256 mod p: one in Montgomery form.
-    fn one() -> Fe {
-        sub_raw(&[0; 4], &P).0
-    }
-
-    fn to_mont(a: &Fe) -> Fe {
-        // R^2 mod p: R mod p doubled 256 times.
-        let mut r2 = one();
-        for _ in 0..256 {
-            r2 = add(&r2, &r2);
-        }
-        mul(a, &r2)
-    }
-
-    fn from_mont(a: &Fe) -> Fe {
-        mul(a, &[1, 0, 0, 0])
-    }
-
-    /// a^(p-2) = a^-1 (Montgomery form in and out).
-    fn invert(a: &Fe) -> Fe {
-        let e = sub_raw(&P, &[2, 0, 0, 0]).0;
-        let mut r = one();
-        for bit in (0..256).rev() {
-            r = mul(&r, &r);
-            if (e[bit / 64] >> (bit % 64)) & 1 == 1 {
-                r = mul(&r, a);
-            }
-        }
-        r
-    }
-
-    /// A Jacobian point (X/Z^2, Y/Z^3), Montgomery form; Z = 0 is the
-    /// point at infinity.
-    #[derive(Clone, Copy)]
-    struct Jac {
-        x: Fe,
-        y: Fe,
-        z: Fe,
-    }
-
-    fn is_zero(a: &Fe) -> bool {
-        a.iter().all(|l| *l == 0)
-    }
-
-    /// dbl-2001-b (a = -3).
-    fn double(p: &Jac) -> Jac {
-        if is_zero(&p.z) || is_zero(&p.y) {
-            return Jac {
-                x: [0; 4],
-                y: [0; 4],
-                z: [0; 4],
-            };
-        }
-        let delta = mul(&p.z, &p.z);
-        let gamma = mul(&p.y, &p.y);
-        let beta = mul(&p.x, &gamma);
-        let t = mul(&sub(&p.x, &delta), &add(&p.x, &delta));
-        let alpha = add(&add(&t, &t), &t);
-        let beta2 = add(&beta, &beta);
-        let beta4 = add(&beta2, &beta2);
-        let beta8 = add(&beta4, &beta4);
-        let x = sub(&mul(&alpha, &alpha), &beta8);
-        let yz = add(&p.y, &p.z);
-        let z = sub(&sub(&mul(&yz, &yz), &gamma), &delta);
-        let gamma_sq = mul(&gamma, &gamma);
-        let gamma_sq2 = add(&gamma_sq, &gamma_sq);
-        let gamma_sq4 = add(&gamma_sq2, &gamma_sq2);
-        let gamma_sq8 = add(&gamma_sq4, &gamma_sq4);
-        let y = sub(&mul(&alpha, &sub(&beta4, &x)), &gamma_sq8);
-        Jac { x, y, z }
-    }
-
-    /// add-2007-bl.
-    fn plus(p: &Jac, q: &Jac) -> Jac {
-        if is_zero(&p.z) {
-            return *q;
-        }
-        if is_zero(&q.z) {
-            return *p;
-        }
-        let z1z1 = mul(&p.z, &p.z);
-        let z2z2 = mul(&q.z, &q.z);
-        let u1 = mul(&p.x, &z2z2);
-        let u2 = mul(&q.x, &z1z1);
-        let s1 = mul(&mul(&p.y, &q.z), &z2z2);
-        let s2 = mul(&mul(&q.y, &p.z), &z1z1);
-        let h = sub(&u2, &u1);
-        let s = sub(&s2, &s1);
-        let r = add(&s, &s);
-        if is_zero(&h) {
-            return if is_zero(&r) {
-                double(p)
-            } else {
-                Jac {
-                    x: [0; 4],
-                    y: [0; 4],
-                    z: [0; 4],
-                }
-            };
-        }
-        let h2 = add(&h, &h);
-        let i = mul(&h2, &h2);
-        let j = mul(&h, &i);
-        let v = mul(&u1, &i);
-        let x = sub(&sub(&mul(&r, &r), &j), &add(&v, &v));
-        let s1j = mul(&s1, &j);
-        let y = sub(&mul(&r, &sub(&v, &x)), &add(&s1j, &s1j));
-        let zz = add(&p.z, &q.z);
-        let z = mul(&sub(&sub(&mul(&zz, &zz), &z1z1), &z2z2), &h);
-        Jac { x, y, z }
-    }
-
-    /// The uncompressed public point (0x04 || x || y) of `scalar`
-    /// (big-endian), or `None` if the scalar is not in [1, n).
-    pub(super) fn public_point(scalar: &[u8; 32]) -> Option<[u8; 65]> {
-        if scalar.iter().all(|b| *b == 0) || scalar.as_slice() >= N_BE.as_slice() {
-            return None;
-        }
-        let g = Jac {
-            x: to_mont(&from_be(&GX_BE)),
-            y: to_mont(&from_be(&GY_BE)),
-            z: one(),
-        };
-        let mut acc = Jac {
-            x: [0; 4],
-            y: [0; 4],
-            z: [0; 4],
-        };
-        for byte in scalar {
-            for bit in (0..8).rev() {
-                acc = double(&acc);
-                if (byte >> bit) & 1 == 1 {
-                    acc = plus(&acc, &g);
-                }
-            }
-        }
-        if is_zero(&acc.z) {
-            return None;
-        }
-        let zinv = invert(&acc.z);
-        let zinv2 = mul(&zinv, &zinv);
-        let x = from_mont(&mul(&acc.x, &zinv2));
-        let y = from_mont(&mul(&mul(&acc.y, &zinv2), &zinv));
-        let mut out = [0u8; 65];
-        out[0] = 0x04;
-        out[1..33].copy_from_slice(&to_be(&x));
-        out[33..].copy_from_slice(&to_be(&y));
-        Some(out)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        fn scalar(v: u8) -> [u8; 32] {
-            let mut s = [0u8; 32];
-            s[31] = v;
-            s
-        }
-
-        #[test]
-        fn small_multiples_of_the_base_point() {
-            let g = public_point(&scalar(1)).unwrap();
-            assert_eq!(g[1..33], GX_BE);
-            assert_eq!(g[33..], GY_BE);
-            // 2G (SEC 2 / well-known test value).
-            let two = public_point(&scalar(2)).unwrap();
-            assert_eq!(
-                hex::encode(&two[1..33]),
-                "7cf27b188d034f7e8a52380304b51ac3c08969e277f21b35a60b48fc47669978"
-            );
-            assert_eq!(
-                hex::encode(&two[33..]),
-                "07775510db8ed040293d9ac69f7430dbba7dade63ce982299e04b79d227873d1"
-            );
-        }
-
-        #[test]
-        fn refuses_scalars_outside_the_group() {
-            assert!(public_point(&[0; 32]).is_none());
-            assert!(public_point(&N_BE).is_none());
-            assert!(public_point(&[0xff; 32]).is_none());
-            let mut n_minus_1 = N_BE;
-            n_minus_1[31] -= 1;
-            // (n-1)G = -G: same x, y = p - Gy.
-            let p = public_point(&n_minus_1).unwrap();
-            assert_eq!(p[1..33], GX_BE);
-            let neg = sub(&[0; 4], &from_be(&GY_BE));
-            assert_eq!(p[33..], to_be(&neg));
-        }
-    }
+/// The uncompressed public point (0x04 || x || y) of `scalar`
+/// (big-endian), or `None` if the scalar is not in [1, n). ring cannot
+/// compute a public key from a private scalar; the `p256` crate can.
+fn public_point(scalar: &[u8; P256_LEN]) -> Option<Vec<u8>> {
+    use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+    let secret = p256::SecretKey::from_bytes(&(*scalar).into()).ok()?;
+    Some(
+        secret
+            .public_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .to_vec(),
+    )
 }
 
 #[cfg(test)]
@@ -825,6 +516,43 @@ mod tests {
             let q = t.quote_raw(&sel, &nonce).unwrap();
             assert_eq!(verify(&q), Err(VerifyError::QualifiedSignerMismatch));
         }
+    }
+
+    #[test]
+    fn public_points_of_small_and_out_of_group_scalars() {
+        let scalar = |v: u8| {
+            let mut s = [0u8; P256_LEN];
+            s[P256_LEN - 1] = v;
+            s
+        };
+        // G and 2G (SEC 2 / well-known test values).
+        let g = public_point(&scalar(1)).unwrap();
+        assert_eq!(
+            hex::encode(&g),
+            "04\
+             6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296\
+             4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5"
+        );
+        let two = public_point(&scalar(2)).unwrap();
+        assert_eq!(
+            hex::encode(&two),
+            "04\
+             7cf27b188d034f7e8a52380304b51ac3c08969e277f21b35a60b48fc47669978\
+             07775510db8ed040293d9ac69f7430dbba7dade63ce982299e04b79d227873d1"
+        );
+        // 0, n and above are not private keys.
+        let n: [u8; P256_LEN] =
+            hex::decode("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551")
+                .unwrap()
+                .try_into()
+                .unwrap();
+        assert!(public_point(&[0; P256_LEN]).is_none());
+        assert!(public_point(&n).is_none());
+        assert!(public_point(&[0xff; P256_LEN]).is_none());
+        let mut n_minus_1 = n;
+        n_minus_1[P256_LEN - 1] -= 1;
+        // (n-1)G = -G: same x.
+        assert_eq!(public_point(&n_minus_1).unwrap()[..33], g[..33]);
     }
 
     #[test]
