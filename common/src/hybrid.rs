@@ -24,10 +24,15 @@
 //! bytes, so the parser fails well before that bound). After its first
 //! error the parser stays failed.
 //!
-//! The timeout ([`crate::session::transport::HYBRID_CONNECT_TIMEOUT`]) and
-//! closing the socket on failure are the driver's job.
+//! Waiting at most [`HYBRID_CONNECT_TIMEOUT`] and closing the socket on
+//! failure are the driver's job.
 
-use crate::session::transport::HYBRID_CONNECT_REPLY_MAX;
+use std::time::Duration;
+
+/// Longest hybrid-vsock `OK <n>\n` reply, LF included.
+pub const HYBRID_CONNECT_REPLY_MAX: usize = 32;
+/// Wait for the hybrid-vsock `OK` reply.
+pub const HYBRID_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Digits of the longest `assigned-port`: 4294967295 has ten.
 pub const MAX_PORT_DIGITS: usize = 10;

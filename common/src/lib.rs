@@ -7,8 +7,6 @@
 //! - [`transcript`]: the transcript hash that binds evidence to a channel,
 //!   and key-confirmation tags.
 //! - [`pcrs`]: PCR selections and values in tpm2-tools' text and file forms.
-//! - [`policy`]: the host's attestation and key policy (TOML), evaluated
-//!   purely.
 //! - [`ratelimit`]: rate-limited logging macros that report what they
 //!   suppressed.
 //! - [`retry`]: the guest's bounded, jittered retry policy (§13).
@@ -27,7 +25,6 @@
 pub mod errors;
 pub mod hybrid;
 pub mod pcrs;
-pub mod policy;
 pub mod ratelimit;
 pub mod retry;
 pub mod session;

@@ -42,7 +42,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use vkx_common::retry::RetryConfig;
 use vkx_common::session::transport::VKX_PORT;
-use vkx_common::wire::{KeyName, MAX_KEYS_PER_REQUEST, Purpose};
+use vkx_common::wire::{KeyName, MAX_DERIVE_LEN, MAX_KEYS_PER_REQUEST, MIN_DERIVE_LEN, Purpose};
 
 use crate::transport::Target;
 
@@ -51,9 +51,6 @@ pub const MAX_CONFIG_FILE: u64 = 64 * 1024;
 
 /// Default directory of derived keys (a tmpfs).
 pub const DEFAULT_DERIVED_DIR: &str = "/run/vkx/derived";
-/// Derivation lengths (PROTOCOL.md §6.9).
-pub const MIN_DERIVE_LENGTH: u8 = 16;
-pub const MAX_DERIVE_LENGTH: u8 = 64;
 /// Purposes derived per session.
 pub const MAX_DERIVATIONS: usize = 16;
 
@@ -117,6 +114,40 @@ struct RetryFile {
     reconnect_spread_s: Option<u64>,
 }
 
+/// Why `guest.toml` was not loaded: the file could not be read, is not
+/// TOML of the expected shape, or holds a value that makes no sense.
+/// Every one is the operator's to fix (exit 2 in `vkx-guest`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is larger than {MAX_CONFIG_FILE} bytes", path.display())]
+    TooLarge { path: PathBuf },
+    /// Malformed TOML, an unknown key or a value of the wrong type.
+    #[error(transparent)]
+    Syntax(#[from] toml::de::Error),
+    /// A well-formed value that is refused: which key, and why.
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    /// One of the errors above, in the file `path`.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        source: Box<ConfigError>,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.to_string(),
+    }
+}
+
 /// A validated `guest.toml`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -146,31 +177,43 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let at = path.display();
-        let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("read {at}: {e}"))?;
-        anyhow::ensure!(
-            meta.len() <= MAX_CONFIG_FILE,
-            "{at} is larger than {MAX_CONFIG_FILE} bytes"
-        );
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("read {at}: {e}"))?;
-        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("{at}: {e}"))
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let read = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read)?;
+        if meta.len() > MAX_CONFIG_FILE {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        Self::from_toml(&text).map_err(|e| ConfigError::InFile {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
     }
 
-    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let f: ConfigFile = toml::from_str(text)?;
         let host_key_sha256 = hex::decode(f.host_key_sha256.trim())
             .ok()
             .and_then(|v| <[u8; 32]>::try_from(v).ok())
-            .ok_or_else(|| anyhow::anyhow!("host_key_sha256 is not 64 hex digits"))?;
+            .ok_or_else(|| invalid("host_key_sha256", "not 64 hex digits"))?;
         let host = match (f.host_socket, f.vsock_port) {
-            (Some(_), Some(_)) => anyhow::bail!("set host_socket or vsock_port, not both"),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "host_socket",
+                    "set host_socket or vsock_port, not both",
+                ));
+            }
             (Some(p), None) => Target::Unix(p),
             (None, port) => Target::Vsock {
                 port: port.unwrap_or(VKX_PORT),
             },
         };
-        host.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        host.validate().map_err(|e| invalid("host", e))?;
         let d = RetryConfig::default();
         let r = f.retry;
         let ms = |v: Option<u64>, dflt: Duration| v.map_or(dflt, Duration::from_millis);
@@ -188,46 +231,53 @@ impl Config {
             reconnect_spread: s(r.reconnect_spread_s, d.reconnect_spread.min(cap)),
             ..d
         };
-        retry
-            .validate()
-            .map_err(|e| anyhow::anyhow!("[retry]: {e}"))?;
+        retry.validate().map_err(|e| invalid("[retry]", e))?;
         let mut keys = f
             .keys
             .iter()
-            .map(|k| KeyName::new(k).map_err(|e| anyhow::anyhow!("keys: {k:?}: {e}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .map(|k| KeyName::new(k).map_err(|e| invalid("keys", format!("{k:?}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
         keys.sort();
         keys.dedup();
-        anyhow::ensure!(
-            keys.len() <= MAX_KEYS_PER_REQUEST,
-            "keys: at most {MAX_KEYS_PER_REQUEST} names"
-        );
+        if keys.len() > MAX_KEYS_PER_REQUEST {
+            return Err(invalid(
+                "keys",
+                format!("at most {MAX_KEYS_PER_REQUEST} names"),
+            ));
+        }
         let log_level = match &f.log_level {
             None => tracing::Level::INFO,
             Some(l) => l.parse().map_err(|_| {
-                anyhow::anyhow!("log_level {l:?}: use error, warn, info, debug or trace")
+                invalid(
+                    "log_level",
+                    format!("{l:?}: use error, warn, info, debug or trace"),
+                )
             })?,
         };
         let mut derive = Vec::with_capacity(f.derive.len());
         for d in &f.derive {
             let p = Purpose::new(&d.purpose)
-                .map_err(|e| anyhow::anyhow!("derive: {:?}: {e}", d.purpose))?;
-            anyhow::ensure!(
-                (MIN_DERIVE_LENGTH..=MAX_DERIVE_LENGTH).contains(&d.length),
-                "derive {:?}: length must be {MIN_DERIVE_LENGTH}..={MAX_DERIVE_LENGTH}",
-                d.purpose
-            );
-            anyhow::ensure!(
-                !derive.iter().any(|(q, _)| q == &p),
-                "derive: {:?} twice",
-                d.purpose
-            );
+                .map_err(|e| invalid("derive", format!("{:?}: {e}", d.purpose)))?;
+            if !(MIN_DERIVE_LEN..=MAX_DERIVE_LEN).contains(&d.length) {
+                return Err(invalid(
+                    "derive",
+                    format!(
+                        "{:?}: length must be {MIN_DERIVE_LEN}..={MAX_DERIVE_LEN}",
+                        d.purpose
+                    ),
+                ));
+            }
+            if derive.iter().any(|(q, _)| q == &p) {
+                return Err(invalid("derive", format!("{:?} twice", d.purpose)));
+            }
             derive.push((p, d.length));
         }
-        anyhow::ensure!(
-            derive.len() <= MAX_DERIVATIONS,
-            "derive: at most {MAX_DERIVATIONS} purposes"
-        );
+        if derive.len() > MAX_DERIVATIONS {
+            return Err(invalid(
+                "derive",
+                format!("at most {MAX_DERIVATIONS} purposes"),
+            ));
+        }
         Ok(Self {
             host_key_sha256,
             log_level,
@@ -279,6 +329,46 @@ mod tests {
         ] {
             assert!(Config::from_toml(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn errors_name_their_cause_and_key() {
+        let with =
+            |extra: &str| Config::from_toml(&format!("host_key_sha256 = \"{PIN}\"\n{extra}"));
+        assert!(matches!(with("bugdet = 3"), Err(ConfigError::Syntax(_))));
+        assert!(matches!(
+            with("log_level = \"loud\""),
+            Err(ConfigError::Invalid {
+                key: "log_level",
+                ..
+            })
+        ));
+        // The derivation lengths are the wire's (PROTOCOL.md §6.9).
+        for (length, ok) in [
+            (MIN_DERIVE_LEN - 1, false),
+            (MIN_DERIVE_LEN, true),
+            (MAX_DERIVE_LEN, true),
+            (MAX_DERIVE_LEN + 1, false),
+        ] {
+            let c = with(&format!(
+                "[[derive]]\npurpose = \"p:v1\"\nlength = {length}"
+            ));
+            match c {
+                Ok(c) => assert!(ok && c.derive[0].1 == length, "{length}"),
+                Err(e) => assert!(
+                    !ok && matches!(e, ConfigError::Invalid { key: "derive", .. }),
+                    "{length}: {e}"
+                ),
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("guest.toml");
+        assert!(matches!(Config::load(&path), Err(ConfigError::Read { .. })));
+        std::fs::write(&path, "host_key_sha256 = \"00\"").unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert!(matches!(&e, ConfigError::InFile { source, .. }
+            if matches!(**source, ConfigError::Invalid { key: "host_key_sha256", .. })));
+        assert!(e.to_string().starts_with(&path.display().to_string()));
     }
 
     #[test]

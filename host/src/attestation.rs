@@ -7,7 +7,7 @@
 //! rate-limited log; the guest only ever learns "attestation-failed"
 //! (or "internal" for [`Rejection::is_local`] failures).
 
-use vkx_common::policy::{Policy, Refusal, VmPolicy};
+use crate::policy::{Policy, Refusal, VmPolicy};
 use vkx_common::tpm::{
     AkParent, Public, QuoteExpectations, TpmParseError, VerifiedQuote, VerifyError,
 };

@@ -63,7 +63,7 @@ pub struct ServeConfig {
     /// Log level: error, warn, info (default), debug or trace. Even at
     /// trace, no key material and no raw peer bytes are logged.
     #[serde(default)]
-    pub log_level: Option<String>,
+    pub log_level: LogLevel,
     /// The local socket for derived keys (§9.4); none by default.
     #[serde(default)]
     pub local: Option<crate::derive::LocalConfig>,
@@ -130,6 +130,27 @@ pub enum OnRewind {
     Flag,
 }
 
+/// `log_level` in host.toml: parsed once, at load; unset is `info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct LogLevel(pub tracing::Level);
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        Self(tracing::Level::INFO)
+    }
+}
+
+impl TryFrom<String> for LogLevel {
+    type Error = String;
+
+    fn try_from(l: String) -> Result<Self, String> {
+        l.parse()
+            .map(Self)
+            .map_err(|_| format!("log_level {l:?}: use error, warn, info, debug or trace"))
+    }
+}
+
 fn default_shutdown_retry_after() -> u32 {
     30
 }
@@ -165,11 +186,6 @@ impl ServeConfig {
         if let Some(v) = &c.vsock {
             v.validate()
                 .map_err(|e| anyhow::anyhow!("{}: [vsock]: {e}", path.display()))?;
-        }
-        if let Some(l) = &c.log_level {
-            l.parse::<tracing::Level>().map_err(|_| {
-                anyhow::anyhow!("log_level {l:?}: use error, warn, info, debug or trace")
-            })?;
         }
         let listeners =
             c.unix_listener.len() + c.hybrid_vsock.len() + usize::from(c.vsock.is_some());
@@ -269,6 +285,15 @@ mod tests {
     }
 
     const UNIX: &str = "[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n";
+
+    #[test]
+    fn the_log_level_is_parsed_once_at_load() {
+        assert_eq!(load(UNIX).unwrap().log_level.0, tracing::Level::INFO);
+        let c = load(&format!("log_level = \"trace\"\n{UNIX}")).unwrap();
+        assert_eq!(c.log_level.0, tracing::Level::TRACE);
+        let e = load(&format!("log_level = \"loud\"\n{UNIX}")).unwrap_err();
+        assert!(e.to_string().contains("use error, warn, info"), "{e}");
+    }
 
     #[test]
     fn admission_and_metrics_have_safe_defaults() {

@@ -28,11 +28,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::policy::VmPolicy;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
-use vkx_common::policy::VmPolicy;
 use vkx_common::transcript::{ConfirmRole, confirm_tag, verify_confirm_tag};
 use vkx_common::wire::{CONFIRM_TAG_LEN, Purpose, VmId};
 use vkx_common::{rl_info, rl_warn};

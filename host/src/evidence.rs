@@ -12,8 +12,8 @@
 
 use std::fmt::Write as _;
 
+use crate::policy::Policy;
 use vkx_common::pcrs::{parse_pcr_list, split_pcr_values};
-use vkx_common::policy::Policy;
 use vkx_common::tpm::{
     AkParent, Attest, Public, PublicKey, QuoteExpectations, Signature, VerifiedQuote,
 };

@@ -221,7 +221,7 @@ pub const MIN_KEY_MATERIAL: usize = 1;
 /// an image.
 pub const MAX_ALLOWED_ENTRIES: usize = 64;
 /// Longest image name in an allow-list: the policy's.
-pub use vkx_common::policy::MAX_IMAGE_NAME;
+pub use crate::policy::MAX_IMAGE_NAME;
 /// Largest key file read. The largest valid file (1 KiB of material, two
 /// full allow-lists of 64-character names, pretty-printed) is about
 /// 12 KiB.
@@ -508,7 +508,7 @@ impl AllowList {
             .iter()
             .map(|i| {
                 let i = i.as_ref();
-                vkx_common::policy::check_image_name(i).map_err(|e| {
+                crate::policy::check_image_name(i).map_err(|e| {
                     invalid(format!(
                         "{:?}: {e}",
                         i.chars().take(MAX_IMAGE_NAME + 8).collect::<String>()

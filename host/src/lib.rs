@@ -14,6 +14,8 @@
 //! - [`drill`]: `vkx-host drill`: a rollout rehearsed in a sandbox of its
 //!   own (hosts, etcd, synthetic guests with a confined soft vTPM), its
 //!   timeline, SLO verdict and picture.
+//! - `enroll` (public with feature `insecure-enroll`): registry entries
+//!   for simulated VMs without a TPM, for load generation and tests.
 //! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
 //! - [`health`]: health signals per ring and feature for the rollout
 //!   controller: counters, the versioned summary, its publisher (etcd
@@ -29,6 +31,8 @@
 //!   text endpoint (Unix socket or loopback TCP).
 //! - [`node`]: the node identity (`vkx-host init`): TLS key guests pin,
 //!   vTPM CA.
+//! - [`policy`]: the attestation and key policy (policy.toml): loaded
+//!   and checked whole, evaluated purely.
 //! - [`publish`]: watch a source, publish on a `tokio::sync::watch`
 //!   (key versions, rollout sources).
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
@@ -60,7 +64,15 @@ pub mod config;
 pub mod connection;
 pub mod derive;
 pub mod drill;
+// Registry entries for simulated VMs without a TPM (load generation and
+// tests): public only with the `insecure-enroll` feature, which no
+// production build enables (`make package`, `make test`'s binaries).
+// Without it only the drill's sandbox enrols its own soft vTPMs through it.
+#[cfg(feature = "insecure-enroll")]
 pub mod enroll;
+#[cfg(not(feature = "insecure-enroll"))]
+#[allow(unreachable_pub)]
+mod enroll;
 pub mod evidence;
 pub mod health;
 pub mod keys_cli;
@@ -68,6 +80,7 @@ pub mod keystore;
 pub mod listen;
 pub mod metrics;
 pub mod node;
+pub mod policy;
 pub mod publish;
 pub mod registry;
 pub mod release;

@@ -520,7 +520,7 @@ fn evidence(cmd: EvidenceCommand) -> anyhow::Result<bool> {
                 _ => bail!("give --ak-public FILE, or --registry DIR with --vm-id ID"),
             };
             let policy = policy
-                .map(|p| vkx_common::policy::Policy::load(&p))
+                .map(|p| vkx_host::policy::Policy::load(&p))
                 .transpose()?;
             let attest = read(&attest)?;
             let signature = read(&signature)?;
@@ -572,11 +572,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<bool> {
     let text = vkx_host::config::ServeConfig::read(path)?;
     let config = vkx_host::config::ServeConfig::from_text(path, &text)?;
     let source = vkx_host::reload::Source::new(path.to_path_buf(), &text, &config)?;
-    let level = config
-        .log_level
-        .as_deref()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(tracing::Level::INFO);
+    let level = config.log_level.0;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)

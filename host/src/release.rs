@@ -16,8 +16,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::policy::VmPolicy;
 use vkx_common::errors::ErrorCode;
-use vkx_common::policy::VmPolicy;
 use vkx_common::wire::{KeyName, KeyRefusal, KeyRelease, ReleasedKey};
 use vkx_common::{rl_info, rl_warn};
 
@@ -113,7 +113,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::keystore::{AllowList, DirKeyStore, MasterKey};
-    use vkx_common::policy::Policy;
+    use crate::policy::Policy;
     use vkx_common::wire::{KeyMaterial, VmId};
 
     const POLICY: &str = r#"

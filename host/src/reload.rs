@@ -32,7 +32,7 @@
 //! Bounded. Requests coalesce: at most one reload runs at a time, at most
 //! one per [`MIN_RELOAD_INTERVAL`], and any number of SIGHUPs during one
 //! make one more. The files are read with size caps ([`crate::config::MAX_HOST_TOML`],
-//! [`vkx_common::policy::MAX_POLICY_FILE`]). A reload logs one line (and
+//! [`crate::policy::MAX_POLICY_FILE`]). A reload logs one line (and
 //! one more if restart-only settings changed), with the number of
 //! sessions it ended and at most [`MAX_NAMED`] of them by name.
 
@@ -41,8 +41,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::policy::{Policy, PolicyError, Refusal};
 use tokio::sync::watch;
-use vkx_common::policy::{Policy, PolicyError, Refusal};
 use vkx_common::wire::{KeyName, PcrBankValues, Purpose, VmId};
 use vkx_common::{rl_info, rl_warn};
 

@@ -170,7 +170,7 @@ async fn run_async(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow:
                 vkx_common::wire::VmId::new(&vm).map_err(|e| anyhow::anyhow!("--vm: {e}"))?;
             let accepted = node.accepted()?;
             let local = node.local();
-            let image = vkx_common::policy::Policy::load(&node.config.policy)
+            let image = crate::policy::Policy::load(&node.config.policy)
                 .ok()
                 .and_then(|p| p.vm(&vm_id).map(|v| v.image.clone()));
             let facts = VmFacts {

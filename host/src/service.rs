@@ -604,7 +604,7 @@ mod vm_session_tests {
 
     /// vm-1 and vm-2 with PCR sha256:7 in `vm1` and `vm2`.
     fn trust_of(vm1: &str, vm2: &str) -> watch::Sender<Arc<Trust>> {
-        let policy = vkx_common::policy::Policy::from_toml(&format!(
+        let policy = crate::policy::Policy::from_toml(&format!(
             "[[image]]\nname = \"img\"\nkeys = [\"disk\"]\n\
              [[vm]]\nid = \"vm-1\"\nimage = \"img\"\n\
              [[vm.pcr]]\nbank = \"sha256\"\nindex = 7\nallowed = [\"{vm1}\"]\n\

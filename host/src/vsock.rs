@@ -35,8 +35,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
-use vkx_common::hybrid::{ConnectReply, HybridError, connect_request};
-use vkx_common::session::transport::{CONNECT_TIMEOUT, HYBRID_CONNECT_TIMEOUT, VKX_PORT};
+use vkx_common::hybrid::{ConnectReply, HYBRID_CONNECT_TIMEOUT, HybridError, connect_request};
+use vkx_common::session::transport::{CONNECT_TIMEOUT, VKX_PORT};
 use vkx_common::wire::{DecodeError, MAX_GUEST_CID, MIN_GUEST_CID, VmId};
 
 /// Lowest port the host agent may listen on (§2.2).

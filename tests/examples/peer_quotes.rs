@@ -38,12 +38,12 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use vkx_common::policy::Policy;
 use vkx_common::tpm::{AkParent, Public, QuoteExpectations, verify_quote};
 use vkx_common::wire::{Evidence, HashAlg, PcrBankSelection, PcrBankValues, VmId};
 use vkx_e2e::node::Node;
 use vkx_e2e::swtpm::Swtpm;
 use vkx_host::attestation::verify_evidence;
+use vkx_host::policy::Policy;
 use vkx_host::registry::Registry;
 
 /// vTPMs recorded: one quote each.

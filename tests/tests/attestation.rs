@@ -13,13 +13,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use vkx_common::policy::{Policy, Refusal};
 use vkx_common::tpm::VerifyError;
 use vkx_common::wire::{Evidence, HashAlg, PcrBankSelection, VmId};
 use vkx_e2e::node::Node;
 use vkx_e2e::run;
 use vkx_e2e::swtpm::Swtpm;
 use vkx_host::attestation::{Rejection, Rewind, record_quote, verify_evidence};
+use vkx_host::policy::{Policy, Refusal};
 use vkx_host::registry::Registry;
 
 /// Provisions `vm` into `node`'s registry, asserting success.

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
+use vkx_common::hybrid::HYBRID_CONNECT_REPLY_MAX;
 use vkx_common::hybrid::HybridError;
-use vkx_common::session::transport::HYBRID_CONNECT_REPLY_MAX;
 use vkx_host::vsock::{HybridConnectError, connect_check, hybrid_connect, hybrid_connect_with};
 
 /// Longest request line the fake VMM reads before giving up.

@@ -31,7 +31,7 @@ fn the_shipped_host_configs_are_what_vkx_host_accepts() {
         + "\n[[hybrid_vsock]]\npath = \"/run/vkx/vm-18.vsock\"\nvm_id = \"vm-18\"\n";
     ServeConfig::from_text(&default, &text).unwrap_or_else(|e| panic!("the default: {e:#}"));
     for file in ["host/dist/policy.toml", "host/dist/examples/policy.toml"] {
-        vkx_common::policy::Policy::load(&repo(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        vkx_host::policy::Policy::load(&repo(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
     }
 }
 

@@ -27,16 +27,13 @@ use crate::wire::{ErrorMessage, FrameError, Goodbye, GoodbyeReason, Message, Ver
 /// The `error` message type: never answered, even when malformed.
 pub(crate) const ERROR_TYPE: u64 = 13;
 
-/// §2 transport constants, shared by the agents' drivers.
+/// §2 transport constants, shared by the agents' drivers (the
+/// hybrid-vsock preamble's are in [`crate::hybrid`]).
 pub mod transport {
     use std::time::Duration;
 
     /// Default vsock port of the host agent (configurable, >= 1024).
     pub const VKX_PORT: u32 = 7861;
-    /// Longest hybrid-vsock `OK <n>\n` reply, LF included.
-    pub const HYBRID_CONNECT_REPLY_MAX: usize = 32;
-    /// Wait for the hybrid-vsock `OK` reply.
-    pub const HYBRID_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     /// Guest: opening the transport connection.
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     /// Both sides: the TLS handshake.

@@ -15,8 +15,8 @@ use std::fmt;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use super::codec::{Fields, Reader, Writer, check_len};
+use super::error_code::ErrorCode;
 use super::{DecodeError, EncodeError, MAX_FRAME_PAYLOAD, scan};
-use crate::errors::ErrorCode;
 
 /// Protocol version 1, the only version this implementation speaks.
 pub const PROTOCOL_VERSION_1: u16 = 1;

@@ -12,6 +12,7 @@
 //! defence in depth, and the fuzz targets assert it never does.
 
 mod codec;
+pub mod error_code;
 pub mod frame;
 mod message;
 pub mod scan;

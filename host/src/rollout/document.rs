@@ -17,8 +17,8 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
+use crate::policy::{MAX_IMAGE_NAME, check_image_name};
 use serde::{Deserialize, Deserializer, Serialize};
-use vkx_common::policy::{MAX_IMAGE_NAME, check_image_name};
 use vkx_common::wire::VmId;
 use vkx_common::wire::feature;
 

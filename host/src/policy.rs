@@ -43,7 +43,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::wire::{HashAlg, KeyName, PcrBankSelection, PcrBankValues, Purpose, VmId};
+use vkx_common::wire::{HashAlg, KeyName, PcrBankSelection, PcrBankValues, Purpose, VmId};
 
 /// Largest policy file read: far above any real policy, small enough that
 /// a wrong path cannot exhaust memory.
@@ -263,7 +263,7 @@ fn parse_grants<T: Ord>(
     items: &[String],
     at: &str,
     what: &str,
-    make: impl Fn(String) -> Result<T, crate::wire::DecodeError>,
+    make: impl Fn(String) -> Result<T, vkx_common::wire::DecodeError>,
 ) -> Result<BTreeSet<T>, PolicyError> {
     if items.len() > MAX_GRANTS {
         return Err(invalid(format!("{at}: more than {MAX_GRANTS} {what}")));
@@ -351,7 +351,7 @@ impl Policy {
                 .map(|(bank, _)| bank)
                 .collect::<BTreeSet<_>>()
                 .len()
-                > crate::wire::MAX_PCR_BANKS
+                > vkx_common::wire::MAX_PCR_BANKS
             {
                 return Err(invalid(format!(
                     "{at}: more PCR banks than a quote can hold"
