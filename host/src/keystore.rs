@@ -166,7 +166,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -180,7 +180,9 @@ use vkx_common::rl_warn;
 use vkx_common::wire::{KeyMaterial, KeyName, MAX_KEY_MATERIAL, VmId};
 use zeroize::Zeroizing;
 
-use crate::registry::{create_private_dir, create_private_file};
+use crate::fsutil::{
+    self, FsError, create_private_dir, create_private_dirs, create_private_file, entries_bounded,
+};
 
 /// The version of the key file format this code reads and writes.
 pub const FORMAT: u32 = 1;
@@ -383,6 +385,24 @@ pub enum KeyStoreError {
     InjectedCrash,
 }
 
+impl From<FsError> for KeyStoreError {
+    fn from(e: FsError) -> Self {
+        match e {
+            FsError::Io { path, source } => Self::Io { path, source },
+            FsError::Directory { path, source } => Self::Directory { path, source },
+            FsError::NotAFile { path } => Self::Corrupt {
+                path,
+                reason: "not a regular file".into(),
+            },
+            FsError::TooLarge { path, limit } => Self::Corrupt {
+                path,
+                reason: format!("larger than {limit} bytes"),
+            },
+            FsError::TooManyEntries { path, .. } => Self::Full { path },
+        }
+    }
+}
+
 // ------------------------------------------------------------- master key
 
 /// The node's master key, which seals every stored key. Zeroized on drop;
@@ -514,7 +534,7 @@ impl AllowList {
                         i.chars().take(MAX_IMAGE_NAME + 8).collect::<String>()
                     ))
                 })?;
-                Ok(i.to_owned())
+                Ok::<_, KeyStoreError>(i.to_owned())
             })
             .collect::<Result<BTreeSet<_>, _>>()?;
         Ok(Self { vms, images })
@@ -866,7 +886,7 @@ impl DirKeyStore {
             source,
         };
         if !dir.exists() {
-            create_private_dir(dir).map_err(err)?;
+            create_private_dirs(dir).map_err(err)?;
         }
         let meta = fs::metadata(dir).map_err(err)?;
         if !meta.is_dir() {
@@ -925,7 +945,7 @@ impl DirKeyStore {
         // Build the key's directory under a temporary name, then rename it
         // into place: the key appears complete or not at all.
         let staging = self.dir.join(self.temp_name()?);
-        create_new_private_dir(&staging).map_err(|source| KeyStoreError::Io {
+        create_private_dir(&staging).map_err(|source| KeyStoreError::Io {
             path: staging.clone(),
             source,
         })?;
@@ -1443,13 +1463,7 @@ impl DirKeyStore {
             source,
         };
         let mut out = Vec::new();
-        for (seen, item) in fs::read_dir(&self.dir).map_err(dir_err)?.enumerate() {
-            if seen >= MAX_STORE_SCAN {
-                return Err(KeyStoreError::Full {
-                    path: self.dir.clone(),
-                });
-            }
-            let item = item.map_err(dir_err)?;
+        for item in entries_bounded(&self.dir, MAX_STORE_SCAN)? {
             let file_name = item.file_name();
             let Some(file_name) = file_name.to_str() else {
                 continue;
@@ -1924,37 +1938,14 @@ fn check_private_dir(path: &Path, meta: &fs::Metadata, euid: u32) -> Result<(), 
     Ok(())
 }
 
-/// Reads a whole regular file of at most `limit` bytes.
+/// [`fsutil::read_capped`], in the store's errors.
 fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, KeyStoreError> {
-    let io_err = |source| KeyStoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(io_err)?;
-    if !file.metadata().map_err(io_err)?.is_file() {
-        return Err(KeyStoreError::Corrupt {
-            path: path.to_path_buf(),
-            reason: "not a regular file".into(),
-        });
-    }
-    let mut raw = Vec::new();
-    file.take(limit + 1).read_to_end(&mut raw).map_err(io_err)?;
-    if raw.len() as u64 > limit {
-        return Err(KeyStoreError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!("larger than {limit} bytes"),
-        });
-    }
-    Ok(raw)
+    Ok(fsutil::read_capped(path, limit)?)
 }
 
+/// [`fsutil::sync_dir`], in the store's errors.
 fn sync_dir(dir: &Path) -> Result<(), KeyStoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| KeyStoreError::Directory {
-            path: dir.to_path_buf(),
-            source,
-        })
+    Ok(fsutil::sync_dir(dir)?)
 }
 
 fn is_stale(item: &fs::DirEntry) -> bool {
@@ -1987,18 +1978,6 @@ fn is_injected_crash(e: &KeyStoreError) -> bool {
 #[cfg(not(test))]
 fn is_injected_crash(_e: &KeyStoreError) -> bool {
     false
-}
-
-/// Creates the directory `path` (not its parents) for its owner only
-/// (0700); fails if it exists.
-fn create_new_private_dir(path: &Path) -> io::Result<()> {
-    let mut b = fs::DirBuilder::new();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        b.mode(0o700);
-    }
-    b.create(path)
 }
 
 #[cfg(test)]
@@ -2235,7 +2214,7 @@ mod tests {
         assert_corrupt(s.current(&name("disk")), "version");
         fs::remove_file(key_path(&s, "disk", 5)).unwrap();
         // The name, consistently with the directory.
-        create_new_private_dir(&s.dir().join("other")).unwrap();
+        create_private_dir(&s.dir().join("other")).unwrap();
         fs::write(key_path(&s, "other", 1), &pristine).unwrap();
         edit(&key_path(&s, "other", 1), |v| v["name"] = "other".into());
         record("other", 1);
@@ -2527,7 +2506,7 @@ mod tests {
             allowed_images: BTreeSet::new(),
             material: material(SECRET),
         };
-        create_new_private_dir(&s.dir().join("disk")).unwrap();
+        create_private_dir(&s.dir().join("disk")).unwrap();
         fs::write(key_path(&s, "disk", u32::MAX), s.seal(&key).unwrap()).unwrap();
         s.write_record(
             &s.dir().join("disk"),

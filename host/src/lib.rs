@@ -17,6 +17,9 @@
 //! - `enroll` (public with feature `insecure-enroll`): registry entries
 //!   for simulated VMs without a TPM, for load generation and tests.
 //! - [`evidence`]: `vkx-host evidence inspect|verify` on tpm2-tools files.
+//! - [`fsutil`]: size-capped reads, bounded directory scans, private
+//!   files and the crash-safe write (temp, fsync, rename, fsync dir), with
+//!   one typed error.
 //! - [`health`]: health signals per ring and feature for the rollout
 //!   controller: counters, the versioned summary, its publisher (etcd
 //!   key per node under a lease, or a local file) and reader.
@@ -74,6 +77,7 @@ pub mod enroll;
 #[allow(unreachable_pub)]
 mod enroll;
 pub mod evidence;
+pub mod fsutil;
 pub mod health;
 pub mod keys_cli;
 pub mod keystore;

@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use rcgen::{CertificateParams, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::fsutil::{create_private_dirs, create_private_file};
 use crate::keystore::{MASTER_KEY_LEN, MasterKey};
-use crate::registry::{create_private_dir, create_private_file};
 
 /// The node's TLS private key (PKCS#8 DER, mode 0600).
 pub const NODE_KEY_FILE: &str = "node-key.pk8";
@@ -122,7 +122,7 @@ pub fn init(dir: &Path) -> Result<NodeIdentity, NodeError> {
             dir: dir.to_path_buf(),
         });
     }
-    create_private_dir(dir).map_err(io(dir))?;
+    create_private_dirs(dir).map_err(io(dir))?;
     let invalid = |reason: String| NodeError::Invalid {
         dir: dir.to_path_buf(),
         reason,

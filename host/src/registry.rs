@@ -28,11 +28,15 @@
 //! exactly [`CLOCK_FILE_LEN`] bytes.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vkx_common::wire::VmId;
+
+use crate::fsutil::{
+    FsError, create_private_dirs, entries_bounded, read_capped, sync_dir, write_temp,
+};
 
 /// Entries a registry may hold: a node serves about 1,000 VMs; 64 Ki
 /// leaves room for churn and bounds a full scan.
@@ -115,6 +119,21 @@ pub struct QuoteObservation {
     pub at_unix: u64,
 }
 
+impl From<FsError> for RegistryError {
+    fn from(e: FsError) -> Self {
+        match e {
+            FsError::Directory { path, source } => Self::Directory { path, source },
+            FsError::TooLarge { path, .. } => Self::EntryTooLarge { path },
+            FsError::TooManyEntries { path, .. } => Self::Full { path },
+            FsError::NotAFile { path } => Self::Malformed {
+                path,
+                reason: "not a regular file".into(),
+            },
+            FsError::Io { path, source } => Self::Io { path, source },
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegistryError {
@@ -152,7 +171,7 @@ impl Registry {
             source,
         };
         if !dir.exists() {
-            create_private_dir(dir).map_err(err)?;
+            create_private_dirs(dir).map_err(err)?;
         }
         if !fs::metadata(dir).map_err(err)?.is_dir() {
             return Err(err(io::Error::other("not a directory")));
@@ -192,18 +211,8 @@ impl Registry {
     /// Every entry, in no particular order (bounded by
     /// [`MAX_REGISTRY_ENTRIES`]).
     pub fn entries(&self) -> Result<Vec<RegistryEntry>, RegistryError> {
-        let dir_err = |source| RegistryError::Directory {
-            path: self.dir.clone(),
-            source,
-        };
         let mut out = Vec::new();
-        for (seen, item) in fs::read_dir(&self.dir).map_err(dir_err)?.enumerate() {
-            if seen >= MAX_DIR_SCAN {
-                return Err(RegistryError::Full {
-                    path: self.dir.clone(),
-                });
-            }
-            let item = item.map_err(dir_err)?;
+        for item in entries_bounded(&self.dir, MAX_DIR_SCAN)? {
             let name = item.file_name();
             let Some(name) = name.to_str() else { continue };
             let Some(stem) = name.strip_suffix(ENTRY_SUFFIX) else {
@@ -297,30 +306,16 @@ impl Registry {
     ) -> Result<(PathBuf, File), RegistryError> {
         let mut raw = encode_slot(0, observation).to_vec();
         raw.resize(CLOCK_FILE_LEN, 0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let temp = self.dir.join(format!(
-            "{TEMP_PREFIX}{vm_id}-{}-{nanos}{CLOCK_SUFFIX}",
-            std::process::id()
-        ));
-        let mut file = private_file_options()
-            .open(&temp)
-            .map_err(|source| RegistryError::Io {
-                path: temp.clone(),
-                source,
-            })?;
         // Locked before it is visible under its real name: no other
         // process reads or writes it before this one is done.
-        let written = file
-            .lock()
-            .and_then(|()| file.write_all(&raw))
-            .and_then(|()| file.sync_all());
-        if let Err(source) = written {
-            let _ = fs::remove_file(&temp);
-            return Err(RegistryError::Io { path: temp, source });
-        }
-        Ok((temp, file))
+        let prefix = format!("{TEMP_PREFIX}{vm_id}-");
+        Ok(write_temp(
+            &self.dir,
+            &prefix,
+            CLOCK_SUFFIX,
+            &raw,
+            File::lock,
+        )?)
     }
 
     /// Opens `vm_id`'s clock record, locked against other processes (an
@@ -353,34 +348,12 @@ impl Registry {
             reason: format!("cannot serialise entry: {e}"),
         })?;
         json.push(b'\n');
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path = self.dir.join(format!(
-            "{TEMP_PREFIX}{}-{}-{nanos}",
-            entry.vm_id,
-            std::process::id()
-        ));
-        let io_err = |source| RegistryError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut file = private_file_options().open(&path).map_err(io_err)?;
-        let written = file.write_all(&json).and_then(|()| file.sync_all());
-        if let Err(source) = written {
-            let _ = fs::remove_file(&path);
-            return Err(RegistryError::Io { path, source });
-        }
-        Ok(path)
+        let prefix = format!("{TEMP_PREFIX}{}-", entry.vm_id);
+        Ok(write_temp(&self.dir, &prefix, "", &json, |_| Ok(()))?.0)
     }
 
     fn sync_dir(&self) -> Result<(), RegistryError> {
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| RegistryError::Directory {
-                path: self.dir.clone(),
-                source,
-            })
+        Ok(sync_dir(&self.dir)?)
     }
 }
 
@@ -592,20 +565,7 @@ pub fn validate_vm_id(vm_id: &str) -> Result<VmId, RegistryError> {
 }
 
 fn read_entry(path: &Path, expected: Option<&VmId>) -> Result<RegistryEntry, RegistryError> {
-    let io_err = |source| RegistryError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(io_err)?;
-    let mut raw = Vec::new();
-    file.take(MAX_ENTRY_FILE + 1)
-        .read_to_end(&mut raw)
-        .map_err(io_err)?;
-    if raw.len() as u64 > MAX_ENTRY_FILE {
-        return Err(RegistryError::EntryTooLarge {
-            path: path.to_path_buf(),
-        });
-    }
+    let raw = read_capped(path, MAX_ENTRY_FILE)?;
     let malformed = |reason: String| RegistryError::Malformed {
         path: path.to_path_buf(),
         reason,
@@ -632,39 +592,6 @@ fn read_entry(path: &Path, expected: Option<&VmId>) -> Result<RegistryEntry, Reg
         }
     }
     Ok(entry)
-}
-
-#[cfg(unix)]
-fn private_file_options() -> OpenOptions {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut o = OpenOptions::new();
-    o.write(true).create_new(true).mode(0o600);
-    o
-}
-
-#[cfg(not(unix))]
-fn private_file_options() -> OpenOptions {
-    let mut o = OpenOptions::new();
-    o.write(true).create_new(true);
-    o
-}
-
-/// Creates `dir` (and parents) readable by its owner only.
-pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
-    let mut b = fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        b.mode(0o700);
-    }
-    b.create(dir)
-}
-
-/// Opens a new file for writing, readable by its owner only (0600); fails
-/// if it exists.
-pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
-    private_file_options().open(path)
 }
 
 #[cfg(test)]

@@ -93,9 +93,7 @@ use vkx_common::tpm::{
     MAX_AK_CERT_NV,
 };
 
-use crate::registry::{
-    self, EkAlg, Registry, RegistryEntry, RegistryError, create_private_dir, create_private_file,
-};
+use crate::registry::{self, EkAlg, Registry, RegistryEntry, RegistryError};
 use crate::vtpm_auth::{AUTH_LEN, AuthStore, AuthStoreError, VtpmAuth};
 use vkx_common::tss::{TssFault, classify, describe, handle_exists, retry_transient};
 
@@ -194,7 +192,7 @@ pub fn ca_init(dir: &Path) -> Result<(), VtpmError> {
             dir: dir.to_path_buf(),
         });
     }
-    create_private_dir(dir).map_err(|source| VtpmError::CaWrite {
+    crate::fsutil::create_private_dirs(dir).map_err(|source| VtpmError::CaWrite {
         path: dir.to_path_buf(),
         source,
     })?;
@@ -221,7 +219,7 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), VtpmError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = create_private_file(path).map_err(err)?;
+    let mut f = crate::fsutil::create_private_file(path).map_err(err)?;
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(err)
 }
 

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use ring::rand::SecureRandom;
 use zeroize::Zeroizing;
 
-use crate::registry::{create_private_dir, create_private_file};
+use crate::fsutil::{create_private_dirs, create_private_file};
 
 /// Bytes of each authorisation value: SHA-256's digest size, the most a
 /// TPM accepts for an object whose nameAlg is SHA-256.
@@ -170,7 +170,7 @@ impl AuthStore {
             let path = path.to_path_buf();
             move |source| AuthStoreError::Io { path, source }
         };
-        create_private_dir(&self.dir).map_err(io_err(&self.dir))?;
+        create_private_dirs(&self.dir).map_err(io_err(&self.dir))?;
         let path = self.secrets_path(vm_id);
         let tmp = self.dir.join(format!(".tmp-{vm_id}{SECRETS_SUFFIX}"));
         write_private(&tmp, auth.to_text().as_bytes())?;

@@ -293,7 +293,7 @@ pub fn write_signing_key(path: &Path, pkcs8: &[u8]) -> Result<(), KeyError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = crate::registry::create_private_file(path).map_err(io)?;
+    let mut file = crate::fsutil::create_private_file(path).map_err(io)?;
     file.write_all(pkcs8)
         .and_then(|()| file.sync_all())
         .map_err(io)
