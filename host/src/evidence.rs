@@ -22,21 +22,9 @@ use vkx_common::wire::{PcrBankValues, VmId};
 /// Largest evidence file read: well above any TPM structure.
 pub const MAX_EVIDENCE_FILE: u64 = 64 * 1024;
 
-/// Reads one input file, bounded.
-pub fn read_bounded(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-    let mut buf = Vec::new();
-    f.take(MAX_EVIDENCE_FILE + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("read {}: {e}", path.display()))?;
-    if buf.len() as u64 > MAX_EVIDENCE_FILE {
-        return Err(format!(
-            "{} is larger than {MAX_EVIDENCE_FILE} bytes",
-            path.display()
-        ));
-    }
-    Ok(buf)
+/// Reads one input file, of at most [`MAX_EVIDENCE_FILE`] bytes.
+pub fn read_bounded(path: &std::path::Path) -> Result<Vec<u8>, crate::fsutil::FsError> {
+    crate::fsutil::read_capped(path, MAX_EVIDENCE_FILE)
 }
 
 /// Reads an AK public file: TPM2B_PUBLIC (or a bare TPMT_PUBLIC).

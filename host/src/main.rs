@@ -478,7 +478,7 @@ fn print_wire_code(code: Option<vkx_common::errors::ErrorCode>) {
 
 fn evidence(cmd: EvidenceCommand) -> anyhow::Result<bool> {
     use vkx_host::evidence::{VerifyInputs, describe, parse_ak, read_bounded, verify};
-    let read = |p: &PathBuf| read_bounded(p).map_err(anyhow::Error::msg);
+    let read = |p: &PathBuf| read_bounded(p).map_err(anyhow::Error::from);
     match cmd {
         EvidenceCommand::Inspect {
             attest,

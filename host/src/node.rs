@@ -18,14 +18,13 @@
 //! needed; where that file is missing, loading fails closed.
 
 use std::fs::{File, Metadata};
-use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use rcgen::{CertificateParams, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::fsutil::{create_private_dirs, create_private_file};
+use crate::fsutil::create_private_dirs;
 use crate::keystore::{MASTER_KEY_LEN, MasterKey};
 
 /// The node's TLS private key (PKCS#8 DER, mode 0600).
@@ -56,6 +55,8 @@ pub enum NodeError {
     Invalid { dir: PathBuf, reason: String },
     #[error("vTPM CA: {0}")]
     Ca(#[from] crate::vtpm::VtpmError),
+    #[error(transparent)]
+    Fs(#[from] crate::fsutil::FsError),
     #[error(
         "master key {shown} has mode {mode:04o}: group or others may read it, so it is refused. \
          If anyone else could have read it, treat every stored key as exposed; otherwise \
@@ -143,16 +144,10 @@ pub fn init(dir: &Path) -> Result<NodeIdentity, NodeError> {
         (NODE_CERT_FILE, cert.der()),
         (MASTER_KEY_FILE, &master.expose()[..]),
     ] {
-        let path = dir.join(name);
         // Fails if the file exists: never overwrites.
-        let mut f = create_private_file(&path).map_err(io(&path))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(io(&path))?;
+        crate::fsutil::write_new(&dir.join(name), bytes)?;
     }
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    crate::fsutil::sync_dir(dir)?;
     crate::vtpm::ca_init(&dir.join(CA_DIR))?;
     let host_key_sha256 =
         vkx_common::tls::spki_sha256(cert.der()).map_err(|e| invalid(e.to_string()))?;

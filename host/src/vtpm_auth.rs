@@ -22,13 +22,13 @@
 //! or when it is a symlink, and parsed strictly.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use ring::rand::SecureRandom;
 use zeroize::Zeroizing;
 
-use crate::fsutil::{create_private_dirs, create_private_file};
+use crate::fsutil::create_private_dirs;
 
 /// Bytes of each authorisation value: SHA-256's digest size, the most a
 /// TPM accepts for an object whose nameAlg is SHA-256.
@@ -58,6 +58,8 @@ impl std::fmt::Debug for VtpmAuth {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthStoreError {
+    #[error(transparent)]
+    Fs(#[from] crate::fsutil::FsError),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("{} is unusable: {reason}", path.display())]
@@ -199,12 +201,7 @@ impl AuthStore {
     }
 
     fn sync_dir(&self) -> Result<(), AuthStoreError> {
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| AuthStoreError::Io {
-                path: self.dir.clone(),
-                source,
-            })
+        Ok(crate::fsutil::sync_dir(&self.dir)?)
     }
 }
 
@@ -218,8 +215,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AuthStoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let mut f = create_private_file(path).map_err(err)?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(err)
+    Ok(crate::fsutil::write_new(path, bytes)?)
 }
 
 /// Reads a file of this store: `None` if absent; refused if it is a
