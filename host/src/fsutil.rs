@@ -185,6 +185,34 @@ pub fn sync_dir(dir: &Path) -> Result<(), FsError> {
         .map_err(FsError::dir(dir))
 }
 
+/// Largest `/proc/self/status` read: the file is about 1.5 KiB.
+const MAX_PROC_STATUS: u64 = 64 * 1024;
+
+/// This process's effective uid: the second field of the `Uid:` line of
+/// `/proc/self/status` (real, effective, saved, filesystem). Read from
+/// the kernel's text rather than through `geteuid(2)`, which would need
+/// unsafe FFI in this `forbid(unsafe_code)` crate.
+pub fn effective_uid() -> std::io::Result<u32> {
+    use std::io::Read as _;
+    let mut status = String::new();
+    File::open("/proc/self/status")?
+        .take(MAX_PROC_STATUS)
+        .read_to_string(&mut status)?;
+    parse_effective_uid(&status).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no well-formed Uid: line in /proc/self/status",
+        )
+    })
+}
+
+pub(crate) fn parse_effective_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut fields = line.split_whitespace();
+    fields.next()?;
+    fields.next()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -1,7 +1,7 @@
-//! `vkx-host`: the host agent and operator CLI.
-//!
-//! In this release it offers the operator tools that exist so far; the
-//! agent itself (`serve`) arrives with the sessions and transports.
+//! `vkx-host`: the host agent (`serve`) and the operator CLI (`init`,
+//! `keys`, `vtpm`, `evidence`, `rollout`, `drill`, `derived`, `vsock`,
+//! `wire`, ...). Each subcommand parses its arguments and calls the
+//! library (`vkx_host::*`); `anyhow` lives only here.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stdout)] // A command-line tool prints its results.

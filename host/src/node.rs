@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use rcgen::{CertificateParams, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::fsutil::create_private_dirs;
+use crate::fsutil::{create_private_dirs, effective_uid};
 use crate::keystore::{MASTER_KEY_LEN, MasterKey};
 
 /// The node's TLS private key (PKCS#8 DER, mode 0600).
@@ -277,37 +277,10 @@ pub(crate) fn open_private_file(path: &Path) -> Result<(File, Metadata), NodeErr
     Ok((file, meta))
 }
 
-/// Largest `/proc/self/status` read: the file is about 1.5 KiB.
-const MAX_PROC_STATUS: u64 = 64 * 1024;
-
-/// This process's effective uid: the second field of the `Uid:` line of
-/// `/proc/self/status` (real, effective, saved, filesystem). Read from
-/// the kernel's text rather than through `geteuid(2)`, which would need
-/// unsafe FFI in this `forbid(unsafe_code)` crate.
-pub(crate) fn effective_uid() -> std::io::Result<u32> {
-    use std::io::Read as _;
-    let mut status = String::new();
-    File::open("/proc/self/status")?
-        .take(MAX_PROC_STATUS)
-        .read_to_string(&mut status)?;
-    parse_effective_uid(&status).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "no well-formed Uid: line in /proc/self/status",
-        )
-    })
-}
-
-fn parse_effective_uid(status: &str) -> Option<u32> {
-    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
-    let mut fields = line.split_whitespace();
-    fields.next()?;
-    fields.next()?.parse().ok()
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::fsutil::parse_effective_uid;
 
     #[test]
     fn init_makes_a_pinnable_identity_once() {

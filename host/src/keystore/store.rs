@@ -155,7 +155,7 @@ impl DirKeyStore {
         if !meta.is_dir() {
             return Err(err(io::Error::other("not a directory")));
         }
-        let euid = crate::node::effective_uid().map_err(|source| KeyStoreError::UnknownUid {
+        let euid = crate::fsutil::effective_uid().map_err(|source| KeyStoreError::UnknownUid {
             path: dir.to_path_buf(),
             source,
         })?;
