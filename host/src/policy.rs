@@ -281,22 +281,24 @@ fn parse_grants<T: Ord>(
 impl Policy {
     /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        use std::io::Read;
+        use crate::fsutil::FsError;
         let shown = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|source| PolicyError::Read {
+        let read = |source| PolicyError::Read {
             path: shown.clone(),
             source,
-        })?;
-        let mut text = String::new();
-        file.take(MAX_POLICY_FILE + 1)
-            .read_to_string(&mut text)
-            .map_err(|source| PolicyError::Read {
+        };
+        let raw = crate::fsutil::read_capped(path, MAX_POLICY_FILE).map_err(|e| match e {
+            FsError::TooLarge { .. } => PolicyError::TooLarge {
                 path: shown.clone(),
-                source,
-            })?;
-        if text.len() as u64 > MAX_POLICY_FILE {
-            return Err(PolicyError::TooLarge { path: shown });
-        }
+            },
+            FsError::Io { source, .. } | FsError::Directory { source, .. } => read(source),
+            other => read(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                other.to_string(),
+            )),
+        })?;
+        let text = String::from_utf8(raw)
+            .map_err(|e| read(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         Self::from_toml(&text)
     }
 
@@ -435,6 +437,24 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_reads_up_to_the_cap_and_names_a_larger_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let cap = usize::try_from(MAX_POLICY_FILE).unwrap();
+        std::fs::write(&path, "#".repeat(cap)).unwrap();
+        assert!(Policy::load(&path).is_ok(), "at the cap");
+        std::fs::write(&path, "#".repeat(cap + 1)).unwrap();
+        assert!(matches!(
+            Policy::load(&path),
+            Err(PolicyError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            Policy::load(&dir.path().join("absent")),
+            Err(PolicyError::Read { .. })
+        ));
+    }
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
