@@ -133,8 +133,10 @@ pub fn check_against_ciborium(data: &[u8]) {
     walk(&v, 0, &mut b);
     let confirmed = match err {
         DecodeError::NonShortestEncoding | DecodeError::IndefiniteLength => !canonical,
-        DecodeError::UnsupportedType => b.unsupported_type,
-        DecodeError::UnsupportedMapKey => b.unsupported_key,
+        // ciborium reads bignum tags (2, 3) as plain integers, so a tag
+        // vkx refuses shows in its view only as a changed encoding.
+        DecodeError::UnsupportedType => b.unsupported_type || !canonical,
+        DecodeError::UnsupportedMapKey => b.unsupported_key || b.unsupported_type || !canonical,
         DecodeError::UnsortedMapKeys => b.unsorted,
         DecodeError::DuplicateMapKey => b.duplicate,
         DecodeError::NestingTooDeep => b.too_deep,

@@ -72,9 +72,13 @@ fn owed_error(payload: &[u8]) -> Option<ErrorCode> {
     match Message::decode(payload) {
         Ok(_) => None,
         Err(e) => {
-            // §8.3: a malformed error is not answered either. The type is
-            // the envelope's first element: 0x82 0x0d.
-            if payload.get(..2) == Some(&[0x82, ERROR_TYPE][..]) && is_body_error(&e) {
+            // §5.5, §8.3: an `error` whose envelope is intact (steps 1-3:
+            // an array of two, type 13, a map body: 0x82 0x0d 0xa0-0xbf)
+            // but whose body is not (step 4) is not answered. An envelope
+            // broken earlier is answered like any other payload.
+            let envelope = payload.get(..2) == Some(&[0x82, ERROR_TYPE][..])
+                && payload.get(2).is_some_and(|b| b >> 5 == 5);
+            if envelope && is_body_error(&e) {
                 None
             } else {
                 Some(code_for_decode_error(&e))
@@ -107,7 +111,11 @@ fn check_answer(payload: &[u8], sent: &[Vec<u8>], close: bool, closed_before: bo
     }
     let Some(code) = owed_error(payload) else {
         if Message::decode(payload).is_err() {
-            assert!(sent.is_empty(), "a malformed error was answered");
+            assert!(
+                sent.is_empty(),
+                "a malformed error {payload:02x?} was answered with {:?}",
+                sent.iter().map(|s| Message::decode(s)).collect::<Vec<_>>()
+            );
         }
         return;
     };
