@@ -275,10 +275,10 @@ pub fn check_host_session(data: &[u8]) {
             }
             HostOp::Push => {
                 let mut sent = Vec::new();
-                if let Host::Established(s) = &mut host {
-                    if let Ok(out) = s.push_key_update(key("k"), now) {
-                        sent = out.send;
-                    }
+                if let Host::Established(s) = &mut host
+                    && let Ok(out) = s.push_key_update(key("k"), now)
+                {
+                    sent = out.send;
                 }
                 (host, sent, false, None)
             }
@@ -504,10 +504,10 @@ pub fn check_guest_session(data: &[u8]) {
                 );
             }
         }
-        if let Some(reason) = &out.close {
-            if !closed {
-                check_retry(reason, now);
-            }
+        if let Some(reason) = &out.close
+            && !closed
+        {
+            check_retry(reason, now);
         }
         for e in out.events {
             match e {
@@ -592,10 +592,10 @@ pub fn check_pair(data: &[u8]) {
             }
             PairOp::Duplicate(to_host) => {
                 let q = queue(&mut p, to_host);
-                if let Some(m) = q.front().cloned() {
-                    if q.len() < MAX_QUEUED {
-                        q.push_front(m);
-                    }
+                if let Some(m) = q.front().cloned()
+                    && q.len() < MAX_QUEUED
+                {
+                    q.push_front(m);
                 }
             }
             PairOp::Swap(to_host) => {
@@ -683,10 +683,10 @@ pub fn check_pair(data: &[u8]) {
                 }
             }
             PairOp::Push => {
-                if let Host::Established(s) = &mut p.host {
-                    if let Ok(out) = s.push_key_update(key("disk"), p.now) {
-                        p.take_host(out);
-                    }
+                if let Host::Established(s) = &mut p.host
+                    && let Ok(out) = s.push_key_update(key("disk"), p.now)
+                {
+                    p.take_host(out);
                 }
             }
             PairOp::Features(v) => {
@@ -748,17 +748,17 @@ fn deliver(p: &mut Pair, to_host: bool, m: &[u8], ledger: &Ledger) {
 /// A key-release with keys in it needs evidence accepted for the host's
 /// transcript, and that transcript must be the one the guest quoted.
 fn check_release(sent: &[u8], ledger: &Ledger, p: &Pair) {
-    if let Ok(Message::KeyRelease(r)) = Message::decode(sent) {
-        if !r.released.is_empty() {
-            let accepted = ledger
-                .accepted
-                .expect("a key was released without an accepted quote");
-            assert_eq!(
-                Some(accepted),
-                p.verify_th,
-                "released under another transcript"
-            );
-        }
+    if let Ok(Message::KeyRelease(r)) = Message::decode(sent)
+        && !r.released.is_empty()
+    {
+        let accepted = ledger
+            .accepted
+            .expect("a key was released without an accepted quote");
+        assert_eq!(
+            Some(accepted),
+            p.verify_th,
+            "released under another transcript"
+        );
     }
 }
 
