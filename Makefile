@@ -13,10 +13,16 @@ CARGO ?= cargo
 # fleet store of the rollout tests, protoc for etcd-client's build.
 APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm2-tools spin systemd \
 	strace etcd-server etcd-client protobuf-compiler
-FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
+# Fuzzing (README "Fuzzing the parser"): seconds per target for
+# fuzz-smoke (run by `make lint`) and for the release run `make fuzz`.
+FUZZ_SMOKE_SECONDS ?= 5
+FUZZ_SECONDS ?= 3600
+FUZZ_TARGETS ?= message_decode frame_decoder tpm_parse host_session guest_session session_pair
+# Size cap of each target's committed, minimised corpus (fuzz/seeds/<target>).
+FUZZ_SEEDS_MAX_KIB ?= 256
+FUZZ_RUN = RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
 
-.PHONY: all test chaos drill lint demo bench bench-peers peers-venv profile package package-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench bench-peers peers-venv profile package package-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fuzz-run fuzz-coverage fmt clean
 
 all: test
 
@@ -92,6 +98,8 @@ lint: rust-components deny-tools
 	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --locked -- -D warnings
 	python3 scripts/check-logging.py --self-test
 	python3 scripts/check-logging.py
+	# Every fuzz target, differential ones included, for FUZZ_SMOKE_SECONDS each.
+	$(MAKE) fuzz-smoke
 
 fmt:
 	$(CARGO) fmt --all
@@ -187,24 +195,57 @@ deny-tools:
 
 fuzz-tools: rust-components
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2
+	@rustup component list --installed 2>/dev/null | grep -q '^llvm-tools' || rustup component add llvm-tools-preview
 
-## fuzz-corpus: seed corpora generated from spec/vectors.
+## fuzz-corpus: the working corpora fuzz/corpus/<target> (not committed):
+## seeds generated from spec/vectors plus the committed, minimised corpora
+## fuzz/seeds/<target>. Existing working corpora are kept (resumable).
 fuzz-corpus:
 	python3 fuzz/seed-corpus.py fuzz/corpus
+	for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t fuzz/seeds/$$t; \
+	  cp -n fuzz/seeds/$$t/* fuzz/corpus/$$t/ 2>/dev/null || true; done
 
-## fuzz-smoke: each fuzz target for FUZZ_SECONDS (default 30 s).
+## fuzz-smoke: each fuzz target for FUZZ_SMOKE_SECONDS (default 5 s), from
+## the working corpus and every regression input; stops at the first failure.
 fuzz-smoke: fuzz-tools fuzz-corpus
+	$(MAKE) fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SMOKE_SECONDS)
+
+## fuzz: the release run, FUZZ_SECONDS (default 3,600 s = 1 CPU-hour) per
+## target. Resumable: it continues from the working corpus fuzz/corpus,
+## then minimises it (cargo fuzz cmin) into fuzz/seeds/<target>, capped at
+## FUZZ_SEEDS_MAX_KIB. Commit fuzz/seeds afterwards.
+fuzz: fuzz-tools fuzz-corpus
+	$(MAKE) fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SECONDS)
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
-	  echo "== $$t ($(FUZZ_SECONDS) s)"; \
-	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t corpus/$$t regressions/$$t -- \
-	    -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -print_final_stats=1 2>&1 \
-	    | grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|Done|==)|ERROR|panicked' ; \
+	  $(FUZZ_RUN) cmin $$t corpus/$$t -- -max_len=8192 2>&1 | grep -E '^MERGE-OUTER: [0-9]+ new files' || true; \
+	  python3 keep-seeds.py corpus/$$t seeds/$$t $(FUZZ_SEEDS_MAX_KIB); \
 	done
 
-## fuzz: the same, 5 minutes per target.
-fuzz:
-	$(MAKE) fuzz-smoke FUZZ_SECONDS=300
+fuzz-run:
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  echo "== $$t ($(FUZZ_RUN_SECONDS) s)"; \
+	  $(FUZZ_RUN) run $$t corpus/$$t regressions/$$t -- \
+	    -max_total_time=$(FUZZ_RUN_SECONDS) -max_len=8192 -rss_limit_mb=1024 -print_final_stats=1 \
+	    > ../target/fuzz-$$t.log 2>&1 || { tail -40 ../target/fuzz-$$t.log; exit 1; }; \
+	  grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|^Done' ../target/fuzz-$$t.log; \
+	done
+
+## fuzz-coverage: an HTML line/region coverage report per target
+## (fuzz/coverage/<target>/html/index.html) over its working corpus, and a
+## summary of the files that face peer bytes.
+fuzz-coverage: fuzz-tools fuzz-corpus
+	cd fuzz && llvm=$$(dirname $$(ls ~/.rustup/toolchains/*/lib/rustlib/*/bin/llvm-cov | head -1)); \
+	for t in $(FUZZ_TARGETS); do \
+	  $(FUZZ_RUN) coverage $$t corpus/$$t regressions/$$t > ../target/fuzz-coverage-$$t.log 2>&1 \
+	    || { tail -20 ../target/fuzz-coverage-$$t.log; exit 1; }; \
+	  bin=target/x86_64-unknown-linux-gnu/coverage/x86_64-unknown-linux-gnu/release/$$t; \
+	  $$llvm/llvm-cov show $$bin -instr-profile=coverage/$$t/coverage.profdata -format=html \
+	    -output-dir=coverage/$$t/html -ignore-filename-regex='/(\.cargo|rustc)/' ; \
+	  echo "== $$t: fuzz/coverage/$$t/html/index.html"; \
+	  $$llvm/llvm-cov report $$bin -instr-profile=coverage/$$t/coverage.profdata \
+	    -ignore-filename-regex='/(\.cargo|rustc)/' | grep -E 'common/src/(wire|tpm|session)/|^TOTAL' ; \
+	done
 
 clean:
 	$(CARGO) clean
-	rm -rf fuzz/target fuzz/corpus fuzz/artifacts
+	rm -rf fuzz/target fuzz/corpus fuzz/artifacts fuzz/coverage

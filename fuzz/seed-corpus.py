@@ -52,7 +52,9 @@ for case in sorted(os.listdir(fixtures)):
         path = os.path.join(fixtures, case, f)
         if os.path.exists(path):
             write(tpm_dir, f"{case}-{f}", open(path, "rb").read())
-# host_session: the target builds its own messages; start from nothing.
-os.makedirs(os.path.join(out, "host_session"), exist_ok=True)
+# The session targets build their own messages; start from nothing (and
+# from their committed corpora, fuzz/seeds).
+for t in ("host_session", "guest_session", "session_pair"):
+    os.makedirs(os.path.join(out, t), exist_ok=True)
 print(f"{len(os.listdir(msg_dir))} message seeds, {len(os.listdir(frame_dir))} frame seeds, "
       f"{len(os.listdir(tpm_dir))} TPM seeds in {out}")

@@ -14,6 +14,8 @@
 //! - [`tls`]: the TLS 1.3 configurations of §4 (rustls, ring) and the
 //!   exporter values.
 //! - [`tpm`]: TPM 2.0 structure parsers and quote verification (pure Rust).
+//! - `testing` (feature `testing`): the in-memory session pair and the
+//!   session invariants the fuzz targets check; tests and fuzzing only.
 //! - `tss` (feature `tss`): tss-esapi error classification and bounded
 //!   retry, for the agents that talk to a TPM.
 //!
@@ -28,6 +30,8 @@ pub mod pcrs;
 pub mod ratelimit;
 pub mod retry;
 pub mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 pub mod tpm;
 pub mod transcript;

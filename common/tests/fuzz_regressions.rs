@@ -5,6 +5,9 @@
 
 use std::path::Path;
 
+use vkx_common::testing::cbor::check_against_ciborium;
+use vkx_common::testing::sessions::{check_guest_session, check_host_session, check_pair};
+use vkx_common::testing::tpm::check_against_tss;
 use vkx_common::tpm::selfcheck::check_parsers;
 use vkx_common::wire::selfcheck::{check_frame_stream, check_message};
 
@@ -29,6 +32,7 @@ fn message_decode_regressions() {
     for (name, data) in inputs("message_decode") {
         // None of the saved inputs is a valid message.
         assert!(check_message(&data).is_none(), "{name} was accepted");
+        check_against_ciborium(&data);
     }
 }
 
@@ -48,5 +52,27 @@ fn frame_decoder_regressions() {
 fn tpm_parse_regressions() {
     for (_name, data) in inputs("tpm_parse") {
         check_parsers(&data);
+        check_against_tss(&data);
+    }
+}
+
+#[test]
+fn host_session_regressions() {
+    for (_name, data) in inputs("host_session") {
+        check_host_session(&data);
+    }
+}
+
+#[test]
+fn guest_session_regressions() {
+    for (_name, data) in inputs("guest_session") {
+        check_guest_session(&data);
+    }
+}
+
+#[test]
+fn session_pair_regressions() {
+    for (_name, data) in inputs("session_pair") {
+        check_pair(&data);
     }
 }

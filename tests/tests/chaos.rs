@@ -28,18 +28,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vkx_common::errors::ErrorCode;
 use vkx_common::ratelimit::{Admit, CallSite};
 use vkx_common::retry::{Failure, RetryConfig};
-use vkx_common::session::guest::{Guest, GuestConfig};
-use vkx_common::session::host::{Host, HostConfig, PeerContext, SessionRandom};
-use vkx_common::session::{CloseReason, Output as SessionOutput};
-use vkx_common::wire::{
-    AgentName, AgentVersion, HashAlg, PROTOCOL_VERSION_1, PcrBankSelection, VersionRange, VmId,
-};
+use vkx_common::session::CloseReason;
+use vkx_common::session::guest::Guest;
+use vkx_common::testing::pair::Pair;
+use vkx_common::wire::{FeatureState, PROTOCOL_VERSION_1, VersionRange};
 use vkx_e2e::agents::{Agent as Process, Deployment, pending_connections};
 use vkx_e2e::chaos::{Row, size};
 use vkx_e2e::run;
@@ -246,79 +243,27 @@ const B_MAX_LINES_PER_HOUR: usize = 2;
 const REFUSED_HELLO: Duration = Duration::from_millis(20);
 const B_VM: &str = "vm-b";
 
-/// One connection between the real guest and host sessions, in memory:
-/// the guest's first payload (its `hello`, or `replace_hello`) goes to
-/// the host, and frames flow until both have closed. Returns how each
-/// side's session closed.
+/// One connection between the real guest and host sessions, through the
+/// in-memory [`Pair`]: the guest's first payload (its `hello`, or
+/// `replace_hello`) goes to the host, and frames flow until both have
+/// closed. Returns how each side's session closed.
 fn refused_exchange(
     guest_versions: VersionRange,
     replace_hello: Option<Vec<u8>>,
 ) -> (CloseReason, CloseReason) {
-    let now = Instant::now();
-    let exporter = [7u8; 32];
-    let mut host = Host::start(
-        Arc::new(HostConfig {
-            versions: VersionRange {
-                min: PROTOCOL_VERSION_1,
-                max: PROTOCOL_VERSION_1,
-            },
-            reattest_after_s: 3600,
-            feature_retry_after: Duration::from_secs(300),
-        }),
-        PeerContext {
-            vm_id: Some(VmId::new(B_VM).unwrap()),
-            cid: Some(17),
-            selection: vec![PcrBankSelection {
-                hash_alg: HashAlg::Sha256,
-                pcrs: vec![0, 7],
-            }],
-            features: BTreeMap::new(),
-            accepted_at: now,
-        },
-        exporter,
-        SessionRandom {
-            host_nonce: [1; 32],
-            session_id: [2; 16],
-        },
-        now,
+    let mut p = Pair::new(
+        (guest_versions.min, guest_versions.max),
+        Some(B_VM),
+        FeatureState::Enabled,
     );
-    let (mut guest, first) = Guest::start(
-        Arc::new(GuestConfig {
-            versions: guest_versions,
-            agent_name: AgentName::new("vkx-guest").unwrap(),
-            agent_version: AgentVersion::new("9.9.9").unwrap(),
-        }),
-        exporter,
-        [3; 32],
-        now,
-    );
-    let mut to_host: Vec<Vec<u8>> = match replace_hello {
-        Some(p) => vec![p],
-        None => first.send.iter().map(|b| b.to_vec()).collect(),
-    };
-    let mut to_guest: Vec<Vec<u8>> = Vec::new();
-    let (mut guest_close, mut host_close) = (first.close, None);
-    // Every round delivers at least one payload or ends.
-    for _ in 0..16 {
-        if to_host.is_empty() && to_guest.is_empty() {
-            break;
-        }
-        for p in std::mem::take(&mut to_host) {
-            let (h, out): (Host, SessionOutput<_>) = host.on_payload(&p, now);
-            host = h;
-            to_guest.extend(out.send.iter().map(|b| b.to_vec()));
-            host_close = host_close.or(out.close);
-        }
-        for p in std::mem::take(&mut to_guest) {
-            let (g, out) = guest.on_payload(&p, now);
-            guest = g;
-            to_host.extend(out.send.iter().map(|b| b.to_vec()));
-            guest_close = guest_close.or(out.close);
-        }
+    if let Some(hello) = replace_hello {
+        p.to_host.clear();
+        p.to_host.push_back(hello);
     }
+    p.run();
     (
-        guest_close.expect("the guest closed"),
-        host_close.expect("the host closed"),
+        p.guest_closed.expect("the guest closed"),
+        p.host_closed.expect("the host closed"),
     )
 }
 
