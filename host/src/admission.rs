@@ -982,6 +982,108 @@ mod tests {
         ));
     }
 
+    /// `serve` runs on a multi-thread runtime: connections of many peers
+    /// are admitted, established and dropped on both workers at once.
+    /// No gate ever holds more than its limit, a refusal always names a
+    /// gate that was full, and every slot comes back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_gates_hold_under_a_multi_thread_runtime() {
+        const TASKS: usize = 8;
+        const ROUNDS: usize = 2_000;
+        let t0 = Instant::now();
+        let ac = Arc::new(AdmissionControl::new(
+            limits(|c| {
+                c.max_handshakes = 5;
+                c.max_open = Some(20);
+                c.max_open_per_peer = Some(4);
+                c.max_handshakes_per_peer = Some(2);
+                c.peer_connection_burst = MAX_BURST;
+                c.peer_connection_refill_ms = 1;
+            }),
+            t0,
+        ));
+        let l = *ac.limits();
+        // Tickets alive and those still in their handshake, counted by
+        // the holders themselves, and the most seen at once.
+        let live = Arc::new(AtomicUsize::new(0));
+        let shaking = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(Mutex::new((0usize, 0usize)));
+        let mut tasks = Vec::new();
+        for task in 0..TASKS {
+            let (ac, live, shaking, peak) =
+                (ac.clone(), live.clone(), shaking.clone(), peak.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut draw = draws(task as u64);
+                let mut held: Vec<Ticket> = Vec::new();
+                let mut reasons = Vec::new();
+                for round in 0..ROUNDS {
+                    let peer = format!("vm-{}", (task + round) % 5);
+                    match ac.admit(&peer, Instant::now(), &mut draw) {
+                        Decision::Admit(t) => {
+                            let n = live.fetch_add(1, Ordering::SeqCst) + 1;
+                            let h = shaking.fetch_add(1, Ordering::SeqCst) + 1;
+                            {
+                                let mut p = peak.lock().unwrap();
+                                *p = (p.0.max(n), p.1.max(h));
+                            }
+                            held.push(t);
+                        }
+                        Decision::Refuse(r) => reasons.push(r.reason),
+                        Decision::Close(r) => reasons.push(r),
+                    }
+                    let u = ac.usage();
+                    assert!(u.open <= l.max_open && u.connections <= l.max_connections);
+                    assert!(u.handshakes <= l.max_handshakes, "{u:?}");
+                    // Hand back or establish some, as sessions do.
+                    if round % 3 == 0
+                        && let Some(mut t) = held.pop()
+                    {
+                        if t.in_handshake() {
+                            shaking.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        live.fetch_sub(1, Ordering::SeqCst);
+                        if round % 2 == 0 {
+                            t.established();
+                        }
+                        drop(t);
+                    } else if round % 3 == 1
+                        && let Some(t) = held.iter_mut().find(|t| t.in_handshake())
+                    {
+                        t.established();
+                        shaking.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    tokio::task::yield_now().await;
+                }
+                for t in held.drain(..) {
+                    if t.in_handshake() {
+                        shaking.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    live.fetch_sub(1, Ordering::SeqCst);
+                }
+                reasons
+            }));
+        }
+        let mut reasons = Vec::new();
+        for t in tasks {
+            reasons.extend(t.await.unwrap());
+        }
+        let (most_live, most_shaking) = *peak.lock().unwrap();
+        assert!(most_live <= l.max_connections, "{most_live}");
+        assert!(most_shaking <= l.max_handshakes, "{most_shaking}");
+        // The load was enough to reach the gates, and only the gates that
+        // can fill here refused (no rate limit: the bucket refills).
+        assert!(most_shaking == l.max_handshakes, "{most_shaking}");
+        assert!(!reasons.is_empty());
+        assert!(
+            reasons
+                .iter()
+                .all(|r| *r != RefuseReason::PeerConnectionRate),
+            "{reasons:?}"
+        );
+        let u = ac.usage();
+        assert_eq!((u.open, u.connections, u.handshakes), (0, 0, 0));
+    }
+
     #[test]
     fn a_bucket_gives_its_burst_then_refills_at_its_rate() {
         let t0 = Instant::now();
