@@ -126,7 +126,7 @@ impl Tracker {
     /// Gives the handshake slot back once the session is Established.
     fn check_established(&mut self, host: &Host) {
         if self.ticket.in_handshake() && matches!(host, Host::Established(_)) {
-            self.ticket.established();
+            self.ticket.established(std::time::Instant::now());
             self.metrics.handshake(HandshakeOutcome::Attested);
             self.metrics.handshake_latency(self.accepted_at.elapsed());
             self.established = Some(self.metrics.established());
