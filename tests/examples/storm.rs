@@ -1071,7 +1071,7 @@ fn main() {
     if let Some(b) = &soft.default_admission {
         let _ = writeln!(
             out,
-            "  b) the host's default admission control (max_handshakes {DEFAULT_MAX_HANDSHAKES}; busy, retry-after {} s +{DEFAULT_RETRY_JITTER_PERCENT} % jitter, honoured)",
+            "  b) the host's default admission control (max_handshakes {DEFAULT_MAX_HANDSHAKES}; busy, retry-after: the place in line, at most {} s, +{DEFAULT_RETRY_JITTER_PERCENT} % jitter, honoured; target: all keyed <= 2 s)",
             DEFAULT_BUSY_RETRY_AFTER_MS / 1000
         );
         b.print(&mut out);
