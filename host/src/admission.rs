@@ -34,7 +34,14 @@
 //! error with the `retry-after` of [`Refused`] and closes. The
 //! `retry-after` is `max(base, time until the peer's next token)` times
 //! U\[1, 1 + jitter\] (§8.3 rule 4), so guests refused together do not
-//! return together.
+//! return together; except when `max_handshakes` is full: then it is sized
+//! from the queue ([`HandshakeQueue`], PROTOCOL.md §11.6): each refused
+//! guest is given the next free place in line, `hold / max_handshakes`
+//! after the one before (`hold` the measured time a handshake holds its
+//! slot, an EWMA), at least [`MIN_QUEUE_RETRY_AFTER`] and at most the base
+//! from now, then jittered the same way. A node booting together is told
+//! to come back at the rate the host completes handshakes, not all after
+//! a fixed 5-10 s.
 //!
 //! Sessions also get a message budget ([`AdmissionControl::message_bucket`]):
 //! a session whose guest sends faster is answered `rate-limited` and closed.
@@ -58,6 +65,14 @@ use serde::Deserialize;
 use vkx_common::session::host::Refusal;
 use vkx_common::wire::MAX_RETRY_AFTER_MS;
 
+/// Shortest queue-sized `retry-after` (before jitter): the guests' own
+/// retry floor (§13.2); a place in line sooner than that is rounded up.
+pub const MIN_QUEUE_RETRY_AFTER: Duration = Duration::from_millis(100);
+/// The handshake hold assumed until one is measured: a TLS handshake,
+/// hello, a TPM quote and its verification, with room.
+pub const PRIOR_HANDSHAKE_HOLD: Duration = Duration::from_millis(200);
+/// Weight of the newest handshake in the hold's moving average (1/8).
+pub const HOLD_EWMA_SHIFT: u32 = 3;
 /// Default `max_handshakes`: connections not yet Established. A handshake
 /// costs a TLS handshake and a quote verification; 256 at once keeps a
 /// fleet restart moving without letting it starve established sessions.
@@ -665,12 +680,17 @@ pub struct Ticket {
     _connection: Slot,
     /// The node's handshake slot and the peer's.
     handshake: Option<(Slot, Slot)>,
+    admitted_at: Instant,
+    queue: Arc<Mutex<HandshakeQueue>>,
 }
 
 impl Ticket {
-    /// The session reached Established: its handshake slot goes back.
-    pub fn established(&mut self) {
-        self.handshake = None;
+    /// The session reached Established at `now`: its handshake slot goes
+    /// back, and how long it held it is measured ([`HandshakeQueue`]).
+    pub fn established(&mut self, now: Instant) {
+        if self.handshake.take().is_some() {
+            lock(&self.queue).completed(now.saturating_duration_since(self.admitted_at), now);
+        }
     }
 
     /// Whether the connection still holds a handshake slot.
@@ -700,6 +720,79 @@ pub struct Usage {
     pub limits: Limits,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The line in front of a full `max_handshakes`: how long a handshake
+/// holds its slot (an EWMA of admission to Established), when the last
+/// progress was made, and up to when places in line are given out.
+///
+/// A refused guest's place is `hold / max_handshakes` after the previous
+/// place (or after now): the time between two completions when every slot
+/// is busy, so the guests told to wait come back at the rate the host
+/// serves them. With no completion for longer than the average hold (a
+/// host stalled, or a stalled set of handshakes) the time since the last
+/// progress counts as the hold, so the places move out towards the cap
+/// instead of bringing guests back to a host that serves nobody.
+#[derive(Debug)]
+pub struct HandshakeQueue {
+    hold: Option<Duration>,
+    last_progress: Instant,
+    /// The last place given out.
+    line_end: Instant,
+}
+
+impl HandshakeQueue {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            hold: None,
+            last_progress: now,
+            line_end: now,
+        }
+    }
+
+    /// A handshake reached Established after holding its slot `held`.
+    pub fn completed(&mut self, held: Duration, now: Instant) {
+        self.hold = Some(match self.hold {
+            None => held,
+            Some(avg) => {
+                let avg = avg.as_nanos();
+                let w = 1u128 << HOLD_EWMA_SHIFT;
+                let next = (avg * (w - 1) + held.as_nanos()) / w;
+                Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX))
+            }
+        });
+        self.last_progress = self.last_progress.max(now);
+    }
+
+    /// The handshakes in progress went from none to one at `now`: time
+    /// without progress counts from here.
+    pub fn busy_from(&mut self, now: Instant) {
+        self.last_progress = self.last_progress.max(now);
+    }
+
+    /// The hold the line is computed with: the average, or the time since
+    /// the last progress if longer.
+    pub fn hold(&self, now: Instant) -> Duration {
+        self.hold
+            .unwrap_or(PRIOR_HANDSHAKE_HOLD)
+            .max(now.saturating_duration_since(self.last_progress))
+    }
+
+    /// The next place in line for a guest refused at `now` with `slots`
+    /// handshake slots: how long it waits (before jitter), in
+    /// [`MIN_QUEUE_RETRY_AFTER`, `cap`].
+    pub fn place(&mut self, now: Instant, slots: usize, cap: Duration) -> Duration {
+        let gap = self.hold(now) / u32::try_from(slots.max(1)).unwrap_or(u32::MAX);
+        let place = (self.line_end.max(now) + gap).min(now + cap);
+        self.line_end = place;
+        place
+            .saturating_duration_since(now)
+            .clamp(MIN_QUEUE_RETRY_AFTER.min(cap), cap)
+    }
+}
+
 /// Admission control shared by every listener of one `serve`.
 #[derive(Debug)]
 pub struct AdmissionControl {
@@ -708,6 +801,7 @@ pub struct AdmissionControl {
     connections: Arc<Slots>,
     handshakes: Arc<Slots>,
     peers: Mutex<PeerTable>,
+    queue: Arc<Mutex<HandshakeQueue>>,
 }
 
 impl AdmissionControl {
@@ -718,6 +812,7 @@ impl AdmissionControl {
             connections: Slots::new(limits.max_connections),
             handshakes: Slots::new(limits.max_handshakes),
             peers: Mutex::new(PeerTable::new(&limits, now)),
+            queue: Arc::new(Mutex::new(HandshakeQueue::new(now))),
         }
     }
 
@@ -737,11 +832,18 @@ impl AdmissionControl {
         };
         // The two open slots travel together into whatever is decided.
         let held = (peer_open, open);
+        // `wait`: when the condition clears; a place in the handshake
+        // queue is jittered as it is, anything else is at least the base.
         let refuse = |refusal, reason, wait: Duration, (peer_open, open): (Slot, Slot)| {
+            let retry_after = if reason == RefuseReason::MaxHandshakes {
+                jittered(wait, self.limits.retry_jitter_percent, draw())
+            } else {
+                self.retry_after(wait, draw())
+            };
             Decision::Refuse(Refused {
                 refusal,
                 reason,
-                retry_after: self.retry_after(wait, draw()),
+                retry_after,
                 _peer_open: peer_open,
                 _open: open,
             })
@@ -763,14 +865,18 @@ impl AdmissionControl {
                 held,
             );
         };
+        let idle = self.handshakes.in_use() == 0;
         let Some(handshake) = self.handshakes.try_acquire() else {
-            return refuse(
-                Refusal::Busy,
-                RefuseReason::MaxHandshakes,
-                Duration::ZERO,
-                held,
+            let wait = lock(&self.queue).place(
+                now,
+                self.limits.max_handshakes,
+                self.limits.busy_retry_after,
             );
+            return refuse(Refusal::Busy, RefuseReason::MaxHandshakes, wait, held);
         };
+        if idle {
+            lock(&self.queue).busy_from(now);
+        }
         let Some(peer_handshake) = self.with_peers(|t| t.handshake(peer, now)) else {
             return refuse(
                 Refusal::Busy,
@@ -785,6 +891,8 @@ impl AdmissionControl {
             _open: open,
             _connection: connection,
             handshake: Some((handshake, peer_handshake)),
+            admitted_at: now,
+            queue: self.queue.clone(),
         })
     }
 
@@ -971,7 +1079,7 @@ mod tests {
             panic!("the good guest was refused");
         };
         // Established: both its slots go back; a re-attestation fits.
-        good.established();
+        good.established(now);
         assert_eq!(ac.usage().handshakes, 56);
         assert!(matches!(ac.admit("vm-good", now, || 0), Decision::Admit(_)));
         // A bad VM's stalled handshake ending frees its own slot only.
@@ -980,6 +1088,108 @@ mod tests {
             ac.admit("vm-bad-27", now, || 0),
             Decision::Admit(_)
         ));
+    }
+
+    /// `serve` runs on a multi-thread runtime: connections of many peers
+    /// are admitted, established and dropped on both workers at once.
+    /// No gate ever holds more than its limit, a refusal always names a
+    /// gate that was full, and every slot comes back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_gates_hold_under_a_multi_thread_runtime() {
+        const TASKS: usize = 8;
+        const ROUNDS: usize = 2_000;
+        let t0 = Instant::now();
+        let ac = Arc::new(AdmissionControl::new(
+            limits(|c| {
+                c.max_handshakes = 5;
+                c.max_open = Some(20);
+                c.max_open_per_peer = Some(4);
+                c.max_handshakes_per_peer = Some(2);
+                c.peer_connection_burst = MAX_BURST;
+                c.peer_connection_refill_ms = 1;
+            }),
+            t0,
+        ));
+        let l = *ac.limits();
+        // Tickets alive and those still in their handshake, counted by
+        // the holders themselves, and the most seen at once.
+        let live = Arc::new(AtomicUsize::new(0));
+        let shaking = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(Mutex::new((0usize, 0usize)));
+        let mut tasks = Vec::new();
+        for task in 0..TASKS {
+            let (ac, live, shaking, peak) =
+                (ac.clone(), live.clone(), shaking.clone(), peak.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut draw = draws(task as u64);
+                let mut held: Vec<Ticket> = Vec::new();
+                let mut reasons = Vec::new();
+                for round in 0..ROUNDS {
+                    let peer = format!("vm-{}", (task + round) % 5);
+                    match ac.admit(&peer, Instant::now(), &mut draw) {
+                        Decision::Admit(t) => {
+                            let n = live.fetch_add(1, Ordering::SeqCst) + 1;
+                            let h = shaking.fetch_add(1, Ordering::SeqCst) + 1;
+                            {
+                                let mut p = peak.lock().unwrap();
+                                *p = (p.0.max(n), p.1.max(h));
+                            }
+                            held.push(t);
+                        }
+                        Decision::Refuse(r) => reasons.push(r.reason),
+                        Decision::Close(r) => reasons.push(r),
+                    }
+                    let u = ac.usage();
+                    assert!(u.open <= l.max_open && u.connections <= l.max_connections);
+                    assert!(u.handshakes <= l.max_handshakes, "{u:?}");
+                    // Hand back or establish some, as sessions do.
+                    if round % 3 == 0
+                        && let Some(mut t) = held.pop()
+                    {
+                        if t.in_handshake() {
+                            shaking.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        live.fetch_sub(1, Ordering::SeqCst);
+                        if round % 2 == 0 {
+                            t.established(Instant::now());
+                        }
+                        drop(t);
+                    } else if round % 3 == 1
+                        && let Some(t) = held.iter_mut().find(|t| t.in_handshake())
+                    {
+                        t.established(Instant::now());
+                        shaking.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    tokio::task::yield_now().await;
+                }
+                for t in held.drain(..) {
+                    if t.in_handshake() {
+                        shaking.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    live.fetch_sub(1, Ordering::SeqCst);
+                }
+                reasons
+            }));
+        }
+        let mut reasons = Vec::new();
+        for t in tasks {
+            reasons.extend(t.await.unwrap());
+        }
+        let (most_live, most_shaking) = *peak.lock().unwrap();
+        assert!(most_live <= l.max_connections, "{most_live}");
+        assert!(most_shaking <= l.max_handshakes, "{most_shaking}");
+        // The load was enough to reach the gates, and only the gates that
+        // can fill here refused (no rate limit: the bucket refills).
+        assert!(most_shaking == l.max_handshakes, "{most_shaking}");
+        assert!(!reasons.is_empty());
+        assert!(
+            reasons
+                .iter()
+                .all(|r| *r != RefuseReason::PeerConnectionRate),
+            "{reasons:?}"
+        );
+        let u = ac.usage();
+        assert_eq!((u.open, u.connections, u.handshakes), (0, 0, 0));
     }
 
     #[test]
@@ -1054,12 +1264,19 @@ mod tests {
             panic!()
         };
         let mut retry = Vec::new();
-        for i in 0..5 {
+        // Nothing measured yet: the prior hold, so places in line every
+        // PRIOR_HANDSHAKE_HOLD / 2, each jittered upwards.
+        let gap = PRIOR_HANDSHAKE_HOLD / 2;
+        for i in 0..5u32 {
             match a.admit(&format!("vm-{}", 3 + i), t0, &mut draw) {
                 Decision::Refuse(r) => {
                     assert_eq!(r.refusal, Refusal::Busy);
                     assert_eq!(r.reason, RefuseReason::MaxHandshakes);
-                    assert!(r.retry_after >= 5 * S && r.retry_after < 10 * S);
+                    let place = (gap * (i + 1)).max(MIN_QUEUE_RETRY_AFTER);
+                    assert!(
+                        r.retry_after >= place && r.retry_after < 2 * place,
+                        "{i}: {r:?}"
+                    );
                     retry.push(r.retry_after);
                 }
                 other => panic!("{other:?}"),
@@ -1069,7 +1286,7 @@ mod tests {
         assert!(retry.len() > 1, "not jittered: {retry:?}");
         assert_eq!(a.usage().handshakes, 2);
         // Established: the handshake slot goes back, the connection stays.
-        first.established();
+        first.established(t0);
         assert!(!first.in_handshake());
         let u = a.usage();
         assert_eq!((u.handshakes, u.connections, u.open), (1, 2, 2));
@@ -1077,6 +1294,85 @@ mod tests {
         // Every dropped ticket and refusal gave its slots back.
         let u = a.usage();
         assert_eq!((u.handshakes, u.connections, u.open), (1, 2, 2));
+    }
+
+    /// Issue #14: 1,024 guests at once against the default 256 handshake
+    /// slots. The 768 refused are told to come back at the rate the host
+    /// completes handshakes (here one every 100 ms / 256), all within a
+    /// second, not after a fixed 5-10 s.
+    #[test]
+    fn a_booting_node_is_told_to_return_at_the_measured_service_rate() {
+        let t0 = Instant::now();
+        let a = AdmissionControl::new(Limits::new(2048, &AdmissionConfig::default()).unwrap(), t0);
+        let mut draw = draws(11);
+        // Earlier handshakes held their slots 100 ms each.
+        for i in 0..16 {
+            let Decision::Admit(mut t) = a.admit(&format!("vm-warm-{i}"), t0, &mut draw) else {
+                panic!()
+            };
+            t.established(t0 + S / 10);
+        }
+        let now = t0 + S / 10;
+        let mut held = Vec::new();
+        let mut waits = Vec::new();
+        for i in 0..1024 {
+            match a.admit(&format!("vm-{i}"), now, &mut draw) {
+                Decision::Admit(t) => held.push(t),
+                Decision::Refuse(r) => {
+                    assert_eq!(r.reason, RefuseReason::MaxHandshakes);
+                    waits.push(r.retry_after);
+                }
+                Decision::Close(r) => panic!("{r:?}"),
+            }
+        }
+        assert_eq!((held.len(), waits.len()), (256, 768));
+        // Places every 100 ms / 256: the last at 300 ms, jittered up to
+        // twice that; none before the floor.
+        assert!(waits.iter().all(|w| *w >= MIN_QUEUE_RETRY_AFTER));
+        let last = *waits.iter().max().unwrap();
+        assert!(last < 600 * S / 1000, "{last:?}");
+        assert!(last > 250 * S / 1000, "{last:?}");
+        // Spread: no tenth of [0, 600 ms) holds more than a third.
+        let mut tenths = [0u32; 10];
+        for w in &waits {
+            tenths[usize::try_from(w.as_millis() / 60).unwrap().min(9)] += 1;
+        }
+        assert!(tenths.iter().all(|n| *n <= 256), "{tenths:?}");
+    }
+
+    #[test]
+    fn a_host_that_makes_no_progress_pushes_the_line_out_to_the_cap() {
+        let t0 = Instant::now();
+        let a = AdmissionControl::new(limits(|c| c.max_handshakes = 4), t0);
+        let mut draw = draws(12);
+        let held: Vec<_> = (0..4)
+            .map(|i| a.admit(&format!("vm-{i}"), t0, &mut draw))
+            .collect();
+        assert!(held.iter().all(|d| matches!(d, Decision::Admit(_))));
+        // 60 s without a handshake completing: each place is 15 s out,
+        // so the wait is the cap (the base, 5 s), jittered; never more.
+        let later = t0 + 60 * S;
+        for i in 0..50 {
+            match a.admit(&format!("vm-late-{i}"), later, &mut draw) {
+                Decision::Refuse(r) => {
+                    assert!(r.retry_after >= 5 * S && r.retry_after < 10 * S, "{r:?}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The queue's own arithmetic: the places never pass the cap and
+        // never come sooner than the floor.
+        let mut q = HandshakeQueue::new(t0);
+        q.completed(Duration::from_millis(40), t0);
+        for _ in 0..10_000 {
+            let w = q.place(t0, 256, 5 * S);
+            assert!(w >= MIN_QUEUE_RETRY_AFTER && w <= 5 * S, "{w:?}");
+        }
+        // Time passes and handshakes complete again: the line has emptied
+        // by itself.
+        let later = t0 + 3600 * S;
+        q.completed(Duration::from_millis(40), later);
+        assert_eq!(q.place(later, 256, 5 * S), MIN_QUEUE_RETRY_AFTER);
     }
 
     #[test]

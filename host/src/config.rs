@@ -19,6 +19,18 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 pub const MAX_HOST_TOML: u64 = 4 * 1024 * 1024;
 /// Most Unix listeners one host serves (one per VM in development).
 pub const MAX_LISTENERS: usize = 4096;
+/// Most async worker threads `worker_threads` may ask for: beyond the
+/// cores of any node this agent runs on, each thread costs a stack and a
+/// malloc arena for nothing.
+pub const MAX_WORKER_THREADS: usize = 64;
+/// Default `max_blocking_threads`: threads running quote verification and
+/// the registry's `fdatasync` of each attestation. Enough to keep both
+/// cores and the disk busy in a boot storm; the rest queue (FIFO) instead
+/// of growing the pool to one thread per handshake (hundreds of stacks,
+/// and the directory lock they contend for).
+pub const DEFAULT_MAX_BLOCKING_THREADS: usize = 16;
+/// Largest `max_blocking_threads` accepted.
+pub const MAX_BLOCKING_THREADS: usize = 512;
 
 /// `host.toml`.
 #[derive(Debug, Deserialize)]
@@ -81,6 +93,23 @@ pub struct ServeConfig {
     /// at `<node_dir>/rollout/override.toml`.
     #[serde(default)]
     pub rollout: Option<RolloutConfig>,
+    /// Async worker threads of `serve` (1..=[`MAX_WORKER_THREADS`]);
+    /// default one per available core, at most that cap.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
+    /// Threads for blocking work (quote verification and the registry
+    /// record of each attestation, file I/O);
+    /// 1..=[`MAX_BLOCKING_THREADS`], default
+    /// [`DEFAULT_MAX_BLOCKING_THREADS`]. More blocking work waits in line.
+    #[serde(default)]
+    pub max_blocking_threads: Option<usize>,
+}
+
+/// The threads `serve` runs on, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads {
+    pub workers: usize,
+    pub max_blocking: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +233,8 @@ impl ServeConfig {
         );
         c.rollout()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        c.threads()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         c.limits()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if let Some(m) = &c.metrics {
@@ -216,6 +247,32 @@ impl ServeConfig {
     /// The checked `[rollout]` settings.
     pub fn rollout(&self) -> anyhow::Result<Settings> {
         Settings::new(self.rollout.as_ref(), &self.node_dir)
+    }
+
+    /// The checked thread counts: `worker_threads` defaults to the cores
+    /// this process may run on (its CPU affinity, e.g. `taskset`), capped.
+    pub fn threads(&self) -> anyhow::Result<Threads> {
+        let workers = match self.worker_threads {
+            Some(n) => n,
+            None => std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(MAX_WORKER_THREADS),
+        };
+        anyhow::ensure!(
+            (1..=MAX_WORKER_THREADS).contains(&workers),
+            "worker_threads must be 1..={MAX_WORKER_THREADS}"
+        );
+        let max_blocking = self
+            .max_blocking_threads
+            .unwrap_or(DEFAULT_MAX_BLOCKING_THREADS);
+        anyhow::ensure!(
+            (1..=MAX_BLOCKING_THREADS).contains(&max_blocking),
+            "max_blocking_threads must be 1..={MAX_BLOCKING_THREADS}"
+        );
+        Ok(Threads {
+            workers,
+            max_blocking,
+        })
     }
 
     /// The checked admission limits.
@@ -266,9 +323,33 @@ mod tests {
             "[vsock]\nvm = [ { cid = 17, vm_id = \"vm-17\" } ]\nports = 1\n",
             "shutdown_retry_after_s = 0\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
             "max_connections = 0\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
+            "worker_threads = 0\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
+            "worker_threads = 65\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
+            "max_blocking_threads = 0\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
+            "max_blocking_threads = 513\n[[unix_listener]]\npath = \"/s\"\nvm_id = \"v\"\n",
         ] {
             assert!(load(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn threads_default_to_the_cores_and_a_capped_blocking_pool() {
+        let c = load(UNIX).unwrap();
+        let t = c.threads().unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(t.workers, cores.min(MAX_WORKER_THREADS));
+        assert_eq!(t.max_blocking, DEFAULT_MAX_BLOCKING_THREADS);
+        let c = load(&format!(
+            "worker_threads = 1\nmax_blocking_threads = 4\n{UNIX}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.threads().unwrap(),
+            Threads {
+                workers: 1,
+                max_blocking: 4
+            }
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl Tracker {
     /// Gives the handshake slot back once the session is Established.
     fn check_established(&mut self, host: &Host) {
         if self.ticket.in_handshake() && matches!(host, Host::Established(_)) {
-            self.ticket.established();
+            self.ticket.established(std::time::Instant::now());
             self.metrics.handshake(HandshakeOutcome::Attested);
             self.metrics.handshake_latency(self.accepted_at.elapsed());
             self.established = Some(self.metrics.established());
@@ -526,10 +526,11 @@ pub(crate) async fn connection<S>(
             for ev in events {
                 let (h, o) = match ev {
                     // Quote verification and the registry write (an
-                    // fsync) run on the blocking pool: a thousand guests
-                    // attesting at once must not stall every other
-                    // session on the runtime thread. At most
-                    // `max_handshakes` run at once.
+                    // fdatasync) run on the blocking pool: a thousand
+                    // guests attesting at once must not stall the other
+                    // sessions of a worker thread. At most
+                    // `max_blocking_threads` run at once (host.toml), the
+                    // rest wait in line; at most `max_handshakes` wait.
                     HostEvent::Verify {
                         vm_id,
                         transcript_hash,

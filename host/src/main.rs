@@ -578,10 +578,8 @@ fn serve(path: &std::path::Path) -> anyhow::Result<bool> {
         .with_ansi(false)
         .with_max_level(level)
         .init();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
+    let threads = config.threads()?;
+    let rt = vkx_host::serve::runtime(threads).context("start the async runtime")?;
     rt.block_on(async {
         // SIGHUP reloads the policy and the CID map (`systemctl reload`);
         // caught from here on, before any listener exists.

@@ -52,6 +52,21 @@ use crate::vsock::{Admission, admit};
 /// How long live sessions get to say goodbye at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// The runtime `serve` runs on: `threads.workers` worker threads (one per
+/// core by default) sharing every connection, and a blocking pool of at
+/// most `threads.max_blocking` threads for quote verification and the
+/// registry's record; blocking work beyond it waits its turn in order.
+/// Admission control is shared state ([`AdmissionControl`]: atomics and
+/// one mutex), so its bounds hold whichever worker accepts.
+pub fn runtime(threads: crate::config::Threads) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.workers)
+        .max_blocking_threads(threads.max_blocking)
+        .thread_name("vkx-host")
+        .enable_all()
+        .build()
+}
+
 /// Serves until `shutdown` resolves; with `reload`, takes in a new policy
 /// and CID map on each of its requests ([`crate::reload`]).
 pub async fn serve(

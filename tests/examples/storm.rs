@@ -29,6 +29,9 @@
 //! The runs:
 //! 1. soft vTPMs, every handshake admitted at once (`[admission]
 //!    max_handshakes = N`): what one attested key release costs the host;
+//!    then the same with the host on one worker thread (`worker_threads
+//!    = 1`; run 1 used the default, one per core): key releases per
+//!    second at 1 and at all cores;
 //! 2. soft vTPMs, the host's default admission control: how long a node's
 //!    worth of VMs takes to be keyed when they all start at once;
 //! 3. the floor, in this process with ring: what one handshake cannot cost
@@ -47,7 +50,7 @@
 //!
 //! Options (after `--`): `--only-a` runs storm (a) and the floor only (the
 //! figure a change to the host's per-attestation cost moves, in a third of
-//! the time); `--perf FILE` also records the host during storm (a) with
+//! the time); `--no-idle` skips (a)'s idle window; `--perf FILE` also records the host during storm (a) with
 //! `perf record --call-graph dwarf` into FILE (`scripts/profile-storm.sh`
 //! runs it and sorts the samples into the README's breakdown).
 //!
@@ -297,6 +300,12 @@ struct IdleFigures {
 }
 
 impl StormFigures {
+    /// Key releases per second of wall time, over all rounds.
+    fn rate(&self) -> f64 {
+        let wall: Duration = self.walls.iter().sum();
+        self.released as f64 / wall.as_secs_f64().max(1e-9)
+    }
+
     fn all_keyed(&self) -> bool {
         self.released == self.guests
     }
@@ -807,6 +816,9 @@ fn hex_pin(pin: &str) -> [u8; 32] {
 /// then under the host's default admission control.
 struct SoftRuns {
     at_once: StormFigures,
+    /// Storm (a) again with the host on one worker thread; `None` with
+    /// `--perf`.
+    one_worker: Option<StormFigures>,
     /// `None` with `--only-a`.
     default_admission: Option<StormFigures>,
     floor: Floor,
@@ -824,12 +836,23 @@ fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64, opts: &Options)
     let host = site.start_host("at-once", &format!("[admission]\nmax_handshakes = {n}\n"));
     let recorder = opts.perf.as_deref().map(|out| Perf::attach(host.pid, out));
     // Profiled runs skip the idle window (a minute of idle samples).
-    let idle = opts.perf.is_none().then_some(IDLE_WINDOW);
+    let idle = (opts.perf.is_none() && !opts.no_idle).then_some(IDLE_WINDOW);
     let at_once = storm(rt, &agents, host.pid, ticks, true, idle);
     if let Some(r) = recorder {
         r.finish();
     }
     finish_host(host, &at_once);
+    // The same storm with the host on one worker thread: what the second
+    // core buys (profiled runs skip it).
+    let one_worker = opts.perf.is_none().then(|| {
+        let host = site.start_host(
+            "one-worker",
+            &format!("worker_threads = 1\n[admission]\nmax_handshakes = {n}\n"),
+        );
+        let f = storm(rt, &agents, host.pid, ticks, false, None);
+        finish_host(host, &f);
+        f
+    });
     let default_admission = (!opts.only_a).then(|| {
         let host = site.start_host("default", "");
         let f = storm(rt, &agents, host.pid, ticks, true, None);
@@ -838,16 +861,19 @@ fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64, opts: &Options)
     });
     SoftRuns {
         at_once,
+        one_worker,
         default_admission,
         floor,
         note,
     }
 }
 
-/// The command line: `[N] [--only-a] [--perf FILE]`.
+/// The command line: `[N] [--only-a] [--no-idle] [--perf FILE]`.
 struct Options {
     n: usize,
     only_a: bool,
+    /// Skip storm (a)'s idle window (iterating on the other figures).
+    no_idle: bool,
     perf: Option<std::path::PathBuf>,
 }
 
@@ -856,12 +882,14 @@ impl Options {
         let mut o = Self {
             n: DEFAULT_GUESTS,
             only_a: false,
+            no_idle: false,
             perf: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
             match a.as_str() {
                 "--only-a" => o.only_a = true,
+                "--no-idle" => o.no_idle = true,
                 "--perf" => {
                     o.perf = Some(args.next().expect("--perf FILE").into());
                     o.only_a = true;
@@ -1024,10 +1052,26 @@ fn main() {
         "  a) every handshake admitted at once ([admission] max_handshakes = {n}): the host's cost"
     );
     soft.at_once.print(&mut out);
+    if let Some(one) = &soft.one_worker {
+        let _ = writeln!(
+            out,
+            "  a1) the same with the host on one worker thread (worker_threads = 1; (a) ran on {cpus}, the default)"
+        );
+        one.print(&mut out);
+        line(
+            &mut out,
+            "attestations per second, 1 vs cores",
+            format!(
+                "{:.0}/s with 1 worker, {:.0}/s with {cpus} (wall time to all keyed; the load generator shares the cores)",
+                one.rate(),
+                soft.at_once.rate()
+            ),
+        );
+    }
     if let Some(b) = &soft.default_admission {
         let _ = writeln!(
             out,
-            "  b) the host's default admission control (max_handshakes {DEFAULT_MAX_HANDSHAKES}; busy, retry-after {} s +{DEFAULT_RETRY_JITTER_PERCENT} % jitter, honoured)",
+            "  b) the host's default admission control (max_handshakes {DEFAULT_MAX_HANDSHAKES}; busy, retry-after: the place in line, at most {} s, +{DEFAULT_RETRY_JITTER_PERCENT} % jitter, honoured; target: all keyed <= 2 s)",
             DEFAULT_BUSY_RETRY_AFTER_MS / 1000
         );
         b.print(&mut out);
@@ -1084,6 +1128,7 @@ fn main() {
     let mut failed = Vec::new();
     for (what, f) in [
         ("soft, all admitted", Some(&soft.at_once)),
+        ("soft, all admitted, one worker", soft.one_worker.as_ref()),
         ("soft, default admission", soft.default_admission.as_ref()),
         ("real vTPMs", real.as_ref()),
     ] {
