@@ -16,7 +16,7 @@ APT_PACKAGES ?= pkg-config libtss2-dev libtss2-tcti-swtpm0 swtpm swtpm-tools tpm
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := message_decode frame_decoder tpm_parse host_session
 
-.PHONY: all test chaos drill lint demo bench bench-peers peers-venv profile package package-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
+.PHONY: all test chaos drill lint demo bench bench-peers peers-venv profile package package-test vm-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fmt clean
 
 all: test
 
@@ -125,6 +125,14 @@ package: deps package-tools
 ## nothing left after purge. scripts/package-test.sh.
 package-test: package
 	bash scripts/package-test.sh
+
+## vm-test: the guest agent in a real VM (QEMU TCG, OVMF, a systemd-stub
+## UKI, swtpm vTPM, vhost-device-vsock), built from the packages: boot and
+## unlock of a LUKS2 volume by vkx-guest-once with the timeline, tampered
+## boots refused. Installs its tools; the image is cached in target/vm/.
+## scripts/vm-test.sh, scripts/vm-image.sh.
+vm-test: package
+	bash scripts/vm-test.sh
 
 # cargo-deb and lintian for `make package`, cargo-deb pinned like cargo-deny.
 CARGO_DEB_VERSION := 3.8.0
