@@ -228,7 +228,7 @@ cmd_expected_pcr11() {
     local args=(--linux="$r/vmlinuz" --osrel="$r/os-release" --cmdline="$out/cmdline" --initrd="$out/initrd.img" --bank=sha256)
     for phase in "" sysinit sysinit:ready; do
         /usr/lib/systemd/systemd-measure calculate "${args[@]}" --phase="$phase" \
-            | sed -n 's/^ *11:sha256=\([0-9a-f]*\)$/\1/p' | head -1
+            2>/dev/null | sed -n 's/^ *11:sha256=\([0-9a-f]*\)$/\1/p' | head -1
     done
 }
 

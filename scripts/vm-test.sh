@@ -211,7 +211,7 @@ boot() {
     : >"$d/stamped"
     while :; do
         kill -0 "$qpid" 2>/dev/null || { tail -20 "$d/serial.log"; cat "$d/qemu.log"; fail "$1: QEMU exited"; }
-        mapfile -t lines < <(grep -a '^VKXTEST ' "$d/serial.log" | tr -d '\r')
+        mapfile -t lines < <(grep -ao 'VKXTEST .*' "$d/serial.log" | tr -d '\r')
         while [ $n -lt ${#lines[@]} ]; do
             echo "$(($(ms) - t0)) ${lines[$n]}" >>"$d/stamped"; n=$((n + 1))
         done
