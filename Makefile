@@ -53,6 +53,10 @@ test: deps
 	bash spec/model/check.sh
 	python3 scripts/check-logging.py --self-test
 	python3 scripts/check-logging.py
+	# The guest agent in a real VM, from the packages: boot and unlock only
+	# (scripts/vm-test.sh unlock; about 3 min warm, about 10 min cold: README).
+	$(MAKE) --no-print-directory package
+	bash scripts/vm-test.sh unlock
 	@echo "make test: all passed"
 
 ## chaos: the fault-injection suite at full size (tests/tests/chaos.rs,

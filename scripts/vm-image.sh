@@ -144,6 +144,8 @@ cmd_root() {
         || fail "mkfs.ext4 -d"
     rm -rf "$work"
     mv "$out.tmp" "$out"
+    # Older root images (another .deb or image file) are not used again.
+    find "$CACHE" -maxdepth 1 -name 'root-*' ! -name "root-$key" -exec rm -rf {} +
     say "root: root-$key ($(du -h --apparent-size "$out/root.img" | cut -f1) ext4, kernel $kver)"
 }
 
