@@ -54,7 +54,7 @@ test: deps
 	python3 scripts/check-logging.py --self-test
 	python3 scripts/check-logging.py
 	# The guest agent in a real VM, from the packages: boot and unlock only
-	# (scripts/vm-test.sh unlock; about 3 min warm, about 10 min cold: README).
+	# (scripts/vm-test.sh unlock; about 1-3 min warm, about 10 min cold: README).
 	$(MAKE) --no-print-directory package
 	bash scripts/vm-test.sh unlock
 	@echo "make test: all passed"
