@@ -22,7 +22,7 @@ FUZZ_TARGETS ?= message_decode frame_decoder tpm_parse host_session guest_sessio
 FUZZ_SEEDS_MAX_KIB ?= 256
 FUZZ_RUN = RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
 
-.PHONY: all test chaos drill lint demo bench bench-peers peers-venv profile package package-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fuzz-run fuzz-coverage fmt clean
+.PHONY: all test chaos drill lint demo bench bench-peers peers-venv profile package package-test vm-test deps rust-components deny-tools package-tools fuzz-tools fuzz-corpus fuzz-smoke fuzz fuzz-run fuzz-coverage fmt clean
 
 all: test
 
@@ -59,6 +59,10 @@ test: deps
 	bash spec/model/check.sh
 	python3 scripts/check-logging.py --self-test
 	python3 scripts/check-logging.py
+	# The guest agent in a real VM, from the packages: boot and unlock only
+	# (scripts/vm-test.sh unlock; about 1-3 min warm, about 10 min cold: README).
+	$(MAKE) --no-print-directory package
+	bash scripts/vm-test.sh unlock
 	@echo "make test: all passed"
 
 ## chaos: the fault-injection suite at full size (tests/tests/chaos.rs,
@@ -136,6 +140,14 @@ package: deps package-tools
 ## nothing left after purge. scripts/package-test.sh.
 package-test: package
 	bash scripts/package-test.sh
+
+## vm-test: the guest agent in a real VM (QEMU TCG, OVMF, a systemd-stub
+## UKI, swtpm vTPM, vhost-device-vsock), built from the packages: boot and
+## unlock of a LUKS2 volume by vkx-guest-once with the timeline, tampered
+## boots refused. Installs its tools; the image is cached in target/vm/.
+## scripts/vm-test.sh, scripts/vm-image.sh.
+vm-test: package
+	bash scripts/vm-test.sh
 
 # cargo-deb and lintian for `make package`, cargo-deb pinned like cargo-deny.
 CARGO_DEB_VERSION := 3.8.0

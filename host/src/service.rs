@@ -591,7 +591,64 @@ pub(crate) async fn watch_key_versions(
             }
         }
     };
+    // The receivers are the live sessions, which come and go: with none at
+    // a poll (a host started before its guests boot, or restarted while
+    // they back off), poll_and_publish would take the closed channel for
+    // "nobody listens any more" and stop for good, and no later rotation
+    // would ever reach a guest. Seen in a real VM (make vm-test). This
+    // receiver keeps the watch alive until `stop`.
+    let _alive = tx.subscribe();
     crate::publish::poll_and_publish(KEY_POLL_INTERVAL, poll, tx, stop).await;
+}
+
+#[cfg(test)]
+mod key_watch_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::keystore::{AllowList, DirKeyStore, MASTER_KEY_LEN, MasterKey, validate_key_name};
+    use vkx_common::wire::KeyMaterial;
+    use zeroize::Zeroizing;
+
+    /// Regression: `serve` keeps no receiver of the key versions; with no
+    /// session at the watcher's first look (the host starts before its
+    /// VMs boot), the watcher stopped, and a rotation made later never
+    /// reached the guest that connected afterwards.
+    #[tokio::test]
+    async fn a_rotation_reaches_a_session_that_connected_after_a_poll_without_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = Arc::new(
+            DirKeyStore::open(
+                &dir.path().join("keys"),
+                MasterKey::new(Zeroizing::new([7; MASTER_KEY_LEN])),
+            )
+            .unwrap(),
+        );
+        let disk = validate_key_name("disk").unwrap();
+        inner
+            .add(
+                &disk,
+                &KeyMaterial::new(vec![1; 32]),
+                &AllowList::new(&["vm-1"], &[] as &[&str]).unwrap(),
+            )
+            .unwrap();
+        let store = Arc::new(CachedKeys::new(inner.clone()));
+        let initial: BTreeMap<KeyName, u32> = [(disk.clone(), 1)].into();
+        // As serve makes it: the initial receiver is dropped at once.
+        let (tx, _) = watch::channel(Arc::new(initial));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let watcher = tokio::spawn(watch_key_versions(store, tx.clone(), stop_rx));
+        // At least one look with no session at all.
+        tokio::time::sleep(KEY_POLL_INTERVAL * 2).await;
+        let mut session = tx.subscribe();
+        inner.rotate(&disk, None).unwrap();
+        tokio::time::timeout(KEY_POLL_INTERVAL * 3, session.changed())
+            .await
+            .expect("the rotation was not published within three polls")
+            .unwrap();
+        assert_eq!(session.borrow().get(&disk), Some(&2));
+        stop_tx.send(true).unwrap();
+        watcher.await.unwrap();
+    }
 }
 
 #[cfg(test)]

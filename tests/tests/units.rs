@@ -89,6 +89,50 @@ fn exec_start(text: &str) -> Vec<String> {
     line.split_whitespace().map(str::to_owned).collect()
 }
 
+/// Passive targets (systemd.special(7)): nothing pulls them in unless a
+/// unit that must run before them wants them, so a unit installed only
+/// `WantedBy=` one of them is never started.
+const PASSIVE_TARGETS: &[&str] = &[
+    "cryptsetup-pre.target",
+    "local-fs-pre.target",
+    "remote-fs-pre.target",
+    "network-pre.target",
+    "nss-lookup.target",
+    "nss-user-lookup.target",
+    "getty-pre.target",
+    "veritysetup-pre.target",
+];
+
+/// Regression (seen booting a real VM in `make vm-test`): the one-shot was
+/// `WantedBy=cryptsetup-pre.target` and never ran, so the volume it unlocks
+/// stayed locked. Each unit is wanted by a target a boot reaches, and the
+/// one-shot by one that is reached before any volume is opened.
+#[test]
+fn every_unit_is_wanted_by_a_target_the_boot_pulls_in() {
+    for unit in UNITS {
+        let wanted = values(&unit_text(unit), "WantedBy");
+        assert!(!wanted.is_empty(), "{unit}: no WantedBy=");
+        for w in &wanted {
+            assert!(
+                !PASSIVE_TARGETS.contains(&w.as_str()),
+                "{unit}: WantedBy={w} is a passive target: the unit would never start"
+            );
+        }
+    }
+    let once = unit_text("guest/dist/vkx-guest-once.service");
+    assert_eq!(values(&once, "WantedBy"), ["sysinit.target"]);
+    assert!(
+        values(&once, "Before")
+            .iter()
+            .any(|b| b.split_whitespace().any(|t| t == "cryptsetup-pre.target"))
+    );
+    assert!(
+        values(&once, "Wants")
+            .iter()
+            .any(|b| b.split_whitespace().any(|t| t == "cryptsetup-pre.target"))
+    );
+}
+
 #[test]
 fn systemd_analyze_verify_accepts_every_unit_without_a_warning() {
     let dir = tempfile::tempdir().unwrap();
