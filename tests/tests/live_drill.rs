@@ -23,9 +23,9 @@ use vkx_e2e::{bin, run};
 
 const LIMIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(100);
-/// The overlay's TTL in these tests (the least allowed).
 /// `--told-bound-ms` and `--restore-bound-ms` of the test drills.
 const SLO_BOUND_MS: &str = "10000";
+/// The overlay's TTL in these tests (the least allowed).
 const TTL_S: &str = "3";
 
 const DOCUMENT: &str = "{\"format\":1,\"revision\":1,\"issued_at\":0,\
