@@ -469,7 +469,7 @@ impl Health {
 
     /// The Prometheus families of these counters (see `crate::metrics`).
     pub(crate) fn render(&self, o: &mut String) {
-        use crate::metrics::{family, sample};
+        use crate::prom::{family, sample};
         let rings: Vec<(Arc<str>, RingSummary)> = self
             .rings()
             .into_iter()

@@ -28,6 +28,8 @@
 //! - [`keystore`]: the host's key store: one directory per key, one
 //!   AES-256-GCM sealed file per version under the node's master key,
 //!   crash-safe writes; the [`keystore::KeyStore`] trait the agent reads.
+//! - [`limit`]: generic limits on caller-supplied time: token bucket,
+//!   counted slots, per-key caps, each with an RAII guard.
 //! - [`listen`]: the one accept loop of every listener (guests, metrics,
 //!   derived keys), which owns and awaits its connection tasks.
 //! - [`metrics`]: counters and gauges of `serve`, and its Prometheus
@@ -36,6 +38,8 @@
 //!   vTPM CA.
 //! - [`policy`]: the attestation and key policy (policy.toml): loaded
 //!   and checked whole, evaluated purely.
+//! - [`prom`]: the Prometheus text format's two primitives (family
+//!   head, sample), shared by `metrics` and `health`.
 //! - [`publish`]: watch a source, publish on a `tokio::sync::watch`
 //!   (key versions, rollout sources).
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
@@ -81,10 +85,12 @@ pub mod fsutil;
 pub mod health;
 pub mod keys_cli;
 pub mod keystore;
+pub mod limit;
 pub mod listen;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod prom;
 pub mod publish;
 pub mod registry;
 pub mod release;
