@@ -50,7 +50,6 @@ use vkx_common::errors::{ErrorCode, REGISTRY};
 use vkx_common::wire::VmId;
 use vkx_common::{rl_info, rl_warn};
 
-use crate::metrics::Metrics;
 use crate::rollout::document::{MAX_RINGS, check_node_name, check_ring_name};
 use crate::rollout::drill_overlay::{DrillOverlay, check_drill_id};
 use crate::rollout::service::View;
@@ -140,7 +139,7 @@ pub struct FeatureCounters {
     grants: AtomicU64,
     refusals: [AtomicU64; CODE_SLOTS],
     /// A gauge: Established sessions of the ring with the feature
-    /// enabled now (`crate::metrics::FeatureGauge` keeps it).
+    /// enabled now (`metrics::FeatureGauge` keeps it).
     enabled: AtomicU64,
 }
 
@@ -467,7 +466,7 @@ impl Health {
         (get(&self.published), get(&self.publish_failed))
     }
 
-    /// The Prometheus families of these counters (see `crate::metrics`).
+    /// The Prometheus families of these counters (see `metrics`).
     pub(crate) fn render(&self, o: &mut String) {
         use crate::prom::{family, sample};
         let rings: Vec<(Arc<str>, RingSummary)> = self
@@ -1114,7 +1113,7 @@ pub fn etcd_key(prefix: &str, node: &str) -> String {
 /// (once per change of state, rate-limited besides) and retried at the
 /// next tick, or later under the etcd retry policy.
 pub async fn publish(
-    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     settings: HealthSettings,
     view: watch::Receiver<Arc<View>>,
     mut stop: watch::Receiver<bool>,
@@ -1139,9 +1138,9 @@ pub async fn publish(
         }
         let v = view.borrow().clone();
         if let Some(doc) = v.document() {
-            metrics.health.track(doc);
+            health.track(doc);
         }
-        let summary = metrics.health.summary(
+        let summary = health.summary(
             &v.node,
             v.revision(),
             unix(SystemTime::now()),
@@ -1153,14 +1152,14 @@ pub async fn publish(
         };
         match result {
             Ok(()) => {
-                add(&metrics.health.published);
+                add(&health.published);
                 if failing {
                     rl_info!("health summary published again");
                 }
                 failing = false;
             }
             Err(e) => {
-                add(&metrics.health.publish_failed);
+                add(&health.publish_failed);
                 if !failing {
                     rl_warn!(error = %e, "health summary not published; retrying");
                 }

@@ -53,11 +53,17 @@
 //!   up; widening needs a trusted signature), persistence.
 //! - [`rollout_cli`]: `vkx-host rollout show|explain|kill|unkill|set-stage|
 //!   push|sign|keygen`, the operator CLI of the rollout and kill switch.
+//! - [`rollout_node`]: the node context `rollout_cli` and `rollout_run`
+//!   share: host.toml's `[rollout]`, `--config`/`--key`, the signing key,
+//!   the pre-write check.
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
 //! - [`service`]: the shared service context of `serve` and its answers
 //!   to session events (verify, release, derive, rotate).
 //! - [`source`]: where the rollout document is read from (a watched file
 //!   or an etcd key), fail-static, bounded; and written to (`rollout push`).
+//! - [`trust`]: what the host trusts now (policy and CID map, one
+//!   value a reload replaces whole), what a session proved, and whether
+//!   the current trust still allows it.
 //! - [`vsock`]: AF_VSOCK listener configuration and admission by CID;
 //!   the hybrid-vsock CONNECT preamble (host to guest).
 //! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
@@ -97,10 +103,12 @@ pub mod release;
 pub mod reload;
 pub mod rollout;
 pub mod rollout_cli;
+pub mod rollout_node;
 pub mod rollout_run;
 pub mod serve;
 pub mod service;
 pub mod source;
+pub mod trust;
 pub mod vsock;
 pub mod vtpm;
 pub mod vtpm_auth;

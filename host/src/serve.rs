@@ -44,9 +44,10 @@ use crate::keystore::{DirKeyStore, KeyStore};
 use crate::listen::{Accept, accept_loop};
 use crate::metrics::{Metrics, MetricsConfig};
 use crate::registry::Registry;
-use crate::reload::{Reload, Trust};
+use crate::reload::Reload;
 use crate::rollout::service::Rollout;
 use crate::service::{FEATURE_RETRY_AFTER, Shared, shutdown_spread, watch_key_versions};
+use crate::trust::Trust;
 use crate::vsock::{Admission, admit};
 
 /// How long live sessions get to say goodbye at shutdown.
@@ -163,7 +164,7 @@ pub async fn serve(
         tasks.spawn(crate::reload::run(reload, shared.clone(), stop_rx.clone()));
     }
     tasks.spawn(crate::health::publish(
-        metrics.clone(),
+        metrics.health.clone(),
         health,
         shared.rollout.clone(),
         stop_rx.clone(),

@@ -174,7 +174,7 @@ pub struct Metrics {
     /// The rollout and kill switch ([`RolloutMetrics`]).
     pub rollout: RolloutMetrics,
     /// Health signals per ring and feature ([`crate::health`]).
-    pub health: crate::health::Health,
+    pub health: Arc<crate::health::Health>,
 }
 
 /// The v1 features, in the order of the rollout series.

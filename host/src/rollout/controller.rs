@@ -9,7 +9,7 @@
 //! feature at a new revision). Like the protocol sessions, it is driven:
 //! [`Controller::step`] takes what happened ([`Input`]) and the current
 //! time, and returns the one thing to do next ([`Action`]); the driver
-//! (`crate::rollout_run`) does it and reports back. Timeline events
+//! (`rollout_run`) does it and reports back. Timeline events
 //! ([`RunEvent`]) queue up for [`Controller::poll_event`].
 //!
 //! Its progress ([`Progress`]) is saved to the store after every change of
@@ -53,7 +53,7 @@ pub const MAX_PROGRESS_BYTES: usize = 256 * 1024;
 pub const MAX_HISTORY: usize = 256;
 /// Attempts at a stage write that conflicted with another writer before
 /// the controller pauses (the same bound as the operator's edits).
-pub const MAX_WRITE_ATTEMPTS: usize = crate::rollout_cli::MAX_EDIT_ATTEMPTS;
+pub const MAX_WRITE_ATTEMPTS: usize = super::edit::MAX_EDIT_ATTEMPTS;
 /// Attempts at the halting kill: a halt must happen, so it gets more.
 pub const MAX_KILL_ATTEMPTS: usize = 16;
 /// A health read this close to the end of the bake decides: a driver's

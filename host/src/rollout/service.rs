@@ -4,7 +4,7 @@
 //! override file and publishes the resulting [`View`] on a
 //! `tokio::sync::watch`. Every live session reads the view: it resolves
 //! its VM's feature map from it and sends `feature-update` when the map
-//! changes (`crate::connection`).
+//! changes (`connection`).
 //!
 //! Rules (spec/ROLLOUT.md): a candidate document from the source is
 //! admitted or refused by [`super::admit`] against the accepted one;
