@@ -49,7 +49,7 @@ pub(crate) struct Shared {
     pub(crate) tls: Arc<rustls::ServerConfig>,
     /// The key store, each key's current version decrypted once
     /// ([`CachedKeys`]).
-    pub(crate) keys: Option<Arc<CachedKeys>>,
+    pub(crate) keys: Arc<CachedKeys>,
     pub(crate) key_versions: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
     pub(crate) derived: Arc<DerivedKeys>,
     pub(crate) registry: Registry,
@@ -263,8 +263,8 @@ impl Shared {
         self.metrics.health.ring(view, vm, image)
     }
 
-    pub(crate) fn store(&self) -> Option<&dyn KeyStore> {
-        self.keys.as_deref().map(|k| k as &dyn KeyStore)
+    pub(crate) fn store(&self) -> &dyn KeyStore {
+        self.keys.as_ref()
     }
 
     /// The `retry-after` one session is told at shutdown.
@@ -349,7 +349,8 @@ pub(crate) fn push_rotations(
         return out;
     }
     let trust = shared.trust();
-    let (Some(store), Some(vm)) = (shared.store(), trust.policy.vm(s.vm_id())) else {
+    let store = shared.store();
+    let Some(vm) = trust.policy.vm(s.vm_id()) else {
         return out;
     };
     let now = std::time::Instant::now();
