@@ -65,15 +65,15 @@ test: deps
 	bash scripts/vm-test.sh unlock
 	@echo "make test: all passed"
 
-## chaos: the fault-injection suite at full size (tests/tests/chaos.rs,
-## chaos_cd.rs and chaos_g.rs; cases c and g need the soft vTPM feature,
+## chaos: the fault-injection suite at full size (tests/tests/chaos_ab.rs,
+## chaos_ef.rs, chaos_cd.rs and chaos_g.rs; cases c and g need the soft vTPM feature,
 ## c about 8 minutes),
 ## then its table: each case's measured figure beside its bound. The
 ## table is printed even when a case fails; the target then fails too.
 ## `make test` runs the same suite at reduced size.
 chaos: deps
 	$(CARGO) build --workspace --bins --locked
-	status=0; VKX_CHAOS_FULL=1 $(CARGO) test -p vkx-e2e --features insecure-soft-tpm --test chaos --test chaos_cd --test chaos_g --locked -- --test-threads=1 || status=$$?; \
+	status=0; VKX_CHAOS_FULL=1 $(CARGO) test -p vkx-e2e --features insecure-soft-tpm --test chaos_ab --test chaos_ef --test chaos_cd --test chaos_g --locked -- --test-threads=1 || status=$$?; \
 	$(CARGO) run --quiet --locked -p vkx-e2e --example chaos_report || status=1; \
 	exit $$status
 

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::admission::{AdmissionConfig, Limits};
 use crate::metrics::MetricsConfig;
-use crate::rollout::service::{RolloutConfig, Settings};
+use crate::rollout::service::{RolloutConfig, Settings, SettingsError};
 use crate::vsock::VsockListenerConfig;
 
 /// Default connection limit: one per VM of a large node, with headroom.
@@ -187,88 +187,155 @@ fn default_shutdown_retry_after() -> u32 {
 /// Largest `shutdown_retry_after_s`: a day, the guests' own cap.
 pub const MAX_SHUTDOWN_RETRY_AFTER_S: u32 = 24 * 3600;
 
+/// Why host.toml cannot be served: each names the file or the setting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("read {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is larger than {MAX_HOST_TOML} bytes", .0.display())]
+    TooLarge(PathBuf),
+    #[error("{}: {source}", .path.display())]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{}: [vsock]: {source}", .path.display())]
+    Vsock {
+        path: PathBuf,
+        source: crate::vsock::VsockConfigError,
+    },
+    #[error("{}: no listener configured", .0.display())]
+    NoListener(PathBuf),
+    #[error("more than {MAX_LISTENERS} listeners")]
+    TooManyListeners,
+    #[error("max_connections must be 1..=65536")]
+    MaxConnections,
+    #[error("shutdown_retry_after_s must be 1..={MAX_SHUTDOWN_RETRY_AFTER_S}")]
+    ShutdownRetryAfter,
+    #[error("worker_threads must be 1..={MAX_WORKER_THREADS}")]
+    WorkerThreads,
+    #[error("max_blocking_threads must be 1..={MAX_BLOCKING_THREADS}")]
+    BlockingThreads,
+    #[error("{}: {source}", .path.display())]
+    Rollout {
+        path: PathBuf,
+        source: SettingsError,
+    },
+    #[error("{}: {source}", .path.display())]
+    Admission {
+        path: PathBuf,
+        source: crate::admission::AdmissionConfigError,
+    },
+    #[error("{}: [metrics]: {source}", .path.display())]
+    Metrics {
+        path: PathBuf,
+        source: crate::metrics::MetricsConfigError,
+    },
+    /// A setting of its own (the thread counts) at load: named with the file.
+    #[error("{}: {source}", .path.display())]
+    Setting {
+        path: PathBuf,
+        source: Box<ConfigError>,
+    },
+}
+
 impl ServeConfig {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::from_text(path, &Self::read(path)?)
     }
 
     /// host.toml's text, at most [`MAX_HOST_TOML`] bytes.
-    pub fn read(path: &Path) -> anyhow::Result<String> {
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
         use std::io::Read as _;
         let mut text = String::new();
         std::fs::File::open(path)
             .and_then(|f| f.take(MAX_HOST_TOML + 1).read_to_string(&mut text))
-            .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
-        anyhow::ensure!(
-            text.len() as u64 <= MAX_HOST_TOML,
-            "{} is larger than {MAX_HOST_TOML} bytes",
-            path.display()
-        );
+            .map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+        if text.len() as u64 > MAX_HOST_TOML {
+            return Err(ConfigError::TooLarge(path.to_owned()));
+        }
         Ok(text)
     }
 
     /// Parses and checks host.toml's `text` (read from `path`, which the
     /// errors name).
-    pub fn from_text(path: &Path, text: &str) -> anyhow::Result<Self> {
-        let c: Self =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let path_buf = || path.to_owned();
+        let c: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path_buf(),
+            source,
+        })?;
         if let Some(v) = &c.vsock {
-            v.validate()
-                .map_err(|e| anyhow::anyhow!("{}: [vsock]: {e}", path.display()))?;
+            v.validate().map_err(|source| ConfigError::Vsock {
+                path: path_buf(),
+                source,
+            })?;
         }
         let listeners =
             c.unix_listener.len() + c.hybrid_vsock.len() + usize::from(c.vsock.is_some());
-        anyhow::ensure!(listeners > 0, "{}: no listener configured", path.display());
-        anyhow::ensure!(
-            listeners <= MAX_LISTENERS,
-            "more than {MAX_LISTENERS} listeners"
-        );
-        anyhow::ensure!(
-            (1..=65_536).contains(&c.max_connections),
-            "max_connections must be 1..=65536"
-        );
-        anyhow::ensure!(
-            (1..=MAX_SHUTDOWN_RETRY_AFTER_S).contains(&c.shutdown_retry_after_s),
-            "shutdown_retry_after_s must be 1..={MAX_SHUTDOWN_RETRY_AFTER_S}"
-        );
-        c.rollout()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        c.threads()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        c.limits()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if listeners == 0 {
+            return Err(ConfigError::NoListener(path_buf()));
+        }
+        if listeners > MAX_LISTENERS {
+            return Err(ConfigError::TooManyListeners);
+        }
+        if !(1..=65_536).contains(&c.max_connections) {
+            return Err(ConfigError::MaxConnections);
+        }
+        if !(1..=MAX_SHUTDOWN_RETRY_AFTER_S).contains(&c.shutdown_retry_after_s) {
+            return Err(ConfigError::ShutdownRetryAfter);
+        }
+        c.rollout().map_err(|source| ConfigError::Rollout {
+            path: path_buf(),
+            source,
+        })?;
+        c.threads().map_err(|e| ConfigError::Setting {
+            path: path_buf(),
+            source: Box::new(e),
+        })?;
+        c.limits().map_err(|source| ConfigError::Admission {
+            path: path_buf(),
+            source,
+        })?;
         if let Some(m) = &c.metrics {
-            m.endpoint()
-                .map_err(|e| anyhow::anyhow!("{}: [metrics]: {e}", path.display()))?;
+            m.endpoint().map_err(|source| ConfigError::Metrics {
+                path: path_buf(),
+                source,
+            })?;
         }
         Ok(c)
     }
 
     /// The checked `[rollout]` settings.
-    pub fn rollout(&self) -> anyhow::Result<Settings> {
+    pub fn rollout(&self) -> Result<Settings, SettingsError> {
         Settings::new(self.rollout.as_ref(), &self.node_dir)
     }
 
     /// The checked thread counts: `worker_threads` defaults to the cores
     /// this process may run on (its CPU affinity, e.g. `taskset`), capped.
-    pub fn threads(&self) -> anyhow::Result<Threads> {
+    pub fn threads(&self) -> Result<Threads, ConfigError> {
         let workers = match self.worker_threads {
             Some(n) => n,
             None => std::thread::available_parallelism()
                 .map_or(1, std::num::NonZeroUsize::get)
                 .min(MAX_WORKER_THREADS),
         };
-        anyhow::ensure!(
-            (1..=MAX_WORKER_THREADS).contains(&workers),
-            "worker_threads must be 1..={MAX_WORKER_THREADS}"
-        );
+        if !(1..=MAX_WORKER_THREADS).contains(&workers) {
+            return Err(ConfigError::WorkerThreads);
+        }
         let max_blocking = self
             .max_blocking_threads
             .unwrap_or(DEFAULT_MAX_BLOCKING_THREADS);
-        anyhow::ensure!(
-            (1..=MAX_BLOCKING_THREADS).contains(&max_blocking),
-            "max_blocking_threads must be 1..={MAX_BLOCKING_THREADS}"
-        );
+        if !(1..=MAX_BLOCKING_THREADS).contains(&max_blocking) {
+            return Err(ConfigError::BlockingThreads);
+        }
         Ok(Threads {
             workers,
             max_blocking,
@@ -287,7 +354,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn load(extra: &str) -> anyhow::Result<ServeConfig> {
+    fn load(extra: &str) -> Result<ServeConfig, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("host.toml");
         std::fs::write(

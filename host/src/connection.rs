@@ -574,10 +574,10 @@ pub(crate) async fn connection<S>(
         }
         track.check_established(&host);
         if gauge.is_none() && matches!(host, Host::Established(_)) {
-            let proof = crate::reload::Proof {
+            let proof = crate::trust::Proof {
                 cid: peer_id.cid,
                 pcrs: std::mem::take(&mut proven),
-                ..crate::reload::Proof::default()
+                ..crate::trust::Proof::default()
             };
             vm_session = vm
                 .as_ref()

@@ -211,15 +211,36 @@ fn default_socket_mode() -> u32 {
     0o660
 }
 
+/// A `[local] socket_mode` with bits other than read/write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("[local] socket_mode {0:#o}: read/write bits only (e.g. 0o660)")]
+pub struct SocketModeError(pub u32);
+
+/// Why `vkx-host derived get` ([`fetch`]) got no key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    #[error("connect {}: {source}", .path.display())]
+    Connect {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("local socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad reply")]
+    BadReply,
+    #[error("the host refused: {0}")]
+    Refused(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 impl LocalConfig {
     /// The socket's access settings, checked: no execute bits, nothing
     /// for others beyond read/write.
-    pub fn access(&self) -> anyhow::Result<crate::listen::SocketAccess> {
+    pub fn access(&self) -> Result<crate::listen::SocketAccess, SocketModeError> {
         if self.socket_mode & !0o666 != 0 {
-            anyhow::bail!(
-                "[local] socket_mode {:#o}: read/write bits only (e.g. 0o660)",
-                self.socket_mode
-            );
+            return Err(SocketModeError(self.socket_mode));
         }
         Ok(crate::listen::SocketAccess {
             mode: self.socket_mode,
@@ -325,11 +346,14 @@ pub async fn fetch(
     socket: &Path,
     vm: &VmId,
     purpose: &Purpose,
-) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+) -> Result<Zeroizing<Vec<u8>>, FetchError> {
     let work = async {
         let mut s = UnixStream::connect(socket)
             .await
-            .map_err(|e| anyhow::anyhow!("connect {}: {e}", socket.display()))?;
+            .map_err(|source| FetchError::Connect {
+                path: socket.to_owned(),
+                source,
+            })?;
         s.write_all(format!("derived {vm} {purpose}\n").as_bytes())
             .await?;
         let mut reply = Zeroizing::new(Vec::new());
@@ -337,21 +361,20 @@ pub async fn fetch(
             .take(4 + 2 * 256 + 2)
             .read_to_end(&mut reply)
             .await?;
-        let text = std::str::from_utf8(&reply).map_err(|_| anyhow::anyhow!("bad reply"))?;
+        let text = std::str::from_utf8(&reply).map_err(|_| FetchError::BadReply)?;
         let text = text.strip_suffix('\n').unwrap_or(text);
         if let Some(hex) = text.strip_prefix("OK ") {
             return hex::decode(hex)
                 .map(Zeroizing::new)
-                .map_err(|_| anyhow::anyhow!("bad reply"));
+                .map_err(|_| FetchError::BadReply);
         }
-        anyhow::bail!(
-            "the host refused: {}",
-            text.strip_prefix("ERR ").unwrap_or("bad reply")
-        )
+        Err(FetchError::Refused(
+            text.strip_prefix("ERR ").unwrap_or("bad reply").to_owned(),
+        ))
     };
     tokio::time::timeout(LOCAL_CLIENT_TIMEOUT, work)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {LOCAL_CLIENT_TIMEOUT:?}"))?
+        .map_err(|_| FetchError::Timeout(LOCAL_CLIENT_TIMEOUT))?
 }
 
 #[cfg(test)]

@@ -213,6 +213,18 @@ pub(crate) fn parse_effective_uid(status: &str) -> Option<u32> {
     fields.next()?.parse().ok()
 }
 
+/// Whether this test runs as root (needed to give a file or a directory
+/// away to another uid): the node's and the key store's tests use it.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn running_as_root(test: &str) -> bool {
+    let root = effective_uid().unwrap() == 0;
+    if !root {
+        eprintln!("{test}: skipped, not running as root: cannot chown to another uid");
+    }
+    root
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -28,6 +28,8 @@
 //! - [`keystore`]: the host's key store: one directory per key, one
 //!   AES-256-GCM sealed file per version under the node's master key,
 //!   crash-safe writes; the [`keystore::KeyStore`] trait the agent reads.
+//! - [`limit`]: generic limits on caller-supplied time: token bucket,
+//!   counted slots, per-key caps, each with an RAII guard.
 //! - [`listen`]: the one accept loop of every listener (guests, metrics,
 //!   derived keys), which owns and awaits its connection tasks.
 //! - [`metrics`]: counters and gauges of `serve`, and its Prometheus
@@ -36,6 +38,8 @@
 //!   vTPM CA.
 //! - [`policy`]: the attestation and key policy (policy.toml): loaded
 //!   and checked whole, evaluated purely.
+//! - [`prom`]: the Prometheus text format's two primitives (family
+//!   head, sample), shared by `metrics` and `health`.
 //! - [`publish`]: watch a source, publish on a `tokio::sync::watch`
 //!   (key versions, rollout sources).
 //! - [`registry`]: the directory of provisioned VMs (vm-id → EK, AK, AK
@@ -49,11 +53,17 @@
 //!   up; widening needs a trusted signature), persistence.
 //! - [`rollout_cli`]: `vkx-host rollout show|explain|kill|unkill|set-stage|
 //!   push|sign|keygen`, the operator CLI of the rollout and kill switch.
+//! - [`rollout_node`]: the node context `rollout_cli` and `rollout_run`
+//!   share: host.toml's `[rollout]`, `--config`/`--key`, the signing key,
+//!   the pre-write check.
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
 //! - [`service`]: the shared service context of `serve` and its answers
 //!   to session events (verify, release, derive, rotate).
 //! - [`source`]: where the rollout document is read from (a watched file
 //!   or an etcd key), fail-static, bounded; and written to (`rollout push`).
+//! - [`trust`]: what the host trusts now (policy and CID map, one
+//!   value a reload replaces whole), what a session proved, and whether
+//!   the current trust still allows it.
 //! - [`vsock`]: AF_VSOCK listener configuration and admission by CID;
 //!   the hybrid-vsock CONNECT preamble (host to guest).
 //! - [`vtpm`]: the node's vTPM CA and vTPM provisioning (EK, AK, AK
@@ -81,20 +91,24 @@ pub mod fsutil;
 pub mod health;
 pub mod keys_cli;
 pub mod keystore;
+pub mod limit;
 pub mod listen;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod prom;
 pub mod publish;
 pub mod registry;
 pub mod release;
 pub mod reload;
 pub mod rollout;
 pub mod rollout_cli;
+pub mod rollout_node;
 pub mod rollout_run;
 pub mod serve;
 pub mod service;
 pub mod source;
+pub mod trust;
 pub mod vsock;
 pub mod vtpm;
 pub mod vtpm_auth;

@@ -596,7 +596,8 @@ fn serve(path: &std::path::Path) -> anyhow::Result<bool> {
                 _ = tokio::signal::ctrl_c() => {}
             }
         })
-        .await
+        .await?;
+        anyhow::Ok(())
     })?;
     Ok(true)
 }

@@ -347,16 +347,6 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("missing"), "{err}");
     }
 
-    /// Whether this test runs as root (needed to give a file or a
-    /// directory away to another uid); the key store's tests use it too.
-    pub(crate) fn running_as_root(test: &str) -> bool {
-        let root = effective_uid().unwrap() == 0;
-        if !root {
-            eprintln!("{test}: skipped, not running as root: cannot chown to another uid");
-        }
-        root
-    }
-
     #[test]
     fn the_effective_uid_is_the_owner_of_new_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -373,7 +363,7 @@ pub(crate) mod tests {
 
     #[test]
     fn secret_files_owned_by_another_uid_are_refused() {
-        if !running_as_root("secret_files_owned_by_another_uid_are_refused") {
+        if !crate::fsutil::running_as_root("secret_files_owned_by_another_uid_are_refused") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 //! Watch a source, publish on a [`tokio::sync::watch`]: the one shape
 //! behind every "something outside the agent changed" input of `serve`
 //! (the key store's current versions, the rollout document's sources, the
-//! policy and CID map a SIGHUP reloads, [`crate::reload`], which looks on
+//! policy and CID map a SIGHUP reloads, `reload`, which looks on
 //! request instead of per interval and publishes with
 //! [`publish_if_changed`]).
 //!

@@ -72,7 +72,7 @@ pub fn entitled(
 /// for later rotation pushes. Names arrive sorted and unique (the decoder
 /// enforces it), so both lists come out sorted too.
 pub fn decide(
-    store: Option<&dyn KeyStore>,
+    store: &dyn KeyStore,
     vm: &VmPolicy,
     names: Vec<KeyName>,
 ) -> (KeyRelease, BTreeMap<KeyName, u32>) {
@@ -82,11 +82,7 @@ pub fn decide(
     };
     let mut versions = BTreeMap::new();
     for name in names {
-        let decision = match store {
-            Some(store) => entitled(store, vm, &name),
-            None => Err(Withheld::NoSuchKey),
-        };
-        match decision {
+        match entitled(store, vm, &name) {
             Ok(key) => {
                 rl_info!(peer: vm.vm_id, key = %name, version = key.version, "key released");
                 versions.insert(name.clone(), key.version);
@@ -165,7 +161,7 @@ image = "img"
         let names = ["disk", "missing", "other", "unlisted", "vm-1-config"]
             .map(name)
             .to_vec();
-        let (r, versions) = decide(Some(&s), vm1, names.clone());
+        let (r, versions) = decide(&s, vm1, names.clone());
         let released: Vec<&str> = r.released.iter().map(|k| k.name.as_str()).collect();
         assert_eq!(released, ["disk", "vm-1-config"]);
         assert_eq!(r.released[0].material.expose(), &[1u8; 32][..]);
@@ -197,16 +193,19 @@ image = "img"
         );
         // vm-2 shares the image but not vm-1's own key.
         let vm2 = policy.vm(&VmId::new("vm-2").unwrap()).unwrap();
-        let (r, _) = decide(Some(&s), vm2, names);
+        let (r, _) = decide(&s, vm2, names);
         let released: Vec<&str> = r.released.iter().map(|k| k.name.as_str()).collect();
         assert_eq!(released, ["disk"]);
     }
 
     #[test]
-    fn without_a_store_nothing_is_released() {
+    fn an_empty_store_releases_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty =
+            DirKeyStore::open(&dir.path().join("keys"), MasterKey::generate().unwrap()).unwrap();
         let policy = Policy::from_toml(POLICY).unwrap();
         let vm1 = policy.vm(&VmId::new("vm-1").unwrap()).unwrap();
-        let (r, v) = decide(None, vm1, vec![name("disk")]);
+        let (r, v) = decide(&empty, vm1, vec![name("disk")]);
         assert!(r.released.is_empty() && v.is_empty());
         assert_eq!(r.refused[0].code, ErrorCode::NotPermitted);
     }

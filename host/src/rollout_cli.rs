@@ -13,7 +13,7 @@
 //! vkx-host rollout run       --plan PLAN.toml --config host.toml --key FILE --key-id ID
 //! ```
 //!
-//! `run` is the rollout controller (`crate::rollout_run`): it walks a
+//! `run` is the rollout controller (`rollout_run`): it walks a
 //! plan's rings with health gates, and halts with a kill.
 //!
 //! `kill` needs no key: it turns a feature towards off, which every host
@@ -33,18 +33,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 
-use crate::config::ServeConfig;
+use crate::rollout::edit::MAX_EDIT_ATTEMPTS;
 use crate::rollout::envelope::Envelope;
-use crate::rollout::service::Settings;
 use crate::rollout::{
-    Accepted, Admitted, Document, Feature, Override, VmFacts, admit, explain, load_signing_key,
-    ring_table, sign, state_name, unsigned,
+    Accepted, Document, Feature, Override, VmFacts, explain, ring_table, sign, state_name, unsigned,
+};
+use crate::rollout_node::{
+    ConfigArgs, KeyArgs, Node, Signer, check, describe, expected, explain_source_error, signer,
 };
 use crate::source::{self, SourceConfig, SourceError, Version};
-
-/// Edits retried when another writer changed the document between our
-/// read and our write (compare-and-swap conflicts).
-pub const MAX_EDIT_ATTEMPTS: usize = 3;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum RolloutCommand {
@@ -125,25 +122,8 @@ pub enum RolloutCommand {
     Run(crate::rollout_run::RunArgs),
 }
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct ConfigArgs {
-    /// The host's host.toml (its [rollout] table and node_dir).
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
-}
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct KeyArgs {
-    /// The signing key file (`rollout keygen`).
-    #[arg(long, value_name = "FILE", requires = "key_id")]
-    pub key: Option<PathBuf>,
-    /// The key's id, as host.toml's trusted_key lists it.
-    #[arg(long, value_name = "ID")]
-    pub key_id: Option<String>,
-}
-
 /// Runs one command; its exit code (0 but for `run`, see
-/// [`crate::rollout_run::cli`]).
+/// `rollout_run::cli`).
 pub fn run_code(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<u8> {
     match cmd {
         RolloutCommand::Run(args) => crate::rollout_run::cli(args, out),
@@ -300,69 +280,6 @@ async fn run_async(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow:
     }
 }
 
-/// host.toml, read for its `[rollout]` table and node directory.
-pub(crate) struct Node {
-    pub(crate) config: ServeConfig,
-    pub(crate) settings: Settings,
-}
-
-impl Node {
-    pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
-        let config = ServeConfig::load(path)?;
-        let settings = config.rollout()?;
-        Ok(Self { config, settings })
-    }
-
-    pub(crate) fn source(&self) -> anyhow::Result<&SourceConfig> {
-        self.settings.source.as_ref().context(
-            "host.toml has no [rollout] table, so no source to write to; \
-             use --local for this node's override file",
-        )
-    }
-
-    /// The document this node accepted (its persisted state).
-    fn accepted(&self) -> anyhow::Result<Option<Accepted>> {
-        crate::rollout::load(&self.settings.state_dir, &self.settings.trusted)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-    }
-
-    fn local(&self) -> Override {
-        crate::rollout::service::read_override(&self.settings.override_file).0
-    }
-
-    /// The source's current document (as an accepted state, for the
-    /// checks) and its version.
-    pub(crate) async fn current(
-        &self,
-        source: &SourceConfig,
-    ) -> anyhow::Result<(Option<Accepted>, Version)> {
-        let read = source::read(source).await.map_err(explain_source_error)?;
-        let Some((bytes, version)) = read else {
-            return Ok((None, Version::None));
-        };
-        let accepted = Accepted::restore(bytes, &self.settings.trusted).map_err(|e| {
-            anyhow::anyhow!(
-                "the document in {} is malformed ({e}); push a corrected one with `rollout push`",
-                describe(source)
-            )
-        })?;
-        Ok((Some(accepted), version))
-    }
-}
-
-pub(crate) type Signer = Option<(ring::signature::Ed25519KeyPair, String)>;
-
-pub(crate) fn signer(k: &KeyArgs) -> anyhow::Result<Signer> {
-    match (&k.key, &k.key_id) {
-        (Some(path), Some(id)) => Ok(Some((
-            load_signing_key(path).map_err(|e| anyhow::anyhow!("{e}"))?,
-            id.clone(),
-        ))),
-        (None, None) => Ok(None),
-        _ => bail!("--key and --key-id go together"),
-    }
-}
-
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -405,18 +322,6 @@ async fn edit(
     bail!("the document kept changing under this edit ({MAX_EDIT_ATTEMPTS} attempts); run it again")
 }
 
-/// What the hosts will decide, checked before writing.
-pub(crate) fn check(bytes: &[u8], base: Option<&Accepted>, s: &Settings) -> anyhow::Result<()> {
-    match admit(bytes, base, &s.ga, &s.trusted) {
-        Ok(Admitted::New(_)) => Ok(()),
-        Ok(Admitted::Unchanged) => bail!("the source already holds this document"),
-        Err(e @ crate::rollout::Refusal::UnsignedWidening { .. }) => {
-            bail!("{e}: pass --key and --key-id (a key host.toml trusts)")
-        }
-        Err(e) => bail!("hosts would refuse this document: {e}"),
-    }
-}
-
 async fn write_checked(
     source: &SourceConfig,
     bytes: &[u8],
@@ -426,26 +331,6 @@ async fn write_checked(
         .await
         .map(|_| ())
         .map_err(explain_source_error)
-}
-
-/// The compare-and-swap condition for a document read at `version`.
-pub(crate) fn expected(version: Version) -> Option<Version> {
-    match version {
-        Version::None => None,
-        v => Some(v),
-    }
-}
-
-fn explain_source_error(e: SourceError) -> anyhow::Error {
-    match e {
-        SourceError::Conflict { .. } => {
-            anyhow::anyhow!("{e}: the document changed since it was read; run the command again")
-        }
-        e => anyhow::anyhow!(
-            "{e}\n(a kill still works on each node without the store: \
-             `vkx-host rollout kill FEATURE --local --config host.toml`)"
-        ),
-    }
 }
 
 /// Adds (`kill`) or removes `feature` in this node's override file,
@@ -515,15 +400,6 @@ fn read_bounded(path: &Path) -> anyhow::Result<Vec<u8>> {
         );
     }
     Ok(bytes)
-}
-
-fn describe(s: &SourceConfig) -> String {
-    match s.source {
-        source::SourceKind::File => format!("file {}", s.file.display()),
-        source::SourceKind::Etcd => {
-            format!("etcd key {} at {}", s.etcd.key, s.etcd.endpoints.join(","))
-        }
-    }
 }
 
 async fn show(node: &Node, out: &mut dyn std::io::Write) -> anyhow::Result<()> {

@@ -61,7 +61,7 @@ use crate::rollout::controller::{
 use crate::rollout::plan::Plan;
 use crate::rollout::service::Settings;
 use crate::rollout::{Accepted, sign, unsigned};
-use crate::rollout_cli::{ConfigArgs, KeyArgs, Node, check, expected, signer};
+use crate::rollout_node::{ConfigArgs, KeyArgs, Node, check, expected, signer};
 use crate::source::{self, SourceConfig, SourceError, SourceKind, Version};
 
 /// Consecutive malformed documents before the run gives up (the progress

@@ -44,9 +44,10 @@ use crate::keystore::{DirKeyStore, KeyStore};
 use crate::listen::{Accept, accept_loop};
 use crate::metrics::{Metrics, MetricsConfig};
 use crate::registry::Registry;
-use crate::reload::{Reload, Trust};
+use crate::reload::Reload;
 use crate::rollout::service::Rollout;
 use crate::service::{FEATURE_RETRY_AFTER, Shared, shutdown_spread, watch_key_versions};
+use crate::trust::Trust;
 use crate::vsock::{Admission, admit};
 
 /// How long live sessions get to say goodbye at shutdown.
@@ -73,7 +74,7 @@ pub async fn serve(
     config: ServeConfig,
     reload: Option<Reload>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let (cert, key) = crate::node::load(&config.node_dir)?;
     let tls = vkx_common::tls::server_config(cert, key)?;
     let master = crate::node::load_master_key(&config.node_dir)?;
@@ -90,9 +91,7 @@ pub async fn serve(
         .map(|k| (k.name, k.current_version))
         .collect();
     let (key_versions, _) = watch::channel(Arc::new(initial));
-    let limits = config
-        .limits()
-        .map_err(|e| anyhow::anyhow!("[admission]: {e}"))?;
+    let limits = config.limits().map_err(ServeError::Admission)?;
     let admission = Arc::new(AdmissionControl::new(limits, std::time::Instant::now()));
     let metrics = Arc::new(Metrics::default());
     // The rollout state is restored before any listener exists: the
@@ -102,7 +101,7 @@ pub async fn serve(
     let (rollout, rollout_view) = Rollout::restore(rollout_settings, metrics.clone())?;
     let shared = Arc::new(Shared {
         tls,
-        keys: Some(store.clone()),
+        keys: store.clone(),
         key_versions,
         derived: Arc::new(DerivedKeys::default()),
         registry: Registry::open(&config.registry)?,
@@ -140,16 +139,22 @@ pub async fn serve(
         .collect();
     let mut listeners = Vec::with_capacity(sockets.len() + 1);
     for (path, vm) in &sockets {
-        let vm_id = VmId::new(*vm)
-            .map_err(|e| anyhow::anyhow!("listener {}: vm_id: {e}", path.display()))?;
+        let vm_id = VmId::new(*vm).map_err(|source| ServeError::ListenerVmId {
+            path: path.clone(),
+            source,
+        })?;
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
-            .map_err(|e| anyhow::anyhow!("listen on {}: {e}", path.display()))?;
+        let listener = UnixListener::bind(path).map_err(|source| ServeError::Listen {
+            path: path.clone(),
+            source,
+        })?;
         listeners.push(Listener::Unix(listener, vm_id));
     }
     if let Some(v) = &config.vsock {
-        let listener = crate::vsock::bind(v)
-            .map_err(|e| anyhow::anyhow!("listen on vsock port {}: {e}", v.port))?;
+        let listener = crate::vsock::bind(v).map_err(|source| ServeError::ListenVsock {
+            port: v.port,
+            source,
+        })?;
         listeners.push(Listener::Vsock {
             listener,
             trust: shared.trust.subscribe(),
@@ -163,7 +168,7 @@ pub async fn serve(
         tasks.spawn(crate::reload::run(reload, shared.clone(), stop_rx.clone()));
     }
     tasks.spawn(crate::health::publish(
-        metrics.clone(),
+        metrics.health.clone(),
         health,
         shared.rollout.clone(),
         stop_rx.clone(),
@@ -174,8 +179,13 @@ pub async fn serve(
         stop_rx.clone(),
     ));
     if let Some(local) = &config.local {
-        let l = crate::listen::bind_local_with(&local.socket, &local.access()?)
-            .map_err(|e| anyhow::anyhow!("local socket {}: {e}", local.socket.display()))?;
+        let l =
+            crate::listen::bind_local_with(&local.socket, &local.access()?).map_err(|source| {
+                ServeError::Listen {
+                    path: local.socket.clone(),
+                    source,
+                }
+            })?;
         tasks.spawn(crate::derive::serve_local(
             l,
             local.clone(),
@@ -185,9 +195,12 @@ pub async fn serve(
     }
     let metrics_socket = match config.metrics.as_ref().map(MetricsConfig::endpoint) {
         Some(Ok(endpoint)) => {
-            let l = crate::metrics::bind(&endpoint)
-                .await
-                .map_err(|e| anyhow::anyhow!("metrics endpoint {endpoint:?}: {e}"))?;
+            let l = crate::metrics::bind(&endpoint).await.map_err(|source| {
+                ServeError::MetricsEndpoint {
+                    endpoint: format!("{endpoint:?}"),
+                    source,
+                }
+            })?;
             tasks.spawn(crate::metrics::serve(
                 l,
                 metrics,
@@ -199,7 +212,7 @@ pub async fn serve(
                 crate::metrics::Endpoint::Tcp(_) => None,
             }
         }
-        Some(Err(e)) => anyhow::bail!("[metrics]: {e}"),
+        Some(Err(e)) => return Err(ServeError::Metrics(e)),
         None => None,
     };
     for listener in listeners {
@@ -230,6 +243,49 @@ pub async fn serve(
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Why `serve` could not start: each names the file, socket or setting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
+    #[error("TLS: {0}")]
+    Tls(#[from] vkx_common::tls::TlsConfigError),
+    #[error("key store: {0}")]
+    KeyStore(#[from] crate::keystore::KeyStoreError),
+    #[error("registry: {0}")]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
+    #[error("[admission]: {0}")]
+    Admission(crate::admission::AdmissionConfigError),
+    #[error(transparent)]
+    Rollout(#[from] crate::rollout::service::SettingsError),
+    #[error(transparent)]
+    RolloutState(#[from] crate::rollout::service::RestoreError),
+    #[error(transparent)]
+    LocalSocket(#[from] crate::derive::SocketModeError),
+    #[error("listener {}: vm_id: {source}", .path.display())]
+    ListenerVmId {
+        path: PathBuf,
+        source: vkx_common::wire::DecodeError,
+    },
+    #[error("listen on {}: {source}", .path.display())]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("listen on vsock port {port}: {source}")]
+    ListenVsock { port: u32, source: std::io::Error },
+    #[error("metrics endpoint {endpoint}: {source}")]
+    MetricsEndpoint {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("[metrics]: {0}")]
+    Metrics(crate::metrics::MetricsConfigError),
 }
 
 /// A listening socket and how it names its peers.

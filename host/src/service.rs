@@ -5,7 +5,7 @@
 //! confirm a derivation, push rotations, record update acks).
 //!
 //! Nothing here does socket I/O: the connection driver
-//! ([`crate::connection`]) feeds the session and sends what these answers
+//! (`connection`) feeds the session and sends what these answers
 //! return. Verification and the registry write block (file reads, an
 //! fsync): the driver runs them on the blocking pool.
 
@@ -30,9 +30,9 @@ use crate::keystore::{CachedKeys, KeyStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::release;
-use crate::reload::{Proof, Trust};
 use crate::rollout::Feature;
 use crate::rollout::service::View;
+use crate::trust::{Proof, Trust};
 
 /// Guests per second an orderly shutdown asks back: the `retry-after` of
 /// each session's `goodbye` is drawn from `[R, R + sessions / this]`
@@ -45,16 +45,16 @@ pub const MAX_SHUTDOWN_SPREAD: Duration = Duration::from_secs(300);
 pub const FEATURE_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 pub(crate) struct Shared {
-    /// The TLS configuration ([`crate::connection::tls_accept`]).
+    /// The TLS configuration (`connection::tls_accept`).
     pub(crate) tls: Arc<rustls::ServerConfig>,
     /// The key store, each key's current version decrypted once
     /// ([`CachedKeys`]).
-    pub(crate) keys: Option<Arc<CachedKeys>>,
+    pub(crate) keys: Arc<CachedKeys>,
     pub(crate) key_versions: watch::Sender<Arc<BTreeMap<KeyName, u32>>>,
     pub(crate) derived: Arc<DerivedKeys>,
     pub(crate) registry: Registry,
     /// The policy and CID map in force, replaced whole by a reload
-    /// ([`crate::reload`]); read it with [`Shared::trust`].
+    /// (`reload`); read it with [`Shared::trust`].
     pub(crate) trust: watch::Sender<Arc<Trust>>,
     pub(crate) config: Arc<HostConfig>,
     pub(crate) rng: SystemRandom,
@@ -85,7 +85,7 @@ pub const REATTEST_RETRY_AFTER: Duration = Duration::from_secs(1);
 pub(crate) enum Reattest {
     /// Another session of its VM showed a rewound TPM (§15.8).
     Rewind,
-    /// A reload no longer allows it ([`crate::reload::allows`]); the
+    /// A reload no longer allows it ([`crate::trust::allows`]); the
     /// guests it sends back return spread over `spread`.
     Reload { spread: Duration },
 }
@@ -139,7 +139,7 @@ impl VmSessions {
             proof.keys.clone_from(&p.keys);
             proof.derive.clone_from(&p.derive);
         }
-        let flag = crate::reload::allows(&now, vm, &proof)
+        let flag = crate::trust::allows(&now, vm, &proof)
             .err()
             .map(|_| Reattest::Reload {
                 spread: Duration::ZERO,
@@ -174,16 +174,16 @@ impl VmSessions {
 
     /// Tells every live session `trust` no longer allows to re-attest,
     /// their returns spread by their number ([`shutdown_spread`]).
-    pub(crate) fn reattest_disallowed(&self, trust: &Trust) -> crate::reload::Ended {
+    pub(crate) fn reattest_disallowed(&self, trust: &Trust) -> crate::trust::Ended {
         let g = self
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut ended = crate::reload::Ended::default();
+        let mut ended = crate::trust::Ended::default();
         let mut told = Vec::new();
         for (vm, list) in &g.1 {
             for r in list {
-                if let Err(why) = crate::reload::allows(trust, vm, &r.proof) {
+                if let Err(why) = crate::trust::allows(trust, vm, &r.proof) {
                     ended.note(vm, why);
                     told.push(&r.tx);
                 }
@@ -263,8 +263,8 @@ impl Shared {
         self.metrics.health.ring(view, vm, image)
     }
 
-    pub(crate) fn store(&self) -> Option<&dyn KeyStore> {
-        self.keys.as_deref().map(|k| k as &dyn KeyStore)
+    pub(crate) fn store(&self) -> &dyn KeyStore {
+        self.keys.as_ref()
     }
 
     /// The `retry-after` one session is told at shutdown.
@@ -349,7 +349,8 @@ pub(crate) fn push_rotations(
         return out;
     }
     let trust = shared.trust();
-    let (Some(store), Some(vm)) = (shared.store(), trust.policy.vm(s.vm_id())) else {
+    let store = shared.store();
+    let Some(vm) = trust.policy.vm(s.vm_id()) else {
         return out;
     };
     let now = std::time::Instant::now();

@@ -1,7 +1,7 @@
 //! Prints the fault-injection table (`make chaos`): one row per case of
 //! issue #6 item 5, with the measured figure and the bound beside it, from
 //! the row files the suite writes to `target/chaos/<case>.json`
-//! (`tests/tests/chaos.rs` writes a, b, e and f; cases c, d and g are
+//! (`tests/tests/chaos_ab.rs` writes a and b, `chaos_ef.rs` e and f; cases c, d and g are
 //! written by their own harnesses, `chaos_cd.rs` and `chaos_g.rs`, in the
 //! same format).
 //!

@@ -1,5 +1,6 @@
 //! The rows of the fault-injection suite's table (`make chaos`): each
-//! case of `tests/chaos.rs` and `tests/chaos_cd.rs` writes one JSON line
+//! case of `tests/chaos_ab.rs`, `tests/chaos_ef.rs`, `tests/chaos_cd.rs`
+//! and `tests/chaos_g.rs` writes one JSON line
 //! `{"case","title","figure","bound","pass","run"}` to
 //! `<target>/chaos/<case>.json`; `examples/chaos_report.rs` prints them.
 //! `VKX_CHAOS_FULL=1` selects the full sizes.

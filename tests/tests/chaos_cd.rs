@@ -1,5 +1,5 @@
 //! Fault-injection cases c and d (issue #6, item 5), beside
-//! `tests/chaos.rs` (cases a, b, e, f), writing their rows in the same
+//! `tests/chaos_ab.rs` (cases a, b) and `tests/chaos_ef.rs` (e, f), writing their rows in the same
 //! format to `target/chaos/<case>.json` (`examples/chaos_report.rs` prints
 //! them):
 //! `{"case":"d","title":"...","figure":"...","bound":"...","pass":true,"run":"full"}`.

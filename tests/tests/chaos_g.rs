@@ -1,5 +1,5 @@
-//! Fault-injection case g (issue #6, item 5), beside `tests/chaos.rs` and
-//! `tests/chaos_cd.rs`, writing its row in the same format to
+//! Fault-injection case g (issue #6, item 5), beside `tests/chaos_ab.rs`,
+//! `tests/chaos_ef.rs` and `tests/chaos_cd.rs`, writing its row in the same format to
 //! `target/chaos/g.json` (`examples/chaos_report.rs` prints it); and the
 //! ring-advance test of the staged rollout at a node's scale. Only with
 //! `--features insecure-soft-tpm`: the guests have soft vTPMs

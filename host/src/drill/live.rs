@@ -41,7 +41,7 @@ use super::picture;
 use super::timeline::{Sample, Samples, Timeline};
 use crate::health::{self, DrillSummary, HealthSummary};
 use crate::rollout::{DrillOverlay, Feature};
-use crate::rollout_cli::Node;
+use crate::rollout_node::Node;
 use crate::source::lease::{Lease, timed};
 use crate::source::{self, SourceConfig, SourceKind};
 

@@ -715,7 +715,7 @@ async fn run_controller(
     use crate::rollout::controller::RunEventKind;
     let plan = crate::rollout::plan::Plan::parse(drill_plan(size).as_bytes())
         .map_err(|e| anyhow::anyhow!("the drill's plan: {e}"))?;
-    let node = crate::rollout_cli::Node::load(&drill.sandbox.nodes[0].config)?;
+    let node = crate::rollout_node::Node::load(&drill.sandbox.nodes[0].config)?;
     let key = crate::rollout::load_signing_key(&drill.sandbox.key_file)
         .map_err(|e| anyhow::anyhow!("the sandbox's key: {e}"))?;
     let signer = (key, super::sandbox::KEY_ID.to_owned());
@@ -1232,7 +1232,7 @@ async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
         .collect();
     let plan = crate::rollout::plan::Plan::parse(drill_plan(args.size).as_bytes())
         .map_err(|e| anyhow::anyhow!("the drill's plan: {e}"))?;
-    let node = crate::rollout_cli::Node::load(&drill.sandbox.nodes[0].config)?;
+    let node = crate::rollout_node::Node::load(&drill.sandbox.nodes[0].config)?;
     let key = crate::rollout::load_signing_key(&drill.sandbox.key_file)
         .map_err(|e| anyhow::anyhow!("the sandbox's key: {e}"))?;
     let signer = (key, super::sandbox::KEY_ID.to_owned());

@@ -96,7 +96,7 @@
 //!
 //! The material is sealed with AES-256-GCM (`ring::aead`) under the node's
 //! 32-byte master key (`<node-dir>/master.key`, see
-//! [`crate::node::load_master_key`]), with a fresh random 96-bit nonce per
+//! `node::load_master_key`), with a fresh random 96-bit nonce per
 //! file. A store writes a few versions per key per day, far below the 2^32
 //! encryptions per key that random GCM nonces allow. The associated data is
 //! a canonical, length-prefixed encoding of every header field (format,

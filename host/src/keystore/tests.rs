@@ -1187,8 +1187,7 @@ fn store_and_key_directories_open_to_group_or_others_are_refused() {
 
 #[test]
 fn store_and_key_directories_of_another_uid_are_refused() {
-    if !crate::node::tests::running_as_root("store_and_key_directories_of_another_uid_are_refused")
-    {
+    if !crate::fsutil::running_as_root("store_and_key_directories_of_another_uid_are_refused") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,11 @@
 use super::document::{Document, Feature, FeatureRollout};
 use super::shown;
 
+/// Edits retried when another writer changed the document between our
+/// read and our write (compare-and-swap conflicts): the operator's
+/// (`vkx-host rollout kill|unkill|set-stage`) and the controller's.
+pub const MAX_EDIT_ATTEMPTS: usize = 3;
+
 /// Why an edit could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

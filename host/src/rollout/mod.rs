@@ -17,7 +17,7 @@
 //!
 //! The rollout controller's core is here too: a plan ([`plan`]), its
 //! health gates ([`gates`]) and the state machine that walks the rings
-//! ([`controller`]); its driver is `crate::rollout_run`.
+//! ([`controller`]); its driver is `rollout_run`.
 //!
 //! What it trusts: host.toml's trusted keys and generally-available list,
 //! the local override file, and the file it persisted itself. Everything

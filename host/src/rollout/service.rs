@@ -4,7 +4,7 @@
 //! override file and publishes the resulting [`View`] on a
 //! `tokio::sync::watch`. Every live session reads the view: it resolves
 //! its VM's feature map from it and sends `feature-update` when the map
-//! changes (`crate::connection`).
+//! changes (`connection`).
 //!
 //! Rules (spec/ROLLOUT.md): a candidate document from the source is
 //! admitted or refused by [`super::admit`] against the accepted one;
@@ -137,19 +137,54 @@ pub struct Settings {
     pub health: crate::health::HealthSettings,
 }
 
+/// A `[rollout]` table that cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    #[error(
+        "[rollout] generally_available: unknown feature {0:?} \
+         (key-release, key-derivation or key-rotation)"
+    )]
+    UnknownFeature(String),
+    #[error("[rollout] node_name {node:?}: {reason}")]
+    NodeName { node: String, reason: String },
+    #[error("[rollout] trusted_key: {0}")]
+    TrustedKey(#[source] super::envelope::KeyError),
+    #[error("[rollout] source: {0}")]
+    Source(#[source] crate::source::SourceError),
+    #[error("[rollout] {0}")]
+    Health(String),
+}
+
+/// Why the rollout state of the node directory cannot be restored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RestoreError {
+    #[error("create {}: {source}", .path.display())]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "rollout state in {}: {source}; move {} aside to start from the source's document",
+        .dir.display(),
+        .dir.join(super::ACCEPTED_FILE).display()
+    )]
+    Accepted {
+        dir: PathBuf,
+        source: Box<super::PersistError>,
+    },
+}
+
 impl Settings {
     /// Checks `config` (`None`: no `[rollout]` table).
-    pub fn new(config: Option<&RolloutConfig>, node_dir: &Path) -> anyhow::Result<Self> {
+    pub fn new(config: Option<&RolloutConfig>, node_dir: &Path) -> Result<Self, SettingsError> {
         let default = RolloutConfig::default();
         let c = config.unwrap_or(&default);
         let mut ga = BTreeSet::new();
         for name in &c.generally_available {
-            let f = Feature::from_name(name).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "[rollout] generally_available: unknown feature {name:?} \
-                     (key-release, key-derivation or key-rotation)"
-                )
-            })?;
+            let f = Feature::from_name(name)
+                .ok_or_else(|| SettingsError::UnknownFeature(name.clone()))?;
             ga.insert(f.id());
         }
         let node = match &c.node_name {
@@ -158,15 +193,16 @@ impl Settings {
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "localhost".to_owned()),
         };
-        super::document::check_node_name(&node)
-            .map_err(|e| anyhow::anyhow!("[rollout] node_name {node:?}: {e}"))?;
-        let trusted = TrustedKeys::new(c.trusted_key.iter().cloned())
-            .map_err(|e| anyhow::anyhow!("[rollout] trusted_key: {e}"))?;
+        super::document::check_node_name(&node).map_err(|reason| SettingsError::NodeName {
+            node: node.clone(),
+            reason,
+        })?;
+        let trusted =
+            TrustedKeys::new(c.trusted_key.iter().cloned()).map_err(SettingsError::TrustedKey)?;
         let source = match config {
             Some(c) => {
                 let s = SourceConfig::new(c.source, c.file.clone(), c.etcd.clone());
-                s.validate()
-                    .map_err(|e| anyhow::anyhow!("[rollout] source: {e}"))?;
+                s.validate().map_err(SettingsError::Source)?;
                 Some(s)
             }
             None => None,
@@ -179,7 +215,7 @@ impl Settings {
             &state_dir,
         )
         .and_then(|h| h.with_collected(c.health_dir.clone()))
-        .map_err(|e| anyhow::anyhow!("[rollout] {e}"))?;
+        .map_err(SettingsError::Health)?;
         Ok(Self {
             source,
             ga,
@@ -312,21 +348,23 @@ impl Rollout {
     pub fn restore(
         settings: Settings,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<(Self, watch::Receiver<Arc<View>>)> {
+    ) -> Result<(Self, watch::Receiver<Arc<View>>), RestoreError> {
         {
             use std::os::unix::fs::DirBuilderExt as _;
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&settings.state_dir)
-                .map_err(|e| anyhow::anyhow!("create {}: {e}", settings.state_dir.display()))?;
+                .map_err(|source| RestoreError::StateDir {
+                    path: settings.state_dir.clone(),
+                    source,
+                })?;
         }
-        let accepted = super::load(&settings.state_dir, &settings.trusted).map_err(|e| {
-            anyhow::anyhow!(
-                "rollout state in {}: {e}; move {} aside to start from the source's document",
-                settings.state_dir.display(),
-                settings.state_dir.join(super::ACCEPTED_FILE).display()
-            )
+        let accepted = super::load(&settings.state_dir, &settings.trusted).map_err(|source| {
+            RestoreError::Accepted {
+                dir: settings.state_dir.clone(),
+                source: Box::new(source),
+            }
         })?;
         let (local, error) = read_override(&settings.override_file);
         if let Some(e) = error {
