@@ -28,8 +28,8 @@ use vkx_common::rl_warn;
 use vkx_common::session::host::{
     HANDSHAKE_DEADLINE, Host, HostEvent, PeerContext, SessionRandom, Verdict,
 };
-use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::pump::{Pump, Session};
+use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
 use vkx_common::wire::{FeatureState, Features, Message, MessageType, VmId};
 

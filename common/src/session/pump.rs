@@ -313,7 +313,7 @@ mod tests {
     use crate::session::guest::AWAIT_CHALLENGE_TIMEOUT;
     use crate::session::host::{PeerContext, SessionRandom};
     use crate::testing::pair::{self, EXPORTER, Pair};
-    use crate::wire::{FeatureState, Message, Ping, VmId, MAX_FRAME_PAYLOAD};
+    use crate::wire::{FeatureState, MAX_FRAME_PAYLOAD, Message, Ping, VmId};
 
     fn framed(payloads: &[Vec<u8>]) -> Vec<u8> {
         let mut bytes = Vec::new();
@@ -376,7 +376,10 @@ mod tests {
         }
         assert_eq!(delivered, 1);
         let sent = transmits(&mut pump);
-        assert!(matches!(sent[..], [(Message::Challenge(_), None)]), "{sent:?}");
+        assert!(
+            matches!(sent[..], [(Message::Challenge(_), None)]),
+            "{sent:?}"
+        );
         assert!(!pump.is_closing());
     }
 
@@ -385,7 +388,10 @@ mod tests {
         let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
         p.run();
         assert!(p.established());
-        let mut pump = Pump::new(std::mem::replace(&mut p.host, Host::Closed), Output::default());
+        let mut pump = Pump::new(
+            std::mem::replace(&mut p.host, Host::Closed),
+            Output::default(),
+        );
         let pings: Vec<Vec<u8>> = (1..=3)
             .map(|sequence| Message::Ping(Ping { sequence }).encode().unwrap().to_vec())
             .collect();
@@ -441,7 +447,10 @@ mod tests {
         let mut pump = host(t0);
         // The second hello is never read: the first one's answer to an
         // unknown message closed the session.
-        let bad = Message::Ping(Ping { sequence: 1 }).encode().unwrap().to_vec();
+        let bad = Message::Ping(Ping { sequence: 1 })
+            .encode()
+            .unwrap()
+            .to_vec();
         let mut fed = 0;
         pump.handle_input(&framed(&[bad, hello(t0)]), t0, |s, p, now| {
             fed += 1;
@@ -450,7 +459,10 @@ mod tests {
         .unwrap();
         assert_eq!(fed, 1);
         let sent = transmits(&mut pump);
-        assert!(matches!(sent[..], [(Message::Error(_), Some(_))]), "{sent:?}");
+        assert!(
+            matches!(sent[..], [(Message::Error(_), Some(_))]),
+            "{sent:?}"
+        );
         assert!(pump.take_close().is_some());
     }
 
@@ -484,7 +496,8 @@ mod tests {
         let t0 = Instant::now();
         let mut pump = host(t0);
         let bytes = framed(&[hello(t0)]);
-        pump.handle_input(&bytes[..6], t0, Host::on_payload).unwrap();
+        pump.handle_input(&bytes[..6], t0, Host::on_payload)
+            .unwrap();
         assert!(matches!(
             pump.handle_eof(),
             Err(PumpError::Frame(FrameError::Truncated { .. }))
