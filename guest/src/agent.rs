@@ -4,16 +4,18 @@
 //!
 //! The driver connects (bounded by `CONNECT_TIMEOUT`), runs TLS with the
 //! pinned host key (bounded by `TLS_HANDSHAKE_TIMEOUT`), then feeds the
-//! session frames, timer expiries and the TPM quote (taken on a blocking
-//! thread) until the session closes. What to do once attested (stay, ask
+//! connection pump ([`vkx_common::session::pump::Pump`]) the bytes read,
+//! timer expiries and the TPM quote (taken on a blocking thread), and
+//! writes the frames it hands out, until the session closes. What to do once attested (stay, ask
 //! for keys, finish) is the [`Handler`]'s business; the session's own
 //! deadlines bound every wait, and a stop signal ends the session with a
 //! `goodbye` at any point.
 //!
 //! An attempt ends in an [`Attempt`]: whether the session reached
 //! Established, and the [`CloseReason`] the retry policy classifies.
-//! Nothing here retries: that is [`crate::daemon`]'s job, with
-//! [`vkx_common::retry::RetryPolicy`].
+//! Nothing here retries: that is the caller's job (the daemon's, with
+//! [`vkx_common::retry::RetryPolicy`]); this module knows none of its
+//! callers.
 
 use std::sync::Arc;
 use std::time::Instant;
