@@ -12,6 +12,9 @@
 //! Each protocol state is its own type holding only what that state needs;
 //! a transition consumes the state. Out-of-order or unknown messages are
 //! answered with the registry's error and a close, never a panic.
+//!
+//! [`pump`] is the loop between a byte stream and either session (frames,
+//! rounds of events, frames to write) that both agents drive.
 
 pub mod guest;
 pub mod host;
