@@ -4,16 +4,18 @@
 //!
 //! The driver connects (bounded by `CONNECT_TIMEOUT`), runs TLS with the
 //! pinned host key (bounded by `TLS_HANDSHAKE_TIMEOUT`), then feeds the
-//! session frames, timer expiries and the TPM quote (taken on a blocking
-//! thread) until the session closes. What to do once attested (stay, ask
+//! connection pump ([`vkx_common::session::pump::Pump`]) the bytes read,
+//! timer expiries and the TPM quote (taken on a blocking thread), and
+//! writes the frames it hands out, until the session closes. What to do once attested (stay, ask
 //! for keys, finish) is the [`Handler`]'s business; the session's own
 //! deadlines bound every wait, and a stop signal ends the session with a
 //! `goodbye` at any point.
 //!
 //! An attempt ends in an [`Attempt`]: whether the session reached
 //! Established, and the [`CloseReason`] the retry policy classifies.
-//! Nothing here retries: that is [`crate::daemon`]'s job, with
-//! [`vkx_common::retry::RetryPolicy`].
+//! Nothing here retries: that is the caller's job (the daemon's, with
+//! [`vkx_common::retry::RetryPolicy`]); this module knows none of its
+//! callers.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,12 +27,13 @@ use vkx_common::retry::Failure;
 use vkx_common::session::guest::{
     Guest, GuestConfig, GuestEvent, RequestRefused, feature_off_state,
 };
+use vkx_common::session::pump::Pump;
 use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
 use vkx_common::transcript::{ConfirmRole, confirm_tag};
 use vkx_common::wire::{
-    AgentName, AgentVersion, Evidence, FrameDecoder, GoodbyeReason, Message, MessageType,
-    PROTOCOL_VERSION_1, PcrBankSelection, Purpose, VersionRange, encode_frame,
+    AgentName, AgentVersion, Evidence, GoodbyeReason, Message, MessageType, PROTOCOL_VERSION_1,
+    PcrBankSelection, Purpose, VersionRange,
 };
 use vkx_common::{rl_info, rl_warn};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -75,9 +78,6 @@ impl ReadBuf {
 type DerivedKey = Zeroizing<Vec<u8>>;
 
 const _: () = vkx_common::assert_zeroize_on_drop::<DerivedKey>();
-/// Rounds of event handling per input: each event yields at most one
-/// follow-up output, so a few rounds always settle.
-const MAX_EVENT_ROUNDS: usize = 8;
 
 /// What the agent does with an attested session.
 pub trait Handler {
@@ -415,13 +415,13 @@ impl Agent {
             return Attempt::failed(Failure::Transport, "no randomness");
         }
         let (guest, first) = Guest::start(self.session.clone(), exporter, nonce, Instant::now());
-        self.session_loop(guest, first, tls, handler, stop).await
+        self.session_loop(Pump::new(guest, first), tls, handler, stop)
+            .await
     }
 
     async fn session_loop<S, H>(
         &self,
-        mut guest: Guest,
-        first: Output<GuestEvent>,
+        mut pump: Pump<Guest>,
         mut tls: tokio_rustls::client::TlsStream<S>,
         handler: &mut H,
         stop: &mut watch::Receiver<bool>,
@@ -431,9 +431,7 @@ impl Agent {
         H: Handler,
     {
         let mut derive = Derivations::default();
-        let mut frames = FrameDecoder::new();
         let mut buf = ReadBuf::new();
-        let mut pending = first;
         let mut established = false;
         let mut detail = String::from("session closed");
         // A failure of this side (the TPM) that the session reports as the
@@ -441,84 +439,81 @@ impl Agent {
         let mut local_cause: Option<String> = None;
         // Each iteration handles the session's events, sends what it asked,
         // then waits for input, a deadline or the stop signal; the
-        // session's deadlines bound every wait.
+        // session's deadlines bound every wait, the pump the rounds of
+        // events.
         loop {
-            for _ in 0..MAX_EVENT_ROUNDS {
-                let events = std::mem::take(&mut pending.events);
-                if events.is_empty() {
-                    break;
-                }
-                for ev in events {
-                    let now = Instant::now();
-                    match ev {
-                        GuestEvent::QuoteNeeded {
-                            qualifying_data,
-                            selection,
-                        } => {
-                            let quoter = self.quoter.clone();
-                            let quote = tokio::task::spawn_blocking(move || {
-                                quoter.quote(&selection, &qualifying_data)
-                            });
-                            // A hung TPM must not hang the agent: the wait
-                            // ends at the session's quote deadline or on
-                            // stop (the blocked thread finishes on its own).
-                            let until = guest.deadline().map_or_else(
-                                tokio::time::Instant::now,
-                                tokio::time::Instant::from_std,
-                            );
-                            let quote = tokio::select! {
-                                q = quote => Some(q),
-                                _ = tokio::time::sleep_until(until) => None,
-                                _ = stop.changed() => None,
-                            };
-                            let evidence = match quote {
-                                Some(Ok(Ok(e))) => Some(e),
-                                Some(Ok(Err(e))) => {
-                                    rl_warn!(error = %e, "TPM quote failed");
-                                    local_cause = Some(format!("TPM quote failed: {e}"));
-                                    None
-                                }
-                                Some(Err(_)) => None,
-                                None => {
-                                    rl_warn!("the TPM did not answer in time");
-                                    local_cause = Some(
-                                        "TPM quote failed: the TPM did not answer within the \
-                                         quote deadline"
-                                            .into(),
-                                    );
-                                    None
-                                }
-                            };
-                            let (g, o) = guest.on_quote(evidence, Instant::now());
-                            guest = g;
-                            pending.absorb(o);
-                        }
-                        ev => {
-                            if let GuestEvent::Attested { .. } = ev {
-                                established = true;
+            while let Some(ev) = pump.poll_event() {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        rl_warn!(error = %e, "closing the session");
+                        break;
+                    }
+                };
+                let now = Instant::now();
+                match ev {
+                    GuestEvent::QuoteNeeded {
+                        qualifying_data,
+                        selection,
+                    } => {
+                        let quoter = self.quoter.clone();
+                        let quote = tokio::task::spawn_blocking(move || {
+                            quoter.quote(&selection, &qualifying_data)
+                        });
+                        // A hung TPM must not hang the agent: the wait ends
+                        // at the session's quote deadline or on stop (the
+                        // blocked thread finishes on its own).
+                        let until = pump
+                            .deadline()
+                            .map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
+                        let quote = tokio::select! {
+                            q = quote => Some(q),
+                            _ = tokio::time::sleep_until(until) => None,
+                            _ = stop.changed() => None,
+                        };
+                        let evidence = match quote {
+                            Some(Ok(Ok(e))) => Some(e),
+                            Some(Ok(Err(e))) => {
+                                rl_warn!(error = %e, "TPM quote failed");
+                                local_cause = Some(format!("TPM quote failed: {e}"));
+                                None
                             }
-                            derive.on_event(&ev, handler);
-                            let r = handler.on_event(ev, &mut guest, now);
-                            apply(r, &mut guest, &mut derive, &mut pending, &mut detail);
+                            Some(Err(_)) => None,
+                            None => {
+                                rl_warn!("the TPM did not answer in time");
+                                local_cause = Some(
+                                    "TPM quote failed: the TPM did not answer within the \
+                                     quote deadline"
+                                        .into(),
+                                );
+                                None
+                            }
+                        };
+                        pump.step(|g| g.on_quote(evidence, Instant::now()));
+                    }
+                    ev => {
+                        if let GuestEvent::Attested { .. } = ev {
+                            established = true;
                         }
+                        derive.on_event(&ev, handler);
+                        let r = handler.on_event(ev, pump.session_mut(), now);
+                        apply(r, &mut pump, &mut derive, &mut detail);
                     }
                 }
             }
             // One derivation at a time, when no request is outstanding.
-            if pending.close.is_none() {
-                pending.absorb(derive.next(&mut guest, tls.get_ref().1, handler));
+            if !pump.is_closing() {
+                let out = derive.next(pump.session_mut(), tls.get_ref().1, handler);
+                pump.absorb(out);
             }
-            for payload in std::mem::take(&mut pending.send) {
+            while let Some(t) = pump.poll_transmit() {
                 vkx_common::rl_log!(
                     trace,
-                    bytes = payload.len(),
-                    msg_type = ?Message::envelope_type(&payload),
+                    bytes = t.payload().len(),
+                    msg_type = ?Message::envelope_type(t.payload()),
                     "frame sent"
                 );
-                let mut frame = Vec::with_capacity(payload.len() + 4);
-                if encode_frame(&payload, &mut frame).is_err()
-                    || tls.write_all(&frame).await.is_err()
-                {
+                if tls.write_all(t.frame()).await.is_err() {
                     return Attempt {
                         established,
                         close: CloseReason::Failed(Failure::Transport),
@@ -527,7 +522,7 @@ impl Agent {
                 }
             }
             let _ = tls.flush().await;
-            if let Some(close) = pending.close.take() {
+            if let Some(close) = pump.take_close() {
                 let _ = tls.shutdown().await;
                 if let CloseReason::Failed(f) = &close {
                     detail = local_cause.take().unwrap_or_else(|| describe(f, &detail));
@@ -538,10 +533,10 @@ impl Agent {
                     detail,
                 };
             }
-            if !pending.events.is_empty() {
+            if pump.has_events() {
                 continue;
             }
-            let Some(deadline) = guest.deadline() else {
+            let Some(deadline) = pump.deadline() else {
                 return Attempt {
                     established,
                     close: CloseReason::Failed(Failure::Transport),
@@ -553,65 +548,49 @@ impl Agent {
                 () = tokio::time::sleep_until(tokio::time::Instant::from_std(
                     wake.unwrap_or(deadline),
                 )), if wake.is_some() => {
-                    let r = handler.on_wake(&mut guest, Instant::now());
-                    apply(r, &mut guest, &mut derive, &mut pending, &mut detail);
+                    let r = handler.on_wake(pump.session_mut(), Instant::now());
+                    apply(r, &mut pump, &mut derive, &mut detail);
                 }
                 _ = stop.changed() => {
-                    let (g, o) = guest.finish(GoodbyeReason::Shutdown);
-                    guest = g;
-                    pending = o;
-                    if pending.close.is_none() {
-                        pending.close = Some(CloseReason::Orderly { retry_after: None });
+                    pump.step(|g| g.finish(GoodbyeReason::Shutdown));
+                    if !pump.is_closing() {
+                        let mut orderly = Output::default();
+                        orderly.close = Some(CloseReason::Orderly { retry_after: None });
+                        pump.absorb(orderly);
                     }
                     detail = "stopped".into();
                     rl_info!("stopping: goodbye to the host");
                 }
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
-                    let (g, o) = guest.on_timeout(Instant::now());
-                    guest = g;
-                    pending = o;
+                    pump.handle_timeout(Instant::now());
                 }
                 n = tls.read(buf.space()) => {
                     let now = Instant::now();
                     match n {
                         Ok(0) | Err(_) => {
-                            let (g, o) = guest.on_transport_closed();
-                            guest = g;
-                            pending = o;
+                            // The session closes either way; an end inside
+                            // a frame says nothing more about the host.
+                            let _ = pump.handle_eof();
                             detail = "the host closed the connection".into();
                         }
                         Ok(n) => {
-                            let mut input = buf.filled(n);
-                            // Every frame consumes at least one byte.
-                            loop {
-                                match frames.decode(&mut input) {
-                                    Ok(Some(payload)) => {
-                                        vkx_common::rl_log!(
-                                            trace,
-                                            bytes = payload.len(),
-                                            msg_type = ?Message::envelope_type(payload),
-                                            "frame received"
-                                        );
-                                        let (g, o) = guest.on_payload(payload, now);
-                                        guest = g;
-                                        if let (Some(CloseReason::Orderly { .. }), Some(why)) =
-                                            (&o.close, goodbye_reason(payload))
-                                        {
-                                            detail = format!("goodbye from the host: {why}");
-                                        }
-                                        pending.absorb(o);
-                                        if pending.close.is_some() { break; }
-                                    }
-                                    Ok(None) => break,
-                                    Err(e) => {
-                                        rl_warn!(error = %e, "framing error from the host");
-                                        let mut o = Output::default();
-                                        o.frame_error(&e);
-                                        guest = Guest::Closed;
-                                        pending.absorb(o);
-                                        break;
-                                    }
+                            let fed = pump.handle_input(buf.filled(n), now, |guest, payload, now| {
+                                vkx_common::rl_log!(
+                                    trace,
+                                    bytes = payload.len(),
+                                    msg_type = ?Message::envelope_type(payload),
+                                    "frame received"
+                                );
+                                let (g, o) = guest.on_payload(payload, now);
+                                if let (Some(CloseReason::Orderly { .. }), Some(why)) =
+                                    (&o.close, goodbye_reason(payload))
+                                {
+                                    detail = format!("goodbye from the host: {why}");
                                 }
+                                (g, o)
+                            });
+                            if let Err(e) = fed {
+                                rl_warn!(error = %e, "framing error from the host");
                             }
                             buf.consumed(n);
                         }
@@ -624,19 +603,11 @@ impl Agent {
 
 /// Takes in what a handler's reaction asked for: its derivations, its
 /// output, and the session's end if it asked to finish.
-fn apply(
-    r: Reaction,
-    guest: &mut Guest,
-    derive: &mut Derivations,
-    pending: &mut Output<GuestEvent>,
-    detail: &mut String,
-) {
+fn apply(r: Reaction, pump: &mut Pump<Guest>, derive: &mut Derivations, detail: &mut String) {
     derive.queue.extend(r.derive);
-    pending.absorb(r.out);
-    if r.finish && pending.close.is_none() {
-        let (g, o) = std::mem::replace(guest, Guest::Closed).finish(GoodbyeReason::Normal);
-        *guest = g;
-        pending.absorb(o);
+    pump.absorb(r.out);
+    if r.finish && !pump.is_closing() {
+        pump.step(|g| g.finish(GoodbyeReason::Normal));
         *detail = "done".into();
     }
 }

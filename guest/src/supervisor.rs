@@ -1,8 +1,8 @@
 //! The daemon's decisions, without I/O: when to wake, whether an attempt
 //! may start, and what to log and record when it ends.
 //!
-//! [`crate::daemon::run`] is a thin async driver around a [`Supervisor`]:
-//! it sleeps until [`Supervisor::next_wake`], asks
+//! The daemon (`vkx-guest run`) is a thin async driver around a
+//! [`Supervisor`]: it sleeps until [`Supervisor::next_wake`], asks
 //! [`Supervisor::start_attempt`], runs one [`crate::agent::Agent`] attempt,
 //! and hands the result to [`Supervisor::attempt_ended`], which answers
 //! with the line to log (a [`LogLine`]: call site and text) and the status
@@ -28,8 +28,8 @@ use crate::agent::Attempt;
 use crate::status::State;
 
 /// The daemon's log call sites on its retry path. Each is one
-/// rate-limited macro invocation in [`crate::daemon`], so each has its own
-/// token bucket.
+/// rate-limited macro invocation in the daemon's driver, so each has its
+/// own token bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LogSite {
     /// The policy refused an attempt: the budget of the window is spent.

@@ -1,15 +1,18 @@
 //! One guest connection's driver: TLS, then the sans-I/O host session
-//! ([`vkx_common::session::host::Host`]) fed with frames, timer expiries,
-//! key rotations and the stop signal; the session's events answered by
-//! [`crate::service`]; its sends written under a deadline. Also the short
-//! life of a connection admission control refused after TLS.
+//! ([`vkx_common::session::host::Host`]) in the connection pump
+//! ([`vkx_common::session::pump::Pump`]), fed with the bytes read, timer
+//! expiries, key rotations, rollout changes and the stop signal; the
+//! session's events answered by [`crate::service`]; the frames the pump
+//! hands out written under a deadline, and the errors among them counted.
+//! Also the short life of a connection admission control refused after
+//! TLS.
 //!
 //! Bounds: the TLS handshake has its timeout, the whole handshake holds
 //! its admission slot for at most [`MAX_HANDSHAKE_HOLD`], every batch of
 //! sends has [`WRITE_TIMEOUT`] (a guest that stops reading cannot hold the
-//! connection by back-pressure), the frame decoder buffers at most one
-//! frame, and the session's message budget answers a flood with
-//! `rate-limited` before the session sees the frame.
+//! connection by back-pressure), the pump buffers at most one frame and
+//! bounds the rounds of events, and the session's message budget answers
+//! a flood with `rate-limited` before the session sees the frame.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,12 +28,10 @@ use vkx_common::rl_warn;
 use vkx_common::session::host::{
     HANDSHAKE_DEADLINE, Host, HostEvent, PeerContext, SessionRandom, Verdict,
 };
+use vkx_common::session::pump::{Pump, Session};
 use vkx_common::session::transport::TLS_HANDSHAKE_TIMEOUT;
 use vkx_common::session::{CloseReason, Output};
-use vkx_common::wire::{
-    FeatureState, Features, FrameDecoder, Message, MessageType, VmId, encode_frame,
-};
-use zeroize::Zeroizing;
+use vkx_common::wire::{FeatureState, Features, Message, MessageType, VmId};
 
 use crate::admission::{Refused, Ticket};
 use crate::health::RingCounters;
@@ -155,44 +156,33 @@ impl Drop for Tracker {
     }
 }
 
-/// The code of an `error` payload this host encoded, if it is one: our
-/// encoder writes the envelope as `[13, {...}]`, i.e. `0x82 0x0d`.
-fn sent_error_code(payload: &[u8]) -> Option<ErrorCode> {
-    if payload.get(..2)? != [0x82, MessageType::Error.code()] {
-        return None;
-    }
-    match Message::decode(payload) {
-        Ok(Message::Error(e)) => Some(e.code),
-        _ => None,
-    }
-}
-
-/// Sends `payloads` as frames and flushes, by `deadline`; `on_error` sees
-/// the code of every `error` written. False: the connection is gone.
-async fn send_all<W>(
+/// Writes the frames the pump hands out and flushes, by `deadline`;
+/// `on_error` sees the code of every `error` written. False: the
+/// connection is gone.
+async fn send_all<W, S>(
     w: &mut W,
-    payloads: &[Zeroizing<Vec<u8>>],
+    pump: &mut Pump<S>,
     deadline: TokioInstant,
     peer: &TransportPeer,
     mut on_error: impl FnMut(ErrorCode),
 ) -> bool
 where
     W: tokio::io::AsyncWrite + Unpin,
+    S: Session,
 {
     let work = async {
-        for payload in payloads {
+        while let Some(t) = pump.poll_transmit() {
             vkx_common::rl_log!(
                 trace,
                 peer: peer,
-                bytes = payload.len(),
-                msg_type = ?Message::envelope_type(payload),
+                bytes = t.payload().len(),
+                msg_type = ?Message::envelope_type(t.payload()),
                 "frame sent"
             );
-            let mut frame = Zeroizing::new(Vec::with_capacity(payload.len() + 4));
-            if encode_frame(payload, &mut frame).is_err() || w.write_all(&frame).await.is_err() {
+            if w.write_all(t.frame()).await.is_err() {
                 return false;
             }
-            if let Some(code) = sent_error_code(payload) {
+            if let Some(code) = t.error {
                 on_error(code);
             }
         }
@@ -261,10 +251,11 @@ where
                 return;
             }
         };
-    let (_, out) = Host::refuse(refused.refusal, refused.retry_after);
+    let (host, out) = Host::refuse(refused.refusal, refused.retry_after);
+    let mut pump = Pump::new(host, out);
     let deadline = TokioInstant::now() + WRITE_TIMEOUT;
     let mut outcome = HandshakeOutcome::Failed;
-    let sent = send_all(&mut tls, &out.send, deadline, &peer, |code| {
+    let sent = send_all(&mut tls, &mut pump, deadline, &peer, |code| {
         metrics.error_sent(code);
         outcome = HandshakeOutcome::for_code(code);
     })
@@ -362,13 +353,14 @@ pub(crate) async fn connection<S>(
         features: features.clone(),
         accepted_at,
     };
-    let mut host = Host::start(
+    let host = Host::start(
         shared.config.clone(),
         peer,
         exporter,
         random,
         std::time::Instant::now(),
     );
+    let mut pump = Pump::new(host, Output::default());
     let mut tls = tls;
     let mut conn = ConnState {
         ring,
@@ -378,25 +370,19 @@ pub(crate) async fn connection<S>(
     // Reached Established: a failed end from here on is a lost session.
     let mut established = false;
     let mut versions = shared.key_versions.subscribe();
-    let mut frames = FrameDecoder::new();
     let mut budget = shared.admission.message_bucket(std::time::Instant::now());
     let mut buf = vec![0u8; READ_CHUNK];
     // Each iteration consumes input, a timer expiry, a key rotation, a
     // rollout change or the stop signal; the session's deadlines bound how
     // long it can wait.
-    while let Some(deadline) = host.deadline() {
+    while let Some(deadline) = pump.deadline() {
         let wake = TokioInstant::from_std(deadline);
-        let out;
         tokio::select! {
             _ = stop.changed() => {
-                let (h, o) = host.shutdown(shared.shutdown_retry_after());
-                host = h;
-                out = o;
+                pump.step(|h| h.shutdown(shared.shutdown_retry_after()));
             }
             _ = tokio::time::sleep_until(wake) => {
-                let (h, o) = host.on_timeout(std::time::Instant::now());
-                host = h;
-                out = o;
+                pump.handle_timeout(std::time::Instant::now());
             }
             why = reattest_asked(&mut vm_session) => {
                 let base = crate::service::REATTEST_RETRY_AFTER;
@@ -412,22 +398,21 @@ pub(crate) async fn connection<S>(
                         crate::service::shutdown_retry_after(base, spread, shared.draw())
                     }
                 };
-                let (h, o) = host.reattest(retry_after);
-                host = h;
-                out = o;
+                pump.step(|h| h.reattest(retry_after));
             }
             Ok(()) = versions.changed() => {
                 let current = versions.borrow_and_update().clone();
-                out = push_rotations(&mut host, &mut conn, &current, &features, &shared);
+                let out = push_rotations(pump.session_mut(), &mut conn, &current, &features, &shared);
+                pump.absorb(out);
             }
             // A rollout change waits (its flag stays set) until the
             // session is Established: the challenge carried the map of
             // its moment, and only an Established session takes updates.
-            Ok(()) = rollout.changed(), if matches!(host, Host::Established(_)) => {
+            Ok(()) = rollout.changed(), if matches!(pump.session(), Host::Established(_)) => {
                 let view = rollout.borrow_and_update().clone();
                 let map = shared.feature_map(&view, vm.as_ref());
                 conn.ring = shared.ring(&view, peer_id.vm_id.as_ref());
-                let mut update = match &mut host {
+                let mut update = match pump.session_mut() {
                     Host::Established(s) => s.update_features(map.clone()),
                     _ => Output::default(),
                 };
@@ -447,120 +432,99 @@ pub(crate) async fn connection<S>(
                 // Rotations held back while key rotation was off go now,
                 // after the update that turns it on.
                 let current = versions.borrow().clone();
-                update.absorb(push_rotations(&mut host, &mut conn, &current, &features, &shared));
-                out = update;
+                update.absorb(push_rotations(pump.session_mut(), &mut conn, &current, &features, &shared));
+                pump.absorb(update);
             }
             n = tls.read(&mut buf) => {
                 let now = std::time::Instant::now();
                 match n {
                     Ok(0) | Err(_) => {
-                        if let Err(e) = frames.finish() {
+                        if let Err(e) = pump.handle_eof() {
                             rl_warn!(peer: vm_id, error = %e, "stream ended inside a frame");
                         }
-                        let (h, o) = host.on_transport_closed();
-                        host = h;
-                        out = o;
                     }
                     Ok(n) => {
-                        let mut input = &buf[..n];
-                        let mut acc = Output::default();
-                        // Every frame consumes at least one byte.
-                        loop {
-                            match frames.decode(&mut input) {
-                                Ok(Some(payload)) => {
-                                    vkx_common::rl_log!(
-                                        trace,
-                                        peer: vm_id,
-                                        bytes = payload.len(),
-                                        msg_type = ?Message::envelope_type(payload),
-                                        "frame received"
-                                    );
-                                    // The message budget comes before the
-                                    // session looks at the frame.
-                                    let was_established = matches!(host, Host::Established(_));
-                                    let (h, o) = match budget.try_take(now) {
-                                        Ok(()) => {
-                                            let (h, o) = host.on_payload(payload, now);
-                                            let asked = note_payload(&conn.ring, payload, was_established, &o);
-                                            if let (Some(f), Some(d)) = (asked, &conn.drill)
-                                                && d.feature() == f
-                                            {
-                                                d.request_after();
-                                            }
-                                            (h, o)
-                                        }
-                                        Err(wait) => {
-                                            rl_warn!(peer: vm_id, "message rate exceeded: rate-limited");
-                                            shared.metrics.session_rate_limited();
-                                            let retry = shared.admission.retry_after(wait, shared.draw());
-                                            host.rate_limited(retry)
-                                        }
-                                    };
-                                    host = h;
-                                    acc.absorb(o);
-                                    if acc.close.is_some() { break; }
+                        let fed = pump.handle_input(&buf[..n], now, |host, payload, now| {
+                            vkx_common::rl_log!(
+                                trace,
+                                peer: vm_id,
+                                bytes = payload.len(),
+                                msg_type = ?Message::envelope_type(payload),
+                                "frame received"
+                            );
+                            // The message budget comes before the session
+                            // looks at the frame.
+                            let was_established = matches!(host, Host::Established(_));
+                            match budget.try_take(now) {
+                                Ok(()) => {
+                                    let (h, o) = host.on_payload(payload, now);
+                                    let asked = note_payload(&conn.ring, payload, was_established, &o);
+                                    if let (Some(f), Some(d)) = (asked, &conn.drill)
+                                        && d.feature() == f
+                                    {
+                                        d.request_after();
+                                    }
+                                    (h, o)
                                 }
-                                Ok(None) => break,
-                                Err(e) => {
-                                    rl_warn!(peer: vm_id, error = %e, "frame refused");
-                                    acc.frame_error(&e);
-                                    host = Host::Closed;
-                                    break;
+                                Err(wait) => {
+                                    rl_warn!(peer: vm_id, "message rate exceeded: rate-limited");
+                                    shared.metrics.session_rate_limited();
+                                    let retry = shared.admission.retry_after(wait, shared.draw());
+                                    host.rate_limited(retry)
                                 }
                             }
+                        });
+                        if let Err(e) = fed {
+                            rl_warn!(peer: vm_id, error = %e, "frame refused");
                         }
-                        out = acc;
                     }
                 }
             }
         }
-        let closing = out.close.clone();
-        let mut pending = out;
-        // Local work the session asked for, answered at once: each event
-        // yields at most one follow-up output, so this is bounded.
-        for _ in 0..8 {
-            let events = std::mem::take(&mut pending.events);
-            if events.is_empty() {
-                break;
-            }
-            for ev in events {
-                let (h, o) = match ev {
-                    // Quote verification and the registry write (an
-                    // fdatasync) run on the blocking pool: a thousand
-                    // guests attesting at once must not stall the other
-                    // sessions of a worker thread. At most
-                    // `max_blocking_threads` run at once (host.toml), the
-                    // rest wait in line; at most `max_handshakes` wait.
-                    HostEvent::Verify {
-                        vm_id,
-                        transcript_hash,
-                        selection,
-                        evidence,
-                    } => {
-                        let s = shared.clone();
-                        let pcrs = evidence.pcr_values.clone();
-                        let verdict = tokio::task::spawn_blocking(move || {
-                            verify_and_record(&s, &vm_id, &transcript_hash, &selection, &evidence)
-                        })
-                        .await
-                        .unwrap_or(Verdict::LocalFailure);
-                        if verdict == Verdict::Rejected {
-                            conn.ring.attestation_failed();
-                        }
-                        if verdict == Verdict::Accepted {
-                            proven = pcrs;
-                        }
-                        host.on_verdict(verdict, std::time::Instant::now())
+        // Local work the session asked for, answered at once; the pump
+        // bounds the rounds.
+        while let Some(ev) = pump.poll_event() {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    rl_warn!(peer: vm_id, error = %e, "closing the session");
+                    break;
+                }
+            };
+            match ev {
+                // Quote verification and the registry write (an
+                // fdatasync) run on the blocking pool: a thousand guests
+                // attesting at once must not stall the other sessions of
+                // a worker thread. At most `max_blocking_threads` run at
+                // once (host.toml), the rest wait in line; at most
+                // `max_handshakes` wait.
+                HostEvent::Verify {
+                    vm_id,
+                    transcript_hash,
+                    selection,
+                    evidence,
+                } => {
+                    let s = shared.clone();
+                    let pcrs = evidence.pcr_values.clone();
+                    let verdict = tokio::task::spawn_blocking(move || {
+                        verify_and_record(&s, &vm_id, &transcript_hash, &selection, &evidence)
+                    })
+                    .await
+                    .unwrap_or(Verdict::LocalFailure);
+                    if verdict == Verdict::Rejected {
+                        conn.ring.attestation_failed();
                     }
-                    ev => handle_event(host, ev, &shared, &mut conn, tls.get_ref().1),
-                };
-                host = h;
-                pending.absorb(o);
+                    if verdict == Verdict::Accepted {
+                        proven = pcrs;
+                    }
+                    pump.step(|h| h.on_verdict(verdict, std::time::Instant::now()));
+                }
+                ev => pump.step(|h| handle_event(h, ev, &shared, &mut conn, tls.get_ref().1)),
             }
         }
         let deadline = track.write_deadline();
         let ring = conn.ring.clone();
-        if !send_all(&mut tls, &pending.send, deadline, vm_id, |c| {
+        if !send_all(&mut tls, &mut pump, deadline, vm_id, |c| {
             track.sent_error(c);
             ring.error_sent(c);
         })
@@ -572,8 +536,8 @@ pub(crate) async fn connection<S>(
             conn.forget(&shared);
             return;
         }
-        track.check_established(&host);
-        if gauge.is_none() && matches!(host, Host::Established(_)) {
+        track.check_established(pump.session());
+        if gauge.is_none() && matches!(pump.session(), Host::Established(_)) {
             let proof = crate::trust::Proof {
                 cid: peer_id.cid,
                 pcrs: std::mem::take(&mut proven),
@@ -590,7 +554,7 @@ pub(crate) async fn connection<S>(
             conn.ring.established();
             established = true;
         }
-        if let Some(reason) = closing.or(pending.close) {
+        if let Some(reason) = pump.take_close() {
             if let CloseReason::Failed(f) = reason {
                 rl_info!(peer: vm_id, reason = ?f, "session closed");
                 if established {
@@ -662,7 +626,7 @@ fn note_payload(
         return None;
     }
     ring.request(feature);
-    for code in out.send.iter().filter_map(|p| sent_error_code(p)) {
+    for code in out.error_codes() {
         if matches!(
             code,
             ErrorCode::FeatureDisabled | ErrorCode::FeatureNotEnabled
@@ -759,17 +723,36 @@ mod tests {
         assert!(served);
     }
 
-    #[test]
-    fn errors_sent_are_recognised_by_their_envelope() {
+    /// The errors a refusal writes are counted from the session's output,
+    /// on the metrics and as the handshake's outcome.
+    #[tokio::test]
+    async fn a_refusal_counts_the_error_it_wrote() {
         use vkx_common::session::host::Refusal;
-        let (_, out) = Host::refuse(Refusal::Busy, Duration::from_secs(5));
-        assert_eq!(sent_error_code(&out.send[0]), Some(ErrorCode::Busy));
-        let pong = Message::Pong(vkx_common::wire::Pong { sequence: 13 })
-            .encode()
-            .unwrap();
-        assert_eq!(sent_error_code(&pong), None);
-        assert_eq!(sent_error_code(&[]), None);
-        assert_eq!(sent_error_code(&[0x82, 0x0d]), None);
+        let (host, out) = Host::refuse(Refusal::Busy, Duration::from_secs(5));
+        let mut pump = Pump::new(host, out);
+        let (mut w, mut r) = tokio::io::duplex(4096);
+        let mut codes = Vec::new();
+        let sent = send_all(
+            &mut w,
+            &mut pump,
+            TokioInstant::now() + WRITE_TIMEOUT,
+            &TransportPeer::vm(VmId::new("vm-1").unwrap()),
+            |c| codes.push(c),
+        )
+        .await;
+        assert!(sent);
+        assert_eq!(codes, [ErrorCode::Busy]);
+        drop(w);
+        let mut wire = Vec::new();
+        r.read_to_end(&mut wire).await.unwrap();
+        let mut frames = vkx_common::wire::FrameDecoder::new();
+        let mut input = &wire[..];
+        let payload = frames.decode(&mut input).unwrap().unwrap();
+        assert!(matches!(
+            Message::decode(payload),
+            Ok(Message::Error(e)) if e.code == ErrorCode::Busy
+        ));
+        assert!(input.is_empty());
     }
 
     #[test]

@@ -12,9 +12,13 @@
 //! Each protocol state is its own type holding only what that state needs;
 //! a transition consumes the state. Out-of-order or unknown messages are
 //! answered with the registry's error and a close, never a panic.
+//!
+//! [`pump`] is the loop between a byte stream and either session (frames,
+//! rounds of events, frames to write) that both agents drive.
 
 pub mod guest;
 pub mod host;
+pub mod pump;
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +63,11 @@ pub struct Output<E> {
     pub events: Vec<E>,
     /// Close the connection after sending `send`.
     pub close: Option<CloseReason>,
+    /// The code of each `error` message in `send`, with its index there,
+    /// in order: what a driver counts as sent, without decoding its own
+    /// payloads again. Kept by [`Output::absorb`]; a driver that takes
+    /// payloads out of `send` by hand loses the pairing.
+    errors: Vec<(usize, ErrorCode)>,
 }
 
 impl<E> Default for Output<E> {
@@ -67,6 +76,7 @@ impl<E> Default for Output<E> {
             send: Vec::new(),
             events: Vec::new(),
             close: None,
+            errors: Vec::new(),
         }
     }
 }
@@ -74,6 +84,9 @@ impl<E> Default for Output<E> {
 impl<E> Output<E> {
     /// Appends what `later` asks for; the first close reason wins.
     pub fn absorb(&mut self, later: Output<E>) {
+        let base = self.send.len();
+        self.errors
+            .extend(later.errors.into_iter().map(|(i, code)| (base + i, code)));
         self.send.extend(later.send);
         self.events.extend(later.events);
         if self.close.is_none() {
@@ -81,9 +94,38 @@ impl<E> Output<E> {
         }
     }
 
+    /// The codes of the `error` messages in `send`, in order.
+    pub fn error_codes(&self) -> impl Iterator<Item = ErrorCode> + '_ {
+        self.errors.iter().map(|(_, code)| *code)
+    }
+
+    /// Takes the payloads to send, each with the code it carries if it is
+    /// an `error` message; `send` is left empty.
+    pub fn take_sends(&mut self) -> Vec<(Zeroizing<Vec<u8>>, Option<ErrorCode>)> {
+        let mut errors = std::mem::take(&mut self.errors).into_iter().peekable();
+        std::mem::take(&mut self.send)
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                let code = errors.next_if(|(at, _)| *at == i).map(|(_, code)| code);
+                (payload, code)
+            })
+            .collect()
+    }
+
     pub(crate) fn send(&mut self, m: impl Into<Message>) {
-        match m.into().encode() {
-            Ok(bytes) => self.send.push(bytes),
+        let m = m.into();
+        let code = match &m {
+            Message::Error(e) => Some(e.code),
+            _ => None,
+        };
+        match m.encode() {
+            Ok(bytes) => {
+                if let Some(code) = code {
+                    self.errors.push((self.send.len(), code));
+                }
+                self.send.push(bytes);
+            }
             // A message this side builds always encodes; if it ever did not,
             // closing is the only safe answer.
             Err(_) => {
@@ -189,6 +231,35 @@ mod tests {
         out.frame_error(&FrameError::Truncated { have: 2, need: 4 });
         assert!(out.send.is_empty());
         assert_eq!(out.close, Some(CloseReason::Failed(Failure::Transport)));
+    }
+
+    #[test]
+    fn the_codes_of_errors_sent_follow_their_payloads_through_absorb() {
+        let mut out: Output<()> = Output::default();
+        out.goodbye(GoodbyeReason::Normal, None);
+        let mut later: Output<()> = Output::default();
+        later.send(ErrorMessage::new(ErrorCode::Busy));
+        later.goodbye(GoodbyeReason::Normal, None);
+        later.fail_code(ErrorCode::Timeout);
+        out.absorb(later);
+        assert_eq!(
+            out.error_codes().collect::<Vec<_>>(),
+            [ErrorCode::Busy, ErrorCode::Timeout]
+        );
+        let sends = out.take_sends();
+        let codes: Vec<Option<ErrorCode>> = sends.iter().map(|(_, c)| *c).collect();
+        assert_eq!(
+            codes,
+            [None, Some(ErrorCode::Busy), None, Some(ErrorCode::Timeout)]
+        );
+        for (payload, code) in &sends {
+            let decoded = match Message::decode(payload) {
+                Ok(Message::Error(e)) => Some(e.code),
+                _ => None,
+            };
+            assert_eq!(decoded, *code);
+        }
+        assert!(out.send.is_empty() && out.error_codes().next().is_none());
     }
 
     #[test]

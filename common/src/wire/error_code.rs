@@ -8,7 +8,8 @@
 //! permanent: an unknown answer must never start a retry loop.
 //!
 //! A leaf of the wire module: the `error` message carries these codes.
-//! Which local error becomes which code is [`crate::errors`]' business.
+//! Which local error becomes which code is decided above the wire layer
+//! (the crate's `errors` module), which this module does not know.
 
 /// A wire error code (CDDL `error-code`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

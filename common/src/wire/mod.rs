@@ -23,8 +23,8 @@ pub use frame::{FRAME_HEADER_LEN, FrameDecoder, FrameError, MAX_FRAME_PAYLOAD, e
 pub use message::*;
 
 /// Why a message was refused. Every variant is the peer's fault (malformed
-/// input) except where noted; the mapping to wire codes is in
-/// [`crate::errors`].
+/// input) except where noted; the mapping to wire codes is above this
+/// layer (the crate's `errors` module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
