@@ -46,9 +46,15 @@ use crate::service::{
 /// holds for its life: a guest's largest usual message, its evidence
 /// (about 1.5 KiB with an ECC AK and its certificate), fits one read; a
 /// larger frame takes several (the frame decoder joins them). 16 KiB cost
-/// 12 KiB more per idle session and the page faults of zeroing it at
-/// every connect (README "Where the host's CPU goes").
-const READ_CHUNK: usize = 4 * 1024;
+/// 14 KiB more per idle session and the page faults of zeroing it at
+/// every connect (README "Where the host's CPU goes"), 4 KiB 2 KiB more.
+const READ_CHUNK: usize = 2 * 1024;
+/// Most bytes the future of one session ([`connection`]) may take, as the
+/// test build lays it out (the release build's is close): every idle
+/// session holds one. The TLS handshake's state and the sends are boxed
+/// while they run, so they do not count here (6.6 KiB when they did).
+#[cfg(test)]
+const MAX_SESSION_FUTURE: usize = 5 * 1024;
 /// Longest one batch of sends (and the close after it) may take: a guest
 /// that stops reading cannot hold its connection by back-pressure.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -288,9 +294,11 @@ pub(crate) async fn connection<S>(
 {
     let vm_id = &peer_id;
     let accepted_at = track.accepted_at;
+    // Boxed: the handshake's state (a second ServerConnection while it
+    // runs) is freed after it instead of sizing every idle session's task.
     let tls = match tokio::time::timeout_at(
         TokioInstant::from_std(accepted_at) + TLS_HANDSHAKE_TIMEOUT,
-        tls_accept(&shared.tls, stream),
+        Box::pin(tls_accept(&shared.tls, stream)),
     )
     .await
     {
@@ -524,10 +532,11 @@ pub(crate) async fn connection<S>(
         }
         let deadline = track.write_deadline();
         let ring = conn.ring.clone();
-        if !send_all(&mut tls, &mut pump, deadline, vm_id, |c| {
+        // Boxed for the same reason: live only while writing.
+        if !Box::pin(send_all(&mut tls, &mut pump, deadline, vm_id, |c| {
             track.sent_error(c);
             ring.error_sent(c);
-        })
+        }))
         .await
         {
             if established {
@@ -671,6 +680,22 @@ mod tests {
     use super::*;
     use vkx_common::session::host::HostConfig;
     use vkx_common::wire::{PROTOCOL_VERSION_1, VersionRange};
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, B, C, D, E, F>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle session holds its task's future: the rarely live parts
+    /// (TLS handshake, sends) must not size it.
+    #[test]
+    fn a_session_future_stays_small() {
+        let size = future_size(connection::<tokio::net::UnixStream>);
+        assert!(
+            size <= MAX_SESSION_FUTURE,
+            "the session future takes {size} bytes, over {MAX_SESSION_FUTURE}"
+        );
+    }
 
     /// A host's TLS configuration from a fresh node identity, and its pin.
     fn host_tls() -> (Arc<rustls::ServerConfig>, [u8; 32], tempfile::TempDir) {

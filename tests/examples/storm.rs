@@ -50,7 +50,9 @@
 //!
 //! Options (after `--`): `--only-a` runs storm (a) and the floor only (the
 //! figure a change to the host's per-attestation cost moves, in a third of
-//! the time); `--no-idle` skips (a)'s idle window; `--perf FILE` also records the host during storm (a) with
+//! the time); `--no-idle` skips (a)'s idle window; `--smaps DIR` copies the host's
+//! /proc/PID/smaps before storm (a) and with its sessions held into DIR;
+//! `--perf FILE` also records the host during storm (a) with
 //! `perf record --call-graph dwarf` into FILE (`scripts/profile-storm.sh`
 //! runs it and sorts the samples into the README's breakdown).
 //!
@@ -495,6 +497,11 @@ fn cpu_time(pid: &str, ticks: u64) -> Duration {
     Duration::from_micros(used * 1_000_000 / ticks)
 }
 
+/// The host's memory map with each mapping's RSS (`--smaps`).
+fn copy_smaps(pid: u32, out: &Path) {
+    std::fs::copy(format!("/proc/{pid}/smaps"), out).unwrap();
+}
+
 /// Stops the host; on a shortfall, shows the end of its log.
 fn finish_host(host: Host, f: &StormFigures) {
     host.stop(!f.all_keyed());
@@ -510,6 +517,7 @@ fn storm(
     ticks: u64,
     settle: bool,
     idle: Option<Duration>,
+    smaps: Option<&(u32, std::path::PathBuf)>,
 ) -> StormFigures {
     let n = agents.len();
     let key = KeyName::new(KEY).unwrap();
@@ -590,6 +598,9 @@ fn storm(
         f.held = live.load(Ordering::SeqCst);
         f.rss_held_kib = status_kib(pid, "VmRSS");
         f.hwm_kib = status_kib(pid, "VmHWM");
+        if let Some((pid, out)) = smaps {
+            copy_smaps(*pid, out);
+        }
         if let Some(window) = idle {
             let (host0, self0) = (cpu_time(&pid.to_string(), ticks), cpu_time("self", ticks));
             tokio::time::sleep(window).await;
@@ -837,7 +848,12 @@ fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64, opts: &Options)
     let recorder = opts.perf.as_deref().map(|out| Perf::attach(host.pid, out));
     // Profiled runs skip the idle window (a minute of idle samples).
     let idle = (opts.perf.is_none() && !opts.no_idle).then_some(IDLE_WINDOW);
-    let at_once = storm(rt, &agents, host.pid, ticks, true, idle);
+    let smaps = opts.smaps.as_deref().map(|dir| {
+        std::fs::create_dir_all(dir).unwrap();
+        copy_smaps(host.pid, &dir.join("before.smaps"));
+        (host.pid, dir.join("held.smaps"))
+    });
+    let at_once = storm(rt, &agents, host.pid, ticks, true, idle, smaps.as_ref());
     if let Some(r) = recorder {
         r.finish();
     }
@@ -849,13 +865,13 @@ fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64, opts: &Options)
             "one-worker",
             &format!("worker_threads = 1\n[admission]\nmax_handshakes = {n}\n"),
         );
-        let f = storm(rt, &agents, host.pid, ticks, false, None);
+        let f = storm(rt, &agents, host.pid, ticks, false, None, None);
         finish_host(host, &f);
         f
     });
     let default_admission = (!opts.only_a).then(|| {
         let host = site.start_host("default", "");
-        let f = storm(rt, &agents, host.pid, ticks, true, None);
+        let f = storm(rt, &agents, host.pid, ticks, true, None, None);
         finish_host(host, &f);
         f
     });
@@ -868,13 +884,16 @@ fn soft_runs(rt: &tokio::runtime::Runtime, n: usize, ticks: u64, opts: &Options)
     }
 }
 
-/// The command line: `[N] [--only-a] [--no-idle] [--perf FILE]`.
+/// The command line: `[N] [--only-a] [--no-idle] [--perf FILE] [--smaps DIR]`.
 struct Options {
     n: usize,
     only_a: bool,
     /// Skip storm (a)'s idle window (iterating on the other figures).
     no_idle: bool,
     perf: Option<std::path::PathBuf>,
+    /// Copy the host's /proc/PID/smaps before storm (a) and with its
+    /// sessions held into this directory (`before.smaps`, `held.smaps`).
+    smaps: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -884,6 +903,7 @@ impl Options {
             only_a: false,
             no_idle: false,
             perf: None,
+            smaps: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -894,6 +914,7 @@ impl Options {
                     o.perf = Some(args.next().expect("--perf FILE").into());
                     o.only_a = true;
                 }
+                "--smaps" => o.smaps = Some(args.next().expect("--smaps DIR").into()),
                 n => o.n = n.parse().expect("N (the number of guests) is a number"),
             }
         }
@@ -1002,7 +1023,7 @@ fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -
         "real",
         &format!("[admission]\npeer_connection_burst = {}\n", rounds + 2),
     );
-    let mut figures = storm(rt, &agents, host.pid, ticks, rounds == 1, None);
+    let mut figures = storm(rt, &agents, host.pid, ticks, rounds == 1, None, None);
     for round in 1..rounds {
         figures.merge(storm(
             rt,
@@ -1010,6 +1031,7 @@ fn real_run(rt: &tokio::runtime::Runtime, m: usize, rounds: usize, ticks: u64) -
             host.pid,
             ticks,
             round + 1 == rounds,
+            None,
             None,
         ));
     }

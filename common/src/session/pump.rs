@@ -219,7 +219,14 @@ impl<S: Session> Pump<S> {
                     self.session = session;
                     self.pending.absorb(out);
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    // Between frames: a fresh decoder, so an idle session
+                    // keeps no capacity of its largest frame (the evidence).
+                    if self.frames.buffered() == 0 {
+                        self.frames = FrameDecoder::new();
+                    }
+                    break;
+                }
                 Err(e) => {
                     self.pending.frame_error(&e);
                     self.session = S::closed();
