@@ -39,8 +39,8 @@ use crate::session::host::{
 };
 use crate::wire::{
     AgentName, AgentVersion, DecodeError, ErrorMessage, FeatureState, Goodbye, GoodbyeReason,
-    Hello, KeyMaterial, KeyName, KeyRelease, MAX_FRAME_PAYLOAD, Message, PcrBankSelection, Ping,
-    Purpose, ReleasedKey, VersionRange, VmId, feature,
+    Hello, KeyMaterial, KeyName, KeyRelease, MAX_FRAME_PAYLOAD, Message, MessageType,
+    PcrBankSelection, Ping, Purpose, ReleasedKey, VersionRange, VmId, feature,
 };
 
 /// Most operations read from one input.
@@ -166,6 +166,14 @@ enum HostOp {
         min: u16,
         max: u16,
     },
+    /// A guest message from the templates (evidence, requests, acks, ...),
+    /// optionally with one byte changed: without them the fuzzer never
+    /// builds a decodable `evidence` and the host stays in its first two
+    /// states.
+    Guest {
+        index: u8,
+        flip: Option<(u16, u8)>,
+    },
     Advance(u16),
     Verdict(u8),
     AnswerKeys,
@@ -232,6 +240,11 @@ pub fn check_host_session(data: &[u8]) {
             }
             HostOp::Hello { min, max } => {
                 let p = hello(min, max);
+                let (h, out) = host.on_payload(&p, now);
+                (h, out.send, out.close.is_some(), Some(p))
+            }
+            HostOp::Guest { index, flip } => {
+                let p = template(&templates().to_host, index, flip);
                 let (h, out) = host.on_payload(&p, now);
                 (h, out.send, out.close.is_some(), Some(p))
             }
@@ -327,28 +340,51 @@ fn key(name: &str) -> ReleasedKey {
 // ---------------------------------------------------------------------------
 // The guest session alone.
 
-/// Every payload a well-behaved host sends in one scripted session (the
-/// guest session's templates): challenge, attestation-result, key-release,
-/// derive-confirm, key-update, feature-update, pong, goodbye, plus errors
-/// and a ping the script does not produce.
-fn host_templates() -> &'static [Vec<u8>] {
-    static TEMPLATES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+/// Every payload each side sends in one scripted session between a real
+/// guest and host, the sessions' templates.
+struct Templates {
+    /// The host's: challenge, attestation-result, key-release,
+    /// derive-confirm, key-update, feature-update, pong, goodbye, plus
+    /// errors and a ping the script does not produce.
+    to_guest: Vec<Vec<u8>>,
+    /// The guest's: hello, evidence, key-request, derive-request,
+    /// key-update-ack, ping, plus errors and a goodbye.
+    to_host: Vec<Vec<u8>>,
+}
+
+/// Template `index` (modulo their number), with byte `flip.0` (modulo the
+/// length) XORed with `flip.1`.
+fn template(templates: &[Vec<u8>], index: u8, flip: Option<(u16, u8)>) -> Vec<u8> {
+    let mut p = templates[usize::from(index) % templates.len()].clone();
+    if let Some((at, x)) = flip {
+        let i = usize::from(at) % p.len();
+        p[i] ^= x;
+    }
+    p
+}
+
+fn templates() -> &'static Templates {
+    static TEMPLATES: OnceLock<Templates> = OnceLock::new();
     TEMPLATES.get_or_init(|| {
         let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
-        let mut sent = Vec::new();
-        let pump = |p: &mut Pair, sent: &mut Vec<Vec<u8>>| {
+        let mut t = Templates {
+            to_guest: Vec::new(),
+            to_host: Vec::new(),
+        };
+        let pump = |p: &mut Pair, t: &mut Templates| {
             for _ in 0..super::pair::MAX_STEPS {
                 if let Some(m) = p.to_guest.pop_front() {
-                    sent.push(m.clone());
+                    t.to_guest.push(m.clone());
                     p.guest_reads(&m);
                 } else if let Some(m) = p.to_host.pop_front() {
+                    t.to_host.push(m.clone());
                     p.host_reads(&m);
                 } else if !p.do_local_work() {
                     return;
                 }
             }
         };
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         let names = vec![
             KeyName::new("disk").expect("valid"),
             KeyName::new("secret").expect("valid"),
@@ -359,14 +395,14 @@ fn host_templates() -> &'static [Vec<u8>] {
             .request_keys(names, now)
             .expect("usable");
         p.take_guest(out);
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         let purpose = Purpose::new("disk").expect("valid");
         let out = p
             .guest_established()
             .request_derive(purpose, 32, [5; 16], [6; 16], now)
             .expect("usable");
         p.take_guest(out);
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         if let Some(i) = p
             .host_events
             .iter()
@@ -378,34 +414,65 @@ fn host_templates() -> &'static [Vec<u8>] {
                 p.take_host(out);
             }
         }
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         if let Host::Established(s) = &mut p.host {
             let mut out = s.push_key_update(key("disk"), now).expect("rotation on");
             out.absorb(s.update_features(features(FeatureState::Disabled)));
             p.take_host(out);
         }
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
+        // The guest's ack of the pushed key, kept but not delivered: the
+        // script's host payloads stay those of a session with no ack (the
+        // guest_session corpus indexes them).
+        let update = p.guest_events.iter().find_map(|e| match e {
+            GuestEvent::KeyUpdate { update_id, key } => Some((*update_id, key.clone())),
+            _ => None,
+        });
+        if let (Some((id, k)), Guest::Established(s)) = (update, &mut p.guest) {
+            let out = s.ack_update(id, &k, true, now);
+            t.to_host.extend(out.send.iter().map(|b| b.to_vec()));
+        }
         p.now += crate::session::guest::KEEPALIVE_INTERVAL;
         p.fire_timers();
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         let host = std::mem::replace(&mut p.host, Host::Closed);
         let (_, out) = host.shutdown(Duration::from_secs(30));
-        sent.extend(out.send.iter().map(|b| b.to_vec()));
+        t.to_guest.extend(out.send.iter().map(|b| b.to_vec()));
+        let unknown = Message::Error(ErrorMessage::new(ErrorCode::UnknownMessage));
+        let busy = Message::Error(ErrorMessage {
+            retry_after_ms: Some(5_000),
+            ..ErrorMessage::new(ErrorCode::Busy)
+        });
         for m in [
             Message::Ping(Ping { sequence: 1 }),
-            Message::Error(ErrorMessage::new(ErrorCode::UnknownMessage)),
-            Message::Error(ErrorMessage {
-                retry_after_ms: Some(5_000),
-                ..ErrorMessage::new(ErrorCode::Busy)
-            }),
+            unknown.clone(),
+            busy.clone(),
             Message::Goodbye(Goodbye {
                 reason: GoodbyeReason::Reattest,
                 retry_after_ms: Some(crate::wire::MAX_RETRY_AFTER_MS),
             }),
         ] {
-            sent.push(m.encode().expect("valid").to_vec());
+            t.to_guest.push(m.encode().expect("valid").to_vec());
         }
-        sent
+        for m in [
+            unknown,
+            busy,
+            Message::Goodbye(Goodbye {
+                reason: GoodbyeReason::Normal,
+                retry_after_ms: None,
+            }),
+        ] {
+            t.to_host.push(m.encode().expect("valid").to_vec());
+        }
+        for wanted in [MessageType::Evidence, MessageType::KeyUpdateAck] {
+            assert!(
+                t.to_host
+                    .iter()
+                    .any(|m| Message::envelope_type(m) == Some(wanted.code().into())),
+                "the script produced no {wanted:?}"
+            );
+        }
+        t
     })
 }
 
@@ -430,7 +497,7 @@ enum GuestOp {
 /// The guest session driven by arbitrary host payloads (raw, or a real
 /// host's messages with a byte changed), quotes, timers and driver calls.
 pub fn check_guest_session(data: &[u8]) {
-    let templates = host_templates();
+    let templates = &templates().to_guest;
     let mut now = Instant::now();
     let (mut guest, _) = Guest::start(guest_config(1, 1), EXPORTER, [3; 32], now);
     let mut pending_quote = None;
@@ -445,11 +512,7 @@ pub fn check_guest_session(data: &[u8]) {
                 r
             }
             GuestOp::Host { index, flip } => {
-                let mut p = templates[usize::from(index) % templates.len()].clone();
-                if let Some((at, x)) = flip {
-                    let i = usize::from(at) % p.len();
-                    p[i] ^= x;
-                }
+                let p = template(templates, index, flip);
                 let r = guest.on_payload(&p, now);
                 payload = Some(p);
                 r
