@@ -13,6 +13,11 @@
 //!   error (the code [`code_for_decode_error`] gives, e.g.
 //!   `unknown-message` for an unknown type), then a close; an `error`
 //!   payload is never answered;
+//! - a message of a type only the other side sends (§6.1) is answered by
+//!   one `unexpected-message` and a close, whatever the state (§5.5 step 5);
+//! - (guest) a host `error` that ends the session reaches the retry policy
+//!   as that error, with its code and hint, so a permanent one goes
+//!   dormant and a hint is honoured;
 //! - (pair) the host releases a key only after a verdict accepted evidence
 //!   bound to its own transcript, which is the one the guest quoted;
 //! - (pair, guest) when the guest's session ends, the retry policy fed its
@@ -98,15 +103,69 @@ fn is_body_error(e: &DecodeError) -> bool {
     )
 }
 
+/// The side that received a payload.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Receiver {
+    Host,
+    Guest,
+}
+
+/// Whether a message of type `t` travels only from the other side to
+/// `receiver`'s peer, i.e. never towards `receiver` (§6.1's direction
+/// column).
+fn wrong_direction(t: MessageType, receiver: Receiver) -> bool {
+    use MessageType as T;
+    let host_only = matches!(
+        t,
+        T::Challenge
+            | T::AttestationResult
+            | T::KeyRelease
+            | T::DeriveConfirm
+            | T::KeyUpdate
+            | T::FeatureUpdate
+    );
+    let guest_only = matches!(
+        t,
+        T::Hello | T::Evidence | T::KeyRequest | T::DeriveRequest | T::KeyUpdateAck
+    );
+    match receiver {
+        Receiver::Host => host_only,
+        Receiver::Guest => guest_only,
+    }
+}
+
 /// Checks one session's answer to `payload`: `sent` is what it sent,
 /// `closed_before` whether it was closed already.
-fn check_answer(payload: &[u8], sent: &[Vec<u8>], close: bool, closed_before: bool) {
+fn check_answer(
+    receiver: Receiver,
+    payload: &[u8],
+    sent: &[Vec<u8>],
+    close: bool,
+    closed_before: bool,
+) {
     assert!(sent.len() <= MAX_SENDS_PER_INPUT, "{} sends", sent.len());
     for s in sent {
         assert!(!s.is_empty() && s.len() <= MAX_FRAME_PAYLOAD);
     }
     if closed_before {
         assert!(sent.is_empty(), "a closed session answered");
+        return;
+    }
+    if let Ok(m) = Message::decode(payload)
+        && wrong_direction(m.message_type(), receiver)
+    {
+        let answers: Vec<_> = sent.iter().map(|s| Message::decode(s)).collect();
+        assert!(
+            close,
+            "a {:?} left the {} open",
+            m.message_type(),
+            name(receiver)
+        );
+        assert!(
+            matches!(&answers[..], [Ok(Message::Error(e))] if e.code == ErrorCode::UnexpectedMessage),
+            "a {:?} from the wrong direction was answered with {answers:?}",
+            m.message_type()
+        );
         return;
     }
     let Some(code) = owed_error(payload) else {
@@ -125,6 +184,28 @@ fn check_answer(payload: &[u8], sent: &[Vec<u8>], close: bool, closed_before: bo
         [] => {}
         [Ok(Message::Error(e))] => assert_eq!(e.code, code, "wrong code for a refused payload"),
         other => panic!("a refused payload ({code:?}) was answered with {other:?}"),
+    }
+}
+
+fn name(receiver: Receiver) -> &'static str {
+    match receiver {
+        Receiver::Host => "host",
+        Receiver::Guest => "guest",
+    }
+}
+
+/// A host `error` that ends the guest's session must reach the retry
+/// policy as that error, with its code and hint (§13: the code's class
+/// picks backoff, the hint or dormancy). Reported as anything else (an
+/// orderly close, a transport failure), a permanent refusal would be
+/// retried at once and a hint ignored.
+fn check_error_close(payload: &[u8], reason: &CloseReason) {
+    if let Ok(Message::Error(e)) = Message::decode(payload) {
+        let expected = CloseReason::Failed(Failure::Code {
+            code: e.code,
+            retry_after: e.retry_after_ms.map(|ms| Duration::from_millis(ms.into())),
+        });
+        assert_eq!(*reason, expected, "the guest's close on a host error");
     }
 }
 
@@ -311,7 +392,7 @@ pub fn check_host_session(data: &[u8]) {
         };
         let sent: Vec<Vec<u8>> = sent.iter().map(|s| s.to_vec()).collect();
         match payload {
-            Some(p) => check_answer(&p, &sent, close, closed),
+            Some(p) => check_answer(Receiver::Host, &p, &sent, close, closed),
             None => {
                 assert!(sent.len() <= MAX_SENDS_PER_INPUT, "{} sends", sent.len());
                 assert!(
@@ -558,7 +639,7 @@ pub fn check_guest_session(data: &[u8]) {
         };
         let sent: Vec<Vec<u8>> = out.send.iter().map(|s| s.to_vec()).collect();
         match &payload {
-            Some(p) => check_answer(p, &sent, out.close.is_some(), closed),
+            Some(p) => check_answer(Receiver::Guest, p, &sent, out.close.is_some(), closed),
             None => {
                 assert!(sent.len() <= MAX_SENDS_PER_INPUT, "{} sends", sent.len());
                 assert!(
@@ -570,6 +651,9 @@ pub fn check_guest_session(data: &[u8]) {
         if let Some(reason) = &out.close
             && !closed
         {
+            if let Some(p) = &payload {
+                check_error_close(p, reason);
+            }
             check_retry(reason, now);
         }
         for e in out.events {
@@ -800,7 +884,19 @@ fn deliver(p: &mut Pair, to_host: bool, m: &[u8], ledger: &Ledger) {
     let queue = if to_host { &p.to_guest } else { &p.to_host };
     let sent: Vec<Vec<u8>> = queue.iter().skip(before).cloned().collect();
     assert_eq!(sent.len(), step.sends);
-    check_answer(m, &sent, step.closed, closed);
+    let receiver = if to_host {
+        Receiver::Host
+    } else {
+        Receiver::Guest
+    };
+    check_answer(receiver, m, &sent, step.closed, closed);
+    if !to_host
+        && step.closed
+        && !closed
+        && let Some(reason) = &p.guest_closed
+    {
+        check_error_close(m, reason);
+    }
     if to_host {
         for s in &sent {
             check_release(s, ledger, p);
