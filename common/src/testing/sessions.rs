@@ -15,6 +15,7 @@
 //!   payload is never answered;
 //! - a message of a type only the other side sends (§6.1) is answered by
 //!   one `unexpected-message` and a close, whatever the state (§5.5 step 5);
+//!   so is a guest message outside the one host state it is valid in;
 //! - (guest) a host `error` that ends the session reaches the retry policy
 //!   as that error, with its code and hint, so a permanent one goes
 //!   dormant and a hint is honoured;
@@ -187,6 +188,62 @@ fn check_answer(
     }
 }
 
+/// The host's state, as far as §6.1's last column needs it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HostState {
+    AwaitHello,
+    AwaitEvidence,
+    Verifying,
+    Established,
+    Closed,
+}
+
+impl HostState {
+    fn of(host: &Host) -> Self {
+        match host {
+            Host::AwaitHello(_) => Self::AwaitHello,
+            Host::AwaitEvidence(_) => Self::AwaitEvidence,
+            Host::Verifying(_) => Self::Verifying,
+            Host::Established(_) => Self::Established,
+            Host::Closed => Self::Closed,
+        }
+    }
+}
+
+/// Whether a guest message of type `t` is out of place in an open host's
+/// state (§6.1: hello only in AwaitHello, evidence only in AwaitEvidence,
+/// requests, acks and pings only in Established).
+fn out_of_state(state: HostState, t: MessageType) -> bool {
+    use MessageType as T;
+    let valid_in = match t {
+        T::Hello => HostState::AwaitHello,
+        T::Evidence => HostState::AwaitEvidence,
+        T::KeyRequest | T::DeriveRequest | T::KeyUpdateAck | T::Ping => HostState::Established,
+        _ => return false,
+    };
+    state != HostState::Closed && state != valid_in
+}
+
+/// The host's answer to a guest message out of place: one
+/// `unexpected-message`, then a close.
+fn check_out_of_state(state: HostState, payload: &[u8], sent: &[Vec<u8>], close: bool) {
+    if let Ok(m) = Message::decode(payload)
+        && out_of_state(state, m.message_type())
+    {
+        let answers: Vec<_> = sent.iter().map(|s| Message::decode(s)).collect();
+        assert!(
+            close,
+            "a misplaced {:?} left the host open",
+            m.message_type()
+        );
+        assert!(
+            matches!(&answers[..], [Ok(Message::Error(e))] if e.code == ErrorCode::UnexpectedMessage),
+            "a misplaced {:?} was answered with {answers:?}",
+            m.message_type()
+        );
+    }
+}
+
 fn name(receiver: Receiver) -> &'static str {
     match receiver {
         Receiver::Host => "host",
@@ -314,6 +371,7 @@ pub fn check_host_session(data: &[u8]) {
     );
     for op in ops::<HostOp>(data) {
         let closed = matches!(host, Host::Closed);
+        let state = HostState::of(&host);
         let (next, sent, close, payload) = match op {
             HostOp::Payload(p) => {
                 let (h, out) = host.on_payload(&p, now);
@@ -392,7 +450,10 @@ pub fn check_host_session(data: &[u8]) {
         };
         let sent: Vec<Vec<u8>> = sent.iter().map(|s| s.to_vec()).collect();
         match payload {
-            Some(p) => check_answer(Receiver::Host, &p, &sent, close, closed),
+            Some(p) => {
+                check_answer(Receiver::Host, &p, &sent, close, closed);
+                check_out_of_state(state, &p, &sent, close);
+            }
             None => {
                 assert!(sent.len() <= MAX_SENDS_PER_INPUT, "{} sends", sent.len());
                 assert!(
@@ -871,6 +932,7 @@ pub fn check_pair(data: &[u8]) {
 
 /// Delivers `m` to one side and checks its answer.
 fn deliver(p: &mut Pair, to_host: bool, m: &[u8], ledger: &Ledger) {
+    let state = HostState::of(&p.host);
     let (before, closed) = if to_host {
         (p.to_guest.len(), matches!(p.host, Host::Closed))
     } else {
@@ -890,6 +952,9 @@ fn deliver(p: &mut Pair, to_host: bool, m: &[u8], ledger: &Ledger) {
         Receiver::Guest
     };
     check_answer(receiver, m, &sent, step.closed, closed);
+    if to_host {
+        check_out_of_state(state, m, &sent, step.closed);
+    }
     if !to_host
         && step.closed
         && !closed
