@@ -242,21 +242,27 @@ fuzz-run:
 	  grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|^Done' ../target/fuzz-$$t.log; \
 	done
 
-## fuzz-coverage: an HTML line/region coverage report per target
-## (fuzz/coverage/<target>/html/index.html) over its working corpus, and a
-## summary of the files that face peer bytes.
+## fuzz-coverage: an HTML line/region coverage report per target,
+## target/fuzz-coverage/<target>/index.html, over its working corpus and
+## regressions, and a table of the coverage of the files each target is
+## there to exercise (fuzz/coverage-table.py). One instrumented build
+## (no sanitizer: coverage needs none), shared by the six targets; the raw
+## profiles are removed, the merged one stays in fuzz/coverage/<target>.
+FUZZ_COVERAGE_DIR ?= target/fuzz-coverage
 fuzz-coverage: fuzz-tools fuzz-corpus
-	cd fuzz && llvm=$$(dirname $$(ls ~/.rustup/toolchains/*/lib/rustlib/*/bin/llvm-cov | head -1)); \
+	host=$$(rustc -vV | sed -n 's/^host: //p'); llvm=$$(rustc --print sysroot)/lib/rustlib/$$host/bin; \
+	test -x $$llvm/llvm-cov || { echo "no llvm-cov in $$llvm (rustup component add llvm-tools-preview)"; exit 1; }; \
 	for t in $(FUZZ_TARGETS); do \
-	  $(FUZZ_RUN) coverage $$t corpus/$$t regressions/$$t > ../target/fuzz-coverage-$$t.log 2>&1 \
-	    || { tail -20 ../target/fuzz-coverage-$$t.log; exit 1; }; \
-	  bin=target/x86_64-unknown-linux-gnu/coverage/x86_64-unknown-linux-gnu/release/$$t; \
-	  $$llvm/llvm-cov show $$bin -instr-profile=coverage/$$t/coverage.profdata -format=html \
-	    -output-dir=coverage/$$t/html -ignore-filename-regex='/(\.cargo|rustc)/' ; \
-	  echo "== $$t: fuzz/coverage/$$t/html/index.html"; \
-	  $$llvm/llvm-cov report $$bin -instr-profile=coverage/$$t/coverage.profdata \
-	    -ignore-filename-regex='/(\.cargo|rustc)/' | grep -E 'common/src/(wire|tpm|session)/|^TOTAL' ; \
+	  echo "== $$t"; \
+	  (cd fuzz && $(FUZZ_RUN) coverage --sanitizer none $$t corpus/$$t regressions/$$t) \
+	    > target/fuzz-coverage-$$t.log 2>&1 || { tail -20 target/fuzz-coverage-$$t.log; exit 1; }; \
+	  rm -rf fuzz/coverage/$$t/raw $(FUZZ_COVERAGE_DIR)/$$t; \
+	  bin=fuzz/target/$$host/coverage/$$host/release/$$t; \
+	  cov="$$bin -instr-profile=fuzz/coverage/$$t/coverage.profdata -ignore-filename-regex=/(\.cargo|rustc|fuzz_targets|testing)/"; \
+	  $$llvm/llvm-cov show $$cov -format=html -show-line-counts-or-regions -output-dir=$(FUZZ_COVERAGE_DIR)/$$t; \
+	  $$llvm/llvm-cov export $$cov -summary-only > $(FUZZ_COVERAGE_DIR)/$$t/summary.json; \
 	done
+	python3 fuzz/coverage-table.py $(FUZZ_COVERAGE_DIR) $(FUZZ_TARGETS)
 
 clean:
 	$(CARGO) clean

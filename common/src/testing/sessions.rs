@@ -13,6 +13,12 @@
 //!   error (the code [`code_for_decode_error`] gives, e.g.
 //!   `unknown-message` for an unknown type), then a close; an `error`
 //!   payload is never answered;
+//! - a message of a type only the other side sends (§6.1) is answered by
+//!   one `unexpected-message` and a close, whatever the state (§5.5 step 5);
+//!   so is a guest message outside the one host state it is valid in;
+//! - (guest) a host `error` that ends the session reaches the retry policy
+//!   as that error, with its code and hint, so a permanent one goes
+//!   dormant and a hint is honoured;
 //! - (pair) the host releases a key only after a verdict accepted evidence
 //!   bound to its own transcript, which is the one the guest quoted;
 //! - (pair, guest) when the guest's session ends, the retry policy fed its
@@ -39,8 +45,8 @@ use crate::session::host::{
 };
 use crate::wire::{
     AgentName, AgentVersion, DecodeError, ErrorMessage, FeatureState, Goodbye, GoodbyeReason,
-    Hello, KeyMaterial, KeyName, KeyRelease, MAX_FRAME_PAYLOAD, Message, PcrBankSelection, Ping,
-    Purpose, ReleasedKey, VersionRange, VmId, feature,
+    Hello, KeyMaterial, KeyName, KeyRelease, MAX_FRAME_PAYLOAD, Message, MessageType,
+    PcrBankSelection, Ping, Purpose, ReleasedKey, VersionRange, VmId, feature,
 };
 
 /// Most operations read from one input.
@@ -98,15 +104,69 @@ fn is_body_error(e: &DecodeError) -> bool {
     )
 }
 
+/// The side that received a payload.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Receiver {
+    Host,
+    Guest,
+}
+
+/// Whether a message of type `t` travels only from the other side to
+/// `receiver`'s peer, i.e. never towards `receiver` (§6.1's direction
+/// column).
+fn wrong_direction(t: MessageType, receiver: Receiver) -> bool {
+    use MessageType as T;
+    let host_only = matches!(
+        t,
+        T::Challenge
+            | T::AttestationResult
+            | T::KeyRelease
+            | T::DeriveConfirm
+            | T::KeyUpdate
+            | T::FeatureUpdate
+    );
+    let guest_only = matches!(
+        t,
+        T::Hello | T::Evidence | T::KeyRequest | T::DeriveRequest | T::KeyUpdateAck
+    );
+    match receiver {
+        Receiver::Host => host_only,
+        Receiver::Guest => guest_only,
+    }
+}
+
 /// Checks one session's answer to `payload`: `sent` is what it sent,
 /// `closed_before` whether it was closed already.
-fn check_answer(payload: &[u8], sent: &[Vec<u8>], close: bool, closed_before: bool) {
+fn check_answer(
+    receiver: Receiver,
+    payload: &[u8],
+    sent: &[Vec<u8>],
+    close: bool,
+    closed_before: bool,
+) {
     assert!(sent.len() <= MAX_SENDS_PER_INPUT, "{} sends", sent.len());
     for s in sent {
         assert!(!s.is_empty() && s.len() <= MAX_FRAME_PAYLOAD);
     }
     if closed_before {
         assert!(sent.is_empty(), "a closed session answered");
+        return;
+    }
+    if let Ok(m) = Message::decode(payload)
+        && wrong_direction(m.message_type(), receiver)
+    {
+        let answers: Vec<_> = sent.iter().map(|s| Message::decode(s)).collect();
+        assert!(
+            close,
+            "a {:?} left the {} open",
+            m.message_type(),
+            name(receiver)
+        );
+        assert!(
+            matches!(&answers[..], [Ok(Message::Error(e))] if e.code == ErrorCode::UnexpectedMessage),
+            "a {:?} from the wrong direction was answered with {answers:?}",
+            m.message_type()
+        );
         return;
     }
     let Some(code) = owed_error(payload) else {
@@ -125,6 +185,84 @@ fn check_answer(payload: &[u8], sent: &[Vec<u8>], close: bool, closed_before: bo
         [] => {}
         [Ok(Message::Error(e))] => assert_eq!(e.code, code, "wrong code for a refused payload"),
         other => panic!("a refused payload ({code:?}) was answered with {other:?}"),
+    }
+}
+
+/// The host's state, as far as §6.1's last column needs it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HostState {
+    AwaitHello,
+    AwaitEvidence,
+    Verifying,
+    Established,
+    Closed,
+}
+
+impl HostState {
+    fn of(host: &Host) -> Self {
+        match host {
+            Host::AwaitHello(_) => Self::AwaitHello,
+            Host::AwaitEvidence(_) => Self::AwaitEvidence,
+            Host::Verifying(_) => Self::Verifying,
+            Host::Established(_) => Self::Established,
+            Host::Closed => Self::Closed,
+        }
+    }
+}
+
+/// Whether a guest message of type `t` is out of place in an open host's
+/// state (§6.1: hello only in AwaitHello, evidence only in AwaitEvidence,
+/// requests, acks and pings only in Established).
+fn out_of_state(state: HostState, t: MessageType) -> bool {
+    use MessageType as T;
+    let valid_in = match t {
+        T::Hello => HostState::AwaitHello,
+        T::Evidence => HostState::AwaitEvidence,
+        T::KeyRequest | T::DeriveRequest | T::KeyUpdateAck | T::Ping => HostState::Established,
+        _ => return false,
+    };
+    state != HostState::Closed && state != valid_in
+}
+
+/// The host's answer to a guest message out of place: one
+/// `unexpected-message`, then a close.
+fn check_out_of_state(state: HostState, payload: &[u8], sent: &[Vec<u8>], close: bool) {
+    if let Ok(m) = Message::decode(payload)
+        && out_of_state(state, m.message_type())
+    {
+        let answers: Vec<_> = sent.iter().map(|s| Message::decode(s)).collect();
+        assert!(
+            close,
+            "a misplaced {:?} left the host open",
+            m.message_type()
+        );
+        assert!(
+            matches!(&answers[..], [Ok(Message::Error(e))] if e.code == ErrorCode::UnexpectedMessage),
+            "a misplaced {:?} was answered with {answers:?}",
+            m.message_type()
+        );
+    }
+}
+
+fn name(receiver: Receiver) -> &'static str {
+    match receiver {
+        Receiver::Host => "host",
+        Receiver::Guest => "guest",
+    }
+}
+
+/// A host `error` that ends the guest's session must reach the retry
+/// policy as that error, with its code and hint (§13: the code's class
+/// picks backoff, the hint or dormancy). Reported as anything else (an
+/// orderly close, a transport failure), a permanent refusal would be
+/// retried at once and a hint ignored.
+fn check_error_close(payload: &[u8], reason: &CloseReason) {
+    if let Ok(Message::Error(e)) = Message::decode(payload) {
+        let expected = CloseReason::Failed(Failure::Code {
+            code: e.code,
+            retry_after: e.retry_after_ms.map(|ms| Duration::from_millis(ms.into())),
+        });
+        assert_eq!(*reason, expected, "the guest's close on a host error");
     }
 }
 
@@ -165,6 +303,14 @@ enum HostOp {
     Hello {
         min: u16,
         max: u16,
+    },
+    /// A guest message from the templates (evidence, requests, acks, ...),
+    /// optionally with one byte changed: without them the fuzzer never
+    /// builds a decodable `evidence` and the host stays in its first two
+    /// states.
+    Guest {
+        index: u8,
+        flip: Option<(u16, u8)>,
     },
     Advance(u16),
     Verdict(u8),
@@ -225,6 +371,7 @@ pub fn check_host_session(data: &[u8]) {
     );
     for op in ops::<HostOp>(data) {
         let closed = matches!(host, Host::Closed);
+        let state = HostState::of(&host);
         let (next, sent, close, payload) = match op {
             HostOp::Payload(p) => {
                 let (h, out) = host.on_payload(&p, now);
@@ -232,6 +379,11 @@ pub fn check_host_session(data: &[u8]) {
             }
             HostOp::Hello { min, max } => {
                 let p = hello(min, max);
+                let (h, out) = host.on_payload(&p, now);
+                (h, out.send, out.close.is_some(), Some(p))
+            }
+            HostOp::Guest { index, flip } => {
+                let p = template(&templates().to_host, index, flip);
                 let (h, out) = host.on_payload(&p, now);
                 (h, out.send, out.close.is_some(), Some(p))
             }
@@ -298,7 +450,10 @@ pub fn check_host_session(data: &[u8]) {
         };
         let sent: Vec<Vec<u8>> = sent.iter().map(|s| s.to_vec()).collect();
         match payload {
-            Some(p) => check_answer(&p, &sent, close, closed),
+            Some(p) => {
+                check_answer(Receiver::Host, &p, &sent, close, closed);
+                check_out_of_state(state, &p, &sent, close);
+            }
             None => {
                 assert!(sent.len() <= MAX_SENDS_PER_INPUT, "{} sends", sent.len());
                 assert!(
@@ -327,28 +482,51 @@ fn key(name: &str) -> ReleasedKey {
 // ---------------------------------------------------------------------------
 // The guest session alone.
 
-/// Every payload a well-behaved host sends in one scripted session (the
-/// guest session's templates): challenge, attestation-result, key-release,
-/// derive-confirm, key-update, feature-update, pong, goodbye, plus errors
-/// and a ping the script does not produce.
-fn host_templates() -> &'static [Vec<u8>] {
-    static TEMPLATES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+/// Every payload each side sends in one scripted session between a real
+/// guest and host, the sessions' templates.
+struct Templates {
+    /// The host's: challenge, attestation-result, key-release,
+    /// derive-confirm, key-update, feature-update, pong, goodbye, plus
+    /// errors and a ping the script does not produce.
+    to_guest: Vec<Vec<u8>>,
+    /// The guest's: hello, evidence, key-request, derive-request,
+    /// key-update-ack, ping, plus errors and a goodbye.
+    to_host: Vec<Vec<u8>>,
+}
+
+/// Template `index` (modulo their number), with byte `flip.0` (modulo the
+/// length) XORed with `flip.1`.
+fn template(templates: &[Vec<u8>], index: u8, flip: Option<(u16, u8)>) -> Vec<u8> {
+    let mut p = templates[usize::from(index) % templates.len()].clone();
+    if let Some((at, x)) = flip {
+        let i = usize::from(at) % p.len();
+        p[i] ^= x;
+    }
+    p
+}
+
+fn templates() -> &'static Templates {
+    static TEMPLATES: OnceLock<Templates> = OnceLock::new();
     TEMPLATES.get_or_init(|| {
         let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
-        let mut sent = Vec::new();
-        let pump = |p: &mut Pair, sent: &mut Vec<Vec<u8>>| {
+        let mut t = Templates {
+            to_guest: Vec::new(),
+            to_host: Vec::new(),
+        };
+        let pump = |p: &mut Pair, t: &mut Templates| {
             for _ in 0..super::pair::MAX_STEPS {
                 if let Some(m) = p.to_guest.pop_front() {
-                    sent.push(m.clone());
+                    t.to_guest.push(m.clone());
                     p.guest_reads(&m);
                 } else if let Some(m) = p.to_host.pop_front() {
+                    t.to_host.push(m.clone());
                     p.host_reads(&m);
                 } else if !p.do_local_work() {
                     return;
                 }
             }
         };
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         let names = vec![
             KeyName::new("disk").expect("valid"),
             KeyName::new("secret").expect("valid"),
@@ -359,14 +537,14 @@ fn host_templates() -> &'static [Vec<u8>] {
             .request_keys(names, now)
             .expect("usable");
         p.take_guest(out);
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         let purpose = Purpose::new("disk").expect("valid");
         let out = p
             .guest_established()
             .request_derive(purpose, 32, [5; 16], [6; 16], now)
             .expect("usable");
         p.take_guest(out);
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         if let Some(i) = p
             .host_events
             .iter()
@@ -378,34 +556,65 @@ fn host_templates() -> &'static [Vec<u8>] {
                 p.take_host(out);
             }
         }
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         if let Host::Established(s) = &mut p.host {
             let mut out = s.push_key_update(key("disk"), now).expect("rotation on");
             out.absorb(s.update_features(features(FeatureState::Disabled)));
             p.take_host(out);
         }
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
+        // The guest's ack of the pushed key, kept but not delivered: the
+        // script's host payloads stay those of a session with no ack (the
+        // guest_session corpus indexes them).
+        let update = p.guest_events.iter().find_map(|e| match e {
+            GuestEvent::KeyUpdate { update_id, key } => Some((*update_id, key.clone())),
+            _ => None,
+        });
+        if let (Some((id, k)), Guest::Established(s)) = (update, &mut p.guest) {
+            let out = s.ack_update(id, &k, true, now);
+            t.to_host.extend(out.send.iter().map(|b| b.to_vec()));
+        }
         p.now += crate::session::guest::KEEPALIVE_INTERVAL;
         p.fire_timers();
-        pump(&mut p, &mut sent);
+        pump(&mut p, &mut t);
         let host = std::mem::replace(&mut p.host, Host::Closed);
         let (_, out) = host.shutdown(Duration::from_secs(30));
-        sent.extend(out.send.iter().map(|b| b.to_vec()));
+        t.to_guest.extend(out.send.iter().map(|b| b.to_vec()));
+        let unknown = Message::Error(ErrorMessage::new(ErrorCode::UnknownMessage));
+        let busy = Message::Error(ErrorMessage {
+            retry_after_ms: Some(5_000),
+            ..ErrorMessage::new(ErrorCode::Busy)
+        });
         for m in [
             Message::Ping(Ping { sequence: 1 }),
-            Message::Error(ErrorMessage::new(ErrorCode::UnknownMessage)),
-            Message::Error(ErrorMessage {
-                retry_after_ms: Some(5_000),
-                ..ErrorMessage::new(ErrorCode::Busy)
-            }),
+            unknown.clone(),
+            busy.clone(),
             Message::Goodbye(Goodbye {
                 reason: GoodbyeReason::Reattest,
                 retry_after_ms: Some(crate::wire::MAX_RETRY_AFTER_MS),
             }),
         ] {
-            sent.push(m.encode().expect("valid").to_vec());
+            t.to_guest.push(m.encode().expect("valid").to_vec());
         }
-        sent
+        for m in [
+            unknown,
+            busy,
+            Message::Goodbye(Goodbye {
+                reason: GoodbyeReason::Normal,
+                retry_after_ms: None,
+            }),
+        ] {
+            t.to_host.push(m.encode().expect("valid").to_vec());
+        }
+        for wanted in [MessageType::Evidence, MessageType::KeyUpdateAck] {
+            assert!(
+                t.to_host
+                    .iter()
+                    .any(|m| Message::envelope_type(m) == Some(wanted.code().into())),
+                "the script produced no {wanted:?}"
+            );
+        }
+        t
     })
 }
 
@@ -430,7 +639,7 @@ enum GuestOp {
 /// The guest session driven by arbitrary host payloads (raw, or a real
 /// host's messages with a byte changed), quotes, timers and driver calls.
 pub fn check_guest_session(data: &[u8]) {
-    let templates = host_templates();
+    let templates = &templates().to_guest;
     let mut now = Instant::now();
     let (mut guest, _) = Guest::start(guest_config(1, 1), EXPORTER, [3; 32], now);
     let mut pending_quote = None;
@@ -445,11 +654,7 @@ pub fn check_guest_session(data: &[u8]) {
                 r
             }
             GuestOp::Host { index, flip } => {
-                let mut p = templates[usize::from(index) % templates.len()].clone();
-                if let Some((at, x)) = flip {
-                    let i = usize::from(at) % p.len();
-                    p[i] ^= x;
-                }
+                let p = template(templates, index, flip);
                 let r = guest.on_payload(&p, now);
                 payload = Some(p);
                 r
@@ -495,7 +700,7 @@ pub fn check_guest_session(data: &[u8]) {
         };
         let sent: Vec<Vec<u8>> = out.send.iter().map(|s| s.to_vec()).collect();
         match &payload {
-            Some(p) => check_answer(p, &sent, out.close.is_some(), closed),
+            Some(p) => check_answer(Receiver::Guest, p, &sent, out.close.is_some(), closed),
             None => {
                 assert!(sent.len() <= MAX_SENDS_PER_INPUT, "{} sends", sent.len());
                 assert!(
@@ -507,6 +712,9 @@ pub fn check_guest_session(data: &[u8]) {
         if let Some(reason) = &out.close
             && !closed
         {
+            if let Some(p) = &payload {
+                check_error_close(p, reason);
+            }
             check_retry(reason, now);
         }
         for e in out.events {
@@ -724,6 +932,7 @@ pub fn check_pair(data: &[u8]) {
 
 /// Delivers `m` to one side and checks its answer.
 fn deliver(p: &mut Pair, to_host: bool, m: &[u8], ledger: &Ledger) {
+    let state = HostState::of(&p.host);
     let (before, closed) = if to_host {
         (p.to_guest.len(), matches!(p.host, Host::Closed))
     } else {
@@ -737,7 +946,22 @@ fn deliver(p: &mut Pair, to_host: bool, m: &[u8], ledger: &Ledger) {
     let queue = if to_host { &p.to_guest } else { &p.to_host };
     let sent: Vec<Vec<u8>> = queue.iter().skip(before).cloned().collect();
     assert_eq!(sent.len(), step.sends);
-    check_answer(m, &sent, step.closed, closed);
+    let receiver = if to_host {
+        Receiver::Host
+    } else {
+        Receiver::Guest
+    };
+    check_answer(receiver, m, &sent, step.closed, closed);
+    if to_host {
+        check_out_of_state(state, m, &sent, step.closed);
+    }
+    if !to_host
+        && step.closed
+        && !closed
+        && let Some(reason) = &p.guest_closed
+    {
+        check_error_close(m, reason);
+    }
     if to_host {
         for s in &sent {
             check_release(s, ledger, p);
