@@ -232,7 +232,7 @@ fn watch_generation(tx: watch::Sender<u64>) {
     // Each turn blocks at most RECEIVE_TIMEOUT, so the thread ends within
     // that once the daemon is gone.
     while !tx.is_closed() {
-        match w.next() {
+        match w.receive() {
             Ok(None) => {}
             Ok(Some(signal)) => {
                 let why = match signal {

@@ -50,7 +50,7 @@ use nix::sys::time::TimeVal;
 /// flags anything longer as not ours.
 pub const MAX_UEVENT_LEN: usize = 4096;
 
-/// Longest a [`Watch::next`] blocks before it returns `None`.
+/// Longest a [`Watch::receive`] blocks before it returns `None`.
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The multicast group of uevents sent by the kernel itself (udevd
@@ -118,7 +118,7 @@ impl Watch {
     /// about [`RECEIVE_TIMEOUT`] after the last datagram: `None` if none
     /// came. Other uevents are read and dropped. An error other than a
     /// dropped-uevent overflow ends the watch.
-    pub fn next(&mut self) -> io::Result<Option<Signal>> {
+    pub fn receive(&mut self) -> io::Result<Option<Signal>> {
         loop {
             match recvfrom::<NetlinkAddr>(self.fd.as_raw_fd(), &mut self.buf) {
                 Ok((n, from)) => {
@@ -198,7 +198,7 @@ mod tests {
         // receive timeout, however many other uevents arrive.
         let mut w = Watch::open().unwrap();
         let t = std::time::Instant::now();
-        assert_eq!(w.next().unwrap(), None);
+        assert_eq!(w.receive().unwrap(), None);
         let waited = t.elapsed();
         assert!(
             waited >= RECEIVE_TIMEOUT - Duration::from_millis(50) && waited < RECEIVE_TIMEOUT * 10,
