@@ -24,7 +24,19 @@
 #               line, then with another initrd: PCR 11 differs, the host
 #               refuses, vkx-guest-once exits permanent (2) without retrying,
 #               the volume stays locked, the journal holds a bounded number
-#               of vkx lines.
+#               of vkx lines;
+#   restored -> a snapshot restored: the vTPM state saved when the first
+#               VM powered off (the snapshot), the VM booted on from the
+#               live state (attests, the host records its TPM counters),
+#               then booted from the snapshot's vTPM state in a new QEMU
+#               (new vmgenid): its quote is behind the record, the host
+#               (on_rewind = refuse) refuses it as a rewind, the one-shot
+#               exits 2, the daemon re-probes at its (test-short) pace and
+#               no faster; `vkx-host vtpm accept-rewind` lets the next
+#               re-probe in. (A live snapshot, QMP migrate + -incoming, is
+#               impossible in this rig: QEMU 7.2's vhost-user-vsock is
+#               non-migratable and vhost-device-vsock 0.3.0 lacks
+#               VHOST_USER_PROTOCOL_F_LOG_SHMFD; README.)
 # `scripts/vm-test.sh unlock` (what `make test` runs): tools, image, host
 # and the boot-and-unlock case only.
 # Every process it starts is stopped by PID on exit. Logs of the last run:
@@ -41,6 +53,12 @@ MAX_VKX_JOURNAL_LINES=40                        # a refused boot: vkx lines in t
 ROTATION_BOUND_S=30     # keys rotate -> the daemon installed it (store polled every 2 s; TCG)
 RECONNECT_BOUND_S=30    # host restarted -> the daemon attested again: shutdown_retry_after_s
                         # (2 s, +<= 10 %) plus a handshake and quote under TCG
+REPROBE_S=20            # the restored VM's guest.toml: [retry] reprobe_interval_s
+REPROBE_JITTER_S=5      #   and reprobe_jitter_s (test-short; the default is 1800 + 300)
+ACCEPT_BOUND_S=90       # accept-rewind -> the daemon attested: one re-probe (<= 25 s)
+                        # plus a handshake and quote under TCG, generously
+REFUSAL_WATCH_S=30      # how long the refused VM is watched for a retry storm
+MAX_REWIND_REFUSALS=4   # host refusals by then: once, the daemon, <= 2 re-probes
 VM_MEM=512M
 PORT=7861
 VHOST_VSOCK_VERSION=0.3.0
@@ -325,6 +343,8 @@ else
     echo "  FAIL live rotation not delivered within ${ROTATION_BOUND_S} s (host pushed: $pushed)"
 fi
 stop_pid "$qpid"; stop_pid "$vpid"; stop_pid "$spid"
+# The snapshot: the vTPM state as the VM powered off (swtpm ended with it).
+cp -a "$RUN/tpm" "$RUN/tpm-snapshot"
 
 # --- tampered boots -----------------------------------------------------------
 tampered() { # NAME WHAT
@@ -351,6 +371,46 @@ bash scripts/vm-image.sh uki "$RUN/initrd" "$CMDLINE_BASE" "$RUN/extra-file"
 tampered initrd "initrd with an appended cpio archive"
 refusals=$(grep -c 'refus\|attestation failed\|PCR' "$RUN/host.log" || true)
 echo "  host log: $refusals lines about the refusals"
+
+# --- a snapshot restored ------------------------------------------------------
+echo "vm-test: a snapshot restored (the vTPM state of the first power-off, after the VM booted on)"
+rewinds() { grep -c 'TPM state rewound (snapshot restore or clone): refused' "$RUN/host.log" || true; }
+for d in after restored; do mkdir -p "$RUN/$d"; cp "$RUN/good/esp.img" "$RUN/$d/"; done
+boot after
+[ "$(fact after once | field result)" = success ] || fail "the VM did not attest after the snapshot: $(fact after once)"
+ok "the VM booted on from the live vTPM state and attested (the host recorded its TPM counters)"
+rm -rf "$RUN/tpm"
+cp -a "$RUN/tpm-snapshot" "$RUN/tpm"
+printf '\n[retry]\nreprobe_interval_s = %s\nreprobe_jitter_s = %s\n' "$REPROBE_S" "$REPROBE_JITTER_S" >>"$RUN/guest.toml"
+n_rew=$(rewinds)
+t_restore=$(ms)
+boot restored keep
+o=$(fact restored once)
+[ "$(echo "$o" | field result)" != success ] || fail "restored: vkx-guest-once succeeded on a rewound vTPM"
+[ "$(echo "$o" | field status)" = 2 ] || fail "restored: vkx-guest-once exit $(echo "$o" | field status), not 2 (permanent)"
+[ -n "$(fact restored not-mounted)" ] || fail "restored: the volume was mounted"
+refused_ms=$(fact restored report-done | cut -d' ' -f1)
+r1=$(($(rewinds) - n_rew))
+[ "$r1" -ge 1 ] || { tail -20 "$RUN/host.log"; fail "restored: the host logged no rewind"; }
+ok "restored: the host refused the quote as a rewind (on_rewind = refuse), once exit 2, volume locked"
+sleep "$REFUSAL_WATCH_S"
+r2=$(($(rewinds) - n_rew))
+[ "$r2" -le "$MAX_REWIND_REFUSALS" ] || fail "restored: $r2 refusals (> $MAX_REWIND_REFUSALS): a retry storm"
+[ "$(serial_count restored "vkx_guest::daemon: attested session=")" = 0 ] || fail "restored: the daemon attested before accept-rewind"
+ok "restored: $r2 refusals in the host log $((($(ms) - t_restore) / 1000)) s after QEMU start (<= $MAX_REWIND_REFUSALS: the daemon is dormant, re-probing every ${REPROBE_S} s)"
+"$HOST" vtpm accept-rewind --vm-id vm-1 --registry "$RUN/registry" >"$RUN/accept.log" 2>&1 || { cat "$RUN/accept.log"; fail "vtpm accept-rewind"; }
+t_acc=$(wait_serial restored "vkx_guest::daemon: attested session=" 1 "$ACCEPT_BOUND_S")
+wait_serial restored "vkx_guest::deliver: key delivered key=disk" 1 "$ACCEPT_BOUND_S" >/dev/null
+ok "vkx-host vtpm accept-rewind -> the daemon's next re-probe attested in ${t_acc} ms (bound ${ACCEPT_BOUND_S} s) and got its key"
+stop_pid "$qpid"; stop_pid "$vpid"; stop_pid "$spid"
+cat <<EOF
+
+vm-test timeline (a snapshot restored; ms after the restored QEMU's start)
+  refused, once exit 2 (report)       $refused_ms
+  refusals watched for ${REFUSAL_WATCH_S} s       $r2 in the host log
+  accept-rewind -> daemon attested    +$t_acc
+
+EOF
 if [ ${#failures[@]} -gt 0 ]; then
     printf 'vm-test: FAIL: %s\n' "${failures[@]}" >&2
     exit 1

@@ -444,6 +444,45 @@ fn the_host_sends_an_established_session_to_reattest() {
 }
 
 #[test]
+fn a_generation_change_ends_the_session_in_order_to_attest_again() {
+    // Established: goodbye(reattest), an orderly close, no failure (§11.4).
+    let mut p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    p.run();
+    assert!(p.established());
+    let guest = std::mem::replace(&mut p.guest, Guest::Closed);
+    let (g, out) = guest.on_generation_changed();
+    assert!(matches!(g, Guest::Closed));
+    let sent: Vec<Message> = out
+        .send
+        .iter()
+        .map(|b| Message::decode(b).unwrap())
+        .collect();
+    assert!(
+        matches!(
+            sent.as_slice(),
+            [Message::Goodbye(g)] if g.reason == GoodbyeReason::Reattest && g.retry_after_ms.is_none()
+        ),
+        "{sent:?}"
+    );
+    assert_eq!(out.close, Some(CloseReason::Orderly { retry_after: None }));
+    // The host takes the goodbye as the end of the session.
+    p.guest = g;
+    p.take_guest(out);
+    p.run();
+    assert!(matches!(p.host, Host::Closed), "{:?}", p.host);
+    // During the handshake: the attempt is dropped without a word.
+    let p = Pair::new((1, 1), Some("vm-1"), FeatureState::Enabled);
+    assert!(matches!(p.guest, Guest::AwaitChallenge(_)));
+    let (g, out) = p.guest.on_generation_changed();
+    assert!(matches!(g, Guest::Closed));
+    assert!(out.send.is_empty());
+    assert_eq!(out.close, Some(CloseReason::Orderly { retry_after: None }));
+    // Closed: nothing.
+    let (_, out) = Guest::Closed.on_generation_changed();
+    assert!(out.send.is_empty() && out.close.is_none());
+}
+
+#[test]
 fn a_malformed_error_is_never_answered() {
     // A busy error that also carries a supported-version range: it fails to
     // decode, but it is an error, so neither side answers it (§8.3).

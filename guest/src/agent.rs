@@ -348,6 +348,24 @@ impl Agent {
         handler: &mut H,
         stop: &mut watch::Receiver<bool>,
     ) -> Attempt {
+        self.attempt_watching(handler, stop, None).await
+    }
+
+    /// [`Agent::attempt`], also ended in order when `generation` changes
+    /// (a new VM generation, [`crate::vmgenid`]): the session is left
+    /// (`goodbye(reattest)` if Established, PROTOCOL.md §11.4) so that the
+    /// next attempt attests the new generation. A change that happened
+    /// before the session starts is already covered by its quote: the
+    /// receiver is marked seen when the attempt starts.
+    pub async fn attempt_watching<H: Handler>(
+        &self,
+        handler: &mut H,
+        stop: &mut watch::Receiver<bool>,
+        mut generation: Option<&mut watch::Receiver<u64>>,
+    ) -> Attempt {
+        if let Some(g) = generation.as_mut() {
+            g.borrow_and_update();
+        }
         let stream = match crate::transport::connect(&self.host).await {
             Ok(s) => s,
             Err(e) => {
@@ -359,7 +377,7 @@ impl Agent {
                 return Attempt::failed(failure, format!("connect {}: {e}", self.host));
             }
         };
-        self.over(stream, handler, stop).await
+        self.over_watching(stream, handler, stop, generation).await
     }
 
     /// The attempt on an already connected stream.
@@ -368,6 +386,22 @@ impl Agent {
         stream: S,
         handler: &mut H,
         stop: &mut watch::Receiver<bool>,
+    ) -> Attempt
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        H: Handler,
+    {
+        self.over_watching(stream, handler, stop, None).await
+    }
+
+    /// [`Agent::over`] watching the VM generation as
+    /// [`Agent::attempt_watching`] does.
+    pub async fn over_watching<S, H>(
+        &self,
+        stream: S,
+        handler: &mut H,
+        stop: &mut watch::Receiver<bool>,
+        generation: Option<&mut watch::Receiver<u64>>,
     ) -> Attempt
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -415,7 +449,7 @@ impl Agent {
             return Attempt::failed(Failure::Transport, "no randomness");
         }
         let (guest, first) = Guest::start(self.session.clone(), exporter, nonce, Instant::now());
-        self.session_loop(Pump::new(guest, first), tls, handler, stop)
+        self.session_loop(Pump::new(guest, first), tls, handler, stop, generation)
             .await
     }
 
@@ -425,6 +459,7 @@ impl Agent {
         mut tls: tokio_rustls::client::TlsStream<S>,
         handler: &mut H,
         stop: &mut watch::Receiver<bool>,
+        mut generation: Option<&mut watch::Receiver<u64>>,
     ) -> Attempt
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -561,6 +596,16 @@ impl Agent {
                     detail = "stopped".into();
                     rl_info!("stopping: goodbye to the host");
                 }
+                changed = generation_changed(&mut generation), if generation.is_some() => {
+                    if changed {
+                        pump.step(|g| g.on_generation_changed());
+                        detail = "the VM generation changed: attesting again".into();
+                    } else {
+                        // The watch ended (its sender is gone): nothing
+                        // more to wait for.
+                        generation = None;
+                    }
+                }
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
                     pump.handle_timeout(Instant::now());
                 }
@@ -598,6 +643,14 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// Waits for a new VM generation; false if the sender is gone.
+async fn generation_changed(generation: &mut Option<&mut watch::Receiver<u64>>) -> bool {
+    match generation {
+        Some(g) => g.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -18,6 +18,14 @@
 //! after an attempt) are [`Supervisor`]'s, without I/O, so they can be
 //! tested in virtual time; this module is the async driver around it.
 //!
+//! A new VM generation (a snapshot restored, a clone: the kernel's
+//! `NEW_VMGENID` uevent, [`crate::vmgenid`]) ends the held session in
+//! order (`goodbye(reattest)`, PROTOCOL.md §11.4) and the next attempt
+//! follows at once, as after any orderly end: the retry budget bounds a
+//! storm of changes, and changes that arrive while no session is held are
+//! covered by the next attempt's quote anyway. Changes coalesce (a `watch`
+//! channel): many before the daemon looks are one re-attestation.
+//!
 //! The loop is bounded by construction: every iteration either waits until
 //! the policy's next allowed instant or makes one attempt the policy
 //! recorded, and an attempt is bounded by the transport and session
@@ -145,6 +153,11 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         })
     };
     let _abort = AbortOnDrop(summaries);
+    let (generation_tx, mut generation) = watch::channel(0u64);
+    std::thread::Builder::new()
+        .name("vkx-vmgenid".into())
+        .spawn(move || watch_generation(generation_tx))
+        .map_err(|e| anyhow::anyhow!("start the VM generation watch: {e}"))?;
     while !*stop.borrow() {
         if let Some(wait) = supervisor.next_wake(Instant::now()) {
             let at = StatusFile::at(wait.until);
@@ -183,7 +196,9 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
             )
             .resuming(),
         };
-        let attempt = agent.attempt(&mut hold, &mut stop).await;
+        let attempt = agent
+            .attempt_watching(&mut hold, &mut stop, Some(&mut generation))
+            .await;
         let ended = supervisor.attempt_ended(&attempt, Instant::now());
         log(&ended.log);
         report(&mut status, |s| {
@@ -199,6 +214,43 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
     });
     rl_info!("vkx-guest stopped");
     Ok(())
+}
+
+/// Feeds VM generation changes into `tx` (a counter: the daemon sees the
+/// latest, so changes coalesce), on a thread of its own (the uevent socket
+/// is blocking), until the daemon drops the receiver or the watch fails.
+/// Without a uevent socket (no `AF_NETLINK`, a sandbox) the daemon runs on
+/// without it, and says so once.
+fn watch_generation(tx: watch::Sender<u64>) {
+    let mut w = match crate::vmgenid::Watch::open() {
+        Ok(w) => w,
+        Err(e) => {
+            rl_warn!(error = %e, "VM generation changes are not watched: no uevent socket");
+            return;
+        }
+    };
+    // Each turn blocks at most RECEIVE_TIMEOUT, so the thread ends within
+    // that once the daemon is gone.
+    while !tx.is_closed() {
+        match w.receive() {
+            Ok(None) => {}
+            Ok(Some(signal)) => {
+                let why = match signal {
+                    crate::vmgenid::Signal::Changed => "the VM generation changed",
+                    crate::vmgenid::Signal::Overflow => {
+                        "uevents were dropped (socket buffer full): the VM generation may have \
+                         changed"
+                    }
+                };
+                rl_info!("{why}: attesting again");
+                tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            Err(e) => {
+                rl_warn!(error = %e, "VM generation changes are no longer watched");
+                return;
+            }
+        }
+    }
 }
 
 /// Aborts a helper task when the daemon's loop ends, however it ends.

@@ -23,6 +23,8 @@
 //!   thread.
 //! - [`transport`]: the connection to the host: AF_VSOCK (from a reserved
 //!   source port when permitted) or a Unix socket.
+//! - [`vmgenid`]: VM generation changes (snapshot restore, clone) from the
+//!   kernel's uevents, for the daemon's re-attestation.
 
 #![forbid(unsafe_code)]
 
@@ -39,3 +41,4 @@ pub mod supervisor;
 mod testutil;
 pub mod tpm;
 pub mod transport;
+pub mod vmgenid;

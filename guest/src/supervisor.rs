@@ -329,6 +329,54 @@ mod tests {
     }
 
     #[test]
+    fn a_new_vm_generation_reattests_at_once_and_a_storm_of_them_is_bounded() {
+        // Each change ends the held session in order (goodbye(reattest),
+        // no retry-after): the next attempt may start at once, with no
+        // failure counted ...
+        let t0 = Instant::now();
+        let config = RetryConfig::default();
+        let mut s = Supervisor::new(config, 6);
+        let ended_by_change = Attempt {
+            established: true,
+            close: CloseReason::Orderly { retry_after: None },
+            detail: "the VM generation changed: attesting again".into(),
+        };
+        assert_eq!(s.start_attempt(t0), Start::Go);
+        let e = s.attempt_ended(&ended_by_change, t0);
+        assert_eq!(e.next.instant(), t0);
+        assert_eq!(e.log.site, LogSite::SessionEnded);
+        assert_eq!(
+            e.log.message,
+            "session ended (the VM generation changed: attesting again); next attempt in 0 ms"
+        );
+        assert_eq!(e.consecutive_failures, 0);
+        assert_eq!(s.next_wake(t0), None);
+        // ... but a VM restored over and over (or a forged uevent in a
+        // loop) costs at most the retry budget of attempts per window, then
+        // one re-probe per reprobe interval.
+        let mut t = t0;
+        let mut attempts = 1;
+        for _ in 0..10 * config.budget {
+            t += Duration::from_millis(100);
+            if let Some(w) = s.next_wake(t) {
+                assert_eq!(w.state, State::Dormant);
+                assert!(w.until >= t + config.reprobe_interval - Duration::from_secs(1));
+                break;
+            }
+            match s.start_attempt(t) {
+                Start::Go => {
+                    attempts += 1;
+                    s.attempt_ended(&ended_by_change, t);
+                }
+                Start::BudgetSpent(l) => assert_eq!(l.site, LogSite::BudgetSpent),
+                Start::NotYet(_) => unreachable!(),
+            }
+        }
+        assert_eq!(attempts, config.budget);
+        assert!(s.policy().is_dormant());
+    }
+
+    #[test]
     fn a_spent_budget_ends_in_dormancy_with_one_line_per_attempt() {
         let t0 = Instant::now();
         let config = RetryConfig {

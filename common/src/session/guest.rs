@@ -463,6 +463,28 @@ impl Guest {
         (Self::Closed, out)
     }
 
+    /// The VM generation ID changed (§11.4, §15.8): the VM was restored
+    /// from a snapshot or cloned, so whatever this session proved was the
+    /// state of another generation. Established: `goodbye(reattest)` and
+    /// close; during the handshake: close without a word (the attempt is
+    /// abandoned, its quote may predate the change). Either way an orderly
+    /// close, no failure: the driver attests again on a new connection as
+    /// its retry policy allows.
+    pub fn on_generation_changed(self) -> (Self, Out) {
+        let mut out = Out::default();
+        match self {
+            Self::Established(_) => {
+                out.goodbye(GoodbyeReason::Reattest, None);
+                out.close(CloseReason::Orderly { retry_after: None });
+            }
+            Self::AwaitChallenge(_) | Self::Quoting(_) | Self::AwaitResult(_) => {
+                out.close(CloseReason::Orderly { retry_after: None });
+            }
+            Self::Closed => {}
+        }
+        (Self::Closed, out)
+    }
+
     /// The agent stops or has finished its work: say goodbye.
     pub fn finish(self, reason: GoodbyeReason) -> (Self, Out) {
         let mut out = Out::default();
