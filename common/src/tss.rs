@@ -72,7 +72,7 @@ pub fn is_transient(e: &tss_esapi::Error) -> bool {
 /// Each attempt is one ESAPI call, and tpm2-tss's ESAPI itself resubmits
 /// a command answered with those codes (at most 5 submissions per call,
 /// with no pause), so the TPM sees at most 5 x 5 = 25 submissions of one
-/// command (measured by `tests/tests/chaos.rs`, case e).
+/// command (measured by `tests/tests/chaos_ef.rs`, case e).
 pub const MAX_TPM_ATTEMPTS: u32 = 5;
 /// First pause before a retry; doubles each time (50+100+200+400 ms).
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(50);

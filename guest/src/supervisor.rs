@@ -11,7 +11,7 @@
 //! [`vkx_common::ratelimit::CallSite`]) per site.
 //!
 //! Nothing here sleeps, reads a clock or touches a socket: time is passed
-//! in. That is what lets the fault-injection suite (`tests/tests/chaos.rs`)
+//! in. That is what lets the fault-injection suite (`tests/tests/chaos_ab.rs`)
 //! run the daemon's real decisions for hours of virtual time, and count
 //! the attempts and the log lines an outage costs.
 //!
