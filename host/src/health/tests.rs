@@ -166,7 +166,6 @@ fn the_ring_table_is_bounded_and_keeps_the_newest_documents_rings() {
         .to_json()
         .unwrap();
     assert!(bytes.len() <= MAX_SUMMARY_BYTES, "{}", bytes.len());
-    eprintln!("worst-case summary: {} bytes", bytes.len());
     HealthSummary::parse(&bytes).unwrap();
 }
 
