@@ -229,8 +229,9 @@ fn watch_generation(tx: watch::Sender<u64>) {
             return;
         }
     };
-    // Each turn blocks at most RECEIVE_TIMEOUT, so the thread ends within
-    // that once the daemon is gone.
+    // Each turn blocks at most RECEIVE_TIMEOUT and reads at most
+    // MAX_UEVENTS_PER_RECEIVE datagrams, so the thread ends soon after
+    // the daemon is gone.
     while !tx.is_closed() {
         match w.receive() {
             Ok(None) => {}

@@ -53,6 +53,11 @@ pub const MAX_UEVENT_LEN: usize = 4096;
 /// Longest a [`Watch::receive`] blocks before it returns `None`.
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Most datagrams one [`Watch::receive`] reads before it returns, so a
+/// steady stream of other uevents (a busy udev) cannot keep its caller
+/// from checking whether to stop.
+pub const MAX_UEVENTS_PER_RECEIVE: usize = 64;
+
 /// The multicast group of uevents sent by the kernel itself (udevd
 /// re-broadcasts on group 2, which is not listened to).
 const KERNEL_UEVENT_GROUP: u32 = 1;
@@ -115,11 +120,12 @@ impl Watch {
     }
 
     /// Blocks for the next generation change (or a possible one), at most
-    /// about [`RECEIVE_TIMEOUT`] after the last datagram: `None` if none
-    /// came. Other uevents are read and dropped. An error other than a
-    /// dropped-uevent overflow ends the watch.
+    /// about [`RECEIVE_TIMEOUT`] after the last datagram and at most
+    /// [`MAX_UEVENTS_PER_RECEIVE`] datagrams: `None` if none came. Other
+    /// uevents are read and dropped. An error other than a dropped-uevent
+    /// overflow ends the watch.
     pub fn receive(&mut self) -> io::Result<Option<Signal>> {
-        loop {
+        for _ in 0..MAX_UEVENTS_PER_RECEIVE {
             match recvfrom::<NetlinkAddr>(self.fd.as_raw_fd(), &mut self.buf) {
                 Ok((n, from)) => {
                     let sender = from.map_or(u32::MAX, |a| a.pid());
@@ -137,6 +143,7 @@ impl Watch {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(None)
     }
 }
 
