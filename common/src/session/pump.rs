@@ -318,9 +318,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::session::guest::AWAIT_CHALLENGE_TIMEOUT;
-    use crate::session::host::{PeerContext, SessionRandom};
     use crate::testing::pair::{self, EXPORTER, Pair};
-    use crate::wire::{FeatureState, MAX_FRAME_PAYLOAD, Message, Ping, VmId};
+    use crate::wire::{FeatureState, MAX_FRAME_PAYLOAD, Message, Ping};
 
     fn framed(payloads: &[Vec<u8>]) -> Vec<u8> {
         let mut bytes = Vec::new();
@@ -341,20 +340,10 @@ mod tests {
     }
 
     fn host(now: Instant) -> Pump<Host> {
-        let host = Host::start(
-            pair::host_config(),
-            PeerContext {
-                vm_id: Some(VmId::new("vm-1").unwrap()),
-                cid: None,
-                selection: pair::selection(),
-                features: pair::features(FeatureState::Enabled),
-                accepted_at: now,
-            },
-            EXPORTER,
-            SessionRandom {
-                host_nonce: [1; 32],
-                session_id: [2; 16],
-            },
+        let host = pair::start_host(
+            Some("vm-1"),
+            None,
+            pair::features(FeatureState::Enabled),
             now,
         );
         Pump::new(host, Output::default())

@@ -91,6 +91,27 @@ pub fn host_config() -> Arc<HostConfig> {
     })
 }
 
+/// A host session as the harness starts it: [`host_config`], the
+/// harness's selection and exporter, fixed randoms, accepted at `now`.
+pub fn start_host(vm_id: Option<&str>, cid: Option<u32>, features: Features, now: Instant) -> Host {
+    Host::start(
+        host_config(),
+        PeerContext {
+            vm_id: vm_id.map(|v| VmId::new(v).expect("valid vm id")),
+            cid,
+            selection: selection(),
+            features,
+            accepted_at: now,
+        },
+        EXPORTER,
+        SessionRandom {
+            host_nonce: [1; 32],
+            session_id: [2; 16],
+        },
+        now,
+    )
+}
+
 /// The fake evidence for a quote over `qualifying_data`: the verifier of
 /// this harness reads the binding from `tpm_attest`.
 pub fn evidence_for(qualifying_data: [u8; 32]) -> Evidence {
@@ -122,22 +143,7 @@ impl Pair {
         guest_nonce: [u8; 32],
     ) -> Self {
         let now = Instant::now();
-        let host = Host::start(
-            host_config(),
-            PeerContext {
-                vm_id: vm_id.map(|v| VmId::new(v).expect("valid vm id")),
-                cid: Some(42),
-                selection: selection(),
-                features,
-                accepted_at: now,
-            },
-            EXPORTER,
-            SessionRandom {
-                host_nonce: [1; 32],
-                session_id: [2; 16],
-            },
-            now,
-        );
+        let host = start_host(vm_id, Some(42), features, now);
         let (guest, out) = Guest::start(
             guest_config(guest_versions.0, guest_versions.1),
             EXPORTER,
