@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ring::rand::SecureRandom;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant as TokioInstant, timeout_at};
 use vkx_common::errors::ErrorCode;
@@ -42,13 +42,6 @@ use crate::service::{
     ConnState, Reattest, Shared, handle_event, push_rotations, verify_and_record,
 };
 
-/// Plaintext bytes taken from TLS at a time, into a buffer each session
-/// holds for its life: a guest's largest usual message, its evidence
-/// (about 1.5 KiB with an ECC AK and its certificate), fits one read; a
-/// larger frame takes several (the frame decoder joins them). 16 KiB cost
-/// 14 KiB more per idle session and the page faults of zeroing it at
-/// every connect (README "Where the host's CPU goes"), 4 KiB 2 KiB more.
-const READ_CHUNK: usize = 2 * 1024;
 /// Most bytes the future of one session ([`connection`]) may take, as the
 /// test build lays it out (the release build's is close): every idle
 /// session holds one. The TLS handshake's state and the sends are boxed
@@ -379,7 +372,6 @@ pub(crate) async fn connection<S>(
     let mut established = false;
     let mut versions = shared.key_versions.subscribe();
     let mut budget = shared.admission.message_bucket(std::time::Instant::now());
-    let mut buf = vec![0u8; READ_CHUNK];
     // Each iteration consumes input, a timer expiry, a key rotation, a
     // rollout change or the stop signal; the session's deadlines bound how
     // long it can wait.
@@ -443,16 +435,21 @@ pub(crate) async fn connection<S>(
                 update.absorb(push_rotations(pump.session_mut(), &mut conn, &current, &features, &shared));
                 pump.absorb(update);
             }
-            n = tls.read(&mut buf) => {
+            // The plaintext is read where rustls decrypted it (one
+            // record's, at most 16 KiB): the session holds no read buffer
+            // of its own, so an idle one costs none (README "Where the
+            // host's memory goes").
+            read = tls.fill_buf() => {
                 let now = std::time::Instant::now();
-                match n {
-                    Ok(0) | Err(_) => {
+                match read {
+                    Ok([]) | Err(_) => {
                         if let Err(e) = pump.handle_eof() {
                             rl_warn!(peer: vm_id, error = %e, "stream ended inside a frame");
                         }
                     }
-                    Ok(n) => {
-                        let fed = pump.handle_input(&buf[..n], now, |host, payload, now| {
+                    Ok(plaintext) => {
+                        let n = plaintext.len();
+                        let fed = pump.handle_input(plaintext, now, |host, payload, now| {
                             vkx_common::rl_log!(
                                 trace,
                                 peer: vm_id,
@@ -482,6 +479,7 @@ pub(crate) async fn connection<S>(
                                 }
                             }
                         });
+                        std::pin::Pin::new(&mut tls).consume(n);
                         if let Err(e) = fed {
                             rl_warn!(peer: vm_id, error = %e, "frame refused");
                         }
