@@ -19,7 +19,7 @@
 //! tested in virtual time; this module is the async driver around it.
 //!
 //! A new VM generation (a snapshot restored, a clone: the kernel's
-//! `NEW_VMGENID` uevent, [`crate::vmgenid`]) ends the held session in
+//! VM-fork record in its log, [`crate::vmgenid`]) ends the held session in
 //! order (`goodbye(reattest)`, PROTOCOL.md §11.4) and the next attempt
 //! follows at once, as after any orderly end: the retry budget bounds a
 //! storm of changes, and changes that arrive while no session is held are
@@ -217,20 +217,20 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
 }
 
 /// Feeds VM generation changes into `tx` (a counter: the daemon sees the
-/// latest, so changes coalesce), on a thread of its own (the uevent socket
-/// is blocking), until the daemon drops the receiver or the watch fails.
-/// Without a uevent socket (no `AF_NETLINK`, a sandbox) the daemon runs on
-/// without it, and says so once.
+/// latest, so changes coalesce), on a thread of its own (it waits on the
+/// kernel log device), until the daemon drops the receiver or the watch
+/// fails. Where the kernel log cannot be read (no `CAP_SYSLOG`, a sandbox)
+/// the daemon runs on without it, and says so once.
 fn watch_generation(tx: watch::Sender<u64>) {
     let mut w = match crate::vmgenid::Watch::open() {
         Ok(w) => w,
         Err(e) => {
-            rl_warn!(error = %e, "VM generation changes are not watched: no uevent socket");
+            rl_warn!(error = %e, "VM generation changes are not watched: the kernel log cannot be read");
             return;
         }
     };
-    // Each turn blocks at most RECEIVE_TIMEOUT and reads at most
-    // MAX_UEVENTS_PER_RECEIVE datagrams, so the thread ends soon after
+    // Each turn waits at most RECEIVE_TIMEOUT and reads at most
+    // MAX_RECORDS_PER_RECEIVE records, so the thread ends soon after
     // the daemon is gone.
     while !tx.is_closed() {
         match w.receive() {
@@ -239,7 +239,7 @@ fn watch_generation(tx: watch::Sender<u64>) {
                 let why = match signal {
                     crate::vmgenid::Signal::Changed => "the VM generation changed",
                     crate::vmgenid::Signal::Overflow => {
-                        "uevents were dropped (socket buffer full): the VM generation may have \
+                        "kernel log records were overwritten unread: the VM generation may have \
                          changed"
                     }
                 };

@@ -24,7 +24,7 @@
 //! - [`transport`]: the connection to the host: AF_VSOCK (from a reserved
 //!   source port when permitted) or a Unix socket.
 //! - [`vmgenid`]: VM generation changes (snapshot restore, clone) from the
-//!   kernel's uevents, for the daemon's re-attestation.
+//!   kernel log (its VM-fork record), for the daemon's re-attestation.
 
 #![forbid(unsafe_code)]
 
