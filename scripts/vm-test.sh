@@ -317,6 +317,12 @@ fi
 echo "vm-test: the daemon holds a session; a live rotation; the host restarted"
 [ "$(serial_count good "vkx_guest::daemon: attested session=")" -ge 1 ] || fail "the daemon holds no session"
 n_att=$(serial_count good "vkx_guest::daemon: attested session=")
+# Under its shipped hardening (CAP_SYSLOG, /dev/kmsg r) the daemon reads the
+# kernel log for the VM-fork record (README "Installing in a VM image").
+[ "$(serial_count good "watching the kernel log for VM generation changes")" -ge 1 ] &&
+    [ "$(serial_count good "VM generation changes are not watched")" = 0 ] ||
+    fail "the daemon does not watch the kernel log for VM generation changes"
+ok "the daemon watches the kernel log (/dev/kmsg) for VM generation changes under its unit's hardening"
 n_del=$(serial_count good "vkx_guest::deliver: key delivered key=disk version=1")
 t=$(ms)
 stop_pid "$host_pid"

@@ -229,6 +229,7 @@ fn watch_generation(tx: watch::Sender<u64>) {
             return;
         }
     };
+    rl_info!("watching the kernel log for VM generation changes");
     // Each turn waits at most RECEIVE_TIMEOUT and reads at most
     // MAX_RECORDS_PER_RECEIVE records, so the thread ends soon after
     // the daemon is gone.
