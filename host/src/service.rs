@@ -147,8 +147,10 @@ impl VmSessions {
         let (tx, rx) = watch::channel(flag);
         g.0 += 1;
         let id = g.0;
+        // A VM mostly holds one session: room for one, not the four a
+        // first push would make.
         g.1.entry(vm.clone())
-            .or_default()
+            .or_insert_with(|| Vec::with_capacity(1))
             .push(Registered { id, tx, proof });
         VmSession {
             table: self,

@@ -261,6 +261,10 @@ impl<S: Session> Pump<S> {
         }
         if self.pending.events.is_empty() {
             self.rounds = 0;
+            // Settled: an idle session keeps no capacity of its busiest
+            // round (about 1 KiB of events after the handshake).
+            self.round = VecDeque::new();
+            self.pending.events = Vec::new();
             return None;
         }
         if self.rounds >= MAX_EVENT_ROUNDS {
@@ -277,6 +281,17 @@ impl<S: Session> Pump<S> {
         self.round.pop_front().map(Ok)
     }
 
+    /// Room held in the pump's queues, in elements: none once events have
+    /// settled and frames are written (an idle session's memory).
+    #[cfg(test)]
+    fn held_capacity(&self) -> usize {
+        self.round.capacity()
+            + self.outgoing.capacity()
+            + self.pending.events.capacity()
+            + self.pending.send.capacity()
+            + self.pending.errors.capacity()
+    }
+
     /// Whether events wait for [`Pump::poll_event`].
     pub fn has_events(&self) -> bool {
         !self.round.is_empty() || !self.pending.events.is_empty()
@@ -287,7 +302,11 @@ impl<S: Session> Pump<S> {
         if self.outgoing.is_empty() {
             self.outgoing.extend(self.pending.take_sends());
         }
-        let (payload, error) = self.outgoing.pop_front()?;
+        let Some((payload, error)) = self.outgoing.pop_front() else {
+            // All written: no capacity of the busiest flight is kept.
+            self.outgoing = VecDeque::new();
+            return None;
+        };
         let mut frame = Zeroizing::new(Vec::with_capacity(FRAME_HEADER_LEN + payload.len()));
         if encode_frame(&payload, &mut frame).is_err() {
             // Unreachable: a message encodes to 1..=MAX_FRAME_PAYLOAD bytes
@@ -540,6 +559,10 @@ mod tests {
         }
         assert!(matches!(h.session(), Host::Established(_)));
         assert!(g.session().is_established());
+        // Settled and written: an idle pump holds no queue capacity.
+        for held in [h.held_capacity(), g.held_capacity()] {
+            assert_eq!(held, 0);
+        }
     }
 
     /// A session whose every event asks for another: no real session does
