@@ -52,8 +52,7 @@ use vkx_common::{rl_info, rl_warn};
 
 use crate::rollout::document::{MAX_RINGS, check_node_name, check_ring_name};
 use crate::rollout::drill_overlay::{DrillOverlay, check_drill_id};
-use crate::rollout::service::View;
-use crate::rollout::{Document, Feature, VmFacts, ring_of};
+use crate::rollout::{Document, Feature, View, VmFacts, ring_of};
 use crate::source::{EtcdConfig, SourceKind};
 
 /// The ring key of a VM in no ring (or on a node with no document).

@@ -11,7 +11,9 @@
 //! widen the set of VMs with a feature enabled must carry a signature
 //! from a trusted key, while one that provably narrows it need not.
 //! Operators' edits ([`edit`]) are pure functions from one document to
-//! the next; [`envelope`] signs and verifies. The only I/O is the small
+//! the next; [`envelope`] signs and verifies. What every live session
+//! reads of it is one value, the [`View`] ([`view`]), which the runtime of
+//! `serve` (`rollout_service`) publishes. The only I/O is the small
 //! crash-safe persistence file ([`persist`]) and reading key and override
 //! files.
 //!
@@ -38,7 +40,7 @@ pub mod local_override;
 pub mod persist;
 pub mod plan;
 pub mod resolve;
-pub mod service;
+pub mod view;
 
 #[cfg(test)]
 mod proptests;
@@ -59,6 +61,7 @@ pub use resolve::{
     Explanation, FeatureExplanation, Membership, Placement, RingRow, VmFacts, bucket, explain,
     resolve, resolve_at, ring_of, ring_table, state_name,
 };
+pub use view::View;
 
 /// A short, escaped prefix of an untrusted string, safe to put in an
 /// error message that will be logged.
