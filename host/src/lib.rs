@@ -21,8 +21,9 @@
 //!   files and the crash-safe write (temp, fsync, rename, fsync dir), with
 //!   one typed error.
 //! - [`health`]: health signals per ring and feature for the rollout
-//!   controller: counters, the versioned summary, its publisher (etcd
-//!   key per node under a lease, or a local file) and reader.
+//!   controller: counters; the summary's store, publisher (etcd key per
+//!   node under a lease, or a local file) and reader (`health::store`).
+//!   The versioned summary itself is [`rollout::summary`].
 //! - [`keys_cli`]: `vkx-host keys add|generate|rotate|list|verify|remove`,
 //!   the operator CLI of the key store.
 //! - [`keystore`]: the host's key store: one directory per key, one

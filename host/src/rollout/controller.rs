@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use super::document::{Document, Feature};
 use super::gates::{Evaluation, GateVerdict, evaluate};
 use super::plan::Plan;
-use crate::health::{FleetDelta, HealthSummary, NO_RING, RingSummary, fleet_delta};
+use super::summary::{FleetDelta, HealthSummary, NO_RING, RingSummary, fleet_delta};
 use crate::source::Version;
 
 /// The progress record's format.

@@ -18,8 +18,9 @@
 //! files.
 //!
 //! The rollout controller's core is here too: a plan ([`plan`]), its
-//! health gates ([`gates`]) and the state machine that walks the rings
-//! ([`controller`]); its driver is `rollout_run`.
+//! health gates ([`gates`]) over the fleet's health summaries
+//! ([`summary`], which `health` publishes) and the state machine that
+//! walks the rings ([`controller`]); its driver is `rollout_run`.
 //!
 //! What it trusts: host.toml's trusted keys and generally-available list,
 //! the local override file, and the file it persisted itself. Everything
@@ -40,6 +41,7 @@ pub mod local_override;
 pub mod persist;
 pub mod plan;
 pub mod resolve;
+pub mod summary;
 pub mod view;
 
 #[cfg(test)]
