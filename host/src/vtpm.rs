@@ -58,7 +58,6 @@
 //! the AK certificate it issues) is `ca`; the TPM calls (context,
 //! templates, primaries, persistent handles, the NV index) are `tpm`.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -68,6 +67,7 @@ use tss_esapi::structures::Auth;
 use tss_esapi::{Context, Error as TssError};
 use vkx_common::tpm::{AK_PERSISTENT_HANDLE, MAX_AK_CERT_NV};
 
+use crate::fsutil::FsError;
 use crate::registry::{self, EkAlg, Registry, RegistryEntry, RegistryError};
 use crate::vtpm_auth::{AUTH_LEN, AuthStore, AuthStoreError, VtpmAuth};
 use vkx_common::tss::{describe, retry_transient};
@@ -100,11 +100,11 @@ pub enum VtpmError {
     #[error("a vTPM CA already exists in {}: it signed every AK certificate of this node; remove it deliberately if you mean to start over", dir.display())]
     CaExists { dir: PathBuf },
     #[error("no vTPM CA in {}: {source} (create one with `vkx-host vtpm ca-init --dir {}`)", dir.display(), dir.display())]
-    CaMissing { dir: PathBuf, source: io::Error },
+    CaMissing { dir: PathBuf, source: FsError },
     #[error("vTPM CA in {} is unusable: {reason}", dir.display())]
     CaInvalid { dir: PathBuf, reason: String },
-    #[error("writing the vTPM CA to {}: {source}", path.display())]
-    CaWrite { path: PathBuf, source: io::Error },
+    #[error("writing the vTPM CA: {0}")]
+    CaWrite(#[source] FsError),
     #[error(
         "invalid TCTI {tcti:?}: {detail} (examples: `device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`)"
     )]

@@ -9,8 +9,6 @@
 //! certificate must carry the key. Files are written owner-only and
 //! fsynced, never over an existing CA.
 
-use std::fs;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,6 +22,7 @@ use tss_esapi::structures::Public;
 use vkx_common::tpm::MAX_AK_CERT_NV;
 
 use super::VtpmError;
+use crate::fsutil::{self, FsError};
 
 /// Largest CA file read (key or certificate); both are under 1 KiB.
 pub const MAX_CA_FILE: u64 = 64 * 1024;
@@ -54,9 +53,11 @@ pub fn ca_init(dir: &Path) -> Result<(), VtpmError> {
             dir: dir.to_path_buf(),
         });
     }
-    crate::fsutil::create_private_dirs(dir).map_err(|source| VtpmError::CaWrite {
-        path: dir.to_path_buf(),
-        source,
+    fsutil::create_private_dirs(dir).map_err(|source| {
+        VtpmError::CaWrite(FsError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
     })?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| {
         VtpmError::CaInvalid {
@@ -70,19 +71,11 @@ pub fn ca_init(dir: &Path) -> Result<(), VtpmError> {
             dir: dir.to_path_buf(),
             reason: format!("self-signing failed: {e}"),
         })?;
-    write_new(&key_path, &key.serialize_der())?;
-    write_new(&dir.join(CA_CERT_DER_FILE), cert.der())?;
-    write_new(&dir.join(CA_CERT_PEM_FILE), cert.pem().as_bytes())?;
+    fsutil::write_new(&key_path, &key.serialize_der()).map_err(VtpmError::CaWrite)?;
+    fsutil::write_new(&dir.join(CA_CERT_DER_FILE), cert.der()).map_err(VtpmError::CaWrite)?;
+    fsutil::write_new(&dir.join(CA_CERT_PEM_FILE), cert.pem().as_bytes())
+        .map_err(VtpmError::CaWrite)?;
     Ok(())
-}
-
-fn write_new(path: &Path, bytes: &[u8]) -> Result<(), VtpmError> {
-    let err = |source| VtpmError::CaWrite {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = crate::fsutil::create_private_file(path).map_err(err)?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(err)
 }
 
 /// The CA's certificate parameters. Deterministic (apart from validity
@@ -205,26 +198,20 @@ impl NodeCa {
     }
 }
 
+/// Reads a file of the CA directory: at most [`MAX_CA_FILE`] bytes of a
+/// regular file. One that cannot be read is missing; one too large, or
+/// not a regular file, is unusable.
 fn read_ca_file(dir: &Path, name: &str) -> Result<Vec<u8>, VtpmError> {
-    let path = dir.join(name);
-    let file = fs::File::open(&path).map_err(|source| VtpmError::CaMissing {
-        dir: dir.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    file.take(MAX_CA_FILE + 1)
-        .read_to_end(&mut out)
-        .map_err(|source| VtpmError::CaMissing {
+    fsutil::read_capped(&dir.join(name), MAX_CA_FILE).map_err(|e| match e {
+        FsError::TooLarge { .. } | FsError::NotAFile { .. } => VtpmError::CaInvalid {
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
+        },
+        source => VtpmError::CaMissing {
             dir: dir.to_path_buf(),
             source,
-        })?;
-    if out.len() as u64 > MAX_CA_FILE {
-        return Err(VtpmError::CaInvalid {
-            dir: dir.to_path_buf(),
-            reason: format!("{name} is larger than {MAX_CA_FILE} bytes"),
-        });
-    }
-    Ok(out)
+        },
+    })
 }
 
 /// A TPM public key as rcgen's subject key.

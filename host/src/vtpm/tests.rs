@@ -48,6 +48,47 @@ fn ca_init_refuses_to_overwrite_and_loads() {
 }
 
 #[test]
+fn ca_files_are_read_capped_and_must_be_regular() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    // No CA: missing, with the file-system error that says where.
+    assert!(matches!(
+        NodeCa::load(&ca_dir),
+        Err(VtpmError::CaMissing {
+            source: FsError::Io { .. },
+            ..
+        })
+    ));
+    ca_init(&ca_dir).unwrap();
+    // A certificate file over the cap is unusable, not read whole.
+    let over = usize::try_from(MAX_CA_FILE).unwrap() + 1;
+    fs::write(ca_dir.join(CA_CERT_DER_FILE), vec![0u8; over]).unwrap();
+    assert!(matches!(
+        NodeCa::load(&ca_dir),
+        Err(VtpmError::CaInvalid { .. })
+    ));
+    // So is a directory where the key file should be.
+    fs::remove_file(ca_dir.join(CA_KEY_FILE)).unwrap();
+    fs::create_dir(ca_dir.join(CA_KEY_FILE)).unwrap();
+    assert!(matches!(
+        NodeCa::load(&ca_dir),
+        Err(VtpmError::CaInvalid { .. })
+    ));
+}
+
+#[test]
+fn ca_write_failures_carry_the_file_system_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    // The CA directory cannot be made under a regular file.
+    assert!(matches!(
+        ca_init(&file.join("ca")),
+        Err(VtpmError::CaWrite(FsError::Io { .. }))
+    ));
+}
+
+#[test]
 fn templates_build() {
     for alg in [EkAlg::Ecc, EkAlg::Rsa] {
         let ak = ak_template(alg).unwrap();
