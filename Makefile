@@ -102,6 +102,9 @@ lint: rust-components deny-tools
 	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --locked -- -D warnings
 	python3 scripts/check-logging.py --self-test
 	python3 scripts/check-logging.py
+	# No import circles between a crate's modules (scripts/import-cycles.py).
+	python3 scripts/import-cycles.py --self-test
+	python3 scripts/import-cycles.py
 	# Every fuzz target, differential ones included, for FUZZ_SMOKE_SECONDS each.
 	$(MAKE) fuzz-smoke
 

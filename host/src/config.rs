@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::admission::{AdmissionConfig, Limits};
 use crate::metrics::MetricsConfig;
-use crate::rollout::service::{RolloutConfig, Settings, SettingsError};
+use crate::rollout_service::{RolloutConfig, Settings, SettingsError};
 use crate::vsock::VsockListenerConfig;
 
 /// Default connection limit: one per VM of a large node, with headroom.

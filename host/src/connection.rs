@@ -37,7 +37,7 @@ use crate::admission::{Refused, Ticket};
 use crate::health::RingCounters;
 use crate::metrics::{EstablishedGuard, FeatureGauge, HandshakeOutcome, Metrics};
 use crate::rollout::Feature;
-use crate::rollout::service::View;
+use crate::rollout::View;
 use crate::service::{
     ConnState, Reattest, Shared, handle_event, push_rotations, verify_and_record,
 };

@@ -21,8 +21,9 @@
 //!   files and the crash-safe write (temp, fsync, rename, fsync dir), with
 //!   one typed error.
 //! - [`health`]: health signals per ring and feature for the rollout
-//!   controller: counters, the versioned summary, its publisher (etcd
-//!   key per node under a lease, or a local file) and reader.
+//!   controller: counters; the summary's store, publisher (etcd key per
+//!   node under a lease, or a local file) and reader (`health::store`).
+//!   The versioned summary itself is [`rollout::summary`].
 //! - [`keys_cli`]: `vkx-host keys add|generate|rotate|list|verify|remove`,
 //!   the operator CLI of the key store.
 //! - [`keystore`]: the host's key store: one directory per key, one
@@ -56,6 +57,10 @@
 //! - [`rollout_node`]: the node context `rollout_cli` and `rollout_run`
 //!   share: host.toml's `[rollout]`, `--config`/`--key`, the signing key,
 //!   the pre-write check.
+//! - [`rollout_service`]: the rollout runtime of `serve`: host.toml's
+//!   `[rollout]`, the node's rollout state restored before the first
+//!   guest, the task that follows the source and the override file and
+//!   publishes the [`rollout::View`] every session reads.
 //! - [`serve`]: the host agent's async driver (`vkx-host serve`).
 //! - [`service`]: the shared service context of `serve` and its answers
 //!   to session events (verify, release, derive, rotate).
@@ -105,6 +110,7 @@ pub mod rollout;
 pub mod rollout_cli;
 pub mod rollout_node;
 pub mod rollout_run;
+pub mod rollout_service;
 pub mod serve;
 pub mod service;
 pub mod source;

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 
 use crate::config::ServeConfig;
-use crate::rollout::service::Settings;
 use crate::rollout::{Accepted, Admitted, Override, admit, load_signing_key};
+use crate::rollout_service::Settings;
 use crate::source::{self, SourceConfig, SourceError, Version};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -64,7 +64,7 @@ impl Node {
     }
 
     pub(crate) fn local(&self) -> Override {
-        crate::rollout::service::read_override(&self.settings.override_file).0
+        crate::rollout_service::read_override(&self.settings.override_file).0
     }
 
     /// The source's current document (as an accepted state, for the

@@ -59,9 +59,9 @@ use crate::rollout::controller::{
     RunEventKind,
 };
 use crate::rollout::plan::Plan;
-use crate::rollout::service::Settings;
 use crate::rollout::{Accepted, sign, unsigned};
 use crate::rollout_node::{ConfigArgs, KeyArgs, Node, check, expected, signer};
+use crate::rollout_service::Settings;
 use crate::source::{self, SourceConfig, SourceError, SourceKind, Version};
 
 /// Consecutive malformed documents before the run gives up (the progress
@@ -1120,8 +1120,8 @@ pub fn progress_file(state_dir: &Path, feature: &str) -> PathBuf {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::rollout::service::RolloutConfig;
     use crate::rollout::{Document, Envelope, TrustedKey};
+    use crate::rollout_service::RolloutConfig;
 
     /// The whole driver over the file source: signed stage writes, the
     /// health file, the lock file and the progress record.

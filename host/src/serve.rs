@@ -45,7 +45,7 @@ use crate::listen::{Accept, accept_loop};
 use crate::metrics::{Metrics, MetricsConfig};
 use crate::registry::Registry;
 use crate::reload::Reload;
-use crate::rollout::service::Rollout;
+use crate::rollout_service::Rollout;
 use crate::service::{FEATURE_RETRY_AFTER, Shared, shutdown_spread, watch_key_versions};
 use crate::trust::Trust;
 use crate::vsock::{Admission, admit};
@@ -262,9 +262,9 @@ pub enum ServeError {
     #[error("[admission]: {0}")]
     Admission(crate::admission::AdmissionConfigError),
     #[error(transparent)]
-    Rollout(#[from] crate::rollout::service::SettingsError),
+    Rollout(#[from] crate::rollout_service::SettingsError),
     #[error(transparent)]
-    RolloutState(#[from] crate::rollout::service::RestoreError),
+    RolloutState(#[from] crate::rollout_service::RestoreError),
     #[error(transparent)]
     LocalSocket(#[from] crate::derive::SocketModeError),
     #[error("listener {}: vm_id: {source}", .path.display())]

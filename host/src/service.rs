@@ -30,8 +30,7 @@ use crate::keystore::{CachedKeys, KeyStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::release;
-use crate::rollout::Feature;
-use crate::rollout::service::View;
+use crate::rollout::{Feature, View};
 use crate::trust::{Proof, Trust};
 
 /// Guests per second an orderly shutdown asks back: the `retry-after` of

@@ -6,7 +6,7 @@
 //!
 //! N simulated hosts (default 1,000) in this process, each running the
 //! host's real rollout code: its own `[rollout]` settings (a node name,
-//! the bench's trusted key) through `rollout::service::Settings::new`, its
+//! the bench's trusted key) through `rollout_service::Settings::new`, its
 //! own node directory, `Rollout::restore` and `Rollout::run`, which runs
 //! its own source task (`source::run`: with etcd, its own client
 //! connection and watch) and its own override-file watcher. A small task
@@ -61,8 +61,9 @@ use tokio::sync::{mpsc, watch};
 use vkx_e2e::ensure_fd_limit;
 use vkx_e2e::etcd::Etcd;
 use vkx_host::metrics::Metrics;
-use vkx_host::rollout::service::{Rollout, RolloutConfig, Settings, View};
+use vkx_host::rollout::View;
 use vkx_host::rollout::{Document, Feature, TrustedKey, keygen, kill, sign, unkill, unsigned};
+use vkx_host::rollout_service::{Rollout, RolloutConfig, Settings};
 use vkx_host::source::{
     self, CounterSnapshot, EtcdConfig, FILE_POLL_INTERVAL, SourceConfig, SourceKind,
 };

@@ -264,7 +264,7 @@ fn flip_run(soft: &SoftSite, source: Source, key: &Path, public: &str) -> Flip {
     let name = format!("g-{}", source.name());
     // A fresh rollout state per run: no accepted document on the node.
     let _ = std::fs::remove_dir_all(
-        Path::new(&soft.site.node.node_dir()).join(vkx_host::rollout::service::STATE_DIR),
+        Path::new(&soft.site.node.node_dir()).join(vkx_host::rollout_service::STATE_DIR),
     );
     let metrics = work.join(format!("metrics-{name}.sock"));
     let etcd = matches!(source, Source::Etcd).then(Etcd::start);

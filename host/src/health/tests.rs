@@ -1,9 +1,13 @@
 //! The tests of health signals: counters, summary, settings, publisher and reader.
 
 #![allow(clippy::unwrap_used)]
+use super::store::{read_files, write_file};
 use super::*;
 use crate::rollout::Override;
+use crate::rollout::document::MAX_RINGS;
+use crate::source::{EtcdConfig, SourceKind};
 use std::collections::BTreeSet;
+use std::path::Path;
 
 fn doc(revision: u64, rings: &[(&str, &[&str])]) -> Document {
     let rings: Vec<String> = rings

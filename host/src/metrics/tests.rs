@@ -232,6 +232,78 @@ fn the_latency_histogram_is_cumulative() {
     );
 }
 
+/// The whole exposition, byte for byte, with the counters of every family
+/// distinct: how `render` is organised may change, its output may not
+/// (`render.expected` was recorded from the rendering as it was before it
+/// was folded into helpers).
+#[test]
+fn the_exposition_is_the_recorded_one_byte_for_byte() {
+    let m = Arc::new(Metrics::default());
+    for (i, h) in HandshakeOutcome::ALL.into_iter().enumerate() {
+        for _ in 0..=i {
+            m.handshake(h);
+        }
+    }
+    for ms in [5, 10, 11, 700, 29_000, 90_000] {
+        m.handshake_latency(Duration::from_millis(ms));
+    }
+    for (i, r) in REGISTRY.iter().enumerate() {
+        for _ in 0..=i % 3 {
+            m.error_sent(r.code);
+        }
+    }
+    m.error_sent(ErrorCode::Unknown(999));
+    for (i, r) in RefuseReason::ALL.into_iter().enumerate() {
+        for _ in 0..=i {
+            m.refused(r);
+        }
+    }
+    m.rewind(true);
+    m.rewind(false);
+    m.rewind(false);
+    m.session_rate_limited();
+    m.keys_released(3);
+    m.update_pushed();
+    m.update_pushed();
+    m.update_acked(true);
+    m.update_acked(false);
+    m.update_acked(false);
+    m.reload(true, 1_700_000_000);
+    m.reload(false, 0);
+    let _guard = m.established();
+    let all_on: Features = FEATURES
+        .iter()
+        .map(|(f, _)| (*f, FeatureState::Enabled))
+        .collect();
+    let ring = m.health.no_ring();
+    let mut gauge = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
+    let _other = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
+    let mut killed = all_on.clone();
+    killed.insert(feature::KEY_RELEASE, FeatureState::Disabled);
+    gauge.set(&ring, &killed);
+    m.rollout.update_sent();
+    for (i, label) in ROLLOUT_REFUSALS.iter().enumerate() {
+        for _ in 0..=i {
+            m.rollout.refused(label);
+        }
+    }
+    m.rollout.accepted(7, 100, 200);
+    m.rollout.source(true, Some(300));
+    m.rollout.feature(feature::KEY_RELEASE, true, Some(2));
+    m.rollout.feature(feature::KEY_ROTATION, false, Some(1));
+    ring.established();
+    ring.lost();
+    ring.request(crate::rollout::Feature::KeyRelease);
+    ring.refusal(
+        crate::rollout::Feature::KeyRelease,
+        ErrorCode::FeatureNotEnabled,
+    );
+    ring.error_sent(ErrorCode::UnknownMessage);
+    ring.error_received(ErrorCode::Timeout);
+    let t = render(&m, &usage(), 42);
+    assert_eq!(t, include_str!("render.expected"));
+}
+
 #[test]
 fn outcomes_follow_the_error_sent() {
     assert_eq!(

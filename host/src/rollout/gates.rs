@@ -5,7 +5,7 @@
 //!
 //! What it is: one pure function, [`evaluate`], from the plan's gates and
 //! the fleet's per-ring counters over the window (differences of health
-//! summaries, `crate::health::fleet_delta`) to a verdict with the figures
+//! summaries, `super::summary::fleet_delta`) to a verdict with the figures
 //! it was made from.
 //!
 //! The rules:
@@ -34,7 +34,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::plan::{Gate, Gates, Metric};
-use crate::health::RingSummary;
+use super::summary::RingSummary;
 
 /// The outcome of one evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -295,9 +295,9 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::health::FeatureSummary;
     use crate::rollout::Feature;
     use crate::rollout::plan::DEFAULT_EXPECTED_CODES;
+    use crate::rollout::summary::FeatureSummary;
 
     fn gates(list: Vec<Gate>) -> Gates {
         Gates {

@@ -11,13 +11,16 @@
 //! widen the set of VMs with a feature enabled must carry a signature
 //! from a trusted key, while one that provably narrows it need not.
 //! Operators' edits ([`edit`]) are pure functions from one document to
-//! the next; [`envelope`] signs and verifies. The only I/O is the small
+//! the next; [`envelope`] signs and verifies. What every live session
+//! reads of it is one value, the [`View`] ([`view`]), which the runtime of
+//! `serve` (`rollout_service`) publishes. The only I/O is the small
 //! crash-safe persistence file ([`persist`]) and reading key and override
 //! files.
 //!
 //! The rollout controller's core is here too: a plan ([`plan`]), its
-//! health gates ([`gates`]) and the state machine that walks the rings
-//! ([`controller`]); its driver is `rollout_run`.
+//! health gates ([`gates`]) over the fleet's health summaries
+//! ([`summary`], which `health` publishes) and the state machine that
+//! walks the rings ([`controller`]); its driver is `rollout_run`.
 //!
 //! What it trusts: host.toml's trusted keys and generally-available list,
 //! the local override file, and the file it persisted itself. Everything
@@ -38,7 +41,8 @@ pub mod local_override;
 pub mod persist;
 pub mod plan;
 pub mod resolve;
-pub mod service;
+pub mod summary;
+pub mod view;
 
 #[cfg(test)]
 mod proptests;
@@ -59,6 +63,7 @@ pub use resolve::{
     Explanation, FeatureExplanation, Membership, Placement, RingRow, VmFacts, bucket, explain,
     resolve, resolve_at, ring_of, ring_table, state_name,
 };
+pub use view::View;
 
 /// A short, escaped prefix of an untrusted string, safe to put in an
 /// error message that will be logged.

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use super::*;
-use crate::health::FeatureSummary;
+use crate::rollout::summary::FeatureSummary;
 
 const RINGS: [&str; 4] = ["canary", "1pct", "10pct", "all"];
 const F: Feature = Feature::KeyRelease;

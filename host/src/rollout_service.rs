@@ -7,7 +7,7 @@
 //! changes (`connection`).
 //!
 //! Rules (spec/ROLLOUT.md): a candidate document from the source is
-//! admitted or refused by [`super::admit`] against the accepted one;
+//! admitted or refused by [`crate::rollout::admit()`] against the accepted one;
 //! an admitted one is persisted in the node directory and published at
 //! once; a refused one, or a source that is down, changes nothing
 //! (fail-static: the last accepted document stays in force, and is
@@ -27,14 +27,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tokio::sync::watch;
-use vkx_common::wire::{FeatureState, Features, VmId};
 use vkx_common::{rl_info, rl_warn};
 
-use super::{
-    Accepted, Admitted, Document, DrillOverlay, Feature, Override, TrustedKey, TrustedKeys,
-    VmFacts, admit, resolve, ring_of,
-};
 use crate::metrics::Metrics;
+use crate::rollout::{
+    Accepted, Admitted, DrillOverlay, Feature, Override, TrustedKey, TrustedKeys, View, admit,
+};
 use crate::source::{
     EtcdConfig, FILE_POLL_INTERVAL, Health, SourceConfig, SourceCounters, SourceKind, SourceStatus,
 };
@@ -149,7 +147,7 @@ pub enum SettingsError {
     #[error("[rollout] node_name {node:?}: {reason}")]
     NodeName { node: String, reason: String },
     #[error("[rollout] trusted_key: {0}")]
-    TrustedKey(#[source] super::envelope::KeyError),
+    TrustedKey(#[source] crate::rollout::KeyError),
     #[error("[rollout] source: {0}")]
     Source(#[source] crate::source::SourceError),
     #[error("[rollout] {0}")]
@@ -168,11 +166,11 @@ pub enum RestoreError {
     #[error(
         "rollout state in {}: {source}; move {} aside to start from the source's document",
         .dir.display(),
-        .dir.join(super::ACCEPTED_FILE).display()
+        .dir.join(crate::rollout::ACCEPTED_FILE).display()
     )]
     Accepted {
         dir: PathBuf,
-        source: Box<super::PersistError>,
+        source: Box<crate::rollout::PersistError>,
     },
 }
 
@@ -193,9 +191,11 @@ impl Settings {
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "localhost".to_owned()),
         };
-        super::document::check_node_name(&node).map_err(|reason| SettingsError::NodeName {
-            node: node.clone(),
-            reason,
+        crate::rollout::document::check_node_name(&node).map_err(|reason| {
+            SettingsError::NodeName {
+                node: node.clone(),
+                reason,
+            }
         })?;
         let trusted =
             TrustedKeys::new(c.trusted_key.iter().cloned()).map_err(SettingsError::TrustedKey)?;
@@ -228,61 +228,6 @@ impl Settings {
             trusted,
             health,
         })
-    }
-}
-
-/// What every session reads: the accepted document, the local override,
-/// the generally-available features and this node's name.
-#[derive(Debug, Clone)]
-pub struct View {
-    pub accepted: Option<Arc<Accepted>>,
-    pub local: Override,
-    pub ga: Arc<BTreeSet<u16>>,
-    pub node: Arc<str>,
-    /// The live drill's overlay while it is in force (spec/ROLLOUT.md §14).
-    pub drill: Option<Arc<DrillOverlay>>,
-}
-
-impl View {
-    pub fn document(&self) -> Option<&Document> {
-        self.accepted.as_deref().map(Accepted::document)
-    }
-
-    fn facts(&self, vm: &VmId, image: Option<&str>) -> VmFacts {
-        VmFacts {
-            vm_id: vm.clone(),
-            image: image.map(str::to_owned),
-            node: self.node.to_string(),
-        }
-    }
-
-    /// The complete v1 feature map of `vm` (whose image the policy names):
-    /// the document's, narrowed by the live drill if one is in force.
-    pub fn features_for(&self, vm: &VmId, image: Option<&str>) -> Features {
-        let facts = self.facts(vm, image);
-        let doc = self.document();
-        let mut map = resolve(doc, &self.local, &self.ga, &facts);
-        if let (Some(o), Some(d)) = (&self.drill, doc) {
-            o.narrow(ring_of(d, &facts).map(|p| p.name).as_deref(), &mut map);
-        }
-        map
-    }
-
-    /// The live drill, if it is what takes a feature away from `vm` now
-    /// (the VM is in its ring, and the document alone enables it).
-    pub fn drill_narrows(&self, vm: &VmId, image: Option<&str>) -> Option<&DrillOverlay> {
-        let o = self.drill.as_deref()?;
-        let doc = self.document()?;
-        let facts = self.facts(vm, image);
-        let ring = ring_of(doc, &facts)?;
-        let base = resolve(Some(doc), &self.local, &self.ga, &facts);
-        (ring.name == o.ring() && base.get(&o.feature().id()) == Some(&FeatureState::Enabled))
-            .then_some(o)
-    }
-
-    /// The accepted revision (0: none).
-    pub fn revision(&self) -> u64 {
-        self.document().map_or(0, Document::revision)
     }
 }
 
@@ -360,12 +305,13 @@ impl Rollout {
                     source,
                 })?;
         }
-        let accepted = super::load(&settings.state_dir, &settings.trusted).map_err(|source| {
-            RestoreError::Accepted {
-                dir: settings.state_dir.clone(),
-                source: Box::new(source),
-            }
-        })?;
+        let accepted =
+            crate::rollout::load(&settings.state_dir, &settings.trusted).map_err(|source| {
+                RestoreError::Accepted {
+                    dir: settings.state_dir.clone(),
+                    source: Box::new(source),
+                }
+            })?;
         let (local, error) = read_override(&settings.override_file);
         if let Some(e) = error {
             rl_warn!(
@@ -521,7 +467,7 @@ impl Rollout {
                 // Bounded: a hung disk must not hold up the next document
                 // or the override file (the local kill).
                 let store = tokio::task::spawn_blocking(move || {
-                    super::store(&dir, &a).map_err(|e| e.to_string())
+                    crate::rollout::store(&dir, &a).map_err(|e| e.to_string())
                 });
                 let stored = match tokio::time::timeout(PERSIST_TIMEOUT, store).await {
                     Ok(Ok(r)) => r,
@@ -537,8 +483,12 @@ impl Rollout {
                     // widen is not: after a restart the host would not
                     // know it had accepted it (spec/ROLLOUT.md §9).
                     let old = current.as_deref().map(Accepted::document);
-                    if super::admit::first_widening(old, accepted.document(), &self.settings.ga)
-                        .is_some()
+                    if crate::rollout::admit::first_widening(
+                        old,
+                        accepted.document(),
+                        &self.settings.ga,
+                    )
+                    .is_some()
                     {
                         rl_warn!(
                             revision,
@@ -688,9 +638,9 @@ impl Rollout {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::rollout::{TrustedKey, kill, sign, unkill, unsigned};
+    use crate::rollout::{Document, TrustedKey, kill, sign, unkill, unsigned};
     use ring::signature::{Ed25519KeyPair, KeyPair as _};
-    use vkx_common::wire::{FeatureState, feature};
+    use vkx_common::wire::{FeatureState, VmId, feature};
 
     fn vm() -> VmId {
         VmId::new("vm-1").unwrap()
