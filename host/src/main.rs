@@ -288,7 +288,9 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::Evidence(cmd) => evidence(cmd),
         Command::Vsock(VsockCommand::ConnectCheck { socket, port }) => connect_check(&socket, port),
-        Command::Keys(cmd) => vkx_host::keys_cli::run(cmd).map(|()| true),
+        Command::Keys(cmd) => vkx_host::keys_cli::run(cmd)
+            .map(|()| true)
+            .map_err(anyhow::Error::from),
         Command::Rollout(cmd) => {
             match vkx_host::rollout_cli::run_code(cmd, &mut std::io::stdout().lock()) {
                 Ok(0) => Ok(true),
