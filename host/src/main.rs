@@ -296,7 +296,7 @@ fn main() -> ExitCode {
                 Ok(0) => Ok(true),
                 // `rollout run`'s outcomes (halted, paused, refused, ...).
                 Ok(code) => return ExitCode::from(code),
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
             }
         }
         Command::Derived(DerivedCommand::Get {

@@ -1,20 +1,61 @@
 //! `vkx-host rollout run`'s command: its arguments ([`RunArgs`]), the
 //! run on a current-thread runtime stopped by Ctrl-C, the timeline as it
 //! happens ([`timeline_line`]), the report (and `--report` JSON), the exit
-//! code.
+//! code. Its errors are a [`RunCliError`]; the run's own end (halted,
+//! paused, refused, ...) is an exit code, not an error.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use super::{
-    DEFAULT_LOCK_TTL_S, EXIT_REFUSED, MAX_LOCK_TTL_S, MIN_LOCK_TTL_S, RunOptions, exit_code, run,
+    DEFAULT_LOCK_TTL_S, EXIT_REFUSED, MAX_LOCK_TTL_S, MIN_LOCK_TTL_S, RunError, RunOptions,
+    exit_code, run,
 };
 use crate::rollout::controller::{RunEvent, RunEventKind};
 use crate::rollout::plan::Plan;
-use crate::rollout_node::{ConfigArgs, KeyArgs, Node, signer};
+use crate::rollout_node::{ConfigArgs, KeyArgs, Node, RolloutCliError, signer};
+
+/// Why `vkx-host rollout run` failed (exit 2); refusals are not errors
+/// but [`EXIT_REFUSED`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunCliError {
+    /// host.toml or the key could not be loaded.
+    #[error(transparent)]
+    Node(Box<RolloutCliError>),
+    /// No signing key given.
+    #[error("rollout run writes signed stages: pass --key and --key-id (a key host.toml trusts)")]
+    NoSigner,
+    /// `--lock-ttl-s` out of its bounds.
+    #[error("--lock-ttl-s: {MIN_LOCK_TTL_S} to {MAX_LOCK_TTL_S}")]
+    LockTtl,
+    /// The runtime could not be started.
+    #[error("start the runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The run failed (not a refusal).
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// `--report FILE` could not be written.
+    #[error("write {}", path.display())]
+    WriteReport {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The report could not be put as JSON.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// Writing the output failed.
+    #[error(transparent)]
+    Output(#[from] std::io::Error),
+}
+
+impl From<RolloutCliError> for RunCliError {
+    fn from(e: RolloutCliError) -> Self {
+        Self::Node(Box::new(e))
+    }
+}
 
 /// `vkx-host rollout run`'s arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,7 +82,7 @@ pub struct RunArgs {
 
 /// Runs the command; the exit code. Refusals are printed to stderr and
 /// give [`EXIT_REFUSED`]; other failures are errors (exit 2).
-pub fn cli(args: RunArgs, out: &mut dyn std::io::Write) -> anyhow::Result<u8> {
+pub fn cli(args: RunArgs, out: &mut dyn std::io::Write) -> Result<u8, RunCliError> {
     let plan = match Plan::load(&args.plan) {
         Ok(p) => p,
         Err(e) => {
@@ -50,11 +91,9 @@ pub fn cli(args: RunArgs, out: &mut dyn std::io::Write) -> anyhow::Result<u8> {
         }
     };
     let node = Node::load(&args.config.config)?;
-    let signer = signer(&args.key)?.context(
-        "rollout run writes signed stages: pass --key and --key-id (a key host.toml trusts)",
-    )?;
+    let signer = signer(&args.key)?.ok_or(RunCliError::NoSigner)?;
     if !(MIN_LOCK_TTL_S..=MAX_LOCK_TTL_S).contains(&args.lock_ttl_s) {
-        anyhow::bail!("--lock-ttl-s: {MIN_LOCK_TTL_S} to {MAX_LOCK_TTL_S}");
+        return Err(RunCliError::LockTtl);
     }
     let options = RunOptions {
         lock_ttl: Duration::from_secs(args.lock_ttl_s),
@@ -64,7 +103,7 @@ pub fn cli(args: RunArgs, out: &mut dyn std::io::Write) -> anyhow::Result<u8> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("start the runtime")?;
+        .map_err(RunCliError::Runtime)?;
     let (tx, mut rx) = mpsc::channel::<RunEvent>(64);
     let started = SystemTime::now();
     let result = rt.block_on(async {
@@ -97,8 +136,12 @@ pub fn cli(args: RunArgs, out: &mut dyn std::io::Write) -> anyhow::Result<u8> {
             write!(out, "{report}")?;
             if let Some(path) = &args.report {
                 let json = serde_json::json!({ "report": report, "events": events });
-                std::fs::write(path, serde_json::to_vec_pretty(&json)?)
-                    .with_context(|| format!("write {}", path.display()))?;
+                std::fs::write(path, serde_json::to_vec_pretty(&json)?).map_err(|source| {
+                    RunCliError::WriteReport {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
             }
             Ok(exit_code(report.outcome))
         }

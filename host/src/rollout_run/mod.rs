@@ -68,7 +68,7 @@ use crate::rollout::{Accepted, sign, unsigned};
 use crate::rollout_node::{check, expected};
 use crate::source::{self, SourceConfig, SourceError, Version};
 
-pub use self::cli::{RunArgs, cli, timeline_line};
+pub use self::cli::{RunArgs, RunCliError, cli, timeline_line};
 use self::store::Store;
 
 /// Consecutive malformed documents before the run gives up (the progress
