@@ -8,7 +8,7 @@
 //! checked against the admission rules first, as `rollout set-stage` and
 //! `rollout kill` do), read every node's health summary, save the
 //! progress, sleep. [`run`] is the library entry (the drill calls it with
-//! an event channel); [`cli`] is the command.
+//! an event channel); [`cli()`] is the command.
 //!
 //! The lock and the progress record live in the store:
 //! - etcd: the lock is the key `<dir>/controller/<feature>` (`<dir>`: the
@@ -44,8 +44,8 @@
 //! (the source's timeout), the sizes of what it reads (the source's and
 //! the record's limits).
 //!
-//! Where: [`cli`] the command, this file the driver, `store` the lock and
-//! record of either store, `etcd` and `file` the two stores.
+//! Where: `cli.rs` the command, this file the driver, `store.rs` the lock
+//! and record of either store, `etcd.rs` and `file.rs` the two stores.
 
 mod cli;
 mod etcd;

@@ -56,9 +56,10 @@
 //! What it trusts and bounds: see [`super`]; every phase has a limit
 //! (the controller's run: [`walk::RUN_LIMIT`]).
 //!
-//! One scenario per file ([`kill_under_load`], [`walk`]: `clean` and
-//! `seed-incident`, [`etcd_loss`]), the harness they share in [`harness`]
-//! ([`Drill`], [`FleetState`]); `live` is `super::rehearse_live`.
+//! One scenario per file (`kill_under_load.rs`; `walk.rs`: `clean` and
+//! `seed-incident`; `etcd_loss.rs`), the harness they share in
+//! `harness.rs` ([`Drill`], [`FleetState`]); `live` is
+//! `super::rehearse_live`.
 
 mod etcd_loss;
 mod harness;
