@@ -30,19 +30,65 @@
 //! authenticated version as current: once for a store written before
 //! records existed, or to adopt a version written without one; it prints
 //! the version and its creation time for the operator to check. Errors end
-//! the command with a message and a non-zero exit status (the binary's).
+//! the command with a message and a non-zero exit status (the binary's);
+//! they are a [`KeysCliError`], split by cause.
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
 use vkx_common::wire::{KeyMaterial, MAX_KEY_MATERIAL};
 use zeroize::Zeroizing;
 
 use crate::keystore::{
     AllowList, DEFAULT_GENERATED_LEN, DEFAULT_STORE_DIR, DirKeyStore, KeyInfo, KeyStore,
-    SealChange, Sealed, validate_key_name,
+    KeyStoreError, SealChange, Sealed, validate_key_name,
 };
+use crate::node::NodeError;
+
+/// Why a `keys` command failed. The messages are the operator's; none
+/// holds material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeysCliError {
+    /// Misuse: both material sources given.
+    #[error("give either --from-file or --from-stdin, not both")]
+    BothSources,
+    /// Misuse: `add` without a material source.
+    #[error("give the material with --from-file FILE or --from-stdin")]
+    NoSource,
+    /// The material file could not be opened.
+    #[error("open key material file {}", path.display())]
+    OpenMaterial { path: PathBuf, source: io::Error },
+    /// The material could not be read.
+    #[error("read key material from {what}")]
+    ReadMaterial { what: String, source: io::Error },
+    /// The material given is empty.
+    #[error("{what} is empty: a key has 1..={MAX_KEY_MATERIAL} bytes")]
+    EmptyMaterial { what: String },
+    /// The material given is over [`MAX_KEY_MATERIAL`] bytes.
+    #[error(
+        "{what} holds more than {MAX_KEY_MATERIAL} bytes: not a key (a key has 1..={MAX_KEY_MATERIAL} bytes)"
+    )]
+    MaterialTooLong { what: String },
+    /// The node's master key could not be loaded.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// The store refused (a name, an allow-list, a key) or failed.
+    #[error(transparent)]
+    Store(#[from] KeyStoreError),
+    /// `verify`: some versions did not authenticate (each is printed).
+    #[error("{failed} of {total} key versions failed verification")]
+    VerifyFailed { failed: usize, total: usize },
+    /// `seal`: some keys could not be sealed (each is printed).
+    #[error("{failed} of {total} keys could not be sealed")]
+    SealFailed { failed: usize, total: usize },
+    /// Writing the results failed.
+    #[error(transparent)]
+    Output(#[from] io::Error),
+    /// Writing `list --json` failed.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
 
 /// Where the store is.
 #[derive(Debug, Clone, clap::Args)]
@@ -168,7 +214,7 @@ pub enum KeysCommand {
 
 /// Runs a `keys` command, printing its results on standard output and
 /// warnings on standard error.
-pub fn run(cmd: KeysCommand) -> anyhow::Result<()> {
+pub fn run(cmd: KeysCommand) -> Result<(), KeysCliError> {
     let mut out = io::stdout().lock();
     let mut err = io::stderr().lock();
     execute(cmd, &mut io::stdin(), &mut out, &mut err)
@@ -179,7 +225,7 @@ fn execute(
     stdin: &mut dyn Read,
     out: &mut dyn Write,
     err: &mut dyn Write,
-) -> anyhow::Result<()> {
+) -> Result<(), KeysCliError> {
     match cmd {
         KeysCommand::Add {
             store,
@@ -192,7 +238,7 @@ fn execute(
             let allow = AllowList::new(&allow.allow_vm, &allow.allow_image)?;
             let store = open(&store)?;
             let material = read_source(from_file.as_deref(), from_stdin, stdin)?
-                .context("give the material with --from-file FILE or --from-stdin")?;
+                .ok_or(KeysCliError::NoSource)?;
             let info = store.add(&name, &material, &allow)?;
             drop(material);
             warn_if_never_released(&allow, err)?;
@@ -263,10 +309,10 @@ fn execute(
                 }
             }
             if failed > 0 {
-                bail!(
-                    "{failed} of {} key versions failed verification",
-                    checks.len()
-                );
+                return Err(KeysCliError::VerifyFailed {
+                    failed,
+                    total: checks.len(),
+                });
             }
             writeln!(out, "{} key versions verified", checks.len())?;
         }
@@ -299,7 +345,10 @@ fn execute(
                 }
             }
             if failed > 0 {
-                bail!("{failed} of {} keys could not be sealed", names.len());
+                return Err(KeysCliError::SealFailed {
+                    failed,
+                    total: names.len(),
+                });
             }
             if names.is_empty() {
                 writeln!(out, "no keys in {}", store.dir().display())?;
@@ -342,7 +391,7 @@ fn print_sealed(sealed: &Sealed, out: &mut dyn Write) -> io::Result<()> {
 }
 
 /// Opens the store with the node's master key.
-fn open(args: &StoreArgs) -> anyhow::Result<DirKeyStore> {
+fn open(args: &StoreArgs) -> Result<DirKeyStore, KeysCliError> {
     let master = crate::node::load_master_key(&args.node_dir)?;
     let dir = args
         .store
@@ -356,12 +405,14 @@ fn read_source(
     file: Option<&Path>,
     from_stdin: bool,
     stdin: &mut dyn Read,
-) -> anyhow::Result<Option<KeyMaterial>> {
+) -> Result<Option<KeyMaterial>, KeysCliError> {
     match (file, from_stdin) {
-        (Some(_), true) => bail!("give either --from-file or --from-stdin, not both"),
+        (Some(_), true) => Err(KeysCliError::BothSources),
         (Some(path), false) => {
-            let mut f = std::fs::File::open(path)
-                .with_context(|| format!("open key material file {}", path.display()))?;
+            let mut f = std::fs::File::open(path).map_err(|source| KeysCliError::OpenMaterial {
+                path: path.to_path_buf(),
+                source,
+            })?;
             read_material(&mut f, &path.display().to_string()).map(Some)
         }
         (None, true) => read_material(stdin, "standard input").map(Some),
@@ -371,7 +422,7 @@ fn read_source(
 
 /// Reads 1..=[`MAX_KEY_MATERIAL`] bytes into a zeroizing buffer; reads no
 /// more than one byte past the limit.
-fn read_material(source: &mut dyn Read, what: &str) -> anyhow::Result<KeyMaterial> {
+fn read_material(source: &mut dyn Read, what: &str) -> Result<KeyMaterial, KeysCliError> {
     // Allocated once at its full size: growing it would leave copies of
     // the material in freed memory.
     let mut buf = Zeroizing::new(vec![0u8; MAX_KEY_MATERIAL + 1]);
@@ -381,16 +432,23 @@ fn read_material(source: &mut dyn Read, what: &str) -> anyhow::Result<KeyMateria
             Ok(0) => break,
             Ok(n) => len += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).with_context(|| format!("read key material from {what}")),
+            Err(source) => {
+                return Err(KeysCliError::ReadMaterial {
+                    what: what.to_owned(),
+                    source,
+                });
+            }
         }
     }
     if len == 0 {
-        bail!("{what} is empty: a key has 1..={MAX_KEY_MATERIAL} bytes");
+        return Err(KeysCliError::EmptyMaterial {
+            what: what.to_owned(),
+        });
     }
     if len > MAX_KEY_MATERIAL {
-        bail!(
-            "{what} holds more than {MAX_KEY_MATERIAL} bytes: not a key (a key has 1..={MAX_KEY_MATERIAL} bytes)"
-        );
+        return Err(KeysCliError::MaterialTooLong {
+            what: what.to_owned(),
+        });
     }
     buf.truncate(len);
     // Moves the buffer into the zeroizing KeyMaterial, no copy.
@@ -464,7 +522,7 @@ fn print_table(keys: &[KeyInfo], out: &mut dyn Write) -> io::Result<()> {
     Ok(())
 }
 
-fn print_json(keys: &[KeyInfo], out: &mut dyn Write) -> anyhow::Result<()> {
+fn print_json(keys: &[KeyInfo], out: &mut dyn Write) -> Result<(), KeysCliError> {
     let doc: Vec<serde_json::Value> = keys
         .iter()
         .map(|k| {
@@ -527,7 +585,7 @@ mod tests {
         }
     }
 
-    fn exec(cmd: KeysCommand, stdin: &[u8]) -> (anyhow::Result<()>, String, String) {
+    fn exec(cmd: KeysCommand, stdin: &[u8]) -> (Result<(), KeysCliError>, String, String) {
         let mut out = Vec::new();
         let mut err = Vec::new();
         let r = execute(cmd, &mut &stdin[..], &mut out, &mut err);

@@ -288,13 +288,15 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::Evidence(cmd) => evidence(cmd),
         Command::Vsock(VsockCommand::ConnectCheck { socket, port }) => connect_check(&socket, port),
-        Command::Keys(cmd) => vkx_host::keys_cli::run(cmd).map(|()| true),
+        Command::Keys(cmd) => vkx_host::keys_cli::run(cmd)
+            .map(|()| true)
+            .map_err(anyhow::Error::from),
         Command::Rollout(cmd) => {
             match vkx_host::rollout_cli::run_code(cmd, &mut std::io::stdout().lock()) {
                 Ok(0) => Ok(true),
                 // `rollout run`'s outcomes (halted, paused, refused, ...).
                 Ok(code) => return ExitCode::from(code),
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
             }
         }
         Command::Derived(DerivedCommand::Get {

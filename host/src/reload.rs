@@ -66,6 +66,19 @@ pub enum ReloadError {
     CidMap(#[from] VsockConfigError),
 }
 
+/// Why [`Source::new`] could not make a source: the host.toml `serve`
+/// started from does not parse as TOML (`serve` checked it already, so
+/// only a caller handing in other text sees this).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    #[error("{}: {reason}", path.display())]
+    HostToml {
+        path: PathBuf,
+        reason: toml::de::Error,
+    },
+}
+
 /// A reload that passed every check.
 #[derive(Debug)]
 pub struct Loaded {
@@ -91,9 +104,16 @@ pub struct Source {
 
 impl Source {
     /// The source for a `serve` started from `text`, read at `host_toml`.
-    pub fn new(host_toml: PathBuf, text: &str, config: &ServeConfig) -> anyhow::Result<Self> {
-        let table: toml::Table =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", host_toml.display()))?;
+    pub fn new(host_toml: PathBuf, text: &str, config: &ServeConfig) -> Result<Self, SourceError> {
+        let table: toml::Table = match toml::from_str(text) {
+            Ok(t) => t,
+            Err(reason) => {
+                return Err(SourceError::HostToml {
+                    path: host_toml,
+                    reason,
+                });
+            }
+        };
         Ok(Self {
             host_toml,
             policy: config.policy.clone(),

@@ -31,15 +31,14 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
-
 use crate::rollout::edit::MAX_EDIT_ATTEMPTS;
 use crate::rollout::envelope::Envelope;
 use crate::rollout::{
     Accepted, Document, Feature, Override, VmFacts, explain, ring_table, sign, state_name, unsigned,
 };
 use crate::rollout_node::{
-    ConfigArgs, KeyArgs, Node, Signer, check, describe, expected, explain_source_error, signer,
+    ConfigArgs, KeyArgs, Node, RolloutCliError, Signer, check, describe, expected,
+    explain_source_error, signer,
 };
 use crate::source::{self, SourceConfig, SourceError, Version};
 
@@ -122,32 +121,56 @@ pub enum RolloutCommand {
     Run(crate::rollout_run::RunArgs),
 }
 
+/// Why `vkx-host rollout ...` failed: one of [`run`]'s commands, or the
+/// controller's `rollout run` (whose own errors name the node's).
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Command(Box<RolloutCliError>),
+    #[error(transparent)]
+    Run(Box<crate::rollout_run::RunCliError>),
+}
+
+impl From<RolloutCliError> for RolloutError {
+    fn from(e: RolloutCliError) -> Self {
+        Self::Command(Box::new(e))
+    }
+}
+
+impl From<crate::rollout_run::RunCliError> for RolloutError {
+    fn from(e: crate::rollout_run::RunCliError) -> Self {
+        Self::Run(Box::new(e))
+    }
+}
+
 /// Runs one command; its exit code (0 but for `run`, see
 /// `rollout_run::cli`).
-pub fn run_code(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<u8> {
+pub fn run_code(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> Result<u8, RolloutError> {
     match cmd {
-        RolloutCommand::Run(args) => crate::rollout_run::cli(args, out),
-        cmd => run(cmd, out).map(|()| 0),
+        RolloutCommand::Run(args) => Ok(crate::rollout_run::cli(args, out)?),
+        cmd => Ok(run(cmd, out).map(|()| 0)?),
     }
 }
 
 /// Runs one command; what it prints goes to `out`.
-pub fn run(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+pub fn run(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> Result<(), RolloutCliError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("start the runtime")?;
+        .map_err(RolloutCliError::Runtime)?;
     rt.block_on(run_async(cmd, out))
 }
 
-async fn run_async(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+async fn run_async(
+    cmd: RolloutCommand,
+    out: &mut dyn std::io::Write,
+) -> Result<(), RolloutCliError> {
     match cmd {
-        RolloutCommand::Run(_) => bail!("rollout run goes through run_code"),
+        RolloutCommand::Run(_) => Err(RolloutCliError::RunNotHere),
         RolloutCommand::Show(c) => show(&Node::load(&c.config)?, out).await,
         RolloutCommand::Explain { config, vm } => {
             let node = Node::load(&config.config)?;
-            let vm_id =
-                vkx_common::wire::VmId::new(&vm).map_err(|e| anyhow::anyhow!("--vm: {e}"))?;
+            let vm_id = vkx_common::wire::VmId::new(&vm).map_err(RolloutCliError::VmId)?;
             let accepted = node.accepted()?;
             let local = node.local();
             let image = crate::policy::Policy::load(&node.config.policy)
@@ -236,7 +259,7 @@ async fn run_async(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow:
             let (current, version) = node.current(source).await?;
             check(&bytes, current.as_ref(), &node.settings)?;
             write_checked(source, &bytes, version).await?;
-            let doc = Envelope::parse(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let doc = Envelope::parse(&bytes).map_err(RolloutCliError::Document)?;
             writeln!(
                 out,
                 "pushed revision {} to {}",
@@ -246,18 +269,27 @@ async fn run_async(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow:
             Ok(())
         }
         RolloutCommand::Sign { key, file, out: to } => {
-            let (pair, id) = signer(&key)?.context("sign needs --key and --key-id")?;
+            let (pair, id) = signer(&key)?.ok_or(RolloutCliError::SignNeedsKey)?;
             let bytes = read_bounded(&file)?;
             // A bare document, or an envelope whose document is re-signed.
             let doc = match Envelope::parse(&bytes) {
                 Ok(e) => e.document,
-                Err(_) => Document::parse(&bytes)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
+                Err(_) => {
+                    Document::parse(&bytes).map_err(|reason| RolloutCliError::DocumentFile {
+                        path: file.clone(),
+                        reason,
+                    })?
+                }
             };
-            let envelope = sign(&doc, &pair, &id).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let envelope = sign(&doc, &pair, &id).map_err(RolloutCliError::Key)?;
             match to {
-                Some(p) => std::fs::write(&p, &envelope)
-                    .with_context(|| format!("write {}", p.display()))?,
+                Some(p) => {
+                    std::fs::write(&p, &envelope).map_err(|source| RolloutCliError::File {
+                        what: "write",
+                        path: p.clone(),
+                        source,
+                    })?
+                }
                 None => {
                     out.write_all(&envelope)?;
                     writeln!(out)?;
@@ -266,8 +298,8 @@ async fn run_async(cmd: RolloutCommand, out: &mut dyn std::io::Write) -> anyhow:
             Ok(())
         }
         RolloutCommand::Keygen { out: path, key_id } => {
-            let (pkcs8, public) = crate::rollout::keygen().map_err(|e| anyhow::anyhow!("{e}"))?;
-            crate::rollout::write_signing_key(&path, &pkcs8).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (pkcs8, public) = crate::rollout::keygen().map_err(RolloutCliError::Key)?;
+            crate::rollout::write_signing_key(&path, &pkcs8).map_err(RolloutCliError::Key)?;
             writeln!(
                 out,
                 "signing key written to {} (mode 0600; keep it offline).\n\
@@ -294,7 +326,7 @@ async fn edit(
     node: &Node,
     signer: Signer,
     change: impl Fn(Option<&Document>, u64) -> Result<Document, crate::rollout::EditError>,
-) -> anyhow::Result<u64> {
+) -> Result<u64, RolloutCliError> {
     let source = node.source()?;
     let local = node.accepted().ok().flatten();
     for _ in 0..MAX_EDIT_ATTEMPTS {
@@ -306,10 +338,9 @@ async fn edit(
             (Some(c), _) => Some(c),
             (None, l) => l.as_ref(),
         };
-        let next =
-            change(base.map(Accepted::document), now()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let next = change(base.map(Accepted::document), now()).map_err(RolloutCliError::Edit)?;
         let bytes = match &signer {
-            Some((pair, id)) => sign(&next, pair, id).map_err(|e| anyhow::anyhow!("{e}"))?,
+            Some((pair, id)) => sign(&next, pair, id).map_err(RolloutCliError::Key)?,
             None => unsigned(&next),
         };
         check(&bytes, base, &node.settings)?;
@@ -319,14 +350,14 @@ async fn edit(
             Err(e) => return Err(explain_source_error(e)),
         }
     }
-    bail!("the document kept changing under this edit ({MAX_EDIT_ATTEMPTS} attempts); run it again")
+    Err(RolloutCliError::KeptChanging)
 }
 
 async fn write_checked(
     source: &SourceConfig,
     bytes: &[u8],
     version: Version,
-) -> anyhow::Result<()> {
+) -> Result<(), RolloutCliError> {
     source::write_if(source, bytes, expected(version))
         .await
         .map(|_| ())
@@ -340,13 +371,11 @@ fn edit_override(
     feature: Feature,
     kill: bool,
     out: &mut dyn std::io::Write,
-) -> anyhow::Result<()> {
+) -> Result<(), RolloutCliError> {
     let path = &node.settings.override_file;
-    let current = Override::read(path).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}; fix or remove {} first (until then every feature is killed on this node)",
-            path.display()
-        )
+    let current = Override::read(path).map_err(|reason| RolloutCliError::Override {
+        path: path.clone(),
+        reason,
     })?;
     let mut killed: BTreeSet<Feature> = current.killed().collect();
     if kill {
@@ -362,7 +391,11 @@ fn edit_override(
         list.join(", ")
     );
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| RolloutCliError::File {
+            what: "create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
     write_atomic(path, text.as_bytes())?;
     writeln!(
@@ -374,35 +407,45 @@ fn edit_override(
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RolloutCliError> {
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    let mut f = std::fs::File::create(&tmp).map_err(|source| RolloutCliError::File {
+        what: "create",
+        path: tmp.clone(),
+        source,
+    })?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    std::fs::rename(&tmp, path).map_err(|source| RolloutCliError::File {
+        what: "rename to",
+        path: path.to_path_buf(),
+        source,
+    })?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
 }
 
-fn read_bounded(path: &Path) -> anyhow::Result<Vec<u8>> {
+fn read_bounded(path: &Path) -> Result<Vec<u8>, RolloutCliError> {
     use std::io::Read as _;
-    let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let f = std::fs::File::open(path).map_err(|source| RolloutCliError::File {
+        what: "open",
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut bytes = Vec::new();
     let limit = u64::try_from(source::MAX_SOURCE_BYTES + 1).unwrap_or(u64::MAX);
     f.take(limit).read_to_end(&mut bytes)?;
     if bytes.len() > source::MAX_SOURCE_BYTES {
-        bail!(
-            "{} is over {} bytes",
-            path.display(),
-            source::MAX_SOURCE_BYTES
-        );
+        return Err(RolloutCliError::TooLarge {
+            path: path.to_path_buf(),
+        });
     }
     Ok(bytes)
 }
 
-async fn show(node: &Node, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+async fn show(node: &Node, out: &mut dyn std::io::Write) -> Result<(), RolloutCliError> {
     let s = &node.settings;
     let accepted = node.accepted()?;
     let local = node.local();

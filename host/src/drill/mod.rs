@@ -32,11 +32,18 @@
 //! confined to the sandbox: keys from a per-sandbox random seed, enrolled
 //! only in the sandbox's own registries; the scenarios take no node
 //! directory or registry argument.
+//!
+//! Its errors are `anyhow`, on purpose: the drill is an operator's
+//! harness (~5,000 lines), and its failures (a process that would not
+//! start, a wait past its limit, a CLI step that said no) end the drill
+//! with one message for the operator; no caller matches on their cause,
+//! so a typed error would only restate each message. The library modules
+//! it drives (`rollout_run`, `rollout_node`, `source`, ...) keep their
+//! typed errors, which it wraps with context.
 
 pub mod fleet;
 pub mod live;
 pub mod picture;
-mod rehearse_live;
 pub mod sandbox;
 pub mod scenario;
 pub mod softtpm;

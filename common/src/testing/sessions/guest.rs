@@ -3,7 +3,6 @@
 
 #![allow(clippy::expect_used)] // Test support: a panic is the failure report.
 
-use super::host::key;
 use super::*;
 
 /// Every payload each side sends in one scripted session between a real

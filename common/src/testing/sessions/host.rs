@@ -44,14 +44,6 @@ fn hello(min: u16, max: u16) -> Vec<u8> {
     .to_vec()
 }
 
-pub(super) fn three(v: u8) -> FeatureState {
-    [
-        FeatureState::Enabled,
-        FeatureState::Disabled,
-        FeatureState::NotYet,
-    ][usize::from(v % 3)]
-}
-
 /// The host session driven by arbitrary guest payloads, timer expiries and
 /// driver answers: the host's whole guest-facing state machine.
 pub fn check_host_session(data: &[u8]) {
@@ -178,13 +170,5 @@ pub fn check_host_session(data: &[u8]) {
             matches!(host, Host::Closed),
             "open session without a deadline"
         );
-    }
-}
-
-pub(super) fn key(name: &str) -> ReleasedKey {
-    ReleasedKey {
-        name: KeyName::new(name).expect("valid"),
-        version: 1,
-        material: KeyMaterial::new(vec![1; 32]),
     }
 }

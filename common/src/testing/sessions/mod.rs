@@ -293,6 +293,24 @@ fn check_retry(reason: &CloseReason, now: Instant) {
     }
 }
 
+/// A feature state from a fuzzer byte.
+fn three(v: u8) -> FeatureState {
+    [
+        FeatureState::Enabled,
+        FeatureState::Disabled,
+        FeatureState::NotYet,
+    ][usize::from(v % 3)]
+}
+
+/// A released key of `name`, version 1.
+fn key(name: &str) -> ReleasedKey {
+    ReleasedKey {
+        name: KeyName::new(name).expect("valid"),
+        version: 1,
+        material: KeyMaterial::new(vec![1; 32]),
+    }
+}
+
 mod guest;
 mod host;
 mod pair;

@@ -3,7 +3,6 @@
 
 #![allow(clippy::expect_used)] // Test support: a panic is the failure report.
 
-use super::host::{key, three};
 use super::*;
 
 #[derive(Debug, Arbitrary)]

@@ -97,12 +97,13 @@ impl PcrBankSelection {
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "pcr-bank-selection")?;
         let hash_alg = HashAlg::read(f.required(0, "hash-alg")?)?;
-        let r = f.required(1, "pcrs")?;
-        let n = r.array("pcrs", 1, MAX_PCRS_PER_BANK)?;
-        let mut pcrs = Vec::with_capacity(n);
-        for _ in 0..n {
-            pcrs.push(read_pcr_index(r)?);
-        }
+        let pcrs = read_array(
+            f.required(1, "pcrs")?,
+            "pcrs",
+            1,
+            MAX_PCRS_PER_BANK,
+            read_pcr_index,
+        )?;
         f.finish()?;
         Ok(Self { hash_alg, pcrs })
     }
@@ -112,10 +113,7 @@ impl PcrBankSelection {
         w.uint(0);
         w.uint(self.hash_alg.tpm_alg_id().into());
         w.uint(1);
-        w.array(self.pcrs.len());
-        for p in &self.pcrs {
-            w.uint((*p).into());
-        }
+        write_array(w, &self.pcrs, |w, p| w.uint((*p).into()));
     }
 
     fn validate(&self) -> Result<(), DecodeError> {
@@ -206,12 +204,13 @@ impl Body for Challenge {
             Some(r) => Some(read_u32(r, "cid", MIN_GUEST_CID, MAX_GUEST_CID)?),
             None => None,
         };
-        let r = f.required(4, "pcr-selection")?;
-        let n = r.array("pcr-selection", 1, MAX_PCR_BANKS)?;
-        let mut pcr_selection = Vec::with_capacity(n);
-        for _ in 0..n {
-            pcr_selection.push(PcrBankSelection::read(r)?);
-        }
+        let pcr_selection = read_array(
+            f.required(4, "pcr-selection")?,
+            "pcr-selection",
+            1,
+            MAX_PCR_BANKS,
+            PcrBankSelection::read,
+        )?;
         let features = read_features(f.required(5, "features")?)?;
         f.finish()?;
         Ok(Self {
@@ -237,10 +236,7 @@ impl Body for Challenge {
             w.uint(cid.into());
         }
         w.uint(4);
-        w.array(self.pcr_selection.len());
-        for bank in &self.pcr_selection {
-            bank.write(w);
-        }
+        write_array(w, &self.pcr_selection, |w, bank| bank.write(w));
         w.uint(5);
         write_features(w, &self.features);
     }
@@ -375,12 +371,13 @@ impl Body for Evidence {
             Some(r) => Some(r.bytes("ak-cert", 1, MAX_AK_CERT)?.to_vec()),
             None => None,
         };
-        let r = f.required(4, "pcr-values")?;
-        let n = r.array("pcr-values", 1, MAX_PCR_BANKS)?;
-        let mut pcr_values = Vec::with_capacity(n);
-        for _ in 0..n {
-            pcr_values.push(PcrBankValues::read(r)?);
-        }
+        let pcr_values = read_array(
+            f.required(4, "pcr-values")?,
+            "pcr-values",
+            1,
+            MAX_PCR_BANKS,
+            PcrBankValues::read,
+        )?;
         f.finish()?;
         Ok(Self {
             tpm_attest,
@@ -404,10 +401,7 @@ impl Body for Evidence {
             w.bytes(cert);
         }
         w.uint(4);
-        w.array(self.pcr_values.len());
-        for bank in &self.pcr_values {
-            bank.write(w);
-        }
+        write_array(w, &self.pcr_values, |w, bank| bank.write(w));
     }
 
     fn validate(&self) -> Result<(), DecodeError> {

@@ -75,12 +75,7 @@ pub struct KeyRequest {
 }
 
 pub(super) fn read_key_names(r: &mut Reader<'_>) -> Result<Vec<KeyName>, DecodeError> {
-    let n = r.array("key-names", 1, MAX_KEYS_PER_REQUEST)?;
-    let mut names = Vec::with_capacity(n);
-    for _ in 0..n {
-        names.push(KeyName::read(r)?);
-    }
-    Ok(names)
+    read_array(r, "key-names", 1, MAX_KEYS_PER_REQUEST, KeyName::read)
 }
 
 impl Body for KeyRequest {
@@ -94,10 +89,7 @@ impl Body for KeyRequest {
     fn write(&self, w: &mut Writer) {
         w.map(1);
         w.uint(0);
-        w.array(self.names.len());
-        for n in &self.names {
-            w.text(n.as_str());
-        }
+        write_array(w, &self.names, |w, n| w.text(n.as_str()));
     }
 
     fn validate(&self) -> Result<(), DecodeError> {
@@ -222,18 +214,20 @@ pub struct KeyRelease {
 impl Body for KeyRelease {
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let mut f = Fields::open(r, "key-release")?;
-        let r0 = f.required(0, "released")?;
-        let n = r0.array("released", 0, MAX_KEYS_PER_REQUEST)?;
-        let mut released = Vec::with_capacity(n);
-        for _ in 0..n {
-            released.push(ReleasedKey::read(r0)?);
-        }
-        let r1 = f.required(1, "refused")?;
-        let n = r1.array("refused", 0, MAX_KEYS_PER_REQUEST)?;
-        let mut refused = Vec::with_capacity(n);
-        for _ in 0..n {
-            refused.push(KeyRefusal::read(r1)?);
-        }
+        let released = read_array(
+            f.required(0, "released")?,
+            "released",
+            0,
+            MAX_KEYS_PER_REQUEST,
+            ReleasedKey::read,
+        )?;
+        let refused = read_array(
+            f.required(1, "refused")?,
+            "refused",
+            0,
+            MAX_KEYS_PER_REQUEST,
+            KeyRefusal::read,
+        )?;
         f.finish()?;
         Ok(Self { released, refused })
     }
@@ -241,15 +235,9 @@ impl Body for KeyRelease {
     fn write(&self, w: &mut Writer) {
         w.map(2);
         w.uint(0);
-        w.array(self.released.len());
-        for k in &self.released {
-            k.write(w);
-        }
+        write_array(w, &self.released, |w, k| k.write(w));
         w.uint(1);
-        w.array(self.refused.len());
-        for k in &self.refused {
-            k.write(w);
-        }
+        write_array(w, &self.refused, |w, k| k.write(w));
     }
 
     fn validate(&self) -> Result<(), DecodeError> {

@@ -394,6 +394,31 @@ pub(super) fn entries(required: usize, optional: &[bool]) -> usize {
     required + optional.iter().filter(|p| **p).count()
 }
 
+/// Reads an array of `min..=max` items named `field`, each with `item`.
+/// The count is checked ([`Reader::array`]) before anything is allocated.
+pub(super) fn read_array<T>(
+    r: &mut Reader<'_>,
+    field: &'static str,
+    min: usize,
+    max: usize,
+    mut item: impl FnMut(&mut Reader<'_>) -> Result<T, DecodeError>,
+) -> Result<Vec<T>, DecodeError> {
+    let n = r.array(field, min, max)?;
+    let mut items = Vec::with_capacity(n);
+    for _ in 0..n {
+        items.push(item(r)?);
+    }
+    Ok(items)
+}
+
+/// Writes `items` as an array, each with `item`.
+pub(super) fn write_array<T>(w: &mut Writer, items: &[T], mut item: impl FnMut(&mut Writer, &T)) {
+    w.array(items.len());
+    for x in items {
+        item(w, x);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

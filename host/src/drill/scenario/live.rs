@@ -1,4 +1,4 @@
-//! The `live` scenario: `vkx-host drill --live` ([`super::live`])
+//! The `live` scenario: `vkx-host drill --live` ([`crate::drill::live`])
 //! rehearsed in the sandbox, as an operator runs it against a fleet, and
 //! checked from the guests' side, which the live drill cannot see:
 //!
@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use vkx_common::wire::FeatureState;
 
-use super::DrillArgs;
-use super::fleet::{Build, GuestPlan, Workload};
-use super::sandbox::{Sandbox, Spec};
-use super::scenario::{
+use super::{
     ATTACH_LIMIT, Drill, FEATURE, FleetState, POLL, SETTLE_LIMIT, Size, ensure_attached,
     ring_guests,
 };
-use super::timeline::Timeline;
+use crate::drill::DrillArgs;
+use crate::drill::fleet::{Build, GuestPlan, Workload};
+use crate::drill::sandbox::{Sandbox, Spec};
+use crate::drill::timeline::Timeline;
 
 /// The ring the rehearsal narrows.
 const RING: &str = "10pct";
