@@ -19,7 +19,7 @@ pub mod rollout;
 pub mod softtpm;
 pub mod swtpm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 /// Path of a workspace binary (`vkx-host`, `vkx-guest`) of this test
@@ -43,7 +43,7 @@ pub fn bin(name: &str) -> PathBuf {
     let built = std::fs::metadata(&path)
         .and_then(|m| m.modified())
         .unwrap_or_else(|e| panic!("{}: {e}; build the agents first: {build}", path.display()));
-    if let Some(newer) = newer_source(name, built) {
+    if let Some(newer) = newer_source(&path, name, built) {
         panic!(
             "{} is older than {}; build the agents first: {build}",
             path.display(),
@@ -58,36 +58,46 @@ fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Source directories and files both agents are built from.
-const AGENT_SOURCES: &[&str] = &[
-    "Cargo.lock",
-    "common/Cargo.toml",
-    "common/src",
-    "guest/Cargo.toml",
-    "guest/src",
-];
+/// The manifests and lock file both agents are built from (their source
+/// files are listed by cargo's dep-info file beside each binary).
+const AGENT_MANIFESTS: &[&str] = &["Cargo.lock", "common/Cargo.toml", "guest/Cargo.toml"];
 
 /// What only `vkx-host` is built from (it links the guest agent for the
 /// drills; the guest does not link the host).
-const HOST_SOURCES: &[&str] = &["host/Cargo.toml", "host/src"];
+const HOST_MANIFESTS: &[&str] = &["host/Cargo.toml"];
+
+/// Source directories scanned when a binary has no dep-info file.
+const SOURCE_DIRS: &[&str] = &["common/src", "guest/src", "host/src"];
+
+/// Longest dep-info file read (cargo's `<binary>.d`; a few KiB here).
+const MAX_DEP_INFO: u64 = 1 << 20;
 
 /// Entries scanned at most per directory while looking for a source newer
 /// than a binary (the crates hold about a hundred files each).
 const MAX_SOURCE_ENTRIES: usize = 4096;
 
-/// A source file of binary `name` modified after `built`, if any.
-fn newer_source(name: &str, built: std::time::SystemTime) -> Option<PathBuf> {
+/// A file binary `name` (at `binary`) is built from, modified after
+/// `built`, if any. The source files are the ones cargo's dep-info file
+/// `<binary>.d` lists, exactly what was compiled in: a file behind a
+/// feature the binary does not enable (`vkx_common::testing`) does not
+/// count. Without that file, every file of the crates' `src` counts.
+fn newer_source(binary: &Path, name: &str, built: std::time::SystemTime) -> Option<PathBuf> {
     let root = workspace_root();
     let host = if name == "vkx-host" {
-        HOST_SOURCES
+        HOST_MANIFESTS
     } else {
         &[]
     };
-    let mut stack: Vec<PathBuf> = AGENT_SOURCES
+    let mut files: Vec<PathBuf> = AGENT_MANIFESTS
         .iter()
         .chain(host)
         .map(|p| root.join(p))
         .collect();
+    match dep_info_sources(&binary.with_extension("d")) {
+        Some(sources) => files.extend(sources),
+        None => files.extend(SOURCE_DIRS.iter().map(|d| root.join(d))),
+    }
+    let mut stack = files;
     while let Some(path) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
@@ -106,6 +116,30 @@ fn newer_source(name: &str, built: std::time::SystemTime) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// The files a dep-info file (`target: dep dep ...`, spaces in a path
+/// escaped as `\ `) names on its first line; `None` if it is missing,
+/// too long or not in that form.
+fn dep_info_sources(path: &Path) -> Option<Vec<PathBuf>> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_DEP_INFO + 1)
+        .read_to_string(&mut text)
+        .ok()?;
+    if text.len() as u64 > MAX_DEP_INFO {
+        return None;
+    }
+    let line = text.lines().next()?;
+    let (_, deps) = line.split_once(": ")?;
+    let deps = deps.replace("\\ ", "\u{0}");
+    let files: Vec<PathBuf> = deps
+        .split_whitespace()
+        .map(|d| PathBuf::from(d.replace('\u{0}', " ")))
+        .collect();
+    (!files.is_empty()).then_some(files)
 }
 
 /// Runs a binary with `args`, feeding `stdin`, and returns its output.
@@ -145,10 +179,56 @@ mod tests {
 
     #[test]
     fn a_binary_older_than_a_source_is_stale() {
-        for name in ["vkx-host", "vkx-guest"] {
-            assert!(newer_source(name, SystemTime::UNIX_EPOCH).is_some());
-            let future = SystemTime::now() + Duration::from_secs(86_400);
-            assert_eq!(newer_source(name, future), None);
+        let dir = std::env::temp_dir().join(format!("vkx-bin-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let binary = dir.join("vkx-guest");
+        let (listed, unlisted) = (dir.join("listed.rs"), dir.join("unlisted.rs"));
+        for f in [&binary, &listed, &unlisted] {
+            std::fs::write(f, b"").unwrap();
         }
+        std::fs::write(
+            binary.with_extension("d"),
+            format!("{}: {}\n", binary.display(), listed.display()),
+        )
+        .unwrap();
+        // After every manifest's time: only the listed file can make it stale.
+        let built = SystemTime::now() + Duration::from_secs(86_400);
+        let set = |f: &Path, t: SystemTime| {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        };
+        set(&listed, built - Duration::from_secs(10));
+        set(&unlisted, built + Duration::from_secs(10));
+        assert_eq!(newer_source(&binary, "vkx-guest", built), None);
+        set(&listed, built + Duration::from_secs(10));
+        assert_eq!(newer_source(&binary, "vkx-guest", built), Some(listed));
+        // Without a dep-info file: every source of the crates counts.
+        std::fs::remove_file(binary.with_extension("d")).unwrap();
+        assert!(newer_source(&binary, "vkx-host", SystemTime::UNIX_EPOCH).is_some());
+        assert_eq!(
+            newer_source(&binary, "vkx-host", built + Duration::from_secs(86_400)),
+            None
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_dep_info_file_names_its_sources() {
+        let dir = std::env::temp_dir().join(format!("vkx-dep-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.join("x.d");
+        std::fs::write(&d, "/t/x: /a/b.rs /c/d\\ e.rs\n\n/a/b.rs:\n").unwrap();
+        assert_eq!(
+            dep_info_sources(&d),
+            Some(vec![PathBuf::from("/a/b.rs"), PathBuf::from("/c/d e.rs")])
+        );
+        std::fs::write(&d, "no colon here\n").unwrap();
+        assert_eq!(dep_info_sources(&d), None);
+        assert_eq!(dep_info_sources(&dir.join("missing.d")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
