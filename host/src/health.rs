@@ -425,7 +425,7 @@ impl Health {
 
     /// The Prometheus families of these counters (see `metrics`).
     pub(crate) fn render(&self, o: &mut String) {
-        use crate::prom::{family, sample};
+        use crate::prom::{by_label, family, sample};
         let rings: Vec<(Arc<str>, RingSummary)> = self
             .rings()
             .into_iter()
@@ -449,10 +449,12 @@ impl Health {
             ),
         ];
         for (name, help, value) in per_ring {
-            family(o, name, "counter", help);
-            for (ring, r) in &rings {
-                sample(o, name, &format!("ring=\"{ring}\""), value(r));
-            }
+            by_label(
+                o,
+                (name, "counter", help),
+                "ring",
+                rings.iter().map(|(ring, r)| (&**ring, value(r))),
+            );
         }
         let per_feature: [Family<FeatureSummary, u64>; 2] = [
             (

@@ -14,7 +14,7 @@ use super::{
     STATES, get, refuse_index, wide,
 };
 use crate::admission::{RefuseReason, Usage};
-use crate::prom::{family, sample};
+use crate::prom::{by_label, family, sample};
 
 /// The Prometheus text exposition of `m`, the admission `usage` and the
 /// log limiter's `suppressed` count.
@@ -186,20 +186,6 @@ fn unlabelled<'a>(
     for (name, help, v) in families {
         family(o, name, kind, help);
         sample(o, name, "", v);
-    }
-}
-
-/// One family (`(name, kind, help)`) with a sample per value of one
-/// label: `label="value"`.
-fn by_label<'a>(
-    o: &mut String,
-    (name, kind, help): (&str, &str, &str),
-    label: &str,
-    samples: impl IntoIterator<Item = (&'a str, u64)>,
-) {
-    family(o, name, kind, help);
-    for (value, v) in samples {
-        sample(o, name, &format!("{label}=\"{value}\""), v);
     }
 }
 
