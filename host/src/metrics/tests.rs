@@ -49,16 +49,7 @@ fn renders_every_family_with_help_and_type() {
     m.reload(false, 0);
     m.reload(false, 0);
     let guard = m.established();
-    let all_on: Features = FEATURES
-        .iter()
-        .map(|(f, _)| (*f, FeatureState::Enabled))
-        .collect();
-    let ring = m.health.no_ring();
-    let mut gauge = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
-    let _other = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
-    let mut killed = all_on.clone();
-    killed.insert(feature::KEY_RELEASE, FeatureState::Disabled);
-    gauge.set(&ring, &killed);
+    let [gauge, _other] = two_sessions_one_killed(&m);
     m.rollout.update_sent();
     m.rollout.refused("replay");
     m.rollout.refused("no-such-label");
@@ -271,16 +262,8 @@ fn the_exposition_is_the_recorded_one_byte_for_byte() {
     m.reload(true, 1_700_000_000);
     m.reload(false, 0);
     let _guard = m.established();
-    let all_on: Features = FEATURES
-        .iter()
-        .map(|(f, _)| (*f, FeatureState::Enabled))
-        .collect();
+    let _gauges = two_sessions_one_killed(&m);
     let ring = m.health.no_ring();
-    let mut gauge = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
-    let _other = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
-    let mut killed = all_on.clone();
-    killed.insert(feature::KEY_RELEASE, FeatureState::Disabled);
-    gauge.set(&ring, &killed);
     m.rollout.update_sent();
     for (i, label) in ROLLOUT_REFUSALS.iter().enumerate() {
         for _ in 0..=i {
@@ -502,4 +485,20 @@ fn per_key_slots_are_capped_and_given_back() {
     assert!(p.try_acquire(8).is_some(), "another user is not affected");
     drop(a);
     assert!(p.try_acquire(7).is_some());
+}
+
+/// Two sessions' feature gauges in no ring, every feature on, then
+/// `key-release` killed in the first; they count while they live.
+fn two_sessions_one_killed(m: &Arc<Metrics>) -> [FeatureGauge; 2] {
+    let all_on: Features = FEATURES
+        .iter()
+        .map(|(f, _)| (*f, FeatureState::Enabled))
+        .collect();
+    let ring = m.health.no_ring();
+    let mut gauge = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
+    let other = FeatureGauge::new(m.clone(), all_on.clone(), ring.clone());
+    let mut killed = all_on;
+    killed.insert(feature::KEY_RELEASE, FeatureState::Disabled);
+    gauge.set(&ring, &killed);
+    [gauge, other]
 }
