@@ -88,16 +88,15 @@ fn newer_source(binary: &Path, name: &str, built: std::time::SystemTime) -> Opti
     } else {
         &[]
     };
-    let mut files: Vec<PathBuf> = AGENT_MANIFESTS
+    let mut stack: Vec<PathBuf> = AGENT_MANIFESTS
         .iter()
         .chain(host)
         .map(|p| root.join(p))
         .collect();
     match dep_info_sources(&binary.with_extension("d")) {
-        Some(sources) => files.extend(sources),
-        None => files.extend(SOURCE_DIRS.iter().map(|d| root.join(d))),
+        Some(sources) => stack.extend(sources),
+        None => stack.extend(SOURCE_DIRS.iter().map(|d| root.join(d))),
     }
-    let mut stack = files;
     while let Some(path) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
