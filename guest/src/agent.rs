@@ -377,7 +377,15 @@ impl Agent {
                 return Attempt::failed(failure, format!("connect {}: {e}", self.host));
             }
         };
-        self.over_watching(stream, handler, stop, generation).await
+        // A reset the reader cannot see ends the session too
+        // (`transport::FaultWatch`). Without the watch (no descriptor to
+        // spare) the session still ends at its next write or deadline.
+        let fault = crate::transport::FaultWatch::of(&stream).unwrap_or_else(|e| {
+            rl_warn!(error = %e, "the connection is not watched for resets");
+            crate::transport::FaultWatch::none()
+        });
+        self.over_inner(stream, &fault, handler, stop, generation)
+            .await
     }
 
     /// The attempt on an already connected stream.
@@ -399,6 +407,24 @@ impl Agent {
     pub async fn over_watching<S, H>(
         &self,
         stream: S,
+        handler: &mut H,
+        stop: &mut watch::Receiver<bool>,
+        generation: Option<&mut watch::Receiver<u64>>,
+    ) -> Attempt
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        H: Handler,
+    {
+        let fault = crate::transport::FaultWatch::none();
+        self.over_inner(stream, &fault, handler, stop, generation)
+            .await
+    }
+
+    /// The attempt on `stream`, also ended when `fault` fires.
+    async fn over_inner<S, H>(
+        &self,
+        stream: S,
+        fault: &crate::transport::FaultWatch,
         handler: &mut H,
         stop: &mut watch::Receiver<bool>,
         generation: Option<&mut watch::Receiver<u64>>,
@@ -449,14 +475,22 @@ impl Agent {
             return Attempt::failed(Failure::Transport, "no randomness");
         }
         let (guest, first) = Guest::start(self.session.clone(), exporter, nonce, Instant::now());
-        self.session_loop(Pump::new(guest, first), tls, handler, stop, generation)
-            .await
+        self.session_loop(
+            Pump::new(guest, first),
+            tls,
+            fault,
+            handler,
+            stop,
+            generation,
+        )
+        .await
     }
 
     async fn session_loop<S, H>(
         &self,
         mut pump: Pump<Guest>,
         mut tls: tokio_rustls::client::TlsStream<S>,
+        fault: &crate::transport::FaultWatch,
         handler: &mut H,
         stop: &mut watch::Receiver<bool>,
         mut generation: Option<&mut watch::Receiver<u64>>,
@@ -608,6 +642,13 @@ impl Agent {
                 }
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
                     pump.handle_timeout(Instant::now());
+                }
+                e = fault.fault() => {
+                    // The kernel reset the connection (the vsock device
+                    // went away or its transport was reset): the reader
+                    // would never hear of it.
+                    let _ = pump.handle_eof();
+                    detail = format!("the connection was reset under the session: {e}");
                 }
                 n = tls.read(buf.space()) => {
                     let now = Instant::now();

@@ -20,6 +20,20 @@
 //! says so: a host that sets `require_privileged_port` will then refuse
 //! this guest, opaquely (§2.6).
 //!
+//! A connection the kernel resets under the agent. When the vsock device
+//! goes away or its transport is reset (a live migration or snapshot
+//! restore: QEMU and Firecracker send `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`;
+//! a hot-unplug), the guest kernel resets every connected vsock socket by
+//! setting `sk_err` and nothing else. `vsock_poll` then reports `EPOLLERR`
+//! (and `EPOLLOUT`) but neither `EPOLLIN` nor `EPOLLHUP`, so a reader
+//! waiting for readability (tokio-vsock's `poll_read`, tokio's readiness
+//! model) is never woken: a daemon with nothing to send would sit on a
+//! dead session until its next timer, up to its re-attestation interval.
+//! [`FaultWatch`] waits for error readiness on the same socket (a second
+//! descriptor registered with `Interest::ERROR`), and the session loop
+//! ends the session when it fires. Found by `make vm-test`'s live snapshot
+//! case (Linux 6.1).
+//!
 //! Retries. §13.4 lists every cause of dormancy, and no transport failure
 //! is among them: every I/O failure to connect is retryable (the retry
 //! budget bounds them). Only a target that can never work (a port the
@@ -28,17 +42,18 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, VsockAddr, bind, connect as nix_connect,
+    AddressFamily, SockFlag, SockType, VsockAddr, bind, connect as nix_connect, getsockopt, sockopt,
 };
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::UnixStream;
 use tokio_vsock::{VMADDR_CID_ANY, VMADDR_CID_HOST, VsockStream};
 use vkx_common::rl_warn;
@@ -191,6 +206,63 @@ impl Stream {
         match self {
             Self::Vsock(s) => s.local_addr().ok().map(|a| a.port()),
             Self::Unix(_) => None,
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Self::Unix(s) => s.as_fd(),
+            Self::Vsock(s) => s.as_fd(),
+        }
+    }
+}
+
+/// Error readiness of a connected socket, which its reader does not see
+/// (module docs: a vsock connection reset under the agent).
+#[derive(Debug)]
+pub struct FaultWatch(Option<AsyncFd<OwnedFd>>);
+
+impl FaultWatch {
+    /// Watches `socket` through a duplicate of its descriptor (the
+    /// socket stays open until both are dropped: drop the watch with the
+    /// stream). Needs a tokio runtime with I/O.
+    pub fn of(socket: &impl AsFd) -> io::Result<Self> {
+        let fd = socket.as_fd().try_clone_to_owned()?;
+        // tokio 1.54 deprecates its safe constructors because an arbitrary
+        // `T: AsRawFd` may close or swap its descriptor while registered;
+        // an `OwnedFd` owns its descriptor for its whole life, which is the
+        // invariant the unsafe `register_with_interest` asks for.
+        #[allow(deprecated)]
+        let fd = AsyncFd::with_interest(fd, Interest::ERROR)?;
+        Ok(Self(Some(fd)))
+    }
+
+    /// A watch that never fires (a stream that is not a socket of ours).
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Resolves when the socket has a pending error, with that error
+    /// (`SO_ERROR`, which reading it clears: the connection is over
+    /// either way). Each turn waits for a new readiness event, so it does
+    /// not spin; readiness without an error (none is expected) is
+    /// cleared and waited for again.
+    pub async fn fault(&self) -> io::Error {
+        let Some(fd) = &self.0 else {
+            return std::future::pending().await;
+        };
+        loop {
+            let mut guard = match fd.ready(Interest::ERROR).await {
+                Ok(g) => g,
+                Err(e) => return e,
+            };
+            match getsockopt(fd.get_ref(), sockopt::SocketError) {
+                Ok(0) => guard.clear_ready(),
+                Ok(errno) => return io::Error::from_raw_os_error(errno),
+                Err(e) => return io::Error::from(e),
+            }
         }
     }
 }
@@ -361,6 +433,60 @@ mod tests {
 
     // No test here may create an AF_VSOCK socket: everything vsock is
     // tested up to the socket (addresses, validation, the bind policy).
+
+    /// The blind spot `FaultWatch` covers, on a real socket: a connected
+    /// UDP socket whose datagram met a closed port gets `sk_err`
+    /// (ECONNREFUSED) and, as a reset vsock socket does, polls as
+    /// `EPOLLERR` without `EPOLLIN`. A reader waiting for readability is
+    /// not woken; the watch is, with the error.
+    #[tokio::test]
+    async fn a_socket_error_wakes_the_fault_watch_and_not_a_reader() {
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.connect(closed_addr).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let watch = FaultWatch::of(&sock).unwrap();
+        let reader = tokio::net::UdpSocket::from_std(sock.try_clone().unwrap()).unwrap();
+        sock.send(b"x").unwrap();
+        let bound = Duration::from_secs(10);
+        let e = tokio::select! {
+            e = watch.fault() => e,
+            r = reader.readable() => panic!("the reader woke first: {r:?}"),
+            () = tokio::time::sleep(bound) => panic!("no fault within {bound:?}"),
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), reader.readable())
+                .await
+                .is_err(),
+            "an error alone made the socket readable"
+        );
+    }
+
+    /// Data both ways and the peer's close (EOF, which the reader sees)
+    /// never fire the watch; nor does `FaultWatch::none`.
+    #[tokio::test]
+    async fn a_healthy_connection_and_an_orderly_close_do_not_fire_the_watch() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let watch = FaultWatch::of(&a).unwrap();
+        let quiet = Duration::from_millis(300);
+        a.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        b.read_exact(&mut got).await.unwrap();
+        b.write_all(b"pong").await.unwrap();
+        a.read_exact(&mut got).await.unwrap();
+        assert!(tokio::time::timeout(quiet, watch.fault()).await.is_err());
+        drop(b);
+        assert_eq!(a.read(&mut got).await.unwrap(), 0, "EOF");
+        assert!(tokio::time::timeout(quiet, watch.fault()).await.is_err());
+        assert!(
+            tokio::time::timeout(quiet, FaultWatch::none().fault())
+                .await
+                .is_err()
+        );
+    }
 
     #[test]
     fn transport_target_serde_and_display() {
