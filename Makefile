@@ -146,8 +146,9 @@ package-test: package
 
 ## vm-test: the guest agent in a real VM (QEMU TCG, OVMF, a systemd-stub
 ## UKI, swtpm vTPM, vhost-device-vsock), built from the packages: boot and
-## unlock of a LUKS2 volume by vkx-guest-once with the timeline, tampered
-## boots refused. Installs its tools; the image is cached in target/vm/.
+## unlock of a LUKS2 volume by vkx-guest-once with the timeline, the daemon
+## (rotation, host restart), tampered boots refused, a cold and a live
+## snapshot restored. Installs its tools; the image is cached in target/vm/.
 ## scripts/vm-test.sh, scripts/vm-image.sh.
 vm-test: package
 	bash scripts/vm-test.sh
