@@ -188,10 +188,13 @@ path = "$RUN/vm.vsock"
 vm_id = "vm-1"
 port = $PORT
 EOF
-"$HOST" serve --config "$RUN/host.toml" 2>"$RUN/host.log" &
-host_pid=$!
-pids+=("$host_pid")
-wait_for "$HOST_START_S" "vkx-host serve" test -S "$RUN/vm.vsock_$PORT"
+host_start() { # vkx-host serve from the package (host_pid), until its socket is there
+    "$HOST" serve --config "$RUN/host.toml" 2>>"$RUN/host.log" &
+    host_pid=$!
+    pids+=("$host_pid")
+    wait_for "$HOST_START_S" "vkx-host serve" test -S "$RUN/vm.vsock_$PORT"
+}
+host_start
 ok "host: vkx-host serve (from the .deb) on $RUN/vm.vsock_$PORT; policy pins PCR 11 = ${pcr11[0]:0:16}..."
 
 # guest.toml for this VM (pin, AK authorisation), written into a copy of
@@ -371,10 +374,7 @@ ok "the daemon watches the kernel log (/dev/kmsg) for VM generation changes unde
 n_del=$(serial_count good "vkx_guest::deliver: key delivered key=disk version=1")
 t=$(ms)
 stop_pid "$host_pid"
-"$HOST" serve --config "$RUN/host.toml" 2>>"$RUN/host.log" &
-host_pid=$!
-pids+=("$host_pid")
-wait_for "$HOST_START_S" "vkx-host serve (restart)" test -S "$RUN/vm.vsock_$PORT"
+host_start
 wait_serial good "vkx_guest::daemon: attested session=" $((n_att + 1)) "$RECONNECT_BOUND_S" >/dev/null
 t_rec=$(($(ms) - t))
 ok "host restarted (SIGTERM: goodbye, retry-after 2 s) -> the daemon attested again ${t_rec} ms after the stop (bound ${RECONNECT_BOUND_S} s)"
@@ -522,10 +522,7 @@ ok "live: snapshot saved (${state_mb} MiB in ${t_save} ms, vsock unplugged for i
 sleep "$RUN_ON_S"
 n_att=$(attested live)
 stop_pid "$host_pid"
-"$HOST" serve --config "$RUN/host.toml" 2>>"$RUN/host.log" &
-host_pid=$!
-pids+=("$host_pid")
-wait_for "$HOST_START_S" "vkx-host serve (restart)" test -S "$RUN/vm.vsock_$PORT"
+host_start
 wait_serial live "vkx_guest::daemon: attested session=" $((n_att + 1)) "$RECONNECT_BOUND_S" >/dev/null
 stop_pid "$qpid"; stop_pid "$vpid"; stop_pid "$spid"
 ok "live: attested again ${RUN_ON_S} s later (host restarted); VM stopped"
