@@ -44,8 +44,9 @@ rust-components:
 test: deps
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
-	# The software vTPM of the load generator, against our verifier and tpm2_checkquote.
-	$(CARGO) test --locked -p vkx-e2e --features insecure-soft-tpm --test softtpm --lib
+	# The software vTPM of the load generator, against our verifier and tpm2_checkquote;
+	# a reset the session's reader cannot see ends a real session (soft-vTPM guest).
+	$(CARGO) test --locked -p vkx-e2e --features insecure-soft-tpm --test softtpm --test transport_reset --lib
 	# Chaos case c, the reconnect herd: 1,024 soft-vTPM guests (reduced: guest clock 8x).
 	$(CARGO) test --locked -p vkx-e2e --features insecure-soft-tpm --test chaos_cd -- c_reconnect_herd
 	# Chaos case g, the kill switch flipped under live sessions (reduced: 128 soft-vTPM

@@ -384,7 +384,7 @@ impl Agent {
             rl_warn!(error = %e, "the connection is not watched for resets");
             crate::transport::FaultWatch::none()
         });
-        self.over_inner(stream, &fault, handler, stop, generation)
+        self.over_with_fault(stream, &fault, handler, stop, generation)
             .await
     }
 
@@ -416,12 +416,15 @@ impl Agent {
         H: Handler,
     {
         let fault = crate::transport::FaultWatch::none();
-        self.over_inner(stream, &fault, handler, stop, generation)
+        self.over_with_fault(stream, &fault, handler, stop, generation)
             .await
     }
 
-    /// The attempt on `stream`, also ended when `fault` fires.
-    async fn over_inner<S, H>(
+    /// [`Agent::over_watching`], also ended when `fault` fires: the
+    /// connection reset under the session in a way its reader cannot see
+    /// ([`crate::transport::FaultWatch`]; [`Agent::attempt_watching`]
+    /// watches the stream it connects).
+    pub async fn over_with_fault<S, H>(
         &self,
         stream: S,
         fault: &crate::transport::FaultWatch,
