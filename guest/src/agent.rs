@@ -399,31 +399,16 @@ impl Agent {
         S: AsyncRead + AsyncWrite + Unpin,
         H: Handler,
     {
-        self.over_watching(stream, handler, stop, None).await
-    }
-
-    /// [`Agent::over`] watching the VM generation as
-    /// [`Agent::attempt_watching`] does.
-    pub async fn over_watching<S, H>(
-        &self,
-        stream: S,
-        handler: &mut H,
-        stop: &mut watch::Receiver<bool>,
-        generation: Option<&mut watch::Receiver<u64>>,
-    ) -> Attempt
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-        H: Handler,
-    {
         let fault = crate::transport::FaultWatch::none();
-        self.over_with_fault(stream, &fault, handler, stop, generation)
+        self.over_with_fault(stream, &fault, handler, stop, None)
             .await
     }
 
-    /// [`Agent::over_watching`], also ended when `fault` fires: the
-    /// connection reset under the session in a way its reader cannot see
-    /// ([`crate::transport::FaultWatch`]; [`Agent::attempt_watching`]
-    /// watches the stream it connects).
+    /// The attempt on an already connected stream, watching the VM
+    /// generation as [`Agent::attempt_watching`] does, and also ended when
+    /// `fault` fires: the connection reset under the session in a way its
+    /// reader cannot see ([`crate::transport::FaultWatch`];
+    /// [`Agent::attempt_watching`] watches the stream it connects).
     pub async fn over_with_fault<S, H>(
         &self,
         stream: S,

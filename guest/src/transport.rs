@@ -219,6 +219,10 @@ impl AsFd for Stream {
     }
 }
 
+/// Error wake-ups without a pending error one [`FaultWatch`] takes before
+/// it stops watching.
+pub const MAX_CLEAN_WAKEUPS: u32 = 16;
+
 /// Error readiness of a connected socket, which its reader does not see
 /// (module docs: a vsock connection reset under the agent).
 #[derive(Debug)]
@@ -247,13 +251,15 @@ impl FaultWatch {
     /// Resolves when the socket has a pending error, with that error
     /// (`SO_ERROR`, which reading it clears: the connection is over
     /// either way). Each turn waits for a new readiness event, so it does
-    /// not spin; readiness without an error (none is expected) is
-    /// cleared and waited for again.
+    /// not spin; readiness without an error (none is expected: the
+    /// reader took the error first) is cleared and waited for again, at
+    /// most [`MAX_CLEAN_WAKEUPS`] times, after which the watch stays
+    /// silent and the session relies on its reader and deadlines alone.
     pub async fn fault(&self) -> io::Error {
         let Some(fd) = &self.0 else {
             return std::future::pending().await;
         };
-        loop {
+        for _ in 0..MAX_CLEAN_WAKEUPS {
             let mut guard = match fd.ready(Interest::ERROR).await {
                 Ok(g) => g,
                 Err(e) => return e,
@@ -264,6 +270,7 @@ impl FaultWatch {
                 Err(e) => return io::Error::from(e),
             }
         }
+        std::future::pending().await
     }
 }
 
