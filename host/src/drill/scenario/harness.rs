@@ -18,6 +18,7 @@ use vkx_common::wire::FeatureState;
 use super::{
     ATTACH_LIMIT, FEATURE, LOG_LINES_PER_HOST, POLL, REQUESTS_AFTER_KILL, SAMPLE_INTERVAL,
 };
+use crate::drill::DrillArgs;
 use crate::drill::fleet::{Fleet, GuestPlan, Report};
 use crate::drill::sandbox::{Sandbox, Spec, ensure_fd_limit, output_ok};
 use crate::drill::timeline::{Sample, Samples, Timeline};
@@ -26,6 +27,8 @@ use crate::drill::timeline::{Sample, Samples, Timeline};
 const STOP_LIMIT: Duration = Duration::from_secs(20);
 /// Open files beyond two per guest (hosts' listeners are theirs).
 const FD_HEADROOM: u64 = 512;
+/// The hosts' health interval in [`Drill::for_scenario`]'s drills.
+const HEALTH_INTERVAL_MS: u64 = 500;
 
 /// What the guests reported so far.
 #[derive(Debug, Default)]
@@ -137,6 +140,39 @@ pub struct Drill {
 }
 
 impl Drill {
+    /// The drill most scenarios run: `nodes` hosts, `total` guests spread
+    /// over the rings ([`ring_guests`]), health published every
+    /// [`HEALTH_INTERVAL_MS`], the etcd `args` names (or the sandbox's
+    /// own); with its timeline from the start.
+    pub(super) async fn for_scenario(
+        args: &DrillArgs,
+        nodes: usize,
+        total: usize,
+    ) -> anyhow::Result<(Self, Timeline)> {
+        let drill = Self::start(Spec {
+            nodes,
+            ring_guests: ring_guests(total),
+            feature: FEATURE,
+            health_interval_ms: Some(HEALTH_INTERVAL_MS),
+            external_etcd: args.etcd.clone(),
+        })
+        .await?;
+        let tl = Timeline::new(drill.start);
+        Ok((drill, tl))
+    }
+
+    /// The feature enabled in every ring (a signed stage document),
+    /// noted on `tl`.
+    pub(super) async fn stage_all(&self, tl: &mut Timeline) -> anyhow::Result<()> {
+        self.cli(self.sandbox.set_stage_command("all")).await?;
+        tl.event(
+            tl.now(),
+            "stage all",
+            format!("{} enabled in every ring (signed)", FEATURE.name()),
+        );
+        Ok(())
+    }
+
     /// Makes the sandbox, starts its hosts and the metrics sampler.
     pub(in crate::drill) async fn start(spec: Spec) -> anyhow::Result<Self> {
         let guests: usize = spec.ring_guests.iter().sum();

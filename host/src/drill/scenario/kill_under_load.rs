@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use vkx_common::wire::FeatureState;
 
-use super::harness::{Drill, Trigger, quiet_after_kill, ring_guests};
+use super::harness::{Drill, Trigger, quiet_after_kill};
 use super::{
     ATTACH_LIMIT, FEATURE, KILL_TO_LAST_UPDATE, POLL, SAMPLE_INTERVAL, SETTLE_LIMIT, Size,
 };
 use crate::drill::DrillArgs;
 use crate::drill::fleet::{Build, GuestPlan, Workload};
-use crate::drill::sandbox::Spec;
 use crate::drill::timeline::{Sample, Timeline};
 
 pub(super) async fn kill_under_load(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
@@ -22,22 +21,9 @@ pub(super) async fn kill_under_load(args: &DrillArgs) -> anyhow::Result<(Timelin
         Size::Full => (4, 256),
     };
     let total = nodes * per_node;
-    let mut drill = Drill::start(Spec {
-        nodes,
-        ring_guests: ring_guests(total),
-        feature: FEATURE,
-        health_interval_ms: Some(500),
-        external_etcd: args.etcd.clone(),
-    })
-    .await?;
-    let mut tl = Timeline::new(drill.start);
+    let (mut drill, mut tl) = Drill::for_scenario(args, nodes, total).await?;
     // The feature on everywhere before the storm.
-    drill.cli(drill.sandbox.set_stage_command("all")).await?;
-    tl.event(
-        tl.now(),
-        "stage all",
-        format!("{} enabled in every ring (signed)", FEATURE.name()),
-    );
+    drill.stage_all(&mut tl).await?;
     // Let the hosts take the document before the first guest.
     let t = Instant::now();
     while t.elapsed() < SETTLE_LIMIT {

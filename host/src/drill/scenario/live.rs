@@ -18,13 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use vkx_common::wire::FeatureState;
 
-use super::{
-    ATTACH_LIMIT, Drill, FEATURE, FleetState, POLL, SETTLE_LIMIT, Size, ensure_attached,
-    ring_guests,
-};
+use super::{ATTACH_LIMIT, Drill, FEATURE, FleetState, POLL, SETTLE_LIMIT, Size, ensure_attached};
 use crate::drill::DrillArgs;
 use crate::drill::fleet::{Build, GuestPlan, Workload};
-use crate::drill::sandbox::{Sandbox, Spec};
+use crate::drill::sandbox::Sandbox;
 use crate::drill::timeline::Timeline;
 
 /// The ring the rehearsal narrows.
@@ -112,21 +109,8 @@ pub(super) async fn live(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> 
         Size::Full => (4, 256),
     };
     let total = nodes * per_node;
-    let mut drill = Drill::start(Spec {
-        nodes,
-        ring_guests: ring_guests(total),
-        feature: FEATURE,
-        health_interval_ms: Some(500),
-        external_etcd: args.etcd.clone(),
-    })
-    .await?;
-    let mut tl = Timeline::new(drill.start);
-    drill.cli(drill.sandbox.set_stage_command("all")).await?;
-    tl.event(
-        tl.now(),
-        "stage all",
-        format!("{} enabled in every ring (signed)", FEATURE.name()),
-    );
+    let (mut drill, mut tl) = Drill::for_scenario(args, nodes, total).await?;
+    drill.stage_all(&mut tl).await?;
     let plans: Vec<GuestPlan> = (0..total)
         .map(|_| GuestPlan {
             build: Build::Good,

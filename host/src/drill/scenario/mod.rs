@@ -74,8 +74,8 @@ use anyhow::Context;
 pub use self::etcd_loss::{
     HOSTS_REVISION_CHANGED, LOCAL_KILL_TO_LAST_UPDATE, SESSIONS_LOST, STAGES_DURING_OUTAGE,
 };
+pub(super) use self::harness::ensure_attached;
 pub use self::harness::{Drill, FleetState};
-pub(super) use self::harness::{ensure_attached, ring_guests};
 pub use self::walk::{BAD_GUEST_RETRIES, FAULT_TO_HALT_BEYOND_BAKE};
 use super::DrillArgs;
 use super::picture;

@@ -9,11 +9,11 @@ use anyhow::bail;
 use tokio::sync::mpsc;
 use vkx_common::wire::FeatureState;
 
-use super::harness::{Drill, FleetState, ensure_attached, quiet_after_kill, ring_guests};
+use super::harness::{Drill, FleetState, ensure_attached, quiet_after_kill};
 use super::{ATTACH_LIMIT, FEATURE, KILL_TO_LAST_UPDATE, SAMPLE_INTERVAL, SETTLE_LIMIT, Size};
 use crate::drill::DrillArgs;
 use crate::drill::fleet::{Build, GuestPlan, Workload};
-use crate::drill::sandbox::{Sandbox, Spec};
+use crate::drill::sandbox::Sandbox;
 use crate::drill::timeline::{Sample, Timeline};
 
 /// SLO (seed-incident): the first unknown-message error in the hosts'
@@ -212,15 +212,7 @@ pub(super) async fn start_walk(
 ) -> anyhow::Result<(Timeline, Drill, Vec<Build>)> {
     let (nodes, per_node) = controller_size(args.size);
     let total = nodes * per_node;
-    let mut drill = Drill::start(Spec {
-        nodes,
-        ring_guests: ring_guests(total),
-        feature: FEATURE,
-        health_interval_ms: Some(500),
-        external_etcd: args.etcd.clone(),
-    })
-    .await?;
-    let mut tl = Timeline::new(drill.start);
+    let (mut drill, mut tl) = Drill::for_scenario(args, nodes, total).await?;
     let builds: Vec<Build> = drill
         .sandbox
         .vms
