@@ -34,6 +34,17 @@ fn allow(vms: &[&str], images: &[&str]) -> AllowList {
     AllowList::new(vms, images).unwrap()
 }
 
+/// A store in `dir` holding the key "disk" (version 1, [`SECRET`], for
+/// vm-1), shared as the cache and record tests share it.
+fn store_with_disk(dir: &Path) -> (Arc<DirKeyStore>, KeyName) {
+    let inner = Arc::new(store(dir));
+    let disk = name("disk");
+    inner
+        .add(&disk, &material(SECRET), &allow(&["vm-1"], &[]))
+        .unwrap();
+    (inner, disk)
+}
+
 fn file_names(dir: &Path) -> Vec<String> {
     let mut names: Vec<_> = fs::read_dir(dir)
         .unwrap()
@@ -69,11 +80,7 @@ fn record_json(s: &DirKeyStore, key: &str) -> serde_json::Value {
 #[test]
 fn the_cache_decrypts_each_current_version_once_and_follows_rotations() {
     let dir = tempfile::tempdir().unwrap();
-    let inner = Arc::new(store(dir.path()));
-    let disk = name("disk");
-    inner
-        .add(&disk, &material(SECRET), &allow(&["vm-1"], &[]))
-        .unwrap();
+    let (inner, disk) = store_with_disk(dir.path());
     let keys = CachedKeys::new(inner.clone());
     let versions = |s: &DirKeyStore| -> BTreeMap<KeyName, u32> {
         s.list()

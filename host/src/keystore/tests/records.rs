@@ -6,11 +6,7 @@ use super::*;
 #[test]
 fn deleting_the_newest_version_refuses_the_key_instead_of_rolling_back() {
     let dir = tempfile::tempdir().unwrap();
-    let inner = Arc::new(store(dir.path()));
-    let disk = name("disk");
-    inner
-        .add(&disk, &material(SECRET), &allow(&["vm-1"], &[]))
-        .unwrap();
+    let (inner, disk) = store_with_disk(dir.path());
     inner.rotate(&disk, None).unwrap();
     inner.rotate(&disk, None).unwrap();
     inner
@@ -197,11 +193,7 @@ fn an_old_file_of_a_removed_key_put_back_is_refused() {
 #[test]
 fn a_store_without_records_is_refused_until_sealed() {
     let dir = tempfile::tempdir().unwrap();
-    let inner = Arc::new(store(dir.path()));
-    let disk = name("disk");
-    inner
-        .add(&disk, &material(SECRET), &allow(&["vm-1"], &[]))
-        .unwrap();
+    let (inner, disk) = store_with_disk(dir.path());
     inner.rotate(&disk, None).unwrap();
     inner
         .generate(&name("cfg"), 16, &AllowList::default())
