@@ -9,7 +9,7 @@ use anyhow::bail;
 use tokio::sync::mpsc;
 use vkx_common::wire::FeatureState;
 
-use super::harness::{Drill, FleetState};
+use super::harness::Drill;
 use super::walk::{RUN_LIMIT, drill_plan, start_walk};
 use super::{FEATURE, POLL, SAMPLE_INTERVAL, SETTLE_LIMIT};
 use crate::drill::DrillArgs;
@@ -333,15 +333,8 @@ pub(super) async fn etcd_loss(args: &DrillArgs) -> anyhow::Result<(Timeline, Dri
     );
     tl.events.sort_by(|a, b| a.t.total_cmp(&b.t));
     // The end: every guest holds the feature (the last ring is everyone).
-    let enabled = |s: &FleetState, i: usize| -> bool {
-        s.updates[i]
-            .last()
-            .map_or(s.attested_enabled[i], |(_, st)| {
-                *st == Some(FeatureState::Enabled)
-            })
-    };
     let all_on = drill
-        .wait(SETTLE_LIMIT, |s| (0..total).all(|i| enabled(s, i)))
+        .wait(SETTLE_LIMIT, |s| (0..total).all(|i| s.told_enabled(i)))
         .await;
     drill.finish().await;
     let (lost, attested) = drill.with_state(|s| (s.sessions_lost, s.attested_count()));

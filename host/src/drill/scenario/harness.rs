@@ -109,6 +109,16 @@ impl FleetState {
         self.attested.iter().filter(|a| a.is_some()).count()
     }
 
+    /// Whether guest `id` was last told the feature is enabled: by its
+    /// last `feature-update`, or else by the map it attested with.
+    pub fn told_enabled(&self, id: usize) -> bool {
+        self.updates[id]
+            .last()
+            .map_or(self.attested_enabled[id], |(_, st)| {
+                *st == Some(FeatureState::Enabled)
+            })
+    }
+
     /// Guest `id`'s first update at or after `since` with `state`.
     pub fn update_since(&self, id: usize, since: Instant, state: FeatureState) -> Option<Instant> {
         self.updates[id]
@@ -264,6 +274,19 @@ impl Drill {
 
     pub(in crate::drill) fn samples(&self) -> std::sync::MutexGuard<'_, Samples> {
         self.samples.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Requests of the drill's feature the hosts counted after `from`:
+    /// from the first sample at or after it to the last sample (`None`
+    /// when there is no such sample).
+    pub(super) fn feature_requests_since(&self, from: Instant) -> Option<u64> {
+        let s = self.samples();
+        let at = s.first_after(self.t(from), |_| true)?;
+        let end = s.last()?;
+        Some(
+            Sample::total(&end.feature_requests)
+                .saturating_sub(Sample::total(&at.feature_requests)),
+        )
     }
 
     pub(in crate::drill) fn t(&self, at: Instant) -> f64 {

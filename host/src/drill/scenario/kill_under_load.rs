@@ -13,7 +13,7 @@ use super::{
 };
 use crate::drill::DrillArgs;
 use crate::drill::fleet::{Build, GuestPlan, Workload};
-use crate::drill::timeline::{Sample, Timeline};
+use crate::drill::timeline::Timeline;
 
 pub(super) async fn kill_under_load(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> {
     let (nodes, per_node) = match args.size {
@@ -136,18 +136,7 @@ pub(super) async fn kill_under_load(args: &DrillArgs) -> anyhow::Result<(Timelin
     // Quiet: a second of samples after the last update.
     tokio::time::sleep(Duration::from_secs(1) + SAMPLE_INTERVAL * 2).await;
     let quiet_from = last_told.unwrap_or(t_return);
-    let (req_at, req_end) = {
-        let s = drill.samples();
-        let at = s
-            .first_after(drill.t(quiet_from), |_| true)
-            .map(|x| Sample::total(&x.feature_requests));
-        let end = s.last().map(|x| Sample::total(&x.feature_requests));
-        (at, end)
-    };
-    let requests_after = match (req_at, req_end) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
-    };
+    let requests_after = drill.feature_requests_since(quiet_from);
     tl.event(
         tl.now(),
         "quiet",

@@ -131,16 +131,9 @@ pub(super) async fn live(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)> 
         .collect();
     // Attested, and holding the feature (told at attestation, or by the
     // update of a document the host took after the guest attested).
-    let holds = |s: &FleetState, i: usize| -> bool {
-        s.updates[i]
-            .last()
-            .map_or(s.attested_enabled[i], |(_, st)| {
-                *st == Some(FeatureState::Enabled)
-            })
-    };
     let attached = drill
         .wait(ATTACH_LIMIT, |s| {
-            s.attested_count() == total && (0..total).all(|i| holds(s, i))
+            s.attested_count() == total && (0..total).all(|i| s.told_enabled(i))
         })
         .await;
     ensure_attached(attached, &drill, total)?;

@@ -268,22 +268,15 @@ pub(super) async fn clean(args: &DrillArgs) -> anyhow::Result<(Timeline, Drill)>
     let errors_before = errors_sent(&drill);
     let (report, seen) = run_controller(&mut drill, args.size, &mut tl).await?;
     // Every guest told the feature is on (the last ring is everyone).
-    let enabled = |s: &FleetState, i: usize| -> bool {
-        s.updates[i]
-            .last()
-            .map_or(s.attested_enabled[i], |(_, st)| {
-                *st == Some(FeatureState::Enabled)
-            })
-    };
     let all_on = drill
-        .wait(SETTLE_LIMIT, |s| (0..total).all(|i| enabled(s, i)))
+        .wait(SETTLE_LIMIT, |s| (0..total).all(|i| s.told_enabled(i)))
         .await;
     let (on, derived, last_on) = drill.with_state(|s| {
         let last = (0..total)
             .filter_map(|i| s.update_since(i, drill.start, FeatureState::Enabled))
             .max();
         (
-            (0..total).filter(|i| enabled(s, *i)).count(),
+            (0..total).filter(|i| s.told_enabled(*i)).count(),
             s.derived.iter().filter(|d| !d.is_empty()).count(),
             last,
         )
@@ -410,17 +403,7 @@ pub(super) async fn seed_incident(args: &DrillArgs) -> anyhow::Result<(Timeline,
     }
     tokio::time::sleep(Duration::from_secs(1) + SAMPLE_INTERVAL * 2).await;
     let quiet_from = last_told.unwrap_or(kill_at);
-    let (req_at, req_end) = {
-        let s = drill.samples();
-        let at = s
-            .first_after(drill.t(quiet_from), |_| true)
-            .map(|x| Sample::total(&x.feature_requests));
-        (at, s.last().map(|x| Sample::total(&x.feature_requests)))
-    };
-    let requests_after = match (req_at, req_end) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
-    };
+    let requests_after = drill.feature_requests_since(quiet_from);
     tl.event(
         tl.now(),
         "quiet",
